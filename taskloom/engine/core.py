@@ -1,0 +1,220 @@
+"""EngineCore: the step loop (schedule -> execute -> update) and output processing.
+
+Requests enter as prompt token ids plus SamplingParams; a request with `n > 1` becomes n
+sequences (seeds `seed + i`) scheduled independently. After each step the new tokens are
+detokenized incrementally, stop strings are matched across token boundaries, and one
+RequestOutput per changed request is returned. Pure Python: the runner is passed in.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from taskloom.engine.outputs import Logprobs, RunnerOutput, SchedulerOutput
+from taskloom.engine.request import Request, RequestStatus
+from taskloom.engine.scheduler import Scheduler
+from taskloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from taskloom.sampling_params import SamplingParams
+from taskloom.tokenizer.detokenizer import IncrementalDetokenizer
+from taskloom.tokenizer.stop import StopStringMatcher
+from taskloom.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class Runner(Protocol):
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput: ...
+
+
+@dataclass
+class _Seq:
+    """Output-processing state of one sequence (one of a request's n samples)."""
+
+    req: Request
+    detok: IncrementalDetokenizer | None   # None: the model has no tokenizer (random weights)
+    stop: StopStringMatcher
+    completion: CompletionOutput
+
+
+@dataclass
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    seqs: list[_Seq]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    changed: bool = False
+    finished_seqs: set[int] = field(default_factory=set)
+
+
+class EngineCore:
+    """Owns the scheduler and the runner; `step()` advances every running request once."""
+
+    def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Tokenizer | None,
+                 vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self._parents: dict[str, _Parent] = {}
+        self._seq_owner: dict[str, tuple[_Parent, int]] = {}
+
+    # ----- requests --------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue a request; raise ValueError (and queue nothing) if it can never run."""
+        if request_id in self._parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        self._validate_prompt(prompt_token_ids)
+        if self.tokenizer is None and params.stop:
+            raise ValueError("stop strings need a tokenizer, and this model has none "
+                             "(random weights); use stop_token_ids")
+        self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        parent = _Parent(request_id, prompt, list(prompt_token_ids), [],
+                         [None] if params.prompt_logprobs is not None else None)
+        for i in range(params.n):
+            seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(seq_id, prompt_token_ids, self._child_params(params, i),
+                          self.eos_token_ids)
+            parent.seqs.append(_Seq(
+                req,
+                None if self.tokenizer is None else IncrementalDetokenizer(
+                    self.tokenizer, prompt_token_ids, params.skip_special_tokens),
+                StopStringMatcher(params.stop, params.include_stop_str_in_output),
+                CompletionOutput(index=i, logprobs=[] if params.logprobs is not None else None)))
+        for i, seq in enumerate(parent.seqs):
+            self.scheduler.add_request(seq.req)
+            self._seq_owner[seq.req.request_id] = (parent, i)
+        self._parents[request_id] = parent
+
+    def _validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size),
+                   None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is out of range: the vocabulary has "
+                             f"{self.vocab_size} tokens (ids 0 to {self.vocab_size - 1})")
+
+    @staticmethod
+    def _child_params(params: SamplingParams, i: int) -> SamplingParams:
+        if params.n == 1:
+            return params
+        seed = None if params.seed is None else params.seed + i
+        return dataclasses.replace(params, n=1, seed=seed,
+                                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its blocks; unknown ids are ignored."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return
+        ids = [s.req.request_id for s in parent.seqs]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        for rid in ids:
+            self._seq_owner.pop(rid, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._parents)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._parents)
+
+    # ----- the step --------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step and return an output for every request that changed."""
+        sched = self.scheduler.schedule()
+        out = self.runner.execute(sched)
+        advanced = self.scheduler.update(sched, out)
+        for rid, (first, entries) in out.prompt_logprobs.items():
+            self._store_prompt_logprobs(rid, first, entries)
+        for req in advanced:
+            self._process_token(req, out.logprobs.get(req.request_id))
+        return self._collect_outputs()
+
+    def _store_prompt_logprobs(self, seq_id: str, first: int, entries: list[Logprobs]) -> None:
+        owner = self._seq_owner.get(seq_id)
+        if owner is None or owner[0].prompt_logprobs is None:
+            return
+        plp = owner[0].prompt_logprobs
+        for j, lp in enumerate(entries):
+            pos = first + j
+            plp.extend([None] * (pos + 1 - len(plp)))
+            plp[pos] = self._position_logprobs(lp)
+
+    def _process_token(self, req: Request, lp: Logprobs | None) -> None:
+        parent, index = self._seq_owner[req.request_id]
+        seq = parent.seqs[index]
+        comp = seq.completion
+        token = req.output_token_ids[-1]
+        comp.token_ids.append(token)
+        comp.token_ids_delta.append(token)
+        if lp is not None and comp.logprobs is not None:
+            comp.logprobs.append(self._position_logprobs(lp))
+        text, matched = self._detokenize(seq, token, req.status.finished)
+        comp.text += text
+        comp.text_delta += text
+        if matched is not None:
+            self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+            comp.finish_reason, comp.stop_reason = "stop", matched
+        elif req.status.finished:
+            comp.finish_reason = req.status.value
+            comp.stop_reason = req.stop_reason if req.stop_reason not in self.eos_token_ids \
+                else None
+        parent.changed = True
+        if comp.finish_reason is not None:
+            parent.finished_seqs.add(index)
+
+    @staticmethod
+    def _detokenize(seq: _Seq, token: int, finished: bool) -> tuple[str, str | None]:
+        """New printable text of the sequence and the stop string it hit, if any."""
+        if seq.detok is None:
+            return "", None
+        text, matched = seq.stop.push(seq.detok.push([token]))
+        if matched is None and finished:
+            tail, matched = seq.stop.push(seq.detok.flush())
+            text += tail + ("" if matched else seq.stop.flush())
+        return text, matched
+
+    def _decode_token(self, token_id: int) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _position_logprobs(self, lp: Logprobs) -> PositionLogprobs:
+        result: PositionLogprobs = {}
+        for j, (tid, value) in enumerate(zip(lp.token_ids, lp.logprobs)):
+            if tid in result:
+                continue
+            rank = lp.rank if j == 0 else j
+            result[tid] = Logprob(value, rank, self._decode_token(tid))
+        return result
+
+    def _collect_outputs(self) -> list[RequestOutput]:
+        outputs = []
+        for parent in [p for p in self._parents.values() if p.changed]:
+            parent.changed = False
+            finished = len(parent.finished_seqs) == len(parent.seqs)
+            outputs.append(RequestOutput(
+                request_id=parent.request_id, prompt=parent.prompt,
+                prompt_token_ids=parent.prompt_token_ids,
+                outputs=[_snapshot(s.completion) for s in parent.seqs],
+                finished=finished, prompt_logprobs=parent.prompt_logprobs))
+            for s in parent.seqs:
+                s.completion.text_delta, s.completion.token_ids_delta = "", []
+            if finished:
+                del self._parents[parent.request_id]
+                for s in parent.seqs:
+                    self._seq_owner.pop(s.req.request_id, None)
+        return outputs
+
+
+def _snapshot(c: CompletionOutput) -> CompletionOutput:
+    return dataclasses.replace(c, token_ids=list(c.token_ids),
+                               logprobs=None if c.logprobs is None else list(c.logprobs),
+                               token_ids_delta=list(c.token_ids_delta))

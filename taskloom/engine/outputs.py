@@ -1,0 +1,72 @@
+"""The plain-data messages of one engine step.
+
+Scheduler -> runner: `SchedulerOutput`. Runner -> scheduler: `RunnerOutput`. Both hold Python
+ints and lists only, so the scheduler never sees a tensor and the runner never sees a Request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from taskloom.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    """What the runner needs once, when a sequence first appears (or after preemption)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of this step.
+
+    The step computes tokens `token_ids` at positions `num_computed_tokens ...
+    num_computed_tokens + len(token_ids) - 1`. When `sample` is set the last of them is the
+    sequence's newest token and the runner samples the next one. `output_token_ids` is the
+    live list of generated tokens (for penalties and min_tokens), shared, not copied.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sample: bool
+    output_token_ids: list[int]
+    num_prompt_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData]
+    seqs: list[ScheduledSeq]
+    finished_req_ids: list[str]   # gone since the last step: the runner drops their state
+    num_scheduled_tokens: int
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+@dataclass
+class Logprobs:
+    """Log-probabilities for one position: the chosen token first, then the top alternatives.
+
+    `token_ids[0]` / `logprobs[0]` are the chosen (sampled or prompt) token and `rank` its rank
+    in the distribution (1 = most likely); `token_ids[1:]` are the top-k alternatives in order.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    rank: int
+
+
+@dataclass
+class RunnerOutput:
+    sampled: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    # Prompt logprobs per request for this step's chunk: (first prompt position, entries).
+    # Entry j scores prompt token at position first + j (position 0 has no logprob).
+    prompt_logprobs: dict[str, tuple[int, list[Logprobs]]] = field(default_factory=dict)

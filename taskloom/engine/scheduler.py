@@ -1,0 +1,198 @@
+"""The token-budget scheduler (continuous batching with chunked prefill, FCFS, preemption).
+
+Every step hands out at most `max_num_batched_tokens` tokens. A request's share is what
+brings `num_computed_tokens` up to the tokens it has: a whole or partial prompt (a prefill
+chunk), one token (a decode), or the prompt plus its outputs again after a preemption. Running
+requests are served first, in arrival order; waiting requests are admitted while the budget,
+`max_num_seqs` and the KV pool allow. When a running request cannot get a block, the latest
+admitted running request is preempted (its blocks freed, its progress reset, recomputed later).
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+
+from taskloom.config import SchedulerConfig
+from taskloom.engine.kv_cache import KVCacheManager
+from taskloom.engine.outputs import NewRequestData, RunnerOutput, ScheduledSeq, SchedulerOutput
+from taskloom.engine.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Decides who runs each step and accounts for the KV blocks they hold."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self._seen_by_runner: set[str] = set()
+        self.num_preemptions = 0
+
+    # ----- admission -------------------------------------------------------------------------
+    def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
+        """Raise ValueError for a request that could never run: too long for the model's
+        context, or for the whole KV pool even with every other request preempted."""
+        if num_prompt_tokens < 1:
+            raise ValueError("prompt must contain at least one token")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt_tokens} tokens but the model's context length is "
+                f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens leave "
+                f"room for one generated token")
+        total = min(num_prompt_tokens + (max_tokens or self.max_model_len), self.max_model_len)
+        need = self.kv.blocks_for(total)
+        if need > self.kv.num_blocks:
+            raise ValueError(
+                f"request needs up to {total} tokens of KV cache ({need} blocks of "
+                f"{self.kv.block_size}) but the whole pool has {self.kv.num_blocks} blocks; "
+                f"lower max_tokens or give the KV cache more memory")
+
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.check_fits(req.num_prompt_tokens, req.max_tokens)
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    # ----- scheduling ------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[tuple[Request, int]] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_running = len(self.running)
+            ok = self._reserve(req, num_new)
+            preempted = preempted or len(self.running) < num_running
+            if not ok:
+                break  # req itself was preempted: everything after it already was
+            scheduled.append((req, num_new))
+            budget -= num_new
+            i += 1
+        if not preempted:
+            budget = self._admit(scheduled, budget)
+        return self._build_output(scheduled, budget)
+
+    def _reserve(self, req: Request, num_new: int) -> bool:
+        """Get blocks for `num_new` more tokens of a running request, preempting the latest
+        admitted requests until they fit. False if `req` itself had to be preempted."""
+        while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.kv.free(req.request_id)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        logger.debug("preempted %s", req.request_id)
+
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new) is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            scheduled.append((req, num_new))
+            budget -= num_new
+        return budget
+
+    def _build_output(self, scheduled: list[tuple[Request, int]], budget: int) -> SchedulerOutput:
+        new_requests, seqs = [], []
+        for req, num_new in scheduled:
+            rid = req.request_id
+            if rid not in self._seen_by_runner:
+                self._seen_by_runner.add(rid)
+                new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params))
+            start = req.num_computed_tokens
+            seqs.append(ScheduledSeq(
+                req_id=rid,
+                token_ids=req.token_ids_slice(start, start + num_new),
+                num_computed_tokens=start,
+                block_ids=self.kv.block_tables[rid],
+                sample=start + num_new == req.num_tokens,
+                output_token_ids=req.output_token_ids,
+                num_prompt_tokens=req.num_prompt_tokens,
+            ))
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(new_requests, seqs, finished,
+                               self.config.max_num_batched_tokens - budget)
+
+    # ----- results ---------------------------------------------------------------------------
+    def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
+        """Advance the scheduled requests by this step's results; return those that got a new
+        token (finished ones included, with their status set and blocks freed)."""
+        advanced = []
+        for seq in sched.seqs:
+            req = self.requests.get(seq.req_id)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += len(seq.token_ids)
+            token = out.sampled.get(seq.req_id)
+            if token is None:
+                continue
+            req.output_token_ids.append(token)
+            status = self._stop_status(req, token)
+            if status is not None:
+                self._finish(req, status)
+            advanced.append(req)
+        return advanced
+
+    def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
+        n_out = len(req.output_token_ids)
+        if n_out >= req.params.min_tokens:
+            if token in req.eos_token_ids or token in req.params.stop_token_ids:
+                req.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+        if req.max_tokens is not None and n_out >= req.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if req.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
+        """Finish (stop string, abort) requests wherever they are; unknown ids are ignored."""
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is not None and not req.status.finished:
+                self._finish(req, status)
+
+    def _finish(self, req: Request, status: RequestStatus) -> None:
+        if req.status == RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = status
+        self.kv.free(req.request_id)
+        del self.requests[req.request_id]
+        if req.request_id in self._seen_by_runner:
+            self._seen_by_runner.discard(req.request_id)
+            self._finished_ids.append(req.request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)

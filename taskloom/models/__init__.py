@@ -1,0 +1,1 @@
+"""Model definitions and loaders (one Llama-family definition, HF and GGUF weights)."""

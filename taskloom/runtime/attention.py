@@ -1,0 +1,35 @@
+"""Attention metadata: how a flat batch of tokens maps onto sequences and the paged KV cache.
+
+The model runner builds one `AttentionMetadata` per step and passes it explicitly to the
+model's forward; attention layers use it to write the new keys/values into the cache and to
+read each sequence's whole context back through its block table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step description of a flat, unpadded batch.
+
+    Sequence i owns query tokens `query_start_loc[i]:query_start_loc[i+1]` of the flat batch;
+    after this step it has `seq_lens[i]` tokens of context in the cache, so its queries sit at
+    positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` and attend causally.
+    """
+
+    slot_mapping: torch.Tensor      # [num_tokens] int64: block_id * block_size + offset
+    query_start_loc: torch.Tensor   # [num_seqs + 1] int32
+    seq_lens: torch.Tensor          # [num_seqs] int32
+    block_tables: torch.Tensor      # [num_seqs, max_blocks_per_seq] int32 (padded with 0)
+    query_start_loc_cpu: list[int]  # host copies, so the reference path never syncs
+    seq_lens_cpu: list[int]
+    max_query_len: int
+    max_seq_len: int
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
