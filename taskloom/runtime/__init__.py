@@ -1,0 +1,1 @@
+"""Runtime: the torch side of the engine (model runner, sampler, attention metadata)."""
