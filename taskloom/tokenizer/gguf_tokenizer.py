@@ -25,6 +25,8 @@ from gguf import Keys, TokenType
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors
 
+from taskloom.models.gguf_reader import open_gguf
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["GGUFVocab", "read_gguf_vocab", "build_gguf_tokenizer", "SUPPORTED_PRE_TYPES",
@@ -122,10 +124,7 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
         ValueError: the file is not a GGUF file, has no tokenizer vocabulary, or its arrays
             disagree in length.
     """
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{path!r} is not a readable GGUF file: {exc}") from exc
+    reader = open_gguf(path)
     model = _field(reader, Keys.Tokenizer.MODEL)
     tokens = _field(reader, Keys.Tokenizer.LIST)
     if model is None or tokens is None:
