@@ -48,6 +48,9 @@ class ArchConfig:
     qk_norm: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # llama.cpp's per-frequency RoPE divisors (a GGUF `rope_freqs` tensor, how it stores
+    # Llama-3 scaling): inv_freq[i] / rope_freq_factors[i]. Exclusive with rope_scaling.
+    rope_freq_factors: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:

@@ -1,0 +1,154 @@
+"""LLM: the offline entry point. Generate for a list of prompts or chat conversations in one
+continuous batch, or stream one request token by token."""
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator, Sequence
+
+from tqdm.auto import tqdm
+
+from taskloom.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from taskloom.engine.core import EngineCore
+from taskloom.outputs import RequestOutput
+from taskloom.runtime.builder import build_engine
+from taskloom.sampling_params import SamplingParams
+from taskloom.tokenizer.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+Conversation = list[dict]
+
+
+class LLM:
+    """A model loaded with its engine, for offline generation.
+
+    `model` is a Hugging Face directory, a .gguf file, or None for the embedded
+    SmolLM2-135M-Instruct. With `random_weights=True`, `model` names a shape
+    (e.g. "llama-3.1-8b") or a config.json, and prompts must be token ids.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory_gb: float = 1.0, block_size: int = 16,
+                 num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_model_len: int | None = None, random_weights: bool = False,
+                 seed: int = 0) -> None:
+        self.config = EngineConfig(
+            model=ModelConfig(model=model, dtype=dtype, device=device,
+                              random_weights=random_weights, seed=seed,
+                              max_model_len=max_model_len),
+            cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_cache_memory_gb,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              num_blocks=num_blocks),
+            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
+                                      max_num_batched_tokens=max_num_batched_tokens))
+        self.engine: EngineCore = build_engine(self.config)
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        if self.engine.tokenizer is None:
+            raise ValueError("this model has no tokenizer (random weights): use token ids")
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids); outputs come back in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        encoded = [self._encode(p) for p in prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        return self._run(encoded, texts, sampling_params, use_tqdm)
+
+    def chat(self, messages: Conversation | Sequence[Conversation],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Answer one conversation or a list of them, rendered with the model's chat template."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        encoded = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        return self._run(encoded, [None] * len(convs), sampling_params, use_tqdm)
+
+    def encode_chat(self, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the chat template (the template itself
+        places BOS where the model wants it, so no special tokens are added)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
+               ) -> Iterator[RequestOutput]:
+        """Yield the request's output after every step that changed it (see `text_delta`).
+        Closing the iterator early aborts the request."""
+        params = sampling_params or SamplingParams()
+        rid = self._add(self._encode(prompt), prompt if isinstance(prompt, str) else None,
+                        params)
+        finished = False
+        try:
+            while not finished:
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        finished = out.finished
+                        yield out
+        finally:
+            if not finished:
+                self.engine.abort(rid)
+
+    # ----- internals ---------------------------------------------------------------------------
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
+            raise ValueError(f"a prompt must be a string or a list of token ids, got "
+                             f"{type(prompt).__name__}")
+        return prompt
+
+    def _add(self, ids: list[int], text: str | None, params: SamplingParams) -> str:
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, ids, params, prompt=text)
+        return rid
+
+    def _run(self, encoded: list[list[int]], texts: list[str | None],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        params = self._params_list(sampling_params, len(encoded))
+        rids: list[str] = []
+        try:
+            for ids, text, p in zip(encoded, texts, params):
+                rids.append(self._add(ids, text, p))
+        except ValueError as e:
+            for rid in rids:
+                self.engine.abort(rid)
+            raise ValueError(f"prompt {len(rids)}: {e}") from None
+        return self._drain(rids, use_tqdm and len(rids) > 1)
+
+    @staticmethod
+    def _params_list(sp: SamplingParams | Sequence[SamplingParams] | None,
+                     n: int) -> list[SamplingParams]:
+        if sp is None:
+            return [SamplingParams()] * n
+        if isinstance(sp, SamplingParams):
+            return [sp] * n
+        if len(sp) != n:
+            raise ValueError(f"got {len(sp)} sampling params for {n} prompts")
+        return list(sp)
+
+    def _drain(self, rids: list[str], show_progress: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        wanted = set(rids)
+        with tqdm(total=len(rids), desc="generating", disable=not show_progress,
+                  unit="req") as bar:
+            try:
+                while len(results) < len(rids):
+                    for out in self.engine.step():
+                        if out.finished and out.request_id in wanted:
+                            results[out.request_id] = out
+                            bar.update(1)
+            except BaseException:
+                for rid in wanted - results.keys():
+                    self.engine.abort(rid)
+                raise
+        return [results[r] for r in rids]

@@ -1,0 +1,80 @@
+"""Peers run the same workload on the same weights in the same process, for a ratio:
+HF transformers `generate` (batched, greedy, exactly `output_len` new tokens per prompt)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+import torch
+
+from taskloom.runtime.model_runner import torch_dtype
+
+logger = logging.getLogger(__name__)
+
+
+def load_hf_model(a: argparse.Namespace) -> torch.nn.Module:
+    """The HF transformers model for the same weights taskloom loaded (for random weights:
+    the same shape, randomly initialised by transformers)."""
+    import transformers
+
+    dtype = torch_dtype(a.dtype)
+    if a.random_weights:
+        cfg = transformers.AutoConfig.for_model(**_random_config_dict(a.model))
+        torch.manual_seed(a.weights_seed)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        from taskloom.models.loader import resolve_model_path
+        path = resolve_model_path(a.model)
+        if path.endswith(".gguf"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model.to(a.device).eval()
+
+
+def _random_config_dict(model: str) -> dict:
+    from taskloom.models.shapes import SHAPES, shape_config
+    if model in SHAPES:
+        return shape_config(model)
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, device: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def hf_generate_throughput(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """Time HF `generate` over `prompts` in batches, `a.output_len` new tokens each."""
+    model = load_hf_model(a)
+    batch_size = a.peer_batch_size or a.max_num_seqs
+    gen = dict(max_new_tokens=a.output_len, min_new_tokens=a.output_len, do_sample=False,
+               pad_token_id=0)
+    warm_ids, warm_mask = _left_pad(prompts[:2], 0, a.device)
+    model.generate(input_ids=warm_ids, attention_mask=warm_mask, **{**gen, "max_new_tokens": 4,
+                                                                    "min_new_tokens": 4})
+    n_out = 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = _left_pad(prompts[i:i + batch_size], 0, a.device)
+        out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+        n_out += (out.shape[1] - ids.shape[1]) * ids.shape[0]
+    elapsed = time.perf_counter() - start
+    n_in = sum(len(p) for p in prompts)
+    return {"name": "hf-transformers-generate", "batch_size": batch_size,
+            "elapsed_s": round(elapsed, 3),
+            "output_tokens_per_s": round(n_out / elapsed, 2),
+            "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}

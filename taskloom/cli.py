@@ -1,0 +1,148 @@
+"""The `taskloom` command: generate | chat | bench.
+
+`generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
+that streams (/reset, /exit); `bench` runs the benchmarks and prints a JSON line last.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from taskloom.sampling_params import SamplingParams
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Flags that choose the model and size the engine (shared by every subcommand)."""
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="HF directory or .gguf file (default: embedded SmolLM2-135M-Instruct); "
+                        "with --random-weights a shape name or config.json")
+    g.add_argument("--random-weights", action="store_true",
+                   help="random weights of the named shape, nothing read from disk")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--kv-cache-memory-gb", type=float, default=1.0)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens)
+    g.add_argument("--min-tokens", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=temperature)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--presence-penalty", type=float, default=0.0)
+    g.add_argument("--frequency-penalty", type=float, default=0.0)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible)")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=a.max_tokens, min_tokens=a.min_tokens, temperature=a.temperature,
+        top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+        presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
+        seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it loads torch)
+    from taskloom.api import LLM
+    return LLM(a.model, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
+               max_num_batched_tokens=a.max_num_batched_tokens,
+               kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
+               gpu_memory_utilization=a.gpu_memory_utilization,
+               max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed)
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    params = sampling_params_from_args(a)
+    llm = make_llm(a)
+    prompt = llm.encode_chat([{"role": "user", "content": a.prompt}]) if a.chat else a.prompt
+    final = None
+    for out in llm.stream(prompt, params):
+        print(out.outputs[0].text_delta, end="", flush=True)
+        final = out
+    print()
+    if final is not None and a.verbose:
+        c = final.outputs[0]
+        print(f"[{len(c.token_ids)} tokens, finish_reason={c.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(a: argparse.Namespace) -> int:
+    params = sampling_params_from_args(a)
+    llm = make_llm(a)
+    history: list[dict] = [{"role": "system", "content": a.system}] if a.system else []
+    print("taskloom chat: type a message; /reset starts over, /exit quits.")
+    while True:
+        try:
+            line = input("\n> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if a.system else []
+            print("(conversation reset)")
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = ""
+        try:
+            for out in llm.stream(llm.encode_chat(history), params):
+                print(out.outputs[0].text_delta, end="", flush=True)
+                reply = out.outputs[0].text
+        except KeyboardInterrupt:
+            print(" [stopped]")
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taskloom", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default="WARNING")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="stream one completion to the terminal")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true",
+                     help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--verbose", action="store_true")
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=128, temperature=0.0)
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive multi-turn chat")
+    chat.add_argument("--system", default=None, help="system message")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512, temperature=0.7)
+    chat.set_defaults(func=cmd_chat)
+    from taskloom.bench.cli import add_bench_parser
+    add_bench_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"taskloom: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

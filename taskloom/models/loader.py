@@ -1,0 +1,131 @@
+"""Model loading: resolve a path, read the architecture, build on the meta device, materialise
+each parameter in the target dtype and device, and copy each checkpoint tensor straight into
+place (never a second full copy of the model).
+
+Sources: a Hugging Face directory (config.json + safetensors), a GGUF file (detected by
+content, not by name), the embedded default (SmolLM2-135M-Instruct GGUF), or random weights for
+a named shape (`taskloom.models.shapes`) or a config.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from taskloom.config import ModelConfig
+from taskloom.models.arch import ArchConfig
+from taskloom.models.embedded import embedded_model_path
+from taskloom.models.gguf_weights import GGUFCheckpoint
+from taskloom.models.llama import LlamaForCausalLM, RMSNorm
+from taskloom.models.safetensors_weights import SafetensorsCheckpoint
+from taskloom.models.shapes import SHAPES, shape_config
+from taskloom.models.weights import materialize
+
+logger = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RANDOM_INIT_STD = 0.02
+
+
+@dataclass
+class LoadedModel:
+    """A ready model, its architecture, and where it came from (None for a named shape)."""
+
+    model: LlamaForCausalLM
+    arch: ArchConfig
+    path: str | None
+
+
+def resolve_model_path(model: str | None) -> str:
+    """The file or directory to load: `model` itself, or the embedded GGUF for None."""
+    if model is None:
+        return embedded_model_path()
+    path = os.path.abspath(os.path.expanduser(model))
+    if not os.path.exists(path):
+        hint = " (named shapes need random weights)" if model in SHAPES else ""
+        raise FileNotFoundError(f"model path {model!r} does not exist; expected a Hugging Face "
+                                f"model directory or a GGUF file{hint}")
+    return path
+
+
+def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    """Build on the meta device, then give each parameter uninitialised storage in place."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch)
+    materialize(model, dtype, device)
+    return model.eval()
+
+
+def load_model(cfg: ModelConfig) -> LoadedModel:
+    """Load (or randomly initialise) the model `cfg` describes."""
+    start = time.perf_counter()
+    dtype, device = TORCH_DTYPES[cfg.dtype], torch.device(cfg.device)
+    if cfg.random_weights:
+        arch, path = random_arch(cfg.model)
+        _check_max_model_len(cfg, arch)
+        model = build_model(arch, dtype, device)
+        init_random_weights(model, cfg.seed)
+    else:
+        path = resolve_model_path(cfg.model)
+        arch, weights = _open_checkpoint(path)
+        _check_max_model_len(cfg, arch)
+        model = build_model(arch, dtype, device)
+        model.load_weights(weights)
+    logger.info("loaded %s (%s, %d layers, %.1fM params) as %s on %s in %.1fs",
+                path or cfg.model, arch.model_type, arch.num_hidden_layers,
+                sum(p.numel() for p in model.parameters()) / 1e6, cfg.dtype, device,
+                time.perf_counter() - start)
+    return LoadedModel(model=model, arch=arch, path=path)
+
+
+def _open_checkpoint(path: str) -> tuple[ArchConfig, Iterator[tuple[str, torch.Tensor]]]:
+    if os.path.isdir(path):
+        hf = SafetensorsCheckpoint(path)
+        return hf.arch_config(), hf.weights()
+    gguf = GGUFCheckpoint(path)
+    arch = gguf.arch_config()
+    return arch, gguf.weights(arch)
+
+
+def _check_max_model_len(cfg: ModelConfig, arch: ArchConfig) -> None:
+    if cfg.max_model_len is not None and cfg.max_model_len > arch.max_position_embeddings:
+        raise ValueError(f"max_model_len ({cfg.max_model_len}) exceeds the model's "
+                         f"max_position_embeddings ({arch.max_position_embeddings})")
+
+
+def random_arch(model: str | None) -> tuple[ArchConfig, str | None]:
+    """ArchConfig for random weights: a named shape (path None) or a config.json path (or a
+    directory holding one; its directory is returned as the path)."""
+    if model in SHAPES:
+        return ArchConfig.from_hf_dict(shape_config(model)), None
+    if model is None or not os.path.exists(model):
+        raise ValueError(f"random_weights needs a named shape ({', '.join(SHAPES)}) or a path "
+                         f"to a config.json, got {model!r}")
+    config_path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+        return ArchConfig.from_hf_dict(config), os.path.dirname(os.path.abspath(config_path))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError) as e:
+        raise ValueError(f"cannot read a model config from {config_path}: "
+                         f"{type(e).__name__}: {e}") from None
+
+
+@torch.no_grad()
+def init_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Deterministic init on the parameters' device: norms 1, biases 0, all else N(0, 0.02)."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, RMSNorm):
+                param.fill_(1.0)
+            elif name == "bias":
+                param.zero_()
+            else:
+                param.normal_(0.0, RANDOM_INIT_STD, generator=generator)

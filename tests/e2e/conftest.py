@@ -1,0 +1,29 @@
+"""Engines with the embedded model, shared per module; every test ends with the KV pool full."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from taskloom import LLM
+
+
+def assert_pool_full(llm: LLM) -> None:
+    sched = llm.engine.scheduler
+    assert not sched.has_unfinished and not llm.engine.has_unfinished
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks, "KV blocks leaked"
+    assert not sched.kv.block_tables
+
+
+@pytest.fixture(scope="session")
+def llm() -> Iterator[LLM]:
+    engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25)
+    yield engine
+
+
+@pytest.fixture(autouse=True)
+def _pool_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm"):
+        if name in request.fixturenames:
+            assert_pool_full(request.getfixturevalue(name))
