@@ -1,0 +1,45 @@
+"""The `taskloom` command as a user runs it: a real process, real stdin/stdout."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from taskloom import LLM, SamplingParams
+
+TASKLOOM = [sys.executable, "-m", "taskloom.cli"]
+
+
+def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(TASKLOOM + args, input=stdin, capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+def test_generate_streams_the_greedy_completion(llm: LLM) -> None:
+    prompt = "The three primary colors are"
+    expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20))[0]
+    proc = run(["generate", prompt, "--max-tokens", "20", "--temperature", "0"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected.outputs[0].text + "\n"
+
+
+def test_chat_repl_multi_turn_reset_and_exit(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    first = llm.chat([{"role": "user", "content": "Name a color."}], params)[0].outputs[0].text
+    second = llm.chat([{"role": "user", "content": "Name a color."},
+                       {"role": "assistant", "content": first},
+                       {"role": "user", "content": "Another one?"}], params)[0].outputs[0].text
+    proc = run(["chat", "--temperature", "0", "--max-tokens", "24"],
+               stdin="Name a color.\nAnother one?\n/reset\nName a color.\n/exit\n")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert out.count(first) == 2 and second in out and "(conversation reset)" in out
+
+
+def test_bad_flags_give_a_clear_error_and_exit_code() -> None:
+    proc = run(["generate", "hi", "--top-p", "0"])
+    assert proc.returncode == 2
+    assert "top_p must be in (0, 1], got 0.0" in proc.stderr
+    proc = run(["generate", "hi", "--model", "/no/such/model.gguf"])
+    assert proc.returncode == 2 and "/no/such/model.gguf" in proc.stderr
