@@ -6,13 +6,23 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test setup clean
+.PHONY: run test setup browser clean
 
+# The OpenAI-compatible server on the embedded model; it prints the chat page's URL.
 run: $(STAMP)
-	$(VENV)/bin/taskloom chat
+	$(VENV)/bin/taskloom serve
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q tests
+
+# Headless Chromium and its driver for the chat-page test (Debian packages), where absent.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver \
+			>/dev/null || echo "warning: could not install chromium; the chat-page test will skip"; \
+	fi
 
 setup: $(STAMP)
 

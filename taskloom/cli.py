@@ -1,12 +1,14 @@
-"""The `taskloom` command: generate | chat | bench.
+"""The `taskloom` command: generate | chat | serve | bench.
 
 `generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
-that streams (/reset, /exit); `bench` runs the benchmarks and prints a JSON line last.
+that streams (/reset, /exit); `serve` runs the OpenAI-compatible server with its chat page;
+`bench` runs the benchmarks and prints a JSON line last.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -111,6 +113,47 @@ def cmd_chat(a: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
+def default_model_name(a: argparse.Namespace) -> str:
+    """The name clients use in `model`: the file or directory name, or the shape's name."""
+    if a.model is None:
+        from taskloom.models.embedded import EMBEDDED_NAME
+        return EMBEDDED_NAME
+    base = os.path.basename(os.path.normpath(a.model))
+    return base.removesuffix(".gguf").removesuffix(".json") or a.model
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from taskloom.server.launch import serve, uvicorn_config
+    if a.max_queue is not None and a.max_queue < 0:
+        raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
+    llm = make_llm(a)
+    name = a.served_model_name or default_model_name(a)
+    config = uvicorn_config(llm.engine, name, a.host, a.port, a.api_key, a.max_queue,
+                            a.shutdown_timeout)
+    url = f"http://{a.host}:{a.port}"
+    print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
+          f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)
+    serve(config)
+    return 0
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a chat page")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("TASKLOOM_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1/* (default: "
+                        "$TASKLOOM_API_KEY; never logged)")
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="refuse new requests (429) when this many sequences are waiting")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name clients send (default: the model's file name)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish after SIGTERM")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskloom", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="WARNING")
@@ -128,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     add_sampling_args(chat, max_tokens=512, temperature=0.7)
     chat.set_defaults(func=cmd_chat)
+    add_serve_parser(sub)
     from taskloom.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser

@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 MAX_LOGPROBS = 20
 
 
+class InvalidParameter(ValueError):
+    """A sampling parameter out of range; `param` names it (for API error responses)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass
 class SamplingParams:
     """Per-request sampling and stopping parameters (the OpenAI set plus the usual extensions).
@@ -81,5 +89,6 @@ class SamplingParams:
 
 
 def _check(ok: bool, message: str, value: object) -> None:
+    """Raise InvalidParameter if not ok; `message` starts with the parameter's name."""
     if not ok:
-        raise ValueError(f"{message}, got {value!r}")
+        raise InvalidParameter(message.split(" ", 1)[0], f"{message}, got {value!r}")

@@ -23,14 +23,43 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="batch size of the HF generate calls (default: --max-num-seqs)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
     tp.set_defaults(func=_run_throughput)
+    sv = kinds.add_parser("serve", help="online latency and throughput against a running server")
+    sv.add_argument("--base-url", default="http://127.0.0.1:8000")
+    sv.add_argument("--model", default=None, help="model name (default: the server's first)")
+    sv.add_argument("--api-key", default=None)
+    sv.add_argument("--num-prompts", type=int, default=100)
+    sv.add_argument("--request-rate", type=float, default=float("inf"),
+                    help="mean arrivals per second, Poisson (default: all at once)")
+    sv.add_argument("--max-concurrency", type=int, default=None,
+                    help="at most this many requests in flight")
+    sv.add_argument("--input-len", type=int, default=128)
+    sv.add_argument("--output-len", type=int, default=128)
+    sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--output-json", default=None, help="also write the result to this file")
+    sv.set_defaults(func=_run_serve)
 
 
 def _run_throughput(a: argparse.Namespace) -> int:
     from taskloom.bench.throughput import run_throughput
-    result = run_throughput(a)
+    return _emit(run_throughput(a), a.output_json)
+
+
+def _run_serve(a: argparse.Namespace) -> int:
+    from taskloom.bench.serve import run_serve_bench
+    result = run_serve_bench(a)
+    for key in ("ttft", "itl", "e2e"):
+        p = result[key]
+        print(f"{key:>5}: mean {p['mean_ms']:9.1f} ms  p50 {p['p50_ms']:9.1f}  "
+              f"p90 {p['p90_ms']:9.1f}  p99 {p['p99_ms']:9.1f}")
+    print(f"{result['completed']}/{result['num_prompts']} requests in {result['duration_s']} s: "
+          f"{result['output_tokens_per_s']} output tok/s")
+    return _emit(result, a.output_json)
+
+
+def _emit(result: dict, output_json: str | None) -> int:
     line = json.dumps(result)
-    if a.output_json:
-        with open(a.output_json, "w") as f:
+    if output_json:
+        with open(output_json, "w") as f:
             f.write(line + "\n")
     print(line)
     return 0

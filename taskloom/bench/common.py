@@ -6,10 +6,9 @@ import platform
 import subprocess
 import sys
 
-import torch
-
 
 def device_name(device: str) -> str:
+    import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -23,11 +22,16 @@ def git_commit() -> str | None:
         return None
 
 
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def run_info(device: str) -> dict:
+    import torch
     return {
         "device": device_name(device),
         "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "command": " ".join(["taskloom"] + sys.argv[1:]),
         "torch": torch.__version__,
     }

@@ -117,6 +117,11 @@ class EngineCore:
         for rid in ids:
             self._seq_owner.pop(rid, None)
 
+    def abort_all(self) -> None:
+        """Abort every unfinished request (shutdown)."""
+        for request_id in list(self._parents):
+            self.abort(request_id)
+
     @property
     def has_unfinished(self) -> bool:
         return bool(self._parents)

@@ -6,6 +6,8 @@ a tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -40,17 +42,48 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
     step's tokens must already be in the cache (see `write_kv_cache`). Single-token queries
     (decodes) are attended in one padded batch; longer queries (prefill chunks) one by one.
     """
+    plan = meta.ref_plan
+    if plan is None:
+        plan = meta.ref_plan = _plan(meta, query.device, query.dtype)
     out = torch.empty_like(query)
+    if plan.decode_rows is not None:
+        _decode_batch(query, kv_cache, plan, scale, out)
+    qsl = meta.query_start_loc_cpu
+    for i in plan.prefill_seqs:
+        out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
+                                             meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+    return out
+
+
+@dataclass
+class _RefPlan:
+    """What the reference path derives from the metadata once per step, for every layer."""
+
+    prefill_seqs: list[int]
+    decode_rows: torch.Tensor | None    # [b] rows of the flat batch holding decode queries
+    decode_slots: torch.Tensor | None   # [b, max_len] cache slot of each context position
+    decode_mask: torch.Tensor | None    # [b, 1, 1, max_len] additive: 0 or -inf past the end
+
+
+def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> _RefPlan:
     qsl = meta.query_start_loc_cpu
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
-    if decodes:
-        _decode_batch(query, kv_cache, meta, scale, decodes, out)
-    if len(decodes) < meta.num_seqs:
-        for i in sorted(set(range(meta.num_seqs)) - set(decodes)):
-            out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
-                                                 meta.block_tables[i], meta.seq_lens_cpu[i],
-                                                 scale)
-    return out
+    prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
+    if not decodes:
+        return _RefPlan(prefills, None, None, None)
+    bs = meta.block_size
+    lens = [meta.seq_lens_cpu[i] for i in decodes]
+    max_len = max(lens)
+    idx = torch.tensor(decodes, device=device)
+    tables = meta.block_tables[idx, :-(-max_len // bs)].long()       # [b, max_blocks]
+    offsets = torch.arange(bs, device=device)
+    slots = (tables[:, :, None] * bs + offsets).flatten(1)[:, :max_len]  # [b, max_len]
+    lens_t = torch.tensor(lens, device=device)
+    valid = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]  # [b, max_len]
+    mask = torch.zeros(valid.shape, dtype=dtype, device=device)
+    mask.masked_fill_(~valid, float("-inf"))
+    rows = torch.tensor([qsl[i] for i in decodes], device=device)
+    return _RefPlan(prefills, rows, slots, mask[:, None, None, :])
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -67,21 +100,17 @@ def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tens
     return o.transpose(0, 1)
 
 
-def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-                  scale: float, seqs: list[int], out: torch.Tensor) -> None:
-    """Attend the single-token queries of `seqs` in one padded batch."""
-    block_size = kv_cache.shape[2]
-    rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=query.device)
-    lens = [meta.seq_lens_cpu[i] for i in seqs]
-    max_blocks = -(-max(lens) // block_size)
-    idx = torch.tensor(seqs, device=query.device)
-    tables = meta.block_tables[idx, :max_blocks].long()    # [b, max_blocks]
-    k = kv_cache[0][tables].flatten(1, 2)                  # [b, max_len, num_kv_heads, head_dim]
-    v = kv_cache[1][tables].flatten(1, 2)
-    lens_t = torch.tensor(lens, device=query.device)
-    mask = torch.arange(k.shape[1], device=query.device)[None, :] < lens_t[:, None]
-    q = query[rows].unsqueeze(2)                           # [b, num_heads, 1, head_dim]
+def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, scale: float,
+                  out: torch.Tensor) -> None:
+    """Attend the single-token queries of the plan's decode rows in one padded batch."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    b, max_len = plan.decode_slots.shape
+    slots = plan.decode_slots.flatten()
+    k = flat[0].index_select(0, slots).view(b, max_len, num_kv_heads, head_dim)
+    v = flat[1].index_select(0, slots).view(b, max_len, num_kv_heads, head_dim)
+    q = query[plan.decode_rows].unsqueeze(2)               # [b, num_heads, 1, head_dim]
     o = F.scaled_dot_product_attention(
-        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask[:, None, None, :],
-        scale=scale, enable_gqa=k.shape[2] != q.shape[1])  # [b, num_heads, 1, head_dim]
-    out[rows] = o.squeeze(2)
+        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,
+        scale=scale, enable_gqa=num_kv_heads != q.shape[1])  # [b, num_heads, 1, head_dim]
+    out[plan.decode_rows] = o.squeeze(2)

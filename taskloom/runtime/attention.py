@@ -7,6 +7,7 @@ read each sequence's whole context back through its block table.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -29,6 +30,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Derived once per step by the torch reference attention and shared by all layers.
+    ref_plan: Any = None
 
     @property
     def num_seqs(self) -> int:

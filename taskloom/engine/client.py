@@ -1,0 +1,232 @@
+"""AsyncEngineClient: the engine core stepping in a background thread, behind an async interface.
+
+The server (and anything else that lives on an asyncio loop) talks to the engine only through
+`generate` (add a request, read its async stream of outputs), `abort` and `stats`. Commands go
+to the engine thread through a queue and are applied between steps, so the event loop never
+waits for a step; outputs come back to the loop with `call_soon_threadsafe`. An abort issued
+while a step runs takes effect before the next one, so a vanished client's blocks are free
+within one engine step. Pure Python: the core is built elsewhere and passed in.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from taskloom.engine.core import EngineCore
+from taskloom.outputs import RequestOutput
+from taskloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot taken by the engine thread after every step."""
+
+    num_running: int = 0          # sequences scheduled in the running batch
+    num_waiting: int = 0          # sequences queued, not yet admitted (incl. preempted)
+    kv_cache_usage: float = 0.0   # fraction of KV blocks in use
+    num_preemptions: int = 0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread hit an unexpected error and stopped; every request fails with it."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None
+    done: Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngineClient:
+    """Runs `core.step()` in a daemon thread for as long as any request is unfinished."""
+
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._pending_adds = 0
+        self._lock = threading.Lock()
+        self.stats = EngineStats()
+        self.error: BaseException | None = None
+
+    # ----- lifecycle -------------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the engine thread; outputs are delivered on `loop`."""
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run, name="taskloom-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Abort everything still running and stop the engine thread."""
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._commands.put(None)
+        self._wake.set()
+        self._thread.join()
+        self._thread = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.error is None
+
+    @property
+    def num_queued(self) -> int:
+        """Sequences waiting for admission, counting adds the engine has not yet taken in."""
+        return self.stats.num_waiting + self._pending_adds
+
+    # ----- requests --------------------------------------------------------------------------
+    async def generate(self, request_id: str, prompt_token_ids: list[int],
+                       params: SamplingParams, prompt: str | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until it finishes.
+
+        Raises ValueError (before yielding anything) if the engine refuses the request.
+        Leaving the iteration early (a `break`, cancellation, a closed generator) aborts it.
+        """
+        stream = await self.add(request_id, prompt_token_ids, params, prompt)
+        finished = False
+        try:
+            while not finished:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                  prompt: str | None = None, stream: asyncio.Queue | None = None
+                  ) -> asyncio.Queue[RequestOutput | BaseException]:
+        """Queue a request in the engine and return the queue its outputs arrive on (`stream`
+        if given: several requests may share one queue and tell outputs apart by id)."""
+        if self.error is not None or self._thread is None:
+            raise EngineDeadError(f"the engine is not running"
+                                  + (f": it failed with {self.error}" if self.error else ""))
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if stream is None:
+            stream = asyncio.Queue()
+        self._streams[request_id] = stream
+        done: Future = Future()
+        with self._lock:
+            self._pending_adds += params.n
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, done))
+        try:
+            await asyncio.wrap_future(done)
+        except ValueError:                   # the engine refused it: nothing was queued
+            self._streams.pop(request_id, None)
+            raise
+        except BaseException:                # cancelled while the add was in flight
+            self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request wherever it is; its blocks are freed before the next step."""
+        self._streams.pop(request_id, None)
+        self._send(_Abort(request_id))
+
+    def _send(self, command: _Add | _Abort) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ----- the engine thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._apply_commands()
+                if self._stopping:
+                    break
+                if not self.core.has_unfinished:
+                    self._publish_stats()
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                outputs = self.core.step()
+                self._publish_stats()
+                if outputs:
+                    self._deliver(self._dispatch, outputs)
+        except BaseException as e:  # a bug in a step: fail every request, keep the server up
+            logger.exception("engine step failed; failing every request")
+            self.error = e
+            self._deliver(self._fail_all, EngineDeadError(f"the engine failed: {e}"))
+        finally:
+            self._abort_all()
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if cmd is None:
+                return
+            if isinstance(cmd, _Abort):
+                self.core.abort(cmd.request_id)
+                continue
+            with self._lock:
+                self._pending_adds -= cmd.params.n
+            if not cmd.done.set_running_or_notify_cancel():
+                continue                     # the caller gave up before the engine saw it
+            try:
+                self.core.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
+                                      prompt=cmd.prompt)
+            except ValueError as e:
+                cmd.done.set_exception(e)
+            else:
+                cmd.done.set_result(None)
+
+    def _abort_all(self) -> None:
+        """On the way out: refuse adds still queued, abort what runs, end every stream."""
+        while not self._commands.empty():
+            cmd = self._commands.get_nowait()
+            if isinstance(cmd, _Add) and cmd.done.set_running_or_notify_cancel():
+                cmd.done.set_exception(EngineDeadError("the engine is shut down"))
+        self.core.abort_all()
+        self._publish_stats()
+        if self.error is None:
+            self._deliver(self._fail_all, EngineDeadError("the engine was shut down"))
+
+    def _publish_stats(self) -> None:
+        sched = self.core.scheduler
+        self.stats = EngineStats(sched.num_running, sched.num_waiting, sched.kv.usage,
+                                 sched.num_preemptions)
+
+    def _deliver(self, fn: Callable, arg: object) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(fn, arg)
+
+    # ----- on the event loop -----------------------------------------------------------------
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                stream.put_nowait(out)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in {id(q): q for q in self._streams.values()}.values():
+            stream.put_nowait(error)
+        self._streams.clear()

@@ -1,0 +1,98 @@
+"""The HTTP app: OpenAI endpoints, health, models, Prometheus metrics and the chat page.
+
+`build_app` wires a running engine (through its AsyncEngineClient) into a FastAPI app; the
+engine thread starts and stops with the app's lifespan.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from taskloom.engine.client import AsyncEngineClient
+from taskloom.engine.core import EngineCore
+from taskloom.server.chat import create_chat_completion
+from taskloom.server.completions import create_completion
+from taskloom.server.errors import APIError, install_error_handlers
+from taskloom.server.metrics import ServerMetrics
+from taskloom.server.protocol import ChatCompletionRequest, CompletionRequest
+from taskloom.server.serving import ServingContext
+
+
+def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
+              max_queue: int | None = None) -> FastAPI:
+    """An app serving `core` under `model_name`. `api_key` guards /v1/*; `max_queue` bounds
+    the sequences waiting for admission (429 beyond it)."""
+    client = AsyncEngineClient(core)
+    ctx = ServingContext(client, core.tokenizer, model_name, core.scheduler.max_model_len,
+                         ServerMetrics(client, model_name), max_queue)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        client.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            client.stop()
+
+    app = FastAPI(title="taskloom", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    install_error_handlers(app, on_client_error=lambda: ctx.metrics.finished("rejected"))
+    auth = [Depends(_api_key_check(api_key))]
+    created = int(time.time())
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(ctx, body, raw)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return {"object": "list", "data": [{
+            "id": model_name, "object": "model", "created": created, "owned_by": "taskloom",
+            "max_model_len": ctx.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not client.alive:
+            return JSONResponse({"status": "engine not running"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    page = resources.files("taskloom.server").joinpath("static/chat.html").read_text("utf-8")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    return app
+
+
+def _api_key_check(api_key: str | None):  # -> a FastAPI dependency
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            raise APIError(401, "You didn't provide an API key. Send it in the Authorization "
+                                "header as `Bearer YOUR_KEY`.", "invalid_request_error", None,
+                           "missing_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                   api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", "invalid_request_error", None,
+                           "invalid_api_key")
+    return check

@@ -1,0 +1,112 @@
+"""POST /v1/chat/completions: a conversation rendered with the model's chat template, n samples,
+logprobs with top alternatives, streamed as server-sent events or returned whole."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from jinja2 import TemplateError
+
+from taskloom.outputs import PositionLogprobs, RequestOutput
+from taskloom.sampling_params import MAX_LOGPROBS
+from taskloom.server.errors import bad_request
+from taskloom.server.protocol import ChatCompletionRequest
+from taskloom.server.serving import EngineJob, ServingContext, make_params
+from taskloom.server.streaming import collect, sse_response, usage
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
+                                 raw: Request) -> Response:
+    ctx.check_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got "
+                          f"{body.top_logprobs}", "top_logprobs")
+    max_tokens = body.max_output_tokens
+    param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is not None and max_tokens < 1:
+        raise bad_request(f"{param} must be >= 1, got {max_tokens}", param)
+    params = make_params(body.sampling_params, max_tokens=max_tokens,
+                         logprobs=body.num_logprobs)
+    try:
+        ids = ctx.tokenizer_or_error().encode_chat(body.conversation())
+    except (TemplateError, ValueError) as e:
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+    ctx.check_length(len(ids), max_tokens, "messages")
+    ctx.check_capacity(body.n)
+    job = EngineJob(ctx, raw, "chatcmpl")
+    await job.start([(ids, None)], params)
+    if body.stream:
+        return sse_response(job, _chunks(job, body))
+    final = await collect(job)
+    return JSONResponse(_response(job, body, final[0]))
+
+
+def _response(job: EngineJob, body: ChatCompletionRequest, out: RequestOutput
+              ) -> dict[str, Any]:
+    choices = [{
+        "index": c.index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
+        if body.logprobs else None,
+        "finish_reason": c.finish_reason} for c in out.outputs]
+    return {"id": job.id, "object": "chat.completion", "created": job.created,
+            "model": job.ctx.model_name, "choices": choices,
+            "usage": usage(job.num_prompt_tokens, [out])}
+
+
+async def _chunks(job: EngineJob, body: ChatCompletionRequest
+                  ) -> AsyncIterator[dict[str, Any]]:
+    for index in range(body.n):
+        yield _chunk(job, body, index, {"role": "assistant", "content": ""}, None, None)
+    sent: dict[int, int] = {}
+    last: RequestOutput | None = None
+    async for _, out in job.outputs():
+        last = out
+        for c in out.outputs:
+            lp = None
+            if body.logprobs:
+                start = sent.get(c.index, 0)
+                lp = chat_logprobs((c.logprobs or [])[start:], c.token_ids[start:],
+                                   body.num_logprobs or 0)
+                sent[c.index] = len(c.logprobs or [])
+            if c.text_delta or c.finish_reason or (lp and lp["content"]):
+                delta = {"content": c.text_delta} if c.text_delta else {}
+                yield _chunk(job, body, c.index, delta, lp, c.finish_reason)
+    if body.include_usage:
+        yield {**_envelope(job, body, []), "usage": usage(job.num_prompt_tokens, [last])}
+
+
+def _envelope(job: EngineJob, body: ChatCompletionRequest, choices: list) -> dict[str, Any]:
+    chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created,
+             "model": job.ctx.model_name, "choices": choices}
+    if body.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def _chunk(job: EngineJob, body: ChatCompletionRequest, index: int, delta: dict,
+           logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+    return _envelope(job, body, [{"index": index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish}])
+
+
+def chat_logprobs(entries: list[PositionLogprobs] | None, token_ids: list[int],
+                  top: int) -> dict[str, Any]:
+    """The chat logprobs object: each chosen token with its logprob, bytes and the `top` most
+    likely alternatives."""
+    content = []
+    for tid, entry in zip(token_ids, entries or []):
+        chosen = entry[tid]
+        ranked = sorted((lp for lp in entry.values() if lp.rank <= top), key=lambda x: x.rank)
+        content.append({**_token(chosen.decoded_token, chosen.logprob),
+                        "top_logprobs": [_token(lp.decoded_token, lp.logprob)
+                                         for lp in ranked]})
+    return {"content": content}
+
+
+def _token(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}

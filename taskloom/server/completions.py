@@ -1,0 +1,142 @@
+"""POST /v1/completions: text or token prompts (one or many), n samples each, echo, logprobs,
+streamed as server-sent events or returned whole."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from taskloom.outputs import PositionLogprobs, RequestOutput
+from taskloom.sampling_params import MAX_LOGPROBS
+from taskloom.server.errors import bad_request
+from taskloom.server.protocol import CompletionRequest
+from taskloom.server.serving import EngineJob, ServingContext, make_params
+from taskloom.server.streaming import collect, sse_response, usage
+
+
+async def create_completion(ctx: ServingContext, body: CompletionRequest,
+                            raw: Request) -> Response:
+    ctx.check_model(body.model)
+    if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
+        raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got "
+                          f"{body.logprobs}", "logprobs")
+    params = make_params(body.sampling_params, max_tokens=body.max_tokens,
+                         logprobs=body.logprobs,
+                         prompt_logprobs=body.logprobs if body.echo else None)
+    prompts = _encode_prompts(ctx, body)
+    if body.echo and body.logprobs is not None and body.stream:
+        raise bad_request("echo with logprobs is not supported when streaming", "echo")
+    for ids, _ in prompts:
+        ctx.check_length(len(ids), body.max_tokens, "prompt")
+    ctx.check_capacity(len(prompts) * body.n)
+    job = EngineJob(ctx, raw, "cmpl")
+    await job.start(prompts, params)
+    texts = [text if text is not None else _decode(ctx, ids) for ids, text in prompts]
+    if body.stream:
+        return sse_response(job, _chunks(job, body, texts))
+    final = await collect(job)
+    return JSONResponse(_response(job, body, final, texts))
+
+
+def _encode_prompts(ctx: ServingContext, body: CompletionRequest
+                    ) -> list[tuple[list[int], str | None]]:
+    prompts = body.prompts()
+    if not prompts:
+        raise bad_request("prompt is empty: give a string, a list of strings or token ids",
+                          "prompt")
+    out: list[tuple[list[int], str | None]] = []
+    for i, p in enumerate(prompts):
+        label = f"prompt {i}" if len(prompts) > 1 else "prompt"
+        if isinstance(p, str):
+            if not p:
+                raise bad_request(f"{label} is empty: give at least one character", "prompt")
+            out.append((ctx.tokenizer_or_error().encode(p), p))
+            continue
+        if not p:
+            raise bad_request(f"{label} is empty: give at least one token id", "prompt")
+        vocab = ctx.client.core.vocab_size
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise bad_request(f"{label} has token id {bad}, outside the vocabulary "
+                              f"(0 to {vocab - 1})", "prompt")
+        out.append((list(p), None))
+    return out
+
+
+def _decode(ctx: ServingContext, ids: list[int]) -> str:
+    return "" if ctx.tokenizer is None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def _choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _response(job: EngineJob, body: CompletionRequest, final: list[RequestOutput],
+              texts: list[str]) -> dict[str, Any]:
+    choices = []
+    for i, out in enumerate(final):
+        for c in out.outputs:
+            prefix = texts[i] if body.echo else ""
+            lp = None
+            if body.logprobs is not None:
+                entries = (out.prompt_logprobs or []) if body.echo else []
+                tokens = (out.prompt_token_ids if body.echo else []) + c.token_ids
+                lp = completion_logprobs(entries + (c.logprobs or []), tokens, 0,
+                                         job.ctx.token_text)
+            choices.append(_choice(i * body.n + c.index, prefix + c.text, lp, c.finish_reason))
+    return {"id": job.id, "object": "text_completion", "created": job.created,
+            "model": job.ctx.model_name, "choices": choices,
+            "usage": usage(job.num_prompt_tokens, final)}
+
+
+async def _chunks(job: EngineJob, body: CompletionRequest,
+                  texts: list[str]) -> AsyncIterator[dict[str, Any]]:
+    sent_logprobs: dict[tuple[int, int], int] = {}
+    offsets: dict[tuple[int, int], int] = {}
+    final: list[RequestOutput | None] = [None] * len(job.entries)
+    async for i, out in job.outputs():
+        final[i] = out
+        for c in out.outputs:
+            key = (i, c.index)
+            text = c.text_delta
+            if body.echo and key not in offsets:
+                text = texts[i] + text
+            lp = None
+            if body.logprobs is not None:
+                new = (c.logprobs or [])[sent_logprobs.get(key, 0):]
+                new_ids = c.token_ids[sent_logprobs.get(key, 0):][:len(new)]
+                lp = completion_logprobs(new, new_ids, offsets.get(key, 0), job.ctx.token_text)
+                sent_logprobs[key] = len(c.logprobs or [])
+            offsets[key] = offsets.get(key, 0) + len(text)
+            if text or c.finish_reason or (lp and lp["tokens"]):
+                yield _chunk(job, body, [_choice(i * body.n + c.index, text, lp,
+                                                 c.finish_reason)])
+    if body.include_usage:
+        yield {**_chunk(job, body, []), "usage": usage(job.num_prompt_tokens, final)}
+
+
+def _chunk(job: EngineJob, body: CompletionRequest, choices: list[dict]) -> dict[str, Any]:
+    chunk = {"id": job.id, "object": "text_completion", "created": job.created,
+             "model": job.ctx.model_name, "choices": choices}
+    if body.include_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def completion_logprobs(entries: list[PositionLogprobs | None], token_ids: list[int],
+                        offset: int, token_text: Callable[[int], str]) -> dict[str, Any]:
+    """The legacy completions logprobs object for these positions, text offsets from `offset`.
+    An entry of None (the first prompt token, which has no context) has logprob null."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tid, entry in zip(token_ids, entries):
+        chosen = entry.get(tid) if entry else None
+        text = chosen.decoded_token if chosen else token_text(tid)
+        tokens.append(text)
+        token_lps.append(chosen.logprob if chosen else None)
+        tops.append({lp.decoded_token: lp.logprob for lp in entry.values()} if entry else None)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}

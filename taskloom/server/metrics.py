@@ -1,0 +1,94 @@
+"""Prometheus metrics of one server (own registry, so several servers can share a process).
+
+Counters of requests by outcome and of prompt / generated tokens; histograms of time to first
+token, inter-token latency and end-to-end latency; gauges of running and waiting sequences
+and KV-cache usage, read from the engine's latest stats at scrape time.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from taskloom.engine.client import AsyncEngineClient
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+
+
+class ServerMetrics:
+    """The metric families; `RequestTimer` feeds the per-request ones."""
+
+    def __init__(self, client: AsyncEngineClient, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+        self._requests = Counter("taskloom_requests", "Finished requests by outcome",
+                                 labels + ["outcome"], registry=r)
+        self._prompt_tokens = Counter("taskloom_prompt_tokens",
+                                      "Prompt tokens of admitted requests", labels, registry=r)
+        self._generation_tokens = Counter("taskloom_generation_tokens", "Generated tokens",
+                                          labels, registry=r)
+        self._ttft = Histogram("taskloom_time_to_first_token_seconds", "Time to first token",
+                               labels, buckets=_LATENCY_BUCKETS, registry=r)
+        self._itl = Histogram("taskloom_inter_token_latency_seconds",
+                              "Time between consecutive output tokens", labels,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self._e2e = Histogram("taskloom_e2e_request_latency_seconds",
+                              "Arrival to last token", labels, buckets=_LATENCY_BUCKETS,
+                              registry=r)
+        self.model_name = model_name
+        for name, doc, fn in (
+                ("taskloom_num_requests_running", "Sequences in the running batch",
+                 lambda: client.stats.num_running),
+                ("taskloom_num_requests_waiting", "Sequences waiting for admission",
+                 lambda: client.num_queued),
+                ("taskloom_kv_cache_usage_perc", "Fraction of KV-cache blocks in use",
+                 lambda: client.stats.kv_cache_usage),
+                ("taskloom_num_preemptions", "Preemptions since start",
+                 lambda: client.stats.num_preemptions)):
+            Gauge(name, doc, registry=r).set_function(fn)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def timer(self) -> RequestTimer:
+        return RequestTimer(self)
+
+    def finished(self, outcome: str) -> None:
+        self._requests.labels(self.model_name, outcome).inc()
+
+
+@dataclass
+class RequestTimer:
+    """Timing of one engine request (one prompt, all of its n samples)."""
+
+    metrics: ServerMetrics
+    arrival: float = field(default_factory=time.monotonic)
+    last_token: float | None = None
+    num_prompt_tokens: int = 0
+
+    def admitted(self, num_prompt_tokens: int) -> None:
+        self.num_prompt_tokens = num_prompt_tokens
+        self.metrics._prompt_tokens.labels(self.metrics.model_name).inc(num_prompt_tokens)
+
+    def tokens(self, count: int) -> None:
+        """`count` new output tokens arrived just now."""
+        if count <= 0:
+            return
+        now = time.monotonic()
+        m, name = self.metrics, self.metrics.model_name
+        m._generation_tokens.labels(name).inc(count)
+        if self.last_token is None:
+            m._ttft.labels(name).observe(now - self.arrival)
+        else:
+            gap = (now - self.last_token) / count
+            for _ in range(count):
+                m._itl.labels(name).observe(gap)
+        self.last_token = now
+
+    def done(self, outcome: str) -> None:
+        self.metrics._e2e.labels(self.metrics.model_name).observe(
+            time.monotonic() - self.arrival)
+        self.metrics.finished(outcome)

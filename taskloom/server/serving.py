@@ -1,0 +1,161 @@
+"""What both OpenAI endpoints share: checks before the engine, and the EngineJob that carries
+the engine requests of one HTTP request (one per prompt) from admission to the last output.
+
+An EngineJob watches its HTTP connection: when the client goes away, while queued or mid-
+stream, every engine request of the job is aborted at once, so its KV blocks are free within
+one engine step whether or not anything is being sent at that moment.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from taskloom.engine.client import AsyncEngineClient, EngineDeadError
+from taskloom.outputs import RequestOutput
+from taskloom.sampling_params import InvalidParameter, SamplingParams
+from taskloom.server.errors import APIError, bad_request
+from taskloom.server.metrics import RequestTimer, ServerMetrics
+from taskloom.tokenizer.tokenizer import Tokenizer
+
+
+@dataclass
+class ServingContext:
+    """Everything the endpoints need, fixed when the server starts."""
+
+    client: AsyncEngineClient
+    tokenizer: Tokenizer | None
+    model_name: str
+    max_model_len: int
+    metrics: ServerMetrics
+    max_queue: int | None = None
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                                f"`{self.model_name}` (see GET /v1/models).",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_capacity(self, num_seqs: int) -> None:
+        if self.max_queue is not None and self.client.num_queued + num_seqs > self.max_queue:
+            raise APIError(429, f"The server is busy: {self.client.num_queued} sequences are "
+                                f"already waiting (--max-queue {self.max_queue}). Retry later.",
+                           "rate_limit_error", None, "queue_full")
+        if not self.client.alive:
+            raise APIError(503, "The engine is not running.", "service_unavailable")
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
+        """Reject what the model's context cannot hold, with the token counts."""
+        total = num_prompt_tokens + (max_tokens or 1)
+        if num_prompt_tokens >= self.max_model_len or total > self.max_model_len:
+            asked = f"{num_prompt_tokens} in the {param}" + (
+                f", {max_tokens} in the completion" if max_tokens else "")
+            raise bad_request(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {total} tokens ({asked}). Please reduce the length of the "
+                f"{param} or the completion.", param, "context_length_exceeded")
+
+    def token_text(self, token_id: int) -> str:
+        """One token's text (its id in brackets when the model has no tokenizer)."""
+        if self.tokenizer is None:
+            return f"<{token_id}>"
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def tokenizer_or_error(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise bad_request("this model has no tokenizer (random weights): send token ids")
+        return self.tokenizer
+
+
+def make_params(build: callable, **kwargs: object) -> SamplingParams:  # type: ignore[valid-type]
+    """SamplingParams from a request body; a bad value becomes a 400 naming the parameter."""
+    try:
+        return build(**kwargs)
+    except InvalidParameter as e:
+        raise bad_request(str(e), e.param) from None
+
+
+class ClientDisconnected(Exception):
+    """The HTTP client went away before the job finished."""
+
+
+@dataclass
+class _Entry:
+    request_id: str
+    timer: RequestTimer
+    finished: bool = False
+
+
+class EngineJob:
+    """The engine requests of one HTTP request: one per prompt, outputs on one queue."""
+
+    def __init__(self, ctx: ServingContext, raw: Request, prefix: str) -> None:
+        self.ctx = ctx
+        self.raw = raw
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.entries: list[_Entry] = []
+        self.num_prompt_tokens = 0
+        self._watcher: asyncio.Task | None = None
+
+    async def start(self, prompts: list[tuple[list[int], str | None]],
+                    params: SamplingParams) -> None:
+        """Admit every prompt, or none: a refusal aborts those already added (400)."""
+        self._watcher = asyncio.ensure_future(self._watch_disconnect())
+        for i, (ids, text) in enumerate(prompts):
+            rid = f"{self.id}-{i}"
+            entry = _Entry(rid, self.ctx.metrics.timer())
+            try:
+                await self.ctx.client.add(rid, ids, params, text, stream=self.queue)
+            except ValueError as e:
+                self.close()
+                label = f"prompt {i}: " if len(prompts) > 1 else ""
+                raise bad_request(f"{label}{e}", "prompt") from None
+            except EngineDeadError as e:
+                self.close()
+                raise APIError(503, str(e), "service_unavailable") from None
+            entry.timer.admitted(len(ids))
+            self.num_prompt_tokens += len(ids)
+            self.entries.append(entry)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Yield (prompt index, output) until every prompt finished."""
+        index = {e.request_id: i for i, e in enumerate(self.entries)}
+        remaining = len(self.entries)
+        while remaining:
+            item = await self.queue.get()
+            if isinstance(item, ClientDisconnected):
+                raise item
+            if isinstance(item, BaseException):
+                raise APIError(503, str(item), "service_unavailable")
+            i = index[item.request_id]
+            entry = self.entries[i]
+            entry.timer.tokens(sum(len(c.token_ids_delta) for c in item.outputs))
+            if item.finished:
+                entry.finished = True
+                entry.timer.done(item.outputs[0].finish_reason or "stop")
+                remaining -= 1
+            yield i, item
+
+    def close(self) -> None:
+        """Abort whatever has not finished and stop watching the connection."""
+        for entry in self.entries:
+            if not entry.finished:
+                entry.finished = True
+                self.ctx.client.abort(entry.request_id)
+                entry.timer.done("abort")
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    async def _watch_disconnect(self) -> None:
+        while (await self.raw.receive())["type"] != "http.disconnect":
+            pass
+        self._watcher = None   # this task is ending: close() must not cancel it
+        self.close()
+        self.queue.put_nowait(ClientDisconnected())

@@ -1,0 +1,95 @@
+"""`taskloom serve` as a real process: SIGTERM lets in-flight requests finish within the grace
+period, refuses new connections, aborts what outlives the grace, and exits 0."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from taskloom.server.launch import free_port
+
+
+@contextmanager
+def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "taskloom.cli", "serve", "--port", str(port),
+           "--served-model-name", "smol", "--kv-cache-memory-gb", "0.25", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def _stream(url: str, max_tokens: int, events: list[str], started: threading.Event) -> None:
+    body = {"model": "smol", "prompt": "Count:", "max_tokens": max_tokens, "ignore_eos": True,
+            "stream": True}
+    try:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line:
+                    events.append(line)
+                    started.set()
+    except httpx.TransportError as e:
+        events.append(f"transport error: {e}")
+    started.set()
+
+
+def test_sigterm_lets_inflight_finish(tmp_path) -> None:
+    with serve_process("--shutdown-timeout", "60") as (proc, url):
+        events: list[str] = []
+        started = threading.Event()
+        t = threading.Thread(target=_stream, args=(url, 60, events, started))
+        t.start()
+        assert started.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        try:
+            httpx.post(url + "/v1/completions", json={"model": "smol", "prompt": "x"},
+                       timeout=5)
+            refused = False
+        except httpx.TransportError:
+            refused = True
+        t.join(120)
+        assert proc.wait(60) == 0
+        assert refused, "a new request was accepted after SIGTERM"
+    assert events[-1] == "data: [DONE]", events[-3:]
+    tokens = [json.loads(e[6:]) for e in events[:-1]]
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_sigterm_grace_expires(tmp_path) -> None:
+    with serve_process("--shutdown-timeout", "1") as (proc, url):
+        events: list[str] = []
+        started = threading.Event()
+        t = threading.Thread(target=_stream, args=(url, 5000, events, started))
+        t.start()
+        assert started.wait(60)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 15
+        t.join(30)
+    assert "data: [DONE]" not in events
