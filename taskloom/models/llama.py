@@ -7,7 +7,8 @@ writes each layer's new keys/values into the paged KV cache and reads every sequ
 back through `AttentionMetadata`. q/k/v and gate/up projections are fused linears whose
 parameters load from Hugging Face's separate tensors through per-parameter `weight_loader`s.
 The definition knows nothing of quantization or tensor parallelism: those swap modules after
-the model is built.
+the model is built. The ops (torch references or Triton kernels) are chosen once, by whoever
+builds the model, and handed down to every layer.
 """
 from __future__ import annotations
 
@@ -21,9 +22,7 @@ from torch import nn
 
 from taskloom.models.arch import ArchConfig
 from taskloom.models.weights import default_weight_loader, set_weight_attrs, sharded_weight_loader
-from taskloom.ops.activation import silu_and_mul
-from taskloom.ops.attention import paged_attention_ref, write_kv_cache
-from taskloom.ops.rmsnorm import fused_add_rms_norm, rms_norm
+from taskloom.ops.backend import TORCH_OPS, Ops
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.attention import AttentionMetadata
 
@@ -42,19 +41,20 @@ _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
 class RMSNorm(nn.Module):
     """RMSNorm with an optional fused residual add (see `taskloom.ops.rmsnorm`)."""
 
-    def __init__(self, hidden_size: int, eps: float) -> None:
+    def __init__(self, hidden_size: int, eps: float, ops: Ops) -> None:
         super().__init__()
         self.eps = eps
+        self.ops = ops
         self.weight = nn.Parameter(torch.ones(hidden_size))
         set_weight_attrs(self.weight, weight_loader=default_weight_loader)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def add_and_norm(self, x: torch.Tensor,
                      residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(norm(x + residual), x + residual)`."""
-        return fused_add_rms_norm(x, residual, self.weight, self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def _linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -80,8 +80,9 @@ def _fused_linear(in_features: int, shard_sizes: dict[Hashable, int], bias: bool
 class LlamaAttention(nn.Module):
     """Self-attention over the paged KV cache (GQA, optional q/k/v bias, optional q/k norm)."""
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -91,8 +92,8 @@ class LlamaAttention(nn.Module):
             config.hidden_size, {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
             bias=config.attention_bias)
         self.o_proj = _linear(self.q_size, config.hidden_size, bias=_o_proj_bias(config))
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, ops) if config.qk_norm else None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rotary: RotaryEmbedding) -> torch.Tensor:
@@ -106,8 +107,8 @@ class LlamaAttention(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(positions, q, k)
-        write_kv_cache(k, v, kv_cache, meta.slot_mapping)
-        out = paged_attention_ref(q, kv_cache, meta, self.scale)  # [n, num_heads, head_dim]
+        self.ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        out = self.ops.paged_attention(q, kv_cache, meta, self.scale)  # [n, num_heads, head_dim]
         return self.o_proj(out.reshape(n, self.q_size))      # [n, hidden]
 
 
@@ -120,26 +121,27 @@ def _o_proj_bias(config: ArchConfig) -> bool:
 class LlamaMLP(nn.Module):
     """`down(silu(gate(x)) * up(x))` with gate and up fused into one linear."""
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, ops: Ops) -> None:
         super().__init__()
+        self.ops = ops
         inter = config.intermediate_size
         self.gate_up_proj = _fused_linear(config.hidden_size, {0: inter, 1: inter}, bias=False)
         self.down_proj = _linear(inter, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)                       # [n, 2 * intermediate]
-        return self.down_proj(silu_and_mul(gate_up))         # [n, hidden]
+        return self.down_proj(self.ops.silu_and_mul(gate_up))  # [n, hidden]
 
 
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm attention and MLP blocks; the residual add is fused into the next norm."""
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, ops: Ops) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, ops)
+        self.mlp = LlamaMLP(config, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
                 residual: torch.Tensor | None, kv_cache: torch.Tensor,
@@ -159,7 +161,7 @@ class LlamaDecoderLayer(nn.Module):
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and the final norm (HF's `model.` prefix)."""
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, ops: Ops) -> None:
         super().__init__()
         self.config = config
         # An explicit (empty) weight skips nn.Embedding's normal_ init, slow on the meta device.
@@ -168,11 +170,11 @@ class LlamaModel(nn.Module):
             _weight=torch.empty(config.vocab_size, config.hidden_size))
         set_weight_attrs(self.embed_tokens.weight, weight_loader=default_weight_loader)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            [LlamaDecoderLayer(config, ops) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
-            config.rope_scaling, config.rope_freq_factors)
+            config.rope_scaling, config.rope_freq_factors, rotate=ops.rotary)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -193,13 +195,16 @@ class LlamaForCausalLM(nn.Module):
 
     Build it under `torch.device("meta")`, materialise it (`taskloom.models.weights.
     materialize`), then `load_weights` from Hugging Face-named tensors. With tied embeddings
-    there is no `lm_head`: logits use `model.embed_tokens.weight`.
+    there is no `lm_head`: logits use `model.embed_tokens.weight`. `ops` are the op
+    implementations every layer calls (`taskloom.ops.backend.select_ops` picks them for a
+    device); the torch references by default.
     """
 
-    def __init__(self, config: ArchConfig) -> None:
+    def __init__(self, config: ArchConfig, ops: Ops = TORCH_OPS) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.ops = ops
+        self.model = LlamaModel(config, ops)
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, bias=False)

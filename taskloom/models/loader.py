@@ -25,6 +25,7 @@ from taskloom.models.llama import LlamaForCausalLM, RMSNorm
 from taskloom.models.safetensors_weights import SafetensorsCheckpoint
 from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.models.weights import materialize
+from taskloom.ops.backend import select_ops
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ def resolve_model_path(model: str | None) -> str:
 
 
 def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
-    """Build on the meta device, then give each parameter uninitialised storage in place."""
+    """Build on the meta device, then give each parameter uninitialised storage in place.
+    The ops every layer calls are chosen here, once, for `device`."""
+    ops = select_ops(device)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch)
+        model = LlamaForCausalLM(arch, ops)
     materialize(model, dtype, device)
     return model.eval()
 
@@ -76,10 +79,10 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         _check_max_model_len(cfg, arch)
         model = build_model(arch, dtype, device)
         model.load_weights(weights)
-    logger.info("loaded %s (%s, %d layers, %.1fM params) as %s on %s in %.1fs",
+    logger.info("loaded %s (%s, %d layers, %.1fM params) as %s on %s (%s ops) in %.1fs",
                 path or cfg.model, arch.model_type, arch.num_hidden_layers,
                 sum(p.numel() for p in model.parameters()) / 1e6, cfg.dtype, device,
-                time.perf_counter() - start)
+                model.ops.name, time.perf_counter() - start)
     return LoadedModel(model=model, arch=arch, path=path)
 
 

@@ -9,11 +9,16 @@ scaling (`_compute_llama3_parameters`), or llama.cpp's per-frequency divisors (t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from taskloom.models.arch import RopeScaling
+
+# (positions, query, key, cos_sin_cache) -> (rotated query, rotated key)
+RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                    tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -57,22 +62,41 @@ def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None = None
     return inv_freq
 
 
+def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                 cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query [num_tokens, num_heads, head_dim] and key [num_tokens, num_kv_heads,
+    head_dim] by each token's position ([num_tokens] int64), looked up in cos_sin_cache
+    [max_position, head_dim] (cos | sin, float32) and rounded to the query dtype."""
+    cos_sin = cos_sin_cache.index_select(0, positions)   # [num_tokens, head_dim]
+    cos, sin = cos_sin.to(query.dtype).unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, d/2]
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [num_tokens, heads, head_dim]; the same products as HF's x*cos + rotate_half(x)*sin.
+    x1, x2 = x.chunk(2, dim=-1)                              # [num_tokens, heads, head_dim // 2]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
     """Applies RoPE to flat query and key tensors given each token's position.
 
     The table `cos_sin_cache` [max_position, head_dim] holds cos in its first half and sin in
     its second; it is a float32 buffer created on the CPU even when the model is built on the
-    meta device, and moves with the model.
+    meta device, and moves with the model. `rotate` does the rotation: `apply_rotary` (the
+    reference) or a kernel with the same signature.
     """
 
     def __init__(self, head_dim: int, max_position: int, base: float,
                  scaling: RopeScaling | None = None,
-                 freq_factors: tuple[float, ...] | None = None) -> None:
+                 freq_factors: tuple[float, ...] | None = None,
+                 rotate: RotaryFn = apply_rotary) -> None:
         super().__init__()
         if max_position < 1:
             raise ValueError(f"max_position must be >= 1, got {max_position}")
         self.head_dim = head_dim
         self.max_position = max_position
+        self.rotate = rotate
         inv_freq = rope_inv_freq(head_dim, base, scaling, freq_factors)  # [head_dim // 2]
         t = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = t[:, None] * inv_freq[None, :]               # [max_position, head_dim // 2]
@@ -84,12 +108,4 @@ class RotaryEmbedding(nn.Module):
         """positions: [num_tokens] int64 (each < max_position); query: [num_tokens,
         num_heads, head_dim]; key: [num_tokens, num_kv_heads, head_dim]. Returns the rotated
         query and key, same shapes and dtypes."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [num_tokens, head_dim]
-        cos, sin = cos_sin.to(query.dtype).unsqueeze(1).chunk(2, dim=-1)  # [num_tokens, 1, d/2]
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [num_tokens, heads, head_dim]; the same products as HF's x*cos + rotate_half(x)*sin.
-    x1, x2 = x.chunk(2, dim=-1)                              # [num_tokens, heads, head_dim // 2]
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return self.rotate(positions, query, key, self.cos_sin_cache)

@@ -1,0 +1,67 @@
+"""The op implementations a model calls, chosen once when the model is built.
+
+`TORCH_OPS` holds the torch references (the CPU path and the oracle); `select_ops` returns the
+Triton kernels instead when the model lives on a CUDA device and Triton imports. The Triton
+modules are imported only then, so nothing on a CPU import path imports triton.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from taskloom.ops import activation, attention, rmsnorm, rotary
+from taskloom.runtime.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Ops:
+    """One implementation of each op, with the signatures of the torch references."""
+
+    name: str
+    rms_norm: Callable[[Tensor, Tensor, float], Tensor]
+    fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
+    rotary: rotary.RotaryFn
+    silu_and_mul: Callable[[Tensor], Tensor]
+    write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor], None]
+    paged_attention: Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]
+
+
+TORCH_OPS = Ops(
+    name="torch", rms_norm=rmsnorm.rms_norm, fused_add_rms_norm=rmsnorm.fused_add_rms_norm,
+    rotary=rotary.apply_rotary, silu_and_mul=activation.silu_and_mul,
+    write_kv_cache=attention.write_kv_cache, paged_attention=attention.paged_attention_ref)
+
+
+def triton_ops() -> Ops:
+    """The Triton kernels (imports triton; raises ImportError without it)."""
+    from taskloom.ops.triton import activation as tr_activation
+    from taskloom.ops.triton import attention as tr_attention
+    from taskloom.ops.triton import kv_cache as tr_kv_cache
+    from taskloom.ops.triton import rmsnorm as tr_rmsnorm
+    from taskloom.ops.triton import rotary as tr_rotary
+    return Ops(
+        name="triton", rms_norm=tr_rmsnorm.rms_norm,
+        fused_add_rms_norm=tr_rmsnorm.fused_add_rms_norm, rotary=tr_rotary.apply_rotary,
+        silu_and_mul=tr_activation.silu_and_mul, write_kv_cache=tr_kv_cache.write_kv_cache,
+        paged_attention=tr_attention.paged_attention)
+
+
+def select_ops(device: torch.device) -> Ops:
+    """Triton kernels for a CUDA device when Triton imports, else the torch references."""
+    if device.type != "cuda":
+        return TORCH_OPS
+    try:
+        ops = triton_ops()
+    except ImportError as e:
+        logger.warning("Triton is unavailable (%s): using the torch reference ops on %s",
+                       e, device)
+        return TORCH_OPS
+    logger.info("using the Triton kernels on %s", device)
+    return ops

@@ -1,0 +1,27 @@
+"""Paged attention on the GPU: one entry with the signature of `paged_attention_ref`.
+
+Decode-only batches (one query token per sequence) go to the flash-decoding kernel, anything
+else (prefill chunks, or a mix of chunks and decodes) to the extend kernel. The choice and the
+grids use only the metadata's host copies, so no call syncs with the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from taskloom.ops.triton.decode_attention import paged_decode_attention
+from taskloom.ops.triton.extend_attention import paged_extend_attention
+from taskloom.runtime.attention import AttentionMetadata
+
+
+def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of every query token over its sequence's cached context.
+
+    query: [num_tokens, num_heads, head_dim]; returns the same shape. Keys and values of this
+    step's tokens must already be in the cache (see `write_kv_cache`).
+    """
+    if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
+        return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
+                                      meta.max_seq_len)
+    return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
+                                  meta.block_tables, scale, meta.max_query_len)

@@ -1,0 +1,105 @@
+"""Paged prefill/extend attention: causal attention of variable-length query chunks over each
+sequence's cached prefix plus the chunk itself, all sequences in one launch.
+
+Query j of sequence i sits at position `seq_len_i - q_len_i + j` and attends keys 0 .. that
+position. One program takes a block of `BLOCK_Q` consecutive query tokens of one sequence and
+all query heads of one kv head, laid out as `BLOCK_Q * group` rows (row r: token r // group,
+head r % group), so each key/value tile is loaded once per GQA group. Single-token queries
+(decodes) are just chunks of length 1, so a mixed batch runs through this kernel as well.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from taskloom.ops.triton.paged_kv import (
+    LOG2E,
+    check_paged_inputs,
+    dot_precision,
+    kv_token_offsets,
+    online_softmax_step,
+)
+
+BLOCK_ROWS = 64            # query rows (tokens x heads of a group) per program
+
+
+@triton.jit
+def _extend_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
+        block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_bt, stride_ot, stride_oh,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    q_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    prefix = seq_len - q_len
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_block * BLOCK_Q + rows // GROUP                               # [BLOCK_M]
+    heads = kv_head * GROUP + rows % GROUP
+    d = tl.arange(0, BLOCK_D)
+    row_mask = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    q_mask = row_mask[:, None] & (d < HEAD_DIM)[None, :]
+    q_offs = (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)                   # [BLOCK_M, BLOCK_D]
+    q_pos = prefix + tok                                                  # [BLOCK_M]
+    # Key 0 is visible to every row, so each row's max is finite after the first tile.
+    kv_end = tl.minimum(seq_len, prefix + (q_block + 1) * BLOCK_Q)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_ptr = block_tables_ptr + seq * stride_bt
+    for n0 in range(0, kv_end, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        valid = idx < kv_end                                              # [BLOCK_N]
+        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
+                                stride_kh, BLOCK_SIZE)
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        visible = valid[None, :] & (idx[None, :] <= q_pos[:, None])       # [BLOCK_M, BLOCK_N]
+        m, l, acc = online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
+    out = acc / l[:, None]                                                # [BLOCK_M, BLOCK_D]
+    out_offs = (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float,
+                           max_query_len: int) -> torch.Tensor:
+    """Causal attention of each sequence's query chunk over its cached context.
+
+    query: [num_tokens, num_heads, head_dim], sequence i owning rows
+    `query_start_loc[i]:query_start_loc[i+1]` ([num_seqs + 1] int32); seq_lens: [num_seqs]
+    int32, each counting the chunk itself; block_tables: [num_seqs, max_blocks] int32;
+    `max_query_len` (a host int) sizes the grid. The chunk's keys and values must already be
+    in the cache. Returns [num_tokens, num_heads, head_dim] in query's dtype.
+    """
+    check_paged_inputs(query, kv_cache)
+    num_tokens, num_heads, head_dim = query.shape
+    _, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_seqs = seq_lens.shape[0]
+    out = torch.empty_like(query)                        # [num_tokens, num_heads, head_dim]
+    if num_tokens == 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_m = max(BLOCK_ROWS, triton.next_power_of_2(group))
+    block_q = block_m // group                           # query tokens per program
+    k_cache, v_cache = kv_cache[0], kv_cache[1]          # [num_blocks, block_size, kv_heads, d]
+    _extend_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
+        query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * LOG2E,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
+        BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
+        num_warps=4)
+    return out

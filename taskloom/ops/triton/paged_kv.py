@@ -1,0 +1,64 @@
+"""Building blocks shared by the paged-attention kernels: addressing a sequence's tokens in
+the block cache through its block table, and one step of the online softmax.
+
+The KV cache of one layer is `[2, num_blocks, block_size, num_kv_heads, head_dim]`; kernels
+take its key and value halves as two pointers with the same strides.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x * LOG2E)
+
+
+@triton.jit
+def kv_token_offsets(table_ptr, idx, valid, kv_head, stride_block, stride_token, stride_head,
+                     BLOCK_SIZE: tl.constexpr):
+    """Element offsets (int64) of tokens `idx` [BLOCK_N] of one sequence, for one kv head, in
+    a cache half; `table_ptr` points at the sequence's row of the block table."""
+    page = tl.load(table_ptr + idx // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    return page * stride_block + (idx % BLOCK_SIZE) * stride_token + kv_head * stride_head
+
+
+@triton.jit
+def online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
+                        DOT_PRECISION: tl.constexpr):
+    """Fold one tile of keys/values into the running max `m`, sum `l` and output `acc`.
+
+    q: [M, D]; k, v: [N, D]; visible: [M, N] bool; m, l: [M] float32 (base-2 logits);
+    acc: [M, D] float32. Every row must see at least one key in the first tile it is given,
+    so that `m` is finite from then on.
+    """
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))                                   # [M]
+    p = tl.exp2(s - m_new[:, None])                                       # [M, N]
+    alpha = tl.exp2(m - m_new)                                            # [M]
+    l = l * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l, acc
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """`tl.dot` input precision: exact products for float32 data, the tensor-core default
+    (which only affects float32) otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_paged_inputs(query: torch.Tensor, kv_cache: torch.Tensor) -> None:
+    """Raise ValueError unless query [tokens, heads, head_dim] fits the cache's layout."""
+    if kv_cache.dim() != 5 or kv_cache.shape[0] != 2:
+        raise ValueError("kv_cache must be [2, num_blocks, block_size, num_kv_heads, head_dim], "
+                         f"got shape {tuple(kv_cache.shape)}")
+    num_kv_heads, head_dim = kv_cache.shape[3], kv_cache.shape[4]
+    if query.dim() != 3 or query.shape[2] != head_dim or query.shape[1] % num_kv_heads:
+        raise ValueError(
+            f"query must be [num_tokens, num_heads, {head_dim}] with num_heads a "
+            f"multiple of {num_kv_heads} kv heads, got shape {tuple(query.shape)}")
+    if query.dtype != kv_cache.dtype:
+        raise ValueError(f"query and kv_cache must share a dtype, got {query.dtype} and "
+                         f"{kv_cache.dtype}")
+    if query.stride(2) != 1 or kv_cache.stride(4) != 1:
+        raise ValueError("query and kv_cache need a contiguous last (head_dim) dimension")
