@@ -26,7 +26,9 @@ class LLM:
 
     `model` is a Hugging Face directory, a .gguf file, or None for the embedded
     SmolLM2-135M-Instruct. With `random_weights=True`, `model` names a shape
-    (e.g. "llama-3.1-8b") or a config.json, and prompts must be token ids.
+    (e.g. "llama-3.1-8b") or a config.json, and prompts must be token ids. On CUDA,
+    decode steps replay CUDA graphs (batch sizes `cuda_graph_sizes`, default buckets up to
+    `max_num_seqs`) unless `enforce_eager`.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
@@ -34,11 +36,16 @@ class LLM:
                  kv_cache_memory_gb: float = 1.0, block_size: int = 16,
                  num_blocks: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_model_len: int | None = None, random_weights: bool = False,
-                 seed: int = 0) -> None:
+                 skip_tokenizer_init: bool = False,
+                 seed: int = 0, enforce_eager: bool = False,
+                 cuda_graph_sizes: Sequence[int] | None = None) -> None:
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
-                              max_model_len=max_model_len),
+                              skip_tokenizer_init=skip_tokenizer_init,
+                              max_model_len=max_model_len, enforce_eager=enforce_eager,
+                              cuda_graph_sizes=(None if cuda_graph_sizes is None
+                                                else tuple(cuda_graph_sizes))),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_cache_memory_gb,
                               gpu_memory_utilization=gpu_memory_utilization,
                               num_blocks=num_blocks),

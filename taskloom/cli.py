@@ -32,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="run every step eagerly (no CUDA graphs for decode steps on CUDA)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -64,7 +66,8 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
                max_num_batched_tokens=a.max_num_batched_tokens,
                kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
                gpu_memory_utilization=a.gpu_memory_utilization,
-               max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed)
+               max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
+               enforce_eager=a.enforce_eager)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

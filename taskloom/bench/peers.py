@@ -24,7 +24,8 @@ def load_hf_model(a: argparse.Namespace) -> torch.nn.Module:
     if a.random_weights:
         cfg = transformers.AutoConfig.for_model(**_random_config_dict(a.model))
         torch.manual_seed(a.weights_seed)
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        with torch.device(a.device):  # initialise in place: an 8B model is slow to init on CPU
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
         from taskloom.models.loader import resolve_model_path
         path = resolve_model_path(a.model)
@@ -78,3 +79,37 @@ def hf_generate_throughput(a: argparse.Namespace, prompts: list[list[int]]) -> d
             "elapsed_s": round(elapsed, 3),
             "output_tokens_per_s": round(n_out / elapsed, 2),
             "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}
+
+
+@torch.inference_mode()
+def hf_generate_latency(a: argparse.Namespace, batches: list[list[list[int]]]) -> list[dict]:
+    """Per batch: HF `generate`'s time to the first token (a 1-token generate) and its decode
+    tokens/s over the remaining `a.output_len - 1` tokens."""
+    model = load_hf_model(a)
+    gen = dict(do_sample=False, pad_token_id=0)
+    rows = []
+    for prompts in batches:
+        ids, mask = _left_pad(prompts, 0, a.device)
+        model.generate(input_ids=ids[:1], attention_mask=mask[:1], max_new_tokens=4,
+                       min_new_tokens=4, **gen)
+        ttft = _timed(a.device, lambda: model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=1, **gen))
+        total = _timed(a.device, lambda: model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=a.output_len,
+            min_new_tokens=a.output_len, **gen))
+        steps = a.output_len - 1
+        decode = total - ttft   # can come out <= 0 on a machine too noisy to time this
+        rows.append({"batch_size": len(prompts), "ttft_ms": round(1000 * ttft, 2),
+                     "decode_tokens_per_s": round(len(prompts) * steps / decode, 2)
+                     if decode > 0 else None})
+    return rows
+
+
+def _timed(device: str, fn) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0

@@ -19,6 +19,10 @@ class AttentionMetadata:
     Sequence i owns query tokens `query_start_loc[i]:query_start_loc[i+1]` of the flat batch;
     after this step it has `seq_lens[i]` tokens of context in the cache, so its queries sit at
     positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` and attend causally.
+
+    In a captured CUDA graph the tensors are static buffers refilled before each replay, and
+    the host fields describe the capture (decode-only, `max_seq_len` = the model's context
+    length), not the replayed step.
     """
 
     slot_mapping: torch.Tensor      # [num_tokens] int64: block_id * block_size + offset
@@ -30,6 +34,9 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Splits of the Triton decode kernel. None: chosen per step from `max_seq_len`. A CUDA graph
+    # fixes it at capture, since a replayed step's grid cannot follow its sequence lengths.
+    decode_num_splits: int | None = None
     # Derived once per step by the torch reference attention and shared by all layers.
     ref_plan: Any = None
 

@@ -1,35 +1,44 @@
-"""Build an engine from an EngineConfig: load weights and tokenizer, size the KV pool, wire the
-scheduler, runner and engine core together."""
+"""Build an engine from an EngineConfig: load weights and tokenizer, size the KV pool (on a GPU
+by a profiling step, see `taskloom.runtime.memory`), capture CUDA graphs, wire the scheduler,
+runner and engine core together."""
 from __future__ import annotations
 
 import logging
 
 import torch
 
-from taskloom.config import CacheConfig, EngineConfig
+from taskloom.config import EngineConfig
 from taskloom.engine.core import EngineCore
 from taskloom.engine.kv_cache import KVCacheManager
 from taskloom.engine.scheduler import Scheduler
-from taskloom.models.arch import ArchConfig
+from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
+from taskloom.ops.backend import TORCH_OPS
+from taskloom.runtime.cuda_graphs import default_capture_sizes
+from taskloom.runtime.memory import kv_cache_bytes, profile_memory
 from taskloom.runtime.model_runner import ModelRunner, torch_dtype
 from taskloom.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-def num_kv_blocks(cache: CacheConfig, arch: ArchConfig, dtype: torch.dtype,
-                  device: torch.device) -> int:
+def num_kv_blocks(config: EngineConfig, model: LlamaForCausalLM, max_model_len: int,
+                  graph_sizes: tuple[int, ...]) -> int:
     """How many KV blocks the pool gets: `num_blocks` if set, else what the memory budget
-    holds (`kv_cache_memory_gb` on CPU, `gpu_memory_utilization` of the device on GPU)."""
+    holds: `kv_cache_memory_gb` on CPU; on GPU, `gpu_memory_utilization` of the device less
+    the weights, a profiled step's peak and the CUDA-graph reserve."""
+    cache, arch = config.cache, model.config
     if cache.num_blocks is not None:
         return cache.num_blocks
-    block_bytes = cache.block_size * arch.kv_bytes_per_token(dtype.itemsize)
+    device = torch.device(config.model.device)
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - cache.gpu_memory_utilization) * total
+        profile = profile_memory(model, arch, config.scheduler, max_model_len,
+                                 cache.block_size, device)
+        budget: float = kv_cache_bytes(profile, cache.gpu_memory_utilization, graph_sizes)
     else:
         budget = cache.kv_cache_memory_gb * 2**30
+    itemsize = torch_dtype(config.model.dtype).itemsize
+    block_bytes = cache.block_size * arch.kv_bytes_per_token(itemsize)
     blocks = int(budget // block_bytes)
     if blocks < 1:
         raise ValueError(f"the KV-cache memory budget ({budget / 2**30:.3f} GiB) holds no "
@@ -37,23 +46,39 @@ def num_kv_blocks(cache: CacheConfig, arch: ArchConfig, dtype: torch.dtype,
     return blocks
 
 
+def cuda_graph_sizes(config: EngineConfig, model: LlamaForCausalLM) -> tuple[int, ...]:
+    """Batch sizes to capture decode CUDA graphs for: none on the CPU, with `enforce_eager`,
+    or when the model runs the torch reference ops (their attention plans on host copies of
+    the metadata); else `cuda_graph_sizes`, or buckets up to `max_num_seqs`."""
+    if torch.device(config.model.device).type != "cuda" or config.model.enforce_eager:
+        return ()
+    if model.ops is TORCH_OPS:
+        logger.warning("no CUDA graphs: the model runs the torch reference ops, whose "
+                       "attention reads the step from the host; every step runs eagerly")
+        return ()
+    sizes = config.model.cuda_graph_sizes
+    return tuple(sorted(set(sizes))) if sizes else default_capture_sizes(
+        config.scheduler.max_num_seqs)
+
+
 def build_engine(config: EngineConfig) -> EngineCore:
     """Load the model named by `config.model` and return a ready engine core."""
     loaded = load_model(config.model)
     arch = loaded.arch
     tokenizer: Tokenizer | None = None
-    if not config.model.random_weights:
+    if not (config.model.random_weights or config.model.skip_tokenizer_init):
         tokenizer = load_tokenizer(loaded.path)
     eos = tuple(dict.fromkeys((tokenizer.eos_token_ids if tokenizer else ())
                               + arch.eos_token_ids))
     device = torch.device(config.model.device)
     dtype = torch_dtype(config.model.dtype)
     max_model_len = config.model.max_model_len or arch.max_position_embeddings
-    num_blocks = num_kv_blocks(config.cache, arch, dtype, device)
+    graph_sizes = cuda_graph_sizes(config, loaded.model)
+    num_blocks = num_kv_blocks(config, loaded.model, max_model_len, graph_sizes)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d", num_blocks,
                 config.cache.block_size, num_blocks * config.cache.block_size, max_model_len)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
-                         device, eos)
+                         device, eos, max_model_len, graph_sizes)
     kv = KVCacheManager(num_blocks, config.cache.block_size)
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)

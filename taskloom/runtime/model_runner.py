@@ -2,11 +2,14 @@
 
 It owns the KV-cache tensors (one `[2, num_blocks, block_size, num_kv_heads, head_dim]` per
 layer) and the per-request sampling state, which lives from a request's first step until the
-scheduler reports it finished (so a preempted request keeps its seeded generator).
+scheduler reports it finished (so a preempted request keeps its seeded generator). On CUDA,
+decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`);
+other steps, and every step on the CPU, run the model eagerly.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +18,7 @@ from torch import nn
 from taskloom.engine.outputs import RunnerOutput, SchedulerOutput, ScheduledSeq
 from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import Sampler, compute_prompt_logprobs
 
 logger = logging.getLogger(__name__)
@@ -35,18 +39,34 @@ class _ReqState:
 
 @dataclass
 class _Batch:
-    input_ids: torch.Tensor       # [num_tokens]
-    positions: torch.Tensor       # [num_tokens]
-    meta: AttentionMetadata
+    """One step flattened on the host: the lists the batch tensors are made from."""
+
+    input_ids: list[int]          # [num_tokens]
+    positions: list[int]          # [num_tokens]
+    slots: list[int]              # [num_tokens] block_id * block_size + offset
+    query_start_loc: list[int]    # [num_seqs + 1]
+    seq_lens: list[int]           # [num_seqs]
+    block_tables: list[list[int]]  # [num_seqs][max_blocks], padded with 0
     sample_rows: list[int]        # flat index of each sampled token
     sample_seqs: list[ScheduledSeq]
 
+    @property
+    def max_query_len(self) -> int:
+        qsl = self.query_start_loc
+        return max(b - a for a, b in zip(qsl, qsl[1:]))
+
 
 class ModelRunner:
-    """Executes scheduled steps on one device."""
+    """Executes scheduled steps on one device.
+
+    With `graph_sizes` (CUDA only), decode-only steps of up to the largest size replay CUDA
+    graphs captured here, once the KV cache is allocated; `max_model_len` (the longest
+    sequence) bounds their block tables and fixes their decode-attention splits.
+    """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...]) -> None:
+                 dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...],
+                 max_model_len: int, graph_sizes: Sequence[int] = ()) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -57,6 +77,13 @@ class ModelRunner:
                           for _ in range(arch.num_hidden_layers)]
         self.sampler = Sampler(arch.vocab_size, device)
         self._states: dict[str, _ReqState] = {}
+        self.graphs: DecodeGraphs | None = None
+        if graph_sizes:
+            if device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+            self.graphs = DecodeGraphs(model, self.kv_caches, graph_sizes, arch.hidden_size,
+                                       block_size, max_model_len)
+            self.graphs.capture()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -64,7 +91,7 @@ class ModelRunner:
         if sched.is_empty:
             return RunnerOutput()
         batch = self._prepare(sched.seqs)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        hidden = self._forward(batch)                            # [num_tokens, hidden]
         out = RunnerOutput()
         if batch.sample_rows:
             self._sample(hidden, batch, out)
@@ -83,7 +110,7 @@ class ModelRunner:
             self.sampler.add_request(new.req_id, p, new.prompt_token_ids, stop_ids)
 
     def _prepare(self, seqs: list[ScheduledSeq]) -> _Batch:
-        """Flatten the scheduled sequences into one unpadded batch and its metadata."""
+        """Flatten the scheduled sequences into one unpadded batch (host lists)."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -106,18 +133,28 @@ class ModelRunner:
                 sample_seqs.append(seq)
         max_blocks = max(len(s.block_ids) for s in seqs)
         tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
+        return _Batch(input_ids, positions, slots, qsl, seq_lens, tables, sample_rows,
+                      sample_seqs)
+
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
+        step that one fits, else an eager forward over the unpadded batch."""
+        graphs = self.graphs
+        if graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens)):
+            return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
+                              batch.block_tables)
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
-            max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
-            max_seq_len=max(seq_lens), block_size=bs)
-        return _Batch(torch.tensor(input_ids, dtype=torch.int64, device=dev),
-                      torch.tensor(positions, dtype=torch.int64, device=dev),
-                      meta, sample_rows, sample_seqs)
+            slot_mapping=torch.tensor(batch.slots, dtype=torch.int64, device=dev),
+            query_start_loc=torch.tensor(batch.query_start_loc, dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
+            block_tables=torch.tensor(batch.block_tables, dtype=torch.int32, device=dev),
+            query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
+            max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
+            block_size=self.block_size)
+        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=dev)
+        positions = torch.tensor(batch.positions, dtype=torch.int64, device=dev)
+        return self.model(input_ids, positions, self.kv_caches, meta)
 
     def _sample(self, hidden: torch.Tensor, batch: _Batch, out: RunnerOutput) -> None:
         rows = torch.tensor(batch.sample_rows, device=self.device)
@@ -134,7 +171,7 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
                          out: RunnerOutput) -> None:
         """Score prompt tokens 1..P-1 from the hidden states of positions 0..P-2 in this chunk."""
-        qsl = batch.meta.query_start_loc_cpu
+        qsl = batch.query_start_loc
         for i, seq in enumerate(seqs):
             state = self._states[seq.req_id]
             k = state.prompt_logprobs

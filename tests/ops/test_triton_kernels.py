@@ -25,6 +25,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from taskloom.ops.triton import activation, attention, kv_cache, rmsnorm, rotary  # noqa: E402
 from taskloom.ops.triton.decode_attention import (  # noqa: E402
+    MAX_SPLITS,
     decode_num_splits,
     paged_decode_attention,
 )
@@ -117,6 +118,57 @@ def test_decode_attention_matches_reference(device: str, num_heads: int, num_kv_
                                      meta.max_seq_len, num_splits)
         assert out.dtype == dtype and out.shape == query.shape
         torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device,num_heads,num_kv_heads,head_dim", ATTN_SHAPES)
+def test_decode_attention_with_fixed_splits_as_in_cuda_graphs(device: str, num_heads: int,
+                                                              num_kv_heads: int,
+                                                              head_dim: int) -> None:
+    """A CUDA graph fixes the split count and the block-table width in advance: short
+    sequences leave most splits empty, padding rows (seq_len 1, block 0) attend one key, and a
+    row with no keys at all gets zeros."""
+    seqs = DECODE_SEQS[device]
+    query, cache, meta = paged_batch(seqs, num_heads, num_kv_heads, head_dim, torch.float32,
+                                     device, 9)
+    scale = head_dim ** -0.5
+    expected = reference_attention(query, cache, meta, scale)
+    n, group = len(seqs), num_heads // num_kv_heads
+    tables = torch.zeros(n + 3, meta.block_tables.shape[1] + 5, dtype=torch.int32,
+                         device=device)                  # [n + 3, max_blocks + 5]
+    tables[:n, :meta.block_tables.shape[1]] = meta.block_tables
+    seq_lens = torch.cat([meta.seq_lens, torch.tensor([1, 1, 0], dtype=torch.int32,
+                                                      device=device)])
+    padding_q = torch.randn(3, num_heads, head_dim, generator=torch.Generator().manual_seed(10))
+    q = torch.cat([query, padding_q.to(device)])         # [n + 3, num_heads, head_dim]
+    for num_splits in (MAX_SPLITS, 1):
+        out = paged_decode_attention(q, cache, tables, seq_lens, scale, meta.max_seq_len,
+                                     num_splits)
+        torch.testing.assert_close(out[:n], expected, atol=2e-5, rtol=2e-5)
+        # One key: the output is that key's value (block 0, token 0, the head's kv head).
+        only_value = cache[1, 0, 0].repeat_interleave(group, dim=0)  # [num_heads, head_dim]
+        torch.testing.assert_close(out[n:n + 2], only_value.expand(2, -1, -1))
+        assert torch.equal(out[n + 2], torch.zeros_like(out[n + 2]))
+
+
+@pytest.mark.parametrize("device,num_heads,num_kv_heads,head_dim", ATTN_SHAPES)
+def test_paged_attention_entry_passes_the_fixed_split_count(
+        device: str, num_heads: int, num_kv_heads: int, head_dim: int,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    query, cache, meta = paged_batch(DECODE_SEQS[device], num_heads, num_kv_heads, head_dim,
+                                     torch.float32, device, 11)
+    calls: list[int | None] = []
+
+    def spy(*args: object) -> torch.Tensor:
+        calls.append(args[-1])                           # type: ignore[arg-type]
+        return paged_decode_attention(*args)             # type: ignore[arg-type]
+
+    monkeypatch.setattr(attention, "paged_decode_attention", spy)
+    expected = reference_attention(query, cache, meta, 0.125)
+    for splits in (None, 7):
+        meta.decode_num_splits = splits
+        out = attention.paged_attention(query, cache, meta, 0.125)
+        torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+    assert calls == [None, 7]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

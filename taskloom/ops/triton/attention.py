@@ -2,7 +2,9 @@
 
 Decode-only batches (one query token per sequence) go to the flash-decoding kernel, anything
 else (prefill chunks, or a mix of chunks and decodes) to the extend kernel. The choice and the
-grids use only the metadata's host copies, so no call syncs with the device.
+grids use only the metadata's host copies, so no call syncs with the device, and a decode
+batch can be captured in a CUDA graph: with `meta.decode_num_splits` set, the decode grid is
+fixed and each sequence's share of the splits is computed on the device.
 """
 from __future__ import annotations
 
@@ -22,6 +24,6 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     """
     if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
         return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                      meta.max_seq_len)
+                                      meta.max_seq_len, meta.decode_num_splits)
     return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
                                   meta.block_tables, scale, meta.max_query_len)

@@ -5,6 +5,12 @@ for the whole group) over one split of a sequence's context. With several splits
 writes each split's normalised partial output and log-sum-exp, and a reduce pass combines them;
 long contexts then keep the GPU busy even for a handful of sequences. With one split the first
 pass writes the output directly.
+
+The grid depends only on the number of sequences, kv heads and splits: each program derives
+its split's range from its sequence's length on the device, and a split past the end of a short
+sequence is empty (log-sum-exp -inf, weight 0 in the reduce). With `num_splits` given, nothing
+about the step is read on the host, so CUDA graphs capture the kernels and replay them for any
+sequence lengths.
 """
 from __future__ import annotations
 
@@ -87,11 +93,14 @@ def _decode_reduce_kernel(
     d = tl.arange(0, BLOCK_D)
     lse = tl.load(lse_ptr + (seq * tl.num_programs(1) + head) * NUM_SPLITS + splits,
                   mask=splits < NUM_SPLITS, other=float("-inf"))         # [BLOCK_SPLITS]
-    weight = tl.exp2(lse - tl.max(lse, 0))                                # [BLOCK_SPLITS]
+    # Empty splits weigh 0; a sequence with no keys at all (every lse -inf) outputs 0.
+    lse_max = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0))  # [BLOCK_SPLITS]
     mask = (splits < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :]
     parts = tl.load(partial_ptr + seq * stride_ps + head * stride_ph
                     + splits[:, None] * stride_psplit + d[None, :], mask=mask, other=0.0)
-    out = tl.sum(weight[:, None] * parts, 0) / tl.sum(weight, 0)          # [BLOCK_D]
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * parts, 0) / tl.where(total > 0, total, 1.0)  # [BLOCK_D]
     tl.store(out_ptr + seq * stride_os + head * stride_oh + d,
              out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
@@ -102,8 +111,10 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     """Attention of one query token per sequence over its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32;
-    seq_lens: [num_seqs] int32 (each >= 1, at most `max_seq_len`). `num_splits` defaults to
-    `decode_num_splits(...)`. Returns [num_seqs, num_heads, head_dim] in query's dtype.
+    seq_lens: [num_seqs] int32 (each at most `max_seq_len`; a sequence of length 0 gets
+    zeros). `num_splits` defaults to `decode_num_splits(...)`; a fixed count (CUDA graphs)
+    works for any lengths, the splits a short sequence does not reach being empty. Returns
+    [num_seqs, num_heads, head_dim] in query's dtype.
     """
     check_paged_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One device run (H100): the gpu-marked tests, then the latency and throughput benchmarks with
+# the Llama-3.1-8B shape in bf16 (random weights) and their HF peers. Results land in $OUT.
+# Usage on the device machine, from the repo root:  bash benchmarks/run_gpu.sh [tests|bench|all]
+set -uo pipefail
+what=${1:-all}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
+SHAPE="--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  # tests/server needs the HTTP stack, which the GPU image lacks; the gpu tests live here.
+  timeout 300 python3 -m pytest -q -m gpu tests/ops tests/e2e -p no:cacheprovider -s -rfEs \
+    --durations=8 --log-file="$OUT/gpu_tests_info.log" --log-file-level=INFO \
+    > "$OUT/gpu_tests.log" 2>&1
+  echo "gpu tests exit $?"
+  grep -E "GPU-FIDELITY|passed|failed|Error|FAILED|SKIPPED" "$OUT/gpu_tests.log" | tail -15
+  grep -iE "captur|KV cache|kv pool|graph" "$OUT/gpu_tests_info.log" | tail -6
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout 240 python3 -m taskloom.cli bench latency $SHAPE --batch-sizes 1 8 64 \
+    --input-len 128 --output-len 256 --peer hf --output-json "$OUT/latency_llama8b.json" \
+    2>&1 | grep -v "it/s" | tail -6
+  timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
+    --input-len 256 --output-len 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --output-json "$OUT/throughput_llama8b_256_256.json" 2>&1 | grep -v "it/s" | tail -2
+fi

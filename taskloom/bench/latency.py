@@ -1,0 +1,122 @@
+"""Latency: one batch of B requests (input_len prompt tokens, output_len new tokens each) for
+each batch size B; time to first token (the prefill) and decode tokens/s, with the memory
+bandwidth decode achieves against the device's copy bandwidth measured in the same run.
+
+Decode must read every weight once per step (the embedding table aside: only B rows) and each
+sequence's KV cache so far; bytes over time is the achieved bandwidth. Its ceiling is a large
+device-to-device copy (bytes read plus bytes written over the time)."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from taskloom.bench.common import run_info
+from taskloom.bench.throughput import make_prompts
+from taskloom.sampling_params import SamplingParams
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a large device copy, counting the bytes read and the bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_bytes_per_step(model: torch.nn.Module, kv_bytes_per_token: int, batch: int,
+                          context: float) -> float:
+    """Bytes one decode step must read: every weight except the unused embedding rows, plus
+    the KV cache of `batch` sequences of `context` tokens."""
+    embed = model.model.embed_tokens.weight
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tied = getattr(model, "lm_head", None) is None
+    if not tied:  # the input embedding reads only the batch's rows
+        weights -= embed.numel() * embed.element_size() - batch * embed[0].numel() * \
+            embed.element_size()
+    return weights + batch * context * kv_bytes_per_token
+
+
+def _time_batch(llm, prompts: list[list[int]], output_len: int, device: torch.device
+                ) -> tuple[float, float]:
+    """(seconds to the first token of every request, seconds of the decode after it)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    ids = [f"lat-{i}" for i in range(len(prompts))]
+    _sync(device)
+    t0 = time.perf_counter()
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    started: set[str] = set()
+    t_first = None
+    while engine.has_unfinished:
+        for out in engine.step():
+            started.add(out.request_id)
+        if t_first is None and len(started) == len(ids):
+            _sync(device)
+            t_first = time.perf_counter()
+    _sync(device)
+    t_end = time.perf_counter()
+    return t_first - t0, t_end - t_first
+
+
+def run_latency(a: argparse.Namespace) -> dict:
+    from taskloom.cli import make_llm
+    llm = make_llm(a)
+    device = torch.device(a.device)
+    runner = llm.engine.runner
+    kv_per_token = llm.engine.runner.arch.kv_bytes_per_token(runner.kv_caches[0].element_size())
+    bandwidth = copy_bandwidth(device)
+    vocab = llm.engine.vocab_size
+    rows = []
+    for b in a.batch_sizes:
+        prompts = make_prompts(b, a.input_len, None, vocab, a.dataset_seed)
+        _time_batch(llm, prompts[:1], 4, device)               # warm-up
+        prefill_s, decode_s = _time_batch(llm, prompts, a.output_len, device)
+        steps = a.output_len - 1
+        per_step = decode_bytes_per_step(llm.engine.runner.model, kv_per_token, b,
+                                         a.input_len + a.output_len / 2)
+        achieved = per_step * steps / decode_s
+        rows.append({
+            "batch_size": b, "ttft_ms": round(1000 * prefill_s, 2),
+            "decode_ms_per_step": round(1000 * decode_s / steps, 3),
+            "decode_tokens_per_s": round(b * steps / decode_s, 2),
+            "achieved_gb_per_s": round(achieved / 1e9, 2),
+            "fraction_of_copy_bandwidth": round(achieved / bandwidth, 3)})
+    result = {"bench": "latency", "model": a.model or "embedded:SmolLM2-135M-Instruct",
+              "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
+              "output_len": a.output_len,
+              "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
+              "results": rows, **run_info(a.device)}
+    if a.peer == "hf":
+        del llm, runner
+        _free(device)
+        from taskloom.bench.peers import hf_generate_latency
+        batches = [make_prompts(b, a.input_len, None, vocab, a.dataset_seed)
+                   for b in a.batch_sizes]
+        peer = hf_generate_latency(a, batches)
+        result["peer"] = {"name": "hf-transformers-generate", "results": peer}
+        result["decode_ratio_vs_peer"] = [
+            round(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], 3)
+            if p["decode_tokens_per_s"] else None for r, p in zip(rows, peer)]
+    return result
+
+
+def _free(device: torch.device) -> None:
+    import gc
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,185 @@
+"""CUDA graphs for decode-only steps: the model's forward captured once per bucket batch size.
+
+A decode step (every scheduled sequence brings exactly one new token) launches a few kernels
+per layer on tiny tensors, so on a GPU its time goes to launching them; replaying a captured
+graph launches them all at once. At startup, once the KV cache exists, the forward is captured
+for each bucket size, largest first, all graphs sharing one memory pool. The graphs read static
+buffers (`DecodeInputs`): before a replay the step's real values are copied into them (one
+host-to-device copy per buffer, from pinned memory) and the rows up to the bucket size are
+padding, which attends one token of block 0 and writes nothing into the cache. The hidden
+states of the real rows are then read from the static output buffer; logits and sampling run
+eagerly after the replay.
+
+Steps with a prefill chunk, or more sequences than the largest bucket, run eagerly. Capture
+needs kernels that never read the step from the host: the Triton ops (the torch reference
+attention plans on host copies of the metadata), with a fixed number of decode splits per
+graph (`AttentionMetadata.decode_num_splits`).
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from taskloom.runtime.attention import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+MAX_DEFAULT_SIZE = 256
+
+
+def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, 8, then multiples of 8, up to the first that holds `min(max_num_seqs, 256)`."""
+    cap = min(max_num_seqs, MAX_DEFAULT_SIZE)
+    sizes = [1, 2, 4] + list(range(8, MAX_DEFAULT_SIZE + 1, 8))
+    return tuple(sizes[:bisect.bisect_left(sizes, cap) + 1])
+
+
+def bucket_size(sizes: Sequence[int], num_seqs: int) -> int | None:
+    """The smallest of the ascending `sizes` that holds `num_seqs`; None if none does."""
+    i = bisect.bisect_left(sizes, num_seqs)
+    return sizes[i] if i < len(sizes) else None
+
+
+class DecodeInputs:
+    """The static input buffers of captured decode steps, and their host staging.
+
+    Device buffers hold `max_size` rows; the graph of a bucket reads the first `size`. Rows past
+    the step's sequences are padding: token 0 at position 0, slot -1 (the KV write skips it),
+    seq_len 1 and block 0. `query_start_loc` is constant (one token per sequence).
+    """
+
+    def __init__(self, max_size: int, max_blocks_per_seq: int,
+                 device: torch.device) -> None:
+        pinned = device.type == "cuda"
+        self.non_blocking = pinned
+        # [3, max_size]: rows input_ids, positions, slot_mapping
+        self.tokens = torch.zeros(3, max_size, dtype=torch.int64, device=device)
+        self.tokens[2].fill_(-1)
+        self.seq_lens = torch.ones(max_size, dtype=torch.int32, device=device)    # [max_size]
+        self.block_tables = torch.zeros(max_size, max_blocks_per_seq, dtype=torch.int32,
+                                        device=device)       # [max_size, max_blocks_per_seq]
+        self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32,
+                                            device=device)   # [max_size + 1]
+        self._host_tokens = torch.zeros(3, max_size, dtype=torch.int64, pin_memory=pinned)
+        self._host_seq_lens = torch.ones(max_size, dtype=torch.int32, pin_memory=pinned)
+        # Flat: a step's [size, width] tables are staged contiguously.
+        self._host_tables = torch.zeros(max_size * max_blocks_per_seq, dtype=torch.int32,
+                                        pin_memory=pinned)
+
+    def metadata(self, size: int, block_size: int, max_model_len: int,
+                 num_splits: int) -> AttentionMetadata:
+        """The metadata a graph of `size` rows is captured with: views of the static buffers,
+        and host fields that hold for every decode step (one query token, at most
+        `max_model_len` tokens of context)."""
+        return AttentionMetadata(
+            slot_mapping=self.tokens[2, :size], query_start_loc=self.query_start_loc[:size + 1],
+            seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
+            query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[max_model_len] * size,
+            max_query_len=1, max_seq_len=max_model_len, block_size=block_size,
+            decode_num_splits=num_splits)
+
+    def load(self, input_ids: list[int], positions: list[int], slots: list[int],
+             seq_lens: list[int], block_tables: list[list[int]], size: int) -> None:
+        """Write one decode step (n <= size sequences; `block_tables` padded to one width) into
+        the host staging, pad rows n..size, and copy each buffer to the device once (of the
+        block tables only the step's width: columns past it are never read).
+
+        The caller must make sure the previous load's copies are done before calling again.
+        """
+        n = len(seq_lens)
+        tokens = self._host_tokens.numpy()                   # [3, max_size]
+        tokens[0, :n], tokens[1, :n], tokens[2, :n] = input_ids, positions, slots
+        tokens[:2, n:], tokens[2, n:] = 0, -1
+        lens = self._host_seq_lens.numpy()                   # [max_size]
+        lens[:n], lens[n:] = seq_lens, 1
+        width = len(block_tables[0])
+        host_tables = self._host_tables[:size * width].view(size, width)  # [size, width]
+        tables = host_tables.numpy()
+        tables[:n], tables[n:] = block_tables, 0
+        self.tokens.copy_(self._host_tokens, non_blocking=self.non_blocking)
+        self.seq_lens.copy_(self._host_seq_lens, non_blocking=self.non_blocking)
+        self.block_tables[:size, :width].copy_(host_tables, non_blocking=self.non_blocking)
+
+
+class DecodeGraphs:
+    """The model's forward over `DecodeInputs`, captured as one CUDA graph per bucket size."""
+
+    def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], sizes: Sequence[int],
+                 hidden_size: int, block_size: int, max_model_len: int) -> None:
+        if not sizes or min(sizes) < 1:
+            raise ValueError(f"CUDA graph sizes must be batch sizes >= 1, got {list(sizes)}")
+        self.model = model
+        self.kv_caches = kv_caches
+        self.sizes = tuple(sorted(set(sizes)))
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.device = kv_caches[0].device
+        self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), self.device)
+        self.hidden = torch.empty(self.sizes[-1], hidden_size, dtype=kv_caches[0].dtype,
+                                  device=self.device)        # [max_size, hidden]
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._loaded = torch.cuda.Event()
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every size, largest first, into one shared memory pool. Each size runs
+        once eagerly first, so Triton compiles and cuBLAS initialises outside the capture."""
+        with torch.cuda.device(self.device):
+            self._capture_all()
+
+    def _capture_all(self) -> None:
+        """`capture` on the current device; logs the time taken and the memory used."""
+        from taskloom.ops.triton.decode_attention import decode_num_splits
+        torch.cuda.synchronize()
+        free_before = torch.cuda.mem_get_info()[0]
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        num_kv_heads = self.kv_caches[0].shape[3]
+        for size in reversed(self.sizes):
+            splits = decode_num_splits(size, num_kv_heads, self.max_model_len)
+            meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits)
+            self._forward(size, meta)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(size, meta)
+            self.graphs[size] = graph
+        torch.cuda.synchronize()
+        used = free_before - torch.cuda.mem_get_info()[0]
+        logger.info("captured %d CUDA graphs for decode steps (batch sizes %s) in %.1f s, "
+                    "using %.1f MiB of GPU memory", len(self.sizes),
+                    ", ".join(map(str, self.sizes)), time.perf_counter() - start, used / 2**20)
+
+    def _forward(self, size: int, meta: AttentionMetadata) -> None:
+        hidden = self.model(self.inputs.tokens[0, :size], self.inputs.tokens[1, :size],
+                            self.kv_caches, meta)            # [size, hidden]
+        self.hidden[:size].copy_(hidden)
+
+    def fits(self, num_seqs: int) -> bool:
+        """Whether a decode step of `num_seqs` sequences has a graph."""
+        return num_seqs <= self.max_size
+
+    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
+            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+        """Replay the graph of the smallest bucket that holds this decode step (one token per
+        sequence; lists as for the eager batch). Returns the hidden states [num_seqs, hidden],
+        a view of the static output valid until the next replay."""
+        n = len(seq_lens)
+        size = bucket_size(self.sizes, n)
+        if size is None:
+            raise ValueError(f"a decode step of {n} sequences exceeds the largest CUDA graph "
+                             f"({self.max_size})")
+        self._loaded.synchronize()      # the pinned staging is free once its last copy is done
+        self.inputs.load(input_ids, positions, slots, seq_lens, block_tables, size)
+        self._loaded.record(torch.cuda.current_stream(self.device))
+        self.graphs[size].replay()
+        return self.hidden[:n]
