@@ -57,13 +57,19 @@ def _stream(url: str, max_tokens: int, events: list[str], started: threading.Eve
     started.set()
 
 
-def test_sigterm_lets_inflight_finish(tmp_path) -> None:
+def _stream_started(url: str, max_tokens: int) -> tuple[threading.Thread, list[str]]:
+    """A streaming request in a thread, returned once its first event arrived."""
+    events: list[str] = []
+    started = threading.Event()
+    t = threading.Thread(target=_stream, args=(url, max_tokens, events, started))
+    t.start()
+    assert started.wait(60)
+    return t, events
+
+
+def test_sigterm_lets_inflight_finish() -> None:
     with serve_process("--shutdown-timeout", "60") as (proc, url):
-        events: list[str] = []
-        started = threading.Event()
-        t = threading.Thread(target=_stream, args=(url, 60, events, started))
-        t.start()
-        assert started.wait(60)
+        t, events = _stream_started(url, 60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         try:
@@ -80,13 +86,9 @@ def test_sigterm_lets_inflight_finish(tmp_path) -> None:
     assert tokens[-1]["choices"][0]["finish_reason"] == "length"
 
 
-def test_sigterm_grace_expires(tmp_path) -> None:
+def test_sigterm_grace_expires() -> None:
     with serve_process("--shutdown-timeout", "1") as (proc, url):
-        events: list[str] = []
-        started = threading.Event()
-        t = threading.Thread(target=_stream, args=(url, 5000, events, started))
-        t.start()
-        assert started.wait(60)
+        t, events = _stream_started(url, 5000)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
