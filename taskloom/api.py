@@ -38,7 +38,8 @@ class LLM:
                  max_model_len: int | None = None, random_weights: bool = False,
                  skip_tokenizer_init: bool = False,
                  seed: int = 0, enforce_eager: bool = False,
-                 cuda_graph_sizes: Sequence[int] | None = None) -> None:
+                 cuda_graph_sizes: Sequence[int] | None = None,
+                 enable_prefix_caching: bool = True) -> None:
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
@@ -48,7 +49,8 @@ class LLM:
                                                 else tuple(cuda_graph_sizes))),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_cache_memory_gb,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              num_blocks=num_blocks),
+                              num_blocks=num_blocks,
+                              enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens))
         self.engine: EngineCore = build_engine(self.config)

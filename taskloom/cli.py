@@ -1,16 +1,19 @@
-"""The `taskloom` command: generate | chat | serve | bench.
+"""The `taskloom` command: generate | chat | serve | batch | bench.
 
 `generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
 that streams (/reset, /exit); `serve` runs the OpenAI-compatible server with its chat page;
-`bench` runs the benchmarks and prints a JSON line last.
+`batch` answers a file of OpenAI batch requests into an output file, resumably; `bench` runs
+the benchmarks and prints a JSON line last.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from taskloom.sampling_params import SamplingParams
 
@@ -34,6 +37,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
     g.add_argument("--enforce-eager", action="store_true",
                    help="run every step eagerly (no CUDA graphs for decode steps on CUDA)")
+    g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="compute every prompt in full (no reuse of cached KV blocks)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -67,7 +72,7 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
                kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
                gpu_memory_utilization=a.gpu_memory_utilization,
                max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
-               enforce_eager=a.enforce_eager)
+               enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -157,6 +162,67 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+@contextlib.contextmanager
+def _stop_on_signals(stop: Callable[[int], None]) -> Iterator[None]:
+    """While inside, SIGINT (Ctrl-C) and SIGTERM call `stop(signum)` instead of killing the
+    process; a second Ctrl-C raises KeyboardInterrupt at once."""
+    def handler(signum: int, _frame: object) -> None:
+        stop(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def cmd_batch(a: argparse.Namespace) -> int:
+    from taskloom.batch import BatchJob
+    if a.max_in_flight is not None and a.max_in_flight < 1:
+        raise ValueError(f"--max-in-flight must be >= 1, got {a.max_in_flight}")
+    job = BatchJob(a.input, a.output)           # checks both files before the model loads
+    received: list[int] = []
+    with _stop_on_signals(lambda signum: (received.append(signum), job.request_stop())):
+        try:
+            llm = make_llm(a)
+            summary = job.run(llm, a.served_model_name or default_model_name(a),
+                              a.max_in_flight)
+        except KeyboardInterrupt:
+            received.append(signal.SIGINT)
+            summary = job.summary
+    print(f"taskloom batch: {summary.done} lines written ({summary.errors} errors), "
+          f"{summary.skipped} skipped as already in {a.output}, in {summary.elapsed:.1f} s, "
+          f"{summary.tokens_per_s:.1f} output tokens/s", flush=True)
+    if not received:
+        return 0
+    print(f"taskloom batch: interrupted with {job.num_answered} of {job.total} lines answered "
+          f"in {a.output}; requests in flight were dropped. Run the same command again to "
+          f"resume: it skips the lines already answered.", file=sys.stderr)
+    return 128 + received[0]
+
+
+def add_batch_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "batch", help="answer a JSONL file of OpenAI batch requests (resumable)",
+        description="Answer each line of INPUT, an OpenAI Batch API request "
+                    "({custom_id, method, url, body}; url /v1/completions or "
+                    "/v1/chat/completions), appending OpenAI batch output lines to OUTPUT as "
+                    "requests finish. body.model is required but any name is accepted. Rerun "
+                    "the same command after an interruption: lines already in OUTPUT are "
+                    "skipped.")
+    p.add_argument("input", help="JSONL file of batch requests")
+    p.add_argument("output", help="JSONL file the results are appended to (created if missing)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model name written in each response (default: the model's file "
+                        "name)")
+    p.add_argument("--max-in-flight", type=int, default=None,
+                   help="sequences in the engine at once (default: 4 x --max-num-seqs)")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_batch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskloom", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="WARNING")
@@ -175,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat, max_tokens=512, temperature=0.7)
     chat.set_defaults(func=cmd_chat)
     add_serve_parser(sub)
+    add_batch_parser(sub)
     from taskloom.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser

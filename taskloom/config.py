@@ -57,6 +57,8 @@ class CacheConfig:
     kv_cache_memory_gb: float = 1.0
     gpu_memory_utilization: float = 0.9
     num_blocks: int | None = None
+    # Reuse the KV of cached full blocks for any request whose tokens start the same way.
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

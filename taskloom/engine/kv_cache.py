@@ -1,58 +1,129 @@
-"""Paged KV-cache accounting: a pool of fixed-size blocks, per-request block tables, ref counts.
+"""Paged KV-cache accounting: a pool of fixed-size blocks, per-request block tables, ref counts,
+and automatic prefix caching.
 
 Pure bookkeeping: the tensors that hold K and V live in the model runner and are indexed by
-the block ids handed out here. Blocks are handed out from the front of the free queue and
-given back at its end, a request's blocks in reverse order (its tail first), so that the
-order of reuse is deterministic and exact in tests.
+the block ids handed out here. Free blocks wait in an LRU queue: handed out from its front,
+given back at its end, a request's blocks in reverse order (its tail first, since a prefix's
+head is the part most likely to be shared), so the order of reuse is deterministic and exact
+in tests.
+
+Prefix caching: every full block of a request is named by a hash chain — the digest of its
+parent block's hash, its token ids and any extra key that changes the KV (an adapter, later).
+A block keeps its hash when freed, so a later request whose prompt starts with the same full
+blocks takes them over (ref count + 1) and computes only the rest. A cached free block is
+evicted, least recently freed first, only when the pool hands it out again. Blocks are named
+as soon as they are scheduled to be filled: every layer writes the whole step's keys and values
+before any attention reads them, so a request admitted in the same step may already share them.
 """
 from __future__ import annotations
 
-from collections import deque
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from taskloom.engine.request import Request
+
+BlockHash = bytes
+
+
+def hash_block(parent: BlockHash | None, token_ids: list[int], extra_key: str | None = None
+               ) -> BlockHash:
+    """The chained digest naming one full block (collision-resistant: blocks of different
+    requests, tenants or adapters must never be confused)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent or b"\0" * 16)
+    h.update(array("q", token_ids).tobytes())
+    if extra_key is not None:
+        h.update(b"\1" + extra_key.encode())
+    return h.digest()
 
 
 class BlockPool:
-    """Fixed number of KV blocks with reference counts."""
+    """Fixed number of KV blocks with reference counts, an LRU queue of free blocks and the
+    map of cached (hashed) blocks."""
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._ref_cnt = [0] * num_blocks
+        self._hash: list[BlockHash | None] = [None] * num_blocks
+        self.cached: dict[BlockHash, int] = {}
 
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` free blocks (ref count 1 each); the caller checked there are enough."""
+        """Take `n` free blocks (ref count 1 each), evicting their cached contents; the
+        caller checked there are enough."""
         if n > len(self._free):
             raise RuntimeError(f"asked for {n} blocks, only {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
+        blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._ref_cnt[b] = 1
+            h = self._hash[b]
+            if h is not None:
+                del self.cached[h]
+                self._hash[b] = None
         return blocks
 
+    def touch(self, blocks: list[int]) -> None:
+        """Take one more reference to each block (cache hits); free ones leave the queue."""
+        for b in blocks:
+            if self._ref_cnt[b] == 0:
+                del self._free[b]
+            self._ref_cnt[b] += 1
+
     def free(self, blocks: list[int]) -> None:
-        """Drop one reference to each block; blocks nobody holds go back to the free queue."""
+        """Drop one reference to each block; blocks nobody holds go to the end of the queue
+        (keeping their hash: they stay reusable until evicted)."""
         for b in blocks:
             if self._ref_cnt[b] <= 0:
                 raise RuntimeError(f"block {b} freed more often than allocated")
             self._ref_cnt[b] -= 1
             if self._ref_cnt[b] == 0:
-                self._free.append(b)
+                self._free[b] = None
+
+    def cache(self, block: int, block_hash: BlockHash) -> None:
+        """Name a full block by its hash (no-op if another block already holds that content)."""
+        if self._hash[block] is None and block_hash not in self.cached:
+            self._hash[block] = block_hash
+            self.cached[block_hash] = block
 
     def ref_count(self, block: int) -> int:
         return self._ref_cnt[block]
 
+    def block_hash(self, block: int) -> BlockHash | None:
+        return self._hash[block]
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache at admission, and those found there."""
+
+    queries: int = 0
+    hits: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
 
 class KVCacheManager:
-    """Block tables of the running requests over one `BlockPool`."""
+    """Block tables of the running requests over one `BlockPool`, with prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
+        self.enable_prefix_caching = enable_prefix_caching
         self.block_tables: dict[str, list[int]] = {}
+        self._hashes: dict[str, list[BlockHash]] = {}    # per request: its full blocks' chain
+        self._num_cached: dict[str, int] = {}           # per request: blocks named so far
+        self.stats = PrefixCacheStats()
 
     @property
     def num_blocks(self) -> int:
@@ -64,29 +135,80 @@ class KVCacheManager:
 
     @property
     def usage(self) -> float:
-        """Fraction of the pool in use, 0.0 to 1.0."""
+        """Fraction of the pool held by requests, 0.0 to 1.0 (cached free blocks count free)."""
         return 1.0 - self.pool.num_free_blocks / self.pool.num_blocks
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def allocate_slots(self, req_id: str, num_tokens: int) -> list[int] | None:
-        """Grow the request's block table to hold `num_tokens` tokens in all.
+    # ----- prefix cache ------------------------------------------------------------------------
+    def find_cached_prefix(self, req: Request) -> list[int]:
+        """Blocks holding the longest cached prefix of the request's tokens, in order. At least
+        one token is always left to compute (its logits are needed); requests that want prompt
+        logprobs compute their whole prompt."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return []
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits: list[int] = []
+        for h in self._block_hashes(req, max_blocks):
+            block = self.pool.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
 
-        Returns the whole table, or None (and changes nothing) when the pool is short.
+    def _block_hashes(self, req: Request, n: int) -> list[BlockHash]:
+        """The hash chain of the request's first `n` full blocks (extended as needed)."""
+        chain = self._hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        while len(chain) < n:
+            i = len(chain)
+            chain.append(hash_block(chain[-1] if chain else None,
+                                    req.token_ids_slice(i * bs, (i + 1) * bs), req.cache_salt))
+        return chain[:n]
+
+    # ----- allocation --------------------------------------------------------------------------
+    def allocate_slots(self, req: Request, num_tokens: int,
+                       cached_blocks: list[int] | None = None) -> list[int] | None:
+        """Grow the request's block table to hold `num_tokens` tokens in all, starting from
+        `cached_blocks` (prefix-cache hits) for a request that holds none yet.
+
+        Returns the whole table, or None (and changes nothing) when the pool is short. The
+        full blocks among the first `num_tokens` tokens are named in the prefix cache.
         """
-        table = self.block_tables.setdefault(req_id, [])
-        need = self.blocks_for(num_tokens) - len(table)
-        if need > self.pool.num_free_blocks:
-            if not table:
-                del self.block_tables[req_id]
+        table = self.block_tables.get(req.request_id, [])
+        hits = cached_blocks or []
+        if hits and table:
+            raise RuntimeError(f"{req.request_id} already holds blocks; hits only at admission")
+        need = self.blocks_for(num_tokens) - len(table) - len(hits)
+        reclaimed = sum(1 for b in hits if self.pool.ref_count(b) == 0)
+        if need + reclaimed > self.pool.num_free_blocks:
             return None
+        self.pool.touch(hits)
+        table = self.block_tables.setdefault(req.request_id, table)
+        table.extend(hits)
         if need > 0:
             table.extend(self.pool.allocate(need))
+        if self.enable_prefix_caching:
+            self._name_full_blocks(req, table, num_tokens)
         return table
+
+    def _name_full_blocks(self, req: Request, table: list[int], num_tokens: int) -> None:
+        full = num_tokens // self.block_size
+        start = self._num_cached.get(req.request_id, 0)
+        if full <= start:
+            return
+        for i, h in enumerate(self._block_hashes(req, full)[start:], start):
+            self.pool.cache(table[i], h)
+        self._num_cached[req.request_id] = full
 
     def free(self, req_id: str) -> None:
         """Give back every block of the request (no-op for a request holding none)."""
         table = self.block_tables.pop(req_id, None)
+        self._num_cached.pop(req_id, None)
         if table:
             self.pool.free(table[::-1])
+
+    def forget(self, req_id: str) -> None:
+        """Drop the request's hash chain (it finished: its tokens will not be hashed again)."""
+        self._hashes.pop(req_id, None)

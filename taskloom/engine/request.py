@@ -33,7 +33,8 @@ class Request:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None) -> None:
+                 eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
+                 cache_salt: str | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -44,6 +45,9 @@ class Request:
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None
+        # Extra key of the prefix-cache hash chain: requests whose KV differs for the same
+        # tokens (another adapter, another tenant) must not share blocks.
+        self.cache_salt = cache_salt
 
     @property
     def num_prompt_tokens(self) -> int:

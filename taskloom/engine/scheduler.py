@@ -84,7 +84,7 @@ class Scheduler:
     def _reserve(self, req: Request, num_new: int) -> bool:
         """Get blocks for `num_new` more tokens of a running request, preempting the latest
         admitted requests until they fit. False if `req` itself had to be preempted."""
-        while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new) is None:
+        while self.kv.allocate_slots(req, req.num_computed_tokens + num_new) is None:
             victim = self.running.pop()
             self._preempt(victim)
             if victim is req:
@@ -103,9 +103,14 @@ class Scheduler:
     def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + num_new) is None:
+            hits = self.kv.find_cached_prefix(req)
+            num_cached = len(hits) * self.kv.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            if self.kv.allocate_slots(req, num_cached + num_new, hits) is None:
                 break
+            self.kv.stats.queries += req.num_tokens
+            self.kv.stats.hits += num_cached
+            req.num_computed_tokens = num_cached
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -180,6 +185,7 @@ class Scheduler:
             self.waiting.remove(req)
         req.status = status
         self.kv.free(req.request_id)
+        self.kv.forget(req.request_id)
         del self.requests[req.request_id]
         if req.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(req.request_id)

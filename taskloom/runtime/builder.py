@@ -79,6 +79,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
                 config.cache.block_size, num_blocks * config.cache.block_size, max_model_len)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes)
-    kv = KVCacheManager(num_blocks, config.cache.block_size)
+    kv = KVCacheManager(num_blocks, config.cache.block_size,
+                        config.cache.enable_prefix_caching)
     scheduler = Scheduler(config.scheduler, kv, max_model_len)
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)

@@ -12,8 +12,11 @@ from taskloom.sampling_params import SamplingParams
 
 
 def make_scheduler(num_blocks: int = 64, block_size: int = 4, max_num_seqs: int = 8,
-                   budget: int = 64, max_model_len: int = 256) -> Scheduler:
-    kv = KVCacheManager(num_blocks, block_size)
+                   budget: int = 64, max_model_len: int = 256,
+                   prefix_caching: bool = False) -> Scheduler:
+    """Prefix caching is off here: these requests share prompts on purpose, to test
+    scheduling alone (tests/unit/test_prefix_cache.py tests it on)."""
+    kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
     return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget),
                      kv, max_model_len)
 
@@ -52,12 +55,13 @@ def test_block_pool_hands_out_front_and_takes_back_at_end() -> None:
 
 
 def test_allocate_slots_grows_table_and_refuses_without_side_effects() -> None:
-    kv = KVCacheManager(num_blocks=3, block_size=4)
-    assert kv.allocate_slots("a", 5) == [0, 1]
-    assert kv.allocate_slots("a", 8) == [0, 1]
-    assert kv.allocate_slots("b", 8) is None
+    kv = KVCacheManager(num_blocks=3, block_size=4, enable_prefix_caching=False)
+    a, b = req("a", 12), req("b", 12)
+    assert kv.allocate_slots(a, 5) == [0, 1]
+    assert kv.allocate_slots(a, 8) == [0, 1]
+    assert kv.allocate_slots(b, 8) is None
     assert "b" not in kv.block_tables and kv.num_free_blocks == 1
-    assert kv.allocate_slots("a", 9) == [0, 1, 2]
+    assert kv.allocate_slots(a, 9) == [0, 1, 2]
     kv.free("a")
     assert kv.num_free_blocks == 3 and kv.pool.allocate(3) == [2, 1, 0]
 
