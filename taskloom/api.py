@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from taskloom.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from taskloom.engine.core import EngineCore
+from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.outputs import RequestOutput
 from taskloom.runtime.builder import build_engine
 from taskloom.sampling_params import SamplingParams
@@ -28,7 +29,9 @@ class LLM:
     SmolLM2-135M-Instruct. With `random_weights=True`, `model` names a shape
     (e.g. "llama-3.1-8b") or a config.json, and prompts must be token ids. On CUDA,
     decode steps replay CUDA graphs (batch sizes `cuda_graph_sizes`, default buckets up to
-    `max_num_seqs`) unless `enforce_eager`.
+    `max_num_seqs`) unless `enforce_eager`. `generate` and `chat` on a list admit the prompts
+    grouped by shared prefix (`prefix_aware_order`), so each group's prefix is computed once
+    and stays cached while the group runs; outputs still come back in input order.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
@@ -39,7 +42,7 @@ class LLM:
                  skip_tokenizer_init: bool = False,
                  seed: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: Sequence[int] | None = None,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, prefix_aware_order: bool = True) -> None:
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
@@ -54,6 +57,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens))
         self.engine: EngineCore = build_engine(self.config)
+        self.prefix_aware_order = prefix_aware_order
         self._ids = itertools.count()
 
     @property
@@ -124,15 +128,17 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
         params = self._params_list(sampling_params, len(encoded))
-        rids: list[str] = []
+        order = prefix_grouped_order(encoded) if self.prefix_aware_order \
+            else range(len(encoded))
+        rids: dict[int, str] = {}
         try:
-            for ids, text, p in zip(encoded, texts, params):
-                rids.append(self._add(ids, text, p))
+            for i in order:
+                rids[i] = self._add(encoded[i], texts[i], params[i])
         except ValueError as e:
-            for rid in rids:
+            for rid in rids.values():
                 self.engine.abort(rid)
-            raise ValueError(f"prompt {len(rids)}: {e}") from None
-        return self._drain(rids, use_tqdm and len(rids) > 1)
+            raise ValueError(f"prompt {i}: {e}") from None
+        return self._drain([rids[i] for i in range(len(encoded))], use_tqdm and len(rids) > 1)
 
     @staticmethod
     def _params_list(sp: SamplingParams | Sequence[SamplingParams] | None,

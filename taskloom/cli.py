@@ -39,6 +39,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run every step eagerly (no CUDA graphs for decode steps on CUDA)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full (no reuse of cached KV blocks)")
+    g.add_argument("--no-prefix-aware-order", dest="prefix_aware_order", action="store_false",
+                   help="admit a known batch in input order, not grouped by shared prefix")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -72,7 +74,8 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
                kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
                gpu_memory_utilization=a.gpu_memory_utilization,
                max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
-               enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching)
+               enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching,
+               prefix_aware_order=a.prefix_aware_order)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -183,24 +186,27 @@ def cmd_batch(a: argparse.Namespace) -> int:
     if a.max_in_flight is not None and a.max_in_flight < 1:
         raise ValueError(f"--max-in-flight must be >= 1, got {a.max_in_flight}")
     job = BatchJob(a.input, a.output)           # checks both files before the model loads
-    received: list[int] = []
-    with _stop_on_signals(lambda signum: (received.append(signum), job.request_stop())):
+    signals: list[int] = []
+
+    def stop(signum: int) -> None:
+        signals.append(signum)
+        job.request_stop()
+
+    with _stop_on_signals(stop):
         try:
-            llm = make_llm(a)
-            summary = job.run(llm, a.served_model_name or default_model_name(a),
-                              a.max_in_flight)
-        except KeyboardInterrupt:
-            received.append(signal.SIGINT)
-            summary = job.summary
-    print(f"taskloom batch: {summary.done} lines written ({summary.errors} errors), "
-          f"{summary.skipped} skipped as already in {a.output}, in {summary.elapsed:.1f} s, "
-          f"{summary.tokens_per_s:.1f} output tokens/s", flush=True)
-    if not received:
+            job.run(make_llm(a), a.served_model_name or default_model_name(a), a.max_in_flight)
+        except KeyboardInterrupt:               # a second Ctrl-C: run() cleaned up already
+            job.summary.interrupted = True
+    s = job.summary
+    print(f"taskloom batch: {s.done} lines written ({s.errors} errors), {s.skipped} skipped "
+          f"as already in {a.output}, in {s.elapsed:.1f} s, {s.tokens_per_s:.1f} output "
+          f"tokens/s", flush=True)
+    if not s.interrupted:
         return 0
     print(f"taskloom batch: interrupted with {job.num_answered} of {job.total} lines answered "
-          f"in {a.output}; requests in flight were dropped. Run the same command again to "
-          f"resume: it skips the lines already answered.", file=sys.stderr)
-    return 128 + received[0]
+          f"in {a.output}; the requests in flight were dropped. Run the same command again "
+          f"to resume: it skips the lines already answered.", file=sys.stderr)
+    return 128 + (signals[0] if signals else signal.SIGINT)
 
 
 def add_batch_parser(sub: argparse._SubParsersAction) -> None:

@@ -16,6 +16,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--output-len", type=int, default=128)
     tp.add_argument("--input-len-range", type=int, nargs=2, metavar=("LO", "HI"), default=None,
                     help="draw each input length uniformly from [LO, HI] instead")
+    tp.add_argument("--shared-prefix", type=int, default=0, metavar="LEN",
+                    help="every prompt starts with the same LEN random tokens")
+    tp.add_argument("--num-prefixes", type=int, default=1,
+                    help="that many different shared prefixes, interleaved across prompts")
+    tp.add_argument("--unique", dest="unique_len", type=int, default=None, metavar="LEN",
+                    help="then LEN tokens of its own (default: --input-len)")
     tp.add_argument("--dataset-seed", type=int, default=0)
     tp.add_argument("--peer", choices=["hf"], default=None,
                     help="run the same workload through HF transformers generate and compare")

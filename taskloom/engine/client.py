@@ -32,6 +32,8 @@ class EngineStats:
     num_waiting: int = 0          # sequences queued, not yet admitted (incl. preempted)
     kv_cache_usage: float = 0.0   # fraction of KV blocks in use
     num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0     # of those, tokens whose KV was already cached
 
 
 class EngineDeadError(RuntimeError):
@@ -212,8 +214,9 @@ class AsyncEngineClient:
 
     def _publish_stats(self) -> None:
         sched = self.core.scheduler
+        cache = sched.kv.stats
         self.stats = EngineStats(sched.num_running, sched.num_waiting, sched.kv.usage,
-                                 sched.num_preemptions)
+                                 sched.num_preemptions, cache.queries, cache.hits)
 
     def _deliver(self, fn: Callable, arg: object) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from taskloom.engine.client import AsyncEngineClient
 
@@ -49,6 +51,7 @@ class ServerMetrics:
                 ("taskloom_num_preemptions", "Preemptions since start",
                  lambda: client.stats.num_preemptions)):
             Gauge(name, doc, registry=r).set_function(fn)
+        r.register(_PrefixCacheCollector(client))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -58,6 +61,23 @@ class ServerMetrics:
 
     def finished(self, outcome: str) -> None:
         self._requests.labels(self.model_name, outcome).inc()
+
+
+class _PrefixCacheCollector(Collector):
+    """The engine's prefix-cache counters (prompt tokens looked up, and found cached); their
+    ratio is the hit rate: `rate(hits) / rate(queries)`."""
+
+    def __init__(self, client: AsyncEngineClient) -> None:
+        self.client = client
+
+    def collect(self):  # -> Iterator[Metric]
+        stats = self.client.stats
+        yield CounterMetricFamily("taskloom_prefix_cache_queries",
+                                  "Prompt tokens looked up in the prefix cache",
+                                  value=stats.prefix_cache_queries)
+        yield CounterMetricFamily("taskloom_prefix_cache_hits",
+                                  "Prompt tokens found in the prefix cache",
+                                  value=stats.prefix_cache_hits)
 
 
 @dataclass

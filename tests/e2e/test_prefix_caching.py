@@ -102,3 +102,31 @@ def test_second_turn_reuses_the_first(llm: LLM, uncached: LLM) -> None:
     got = llm.chat(turn2, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert got == uncached.chat(turn2, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert _hits(llm) - before >= (len(llm.encode_chat(conv)) // 16 - 1) * 16
+
+
+@pytest.fixture(scope="module")
+def narrow_llm() -> LLM:
+    """Two sequences at a time over a pool that holds two prefixes and little else."""
+    return LLM(max_num_seqs=2, num_blocks=11)
+
+
+def _interleaved(seed: int) -> list[list[int]]:
+    from taskloom.bench.throughput import make_prompts
+    return make_prompts(12, 8, None, 40000, seed, shared_prefix=64, num_prefixes=3)
+
+
+def test_prefix_aware_order_beats_input_order(narrow_llm: LLM, uncached: LLM) -> None:
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    hits = {}
+    for aware, seed in ((False, 1), (True, 2)):    # new prefixes each run: no carry-over
+        prompts = _interleaved(seed)
+        narrow_llm.prefix_aware_order = aware
+        before = _hits(narrow_llm)
+        got = narrow_llm.generate(prompts, params, use_tqdm=False)
+        hits[aware] = _hits(narrow_llm) - before
+        ref = uncached.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+        assert [o.prompt_token_ids for o in got] == prompts        # input order kept
+    # grouped: 3 of each 4 requests reuse their group's 4 prefix blocks
+    assert hits[True] >= 9 * 64 and hits[True] > hits[False]
+    narrow_llm.prefix_aware_order = True

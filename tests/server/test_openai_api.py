@@ -182,3 +182,22 @@ def test_user_field_and_extensions_accepted(client: openai.OpenAI, oracle: LLM) 
         extra_body={"top_k": 5, "min_p": 0.05, "repetition_penalty": 1.2, "min_tokens": 10,
                     "ignore_eos": True})
     assert r.choices[0].text == exp.text and r.usage.completion_tokens == 12
+
+
+def test_prefix_cache_counters_in_metrics(client: openai.OpenAI, server) -> None:
+    def counters() -> tuple[float, float]:
+        values = {}
+        for line in httpx.get(server.base_url + "/metrics").text.splitlines():
+            if line.startswith("taskloom_prefix_cache_"):
+                name, value = line.rsplit(" ", 1)
+                values[name] = float(value)
+        return (values["taskloom_prefix_cache_queries_total"],
+                values["taskloom_prefix_cache_hits_total"])
+
+    q0, h0 = counters()
+    system = {"role": "system", "content": "You answer in French, politely. " * 8}
+    for question in ("Hello?", "Goodbye?"):
+        client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0,
+                                       messages=[system, {"role": "user", "content": question}])
+    q1, h1 = counters()
+    assert q1 - q0 > 100 and h1 - h0 >= 64   # the second request found the system prompt

@@ -152,3 +152,11 @@ def test_update_after_abort_mid_step_keeps_counts() -> None:
     assert [s.kv.pool.ref_count(b) for b in range(4)] == [1, 1, 0, 1]
     run_to_end(s)
     assert_pool_full(s)
+
+
+def test_prefix_grouped_order_is_the_trie_walk() -> None:
+    from taskloom.engine.prefix_order import prefix_grouped_order
+    prompts = [[5, 1, 2], [3, 9], [5, 1, 1], [3, 9, 4], [5, 2], [3, 9]]
+    order = prefix_grouped_order(prompts)
+    assert order == [1, 5, 3, 2, 0, 4]
+    assert [prompts[i][:1] for i in order] == [[3], [3], [3], [5], [5], [5]]
