@@ -31,8 +31,10 @@ def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
     """An app serving `core` under `model_name`. `api_key` guards /v1/*; `max_queue` bounds
     the sequences waiting for admission (429 beyond it)."""
     client = AsyncEngineClient(core)
-    ctx = ServingContext(client, core.tokenizer, model_name, core.scheduler.max_model_len,
-                         ServerMetrics(client, model_name), max_queue)
+    ctx = ServingContext(tokenizer=core.tokenizer, model_name=model_name,
+                         max_model_len=core.scheduler.max_model_len, vocab_size=core.vocab_size,
+                         client=client, metrics=ServerMetrics(client, model_name),
+                         max_queue=max_queue)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

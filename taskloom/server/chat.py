@@ -1,5 +1,9 @@
 """POST /v1/chat/completions: a conversation rendered with the model's chat template, n samples,
-logprobs with top alternatives, streamed as server-sent events or returned whole."""
+logprobs with top alternatives, streamed as server-sent events or returned whole.
+
+`prepare_chat` (body -> engine input) and `chat_body` (final output -> response body) need no
+HTTP request: the offline batch job answers its lines with them too.
+"""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -13,13 +17,27 @@ from taskloom.outputs import PositionLogprobs, RequestOutput
 from taskloom.sampling_params import MAX_LOGPROBS
 from taskloom.server.errors import bad_request
 from taskloom.server.protocol import ChatCompletionRequest
-from taskloom.server.serving import EngineJob, ServingContext, make_params
+from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
+                                     make_params)
 from taskloom.server.streaming import collect, sse_response, usage
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
                                  raw: Request) -> Response:
     ctx.check_model(body.model)
+    prepared = prepare_chat(ctx, body)
+    ctx.check_capacity(body.n)
+    job = EngineJob(ctx, raw, "chatcmpl")
+    await job.start(prepared.prompts, prepared.params)
+    if body.stream:
+        return sse_response(job, _chunks(job, body))
+    final = await collect(job)
+    return JSONResponse(chat_body(ctx, job.id, job.created, body, final[0]))
+
+
+def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequest:
+    """Check a chat body and render its messages with the chat template into one prompt; a
+    mistake raises a 400 APIError."""
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= MAX_LOGPROBS:
@@ -36,26 +54,21 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     except (TemplateError, ValueError) as e:
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
     ctx.check_length(len(ids), max_tokens, "messages")
-    ctx.check_capacity(body.n)
-    job = EngineJob(ctx, raw, "chatcmpl")
-    await job.start([(ids, None)], params)
-    if body.stream:
-        return sse_response(job, _chunks(job, body))
-    final = await collect(job)
-    return JSONResponse(_response(job, body, final[0]))
+    return PreparedRequest([(ids, None)], params)
 
 
-def _response(job: EngineJob, body: ChatCompletionRequest, out: RequestOutput
-              ) -> dict[str, Any]:
+def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompletionRequest,
+              out: RequestOutput) -> dict[str, Any]:
+    """The JSON body of a whole (non-streamed) chat completion from its finished output."""
     choices = [{
         "index": c.index,
         "message": {"role": "assistant", "content": c.text},
         "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
         if body.logprobs else None,
         "finish_reason": c.finish_reason} for c in out.outputs]
-    return {"id": job.id, "object": "chat.completion", "created": job.created,
-            "model": job.ctx.model_name, "choices": choices,
-            "usage": usage(job.num_prompt_tokens, [out])}
+    return {"id": response_id, "object": "chat.completion", "created": created,
+            "model": ctx.model_name, "choices": choices,
+            "usage": usage(len(out.prompt_token_ids), [out])}
 
 
 async def _chunks(job: EngineJob, body: ChatCompletionRequest

@@ -1,5 +1,9 @@
 """POST /v1/completions: text or token prompts (one or many), n samples each, echo, logprobs,
-streamed as server-sent events or returned whole."""
+streamed as server-sent events or returned whole.
+
+`prepare_completion` (body -> engine inputs) and `completion_body` (final outputs -> response
+body) need no HTTP request: the offline batch job answers its lines with them too.
+"""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
@@ -12,13 +16,26 @@ from taskloom.outputs import PositionLogprobs, RequestOutput
 from taskloom.sampling_params import MAX_LOGPROBS
 from taskloom.server.errors import bad_request
 from taskloom.server.protocol import CompletionRequest
-from taskloom.server.serving import EngineJob, ServingContext, make_params
+from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
+                                     make_params)
 from taskloom.server.streaming import collect, sse_response, usage
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest,
                             raw: Request) -> Response:
     ctx.check_model(body.model)
+    prepared = prepare_completion(ctx, body)
+    ctx.check_capacity(len(prepared.prompts) * body.n)
+    job = EngineJob(ctx, raw, "cmpl")
+    await job.start(prepared.prompts, prepared.params)
+    if body.stream:
+        return sse_response(job, _chunks(job, body))
+    final = await collect(job)
+    return JSONResponse(completion_body(ctx, job.id, job.created, body, final))
+
+
+def prepare_completion(ctx: ModelContext, body: CompletionRequest) -> PreparedRequest:
+    """Check a completions body and encode its prompts; a mistake raises a 400 APIError."""
     if body.logprobs is not None and not 0 <= body.logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got "
                           f"{body.logprobs}", "logprobs")
@@ -30,17 +47,10 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest,
         raise bad_request("echo with logprobs is not supported when streaming", "echo")
     for ids, _ in prompts:
         ctx.check_length(len(ids), body.max_tokens, "prompt")
-    ctx.check_capacity(len(prompts) * body.n)
-    job = EngineJob(ctx, raw, "cmpl")
-    await job.start(prompts, params)
-    texts = [text if text is not None else _decode(ctx, ids) for ids, text in prompts]
-    if body.stream:
-        return sse_response(job, _chunks(job, body, texts))
-    final = await collect(job)
-    return JSONResponse(_response(job, body, final, texts))
+    return PreparedRequest(prompts, params)
 
 
-def _encode_prompts(ctx: ServingContext, body: CompletionRequest
+def _encode_prompts(ctx: ModelContext, body: CompletionRequest
                     ) -> list[tuple[list[int], str | None]]:
     prompts = body.prompts()
     if not prompts:
@@ -56,43 +66,49 @@ def _encode_prompts(ctx: ServingContext, body: CompletionRequest
             continue
         if not p:
             raise bad_request(f"{label} is empty: give at least one token id", "prompt")
-        vocab = ctx.client.core.vocab_size
-        bad = next((t for t in p if not 0 <= t < vocab), None)
+        bad = next((t for t in p if not 0 <= t < ctx.vocab_size), None)
         if bad is not None:
             raise bad_request(f"{label} has token id {bad}, outside the vocabulary "
-                              f"(0 to {vocab - 1})", "prompt")
+                              f"(0 to {ctx.vocab_size - 1})", "prompt")
         out.append((list(p), None))
     return out
 
 
-def _decode(ctx: ServingContext, ids: list[int]) -> str:
-    return "" if ctx.tokenizer is None else ctx.tokenizer.decode(ids, skip_special_tokens=False)
+def _prompt_text(ctx: ModelContext, out: RequestOutput) -> str:
+    """The prompt as text, for echo: as given, or decoded when it was given as token ids."""
+    if out.prompt is not None:
+        return out.prompt
+    if ctx.tokenizer is None:
+        return ""
+    return ctx.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
 
 
 def _choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _response(job: EngineJob, body: CompletionRequest, final: list[RequestOutput],
-              texts: list[str]) -> dict[str, Any]:
+def completion_body(ctx: ModelContext, response_id: str, created: int, body: CompletionRequest,
+                    final: list[RequestOutput]) -> dict[str, Any]:
+    """The JSON body of a whole (non-streamed) completion: `final` holds each prompt's
+    finished output, in prompt order."""
     choices = []
     for i, out in enumerate(final):
         for c in out.outputs:
-            prefix = texts[i] if body.echo else ""
+            prefix = _prompt_text(ctx, out) if body.echo else ""
             lp = None
             if body.logprobs is not None:
                 entries = (out.prompt_logprobs or []) if body.echo else []
                 tokens = (out.prompt_token_ids if body.echo else []) + c.token_ids
                 lp = completion_logprobs(entries + (c.logprobs or []), tokens, 0,
-                                         job.ctx.token_text)
+                                         ctx.token_text)
             choices.append(_choice(i * body.n + c.index, prefix + c.text, lp, c.finish_reason))
-    return {"id": job.id, "object": "text_completion", "created": job.created,
-            "model": job.ctx.model_name, "choices": choices,
-            "usage": usage(job.num_prompt_tokens, final)}
+    num_prompt_tokens = sum(len(out.prompt_token_ids) for out in final)
+    return {"id": response_id, "object": "text_completion", "created": created,
+            "model": ctx.model_name, "choices": choices,
+            "usage": usage(num_prompt_tokens, final)}
 
 
-async def _chunks(job: EngineJob, body: CompletionRequest,
-                  texts: list[str]) -> AsyncIterator[dict[str, Any]]:
+async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
     sent_logprobs: dict[tuple[int, int], int] = {}
     offsets: dict[tuple[int, int], int] = {}
     final: list[RequestOutput | None] = [None] * len(job.entries)
@@ -102,7 +118,7 @@ async def _chunks(job: EngineJob, body: CompletionRequest,
             key = (i, c.index)
             text = c.text_delta
             if body.echo and key not in offsets:
-                text = texts[i] + text
+                text = _prompt_text(job.ctx, out) + text
             lp = None
             if body.logprobs is not None:
                 new = (c.logprobs or [])[sent_logprobs.get(key, 0):]

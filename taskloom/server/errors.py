@@ -7,8 +7,9 @@ full queue (429). A 500 means a bug in taskloom, never something the client sent
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,24 +28,33 @@ class APIError(Exception):
         self.status, self.message, self.type, self.param, self.code = \
             status, message, type, param, code
 
+    def body(self) -> dict[str, Any]:
+        """The JSON body of the error response."""
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return JSONResponse(status_code=self.status, content=self.body())
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error",
                    param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {
-        "message": message, "type": type, "param": param, "code": code}})
+    return JSONResponse(status_code=status, content=error_body(message, type, param, code))
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param, code)
 
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    """One readable sentence for pydantic's errors, and the parameter they concern."""
+def validation_message(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """One readable sentence for pydantic's errors (a RequestValidationError's or a
+    ValidationError's `errors()`), and the parameter they concern."""
     parts, param = [], None
-    for err in exc.errors():
+    for err in errors:
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             parts.append(f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}"
@@ -73,7 +83,7 @@ def install_error_handlers(app: FastAPI, on_client_error: Callable[[], None]) ->
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         on_client_error()
-        message, param = _validation_message(exc)
+        message, param = validation_message(exc.errors())
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)

@@ -1,5 +1,6 @@
-"""What both OpenAI endpoints share: checks before the engine, and the EngineJob that carries
-the engine requests of one HTTP request (one per prompt) from admission to the last output.
+"""What both OpenAI endpoints share: checks before the engine (ModelContext, which the offline
+batch job uses too), and the EngineJob that carries the engine requests of one HTTP request
+(one per prompt) from admission to the last output.
 
 An EngineJob watches its HTTP connection: when the client goes away, while queued or mid-
 stream, every engine request of the job is aborted at once, so its KV blocks are free within
@@ -24,29 +25,15 @@ from taskloom.tokenizer.tokenizer import Tokenizer
 
 
 @dataclass
-class ServingContext:
-    """Everything the endpoints need, fixed when the server starts."""
+class ModelContext:
+    """What turning a request body into engine requests and an engine output back into a
+    response body needs: the model's name, tokenizer and limits. No engine client, so the
+    offline batch job (taskloom/batch.py) validates and answers exactly as the server does."""
 
-    client: AsyncEngineClient
     tokenizer: Tokenizer | None
     model_name: str
     max_model_len: int
-    metrics: ServerMetrics
-    max_queue: int | None = None
-
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
-            raise APIError(404, f"The model `{model}` does not exist. This server serves "
-                                f"`{self.model_name}` (see GET /v1/models).",
-                           "invalid_request_error", "model", "model_not_found")
-
-    def check_capacity(self, num_seqs: int) -> None:
-        if self.max_queue is not None and self.client.num_queued + num_seqs > self.max_queue:
-            raise APIError(429, f"The server is busy: {self.client.num_queued} sequences are "
-                                f"already waiting (--max-queue {self.max_queue}). Retry later.",
-                           "rate_limit_error", None, "queue_full")
-        if not self.client.alive:
-            raise APIError(503, "The engine is not running.", "service_unavailable")
+    vocab_size: int
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         """Reject what the model's context cannot hold, with the token counts."""
@@ -71,12 +58,55 @@ class ServingContext:
         return self.tokenizer
 
 
+@dataclass
+class ServingContext(ModelContext):
+    """Everything the endpoints need, fixed when the server starts."""
+
+    client: AsyncEngineClient
+    metrics: ServerMetrics
+    max_queue: int | None = None
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist. This server serves "
+                                f"`{self.model_name}` (see GET /v1/models).",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_capacity(self, num_seqs: int) -> None:
+        if self.max_queue is not None and self.client.num_queued + num_seqs > self.max_queue:
+            raise APIError(429, f"The server is busy: {self.client.num_queued} sequences are "
+                                f"already waiting (--max-queue {self.max_queue}). Retry later.",
+                           "rate_limit_error", None, "queue_full")
+        if not self.client.alive:
+            raise APIError(503, "The engine is not running.", "service_unavailable")
+
+
+@dataclass
+class PreparedRequest:
+    """A checked request body as engine inputs: (token ids, text or None) per prompt, and the
+    sampling parameters every prompt shares."""
+
+    prompts: list[tuple[list[int], str | None]]
+    params: SamplingParams
+
+
+def new_response_id(prefix: str) -> str:
+    """A fresh response id, e.g. `cmpl-<32 hex>` or `chatcmpl-<32 hex>` as OpenAI's."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
 def make_params(build: callable, **kwargs: object) -> SamplingParams:  # type: ignore[valid-type]
     """SamplingParams from a request body; a bad value becomes a 400 naming the parameter."""
     try:
         return build(**kwargs)
     except InvalidParameter as e:
         raise bad_request(str(e), e.param) from None
+
+
+def refused(index: int, num_prompts: int, error: ValueError) -> APIError:
+    """The 400 for a prompt the engine refused to queue (it could never run)."""
+    label = f"prompt {index}: " if num_prompts > 1 else ""
+    return bad_request(f"{label}{error}", "prompt")
 
 
 class ClientDisconnected(Exception):
@@ -96,7 +126,7 @@ class EngineJob:
     def __init__(self, ctx: ServingContext, raw: Request, prefix: str) -> None:
         self.ctx = ctx
         self.raw = raw
-        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.id = new_response_id(prefix)
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.entries: list[_Entry] = []
@@ -114,8 +144,7 @@ class EngineJob:
                 await self.ctx.client.add(rid, ids, params, text, stream=self.queue)
             except ValueError as e:
                 self.close()
-                label = f"prompt {i}: " if len(prompts) > 1 else ""
-                raise bad_request(f"{label}{e}", "prompt") from None
+                raise refused(i, len(prompts), e) from None
             except EngineDeadError as e:
                 self.close()
                 raise APIError(503, str(e), "service_unavailable") from None

@@ -29,8 +29,7 @@ def sse_response(job: EngineJob, chunks: AsyncIterator[dict[str, Any]]) -> Event
         except ClientDisconnected:
             return
         except APIError as e:
-            yield _event(json.dumps({"error": {"message": e.message, "type": e.type,
-                                               "param": e.param, "code": e.code}}))
+            yield _event(json.dumps(e.body()))
         finally:
             job.close()
         yield _event("[DONE]")
