@@ -22,11 +22,18 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="that many different shared prefixes, interleaved across prompts")
     tp.add_argument("--unique", dest="unique_len", type=int, default=None, metavar="LEN",
                     help="then LEN tokens of its own (default: --input-len)")
+    tp.add_argument("--turns", type=int, default=1,
+                    help="multi-turn chat: each later turn resends the history plus "
+                         "--user-len new tokens")
+    tp.add_argument("--user-len", type=int, default=None,
+                    help="new user tokens per later turn (default: --input-len)")
     tp.add_argument("--dataset-seed", type=int, default=0)
-    tp.add_argument("--peer", choices=["hf"], default=None,
-                    help="run the same workload through HF transformers generate and compare")
+    tp.add_argument("--peer", choices=["hf", "hf-static"], default=None,
+                    help="run the same workload through HF transformers and compare: hf is "
+                         "generate_batch (continuous batching, paged|sdpa), hf-static is "
+                         "generate over static batches of --peer-batch-size")
     tp.add_argument("--peer-batch-size", type=int, default=None,
-                    help="batch size of the HF generate calls (default: --max-num-seqs)")
+                    help="batch size of the hf-static generate calls (default: --max-num-seqs)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
     tp.set_defaults(func=_run_throughput)
     lat = kinds.add_parser("latency", help="batch latency: TTFT and decode tokens/s, GB/s")

@@ -13,7 +13,7 @@ import time
 import torch
 
 from taskloom.bench.common import run_info
-from taskloom.bench.throughput import make_prompts
+from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.sampling_params import SamplingParams
 
 
@@ -73,6 +73,12 @@ def _time_batch(llm, prompts: list[list[int]], output_len: int, device: torch.de
     return t_first - t0, t_end - t_first
 
 
+def _batch_prompts(a: argparse.Namespace, batch_size: int, vocab: int) -> list[list[int]]:
+    """The prompts of one batch size, sharing no block with another batch's (else the prefix
+    cache would serve them and flatter the time to first token)."""
+    return make_prompts(batch_size, a.input_len, None, vocab, a.dataset_seed + 7919 * batch_size)
+
+
 def run_latency(a: argparse.Namespace) -> dict:
     from taskloom.cli import make_llm
     llm = make_llm(a)
@@ -83,8 +89,8 @@ def run_latency(a: argparse.Namespace) -> dict:
     vocab = llm.engine.vocab_size
     rows = []
     for b in a.batch_sizes:
-        prompts = make_prompts(b, a.input_len, None, vocab, a.dataset_seed)
-        _time_batch(llm, prompts[:1], 4, device)               # warm-up
+        prompts = _batch_prompts(a, b, vocab)
+        _time_batch(llm, warmup_prompts(vocab, a.dataset_seed)[:1], 4, device)  # warm-up
         prefill_s, decode_s = _time_batch(llm, prompts, a.output_len, device)
         steps = a.output_len - 1
         per_step = decode_bytes_per_step(llm.engine.runner.model, kv_per_token, b,
@@ -105,7 +111,7 @@ def run_latency(a: argparse.Namespace) -> dict:
         del llm, runner
         _free(device)
         from taskloom.bench.peers import hf_generate_latency
-        batches = [make_prompts(b, a.input_len, None, vocab, a.dataset_seed)
+        batches = [_batch_prompts(a, b, vocab)
                    for b in a.batch_sizes]
         peer = hf_generate_latency(a, batches)
         result["peer"] = {"name": "hf-transformers-generate", "results": peer}

@@ -1,5 +1,6 @@
 """Peers run the same workload on the same weights in the same process, for a ratio:
-HF transformers `generate` (batched, greedy, exactly `output_len` new tokens per prompt)."""
+HF transformers `generate_batch` (its continuous batching over a paged cache) and `generate`
+(static batches), greedy, exactly `output_len` new tokens per prompt."""
 from __future__ import annotations
 
 import argparse
@@ -15,25 +16,27 @@ from taskloom.runtime.model_runner import torch_dtype
 logger = logging.getLogger(__name__)
 
 
-def load_hf_model(a: argparse.Namespace) -> torch.nn.Module:
+def load_hf_model(a: argparse.Namespace, attn_implementation: str | None = None
+                  ) -> torch.nn.Module:
     """The HF transformers model for the same weights taskloom loaded (for random weights:
     the same shape, randomly initialised by transformers)."""
     import transformers
 
     dtype = torch_dtype(a.dtype)
+    impl = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if a.random_weights:
         cfg = transformers.AutoConfig.for_model(**_random_config_dict(a.model))
         torch.manual_seed(a.weights_seed)
         with torch.device(a.device):  # initialise in place: an 8B model is slow to init on CPU
-            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, **impl)
     else:
         from taskloom.models.loader import resolve_model_path
         path = resolve_model_path(a.model)
         if path.endswith(".gguf"):
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype)
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=dtype, **impl)
         else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **impl)
     return model.to(a.device).eval()
 
 
@@ -55,6 +58,39 @@ def _left_pad(batch: list[list[int]], pad_id: int, device: str
         ids[i, width - len(p):] = torch.tensor(p)
         mask[i, width - len(p):] = 1
     return ids.to(device), mask.to(device)
+
+
+def hf_generate_batch_throughput(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
+    """Time HF `generate_batch` (continuous batching, `paged|sdpa` attention) over all of
+    `prompts` at once, `a.output_len` new tokens each (EOS ignored: no id matches -1).
+    Not under inference mode: generate_batch runs its loop in a thread of its own, which
+    must be able to update the model's tensors in place."""
+    from transformers import GenerationConfig
+
+    model = load_hf_model(a, attn_implementation="paged|sdpa")
+    config = GenerationConfig(max_new_tokens=a.output_len, do_sample=False, eos_token_id=-1,
+                              pad_token_id=0)
+    model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
+        max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0))
+    start = _synced_now(a.device)
+    results = model.generate_batch(inputs=prompts, generation_config=config)
+    elapsed = _synced_now(a.device) - start
+    failed = [k for k, r in results.items() if r.error is not None]
+    if failed or len(results) != len(prompts):
+        raise RuntimeError(f"HF generate_batch finished {len(results) - len(failed)} of "
+                           f"{len(prompts)} requests")
+    n_out = sum(len(r.generated_tokens) for r in results.values())
+    n_in = sum(len(p) for p in prompts)
+    return {"name": "hf-transformers-generate_batch", "attn_implementation": "paged|sdpa",
+            "output_tokens": n_out, "elapsed_s": round(elapsed, 3),
+            "output_tokens_per_s": round(n_out / elapsed, 2),
+            "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}
+
+
+def _synced_now(device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 @torch.inference_mode()
@@ -106,10 +142,6 @@ def hf_generate_latency(a: argparse.Namespace, batches: list[list[list[int]]]) -
 
 
 def _timed(device: str, fn) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = _synced_now(device)
     fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return _synced_now(device) - t0

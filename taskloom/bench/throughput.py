@@ -1,5 +1,11 @@
 """Offline throughput: N requests of given input/output lengths through `LLM.generate` in one
-continuous batch, output and total tokens/s; optionally the same workload through a peer."""
+continuous batch, output and total tokens/s; optionally the same workload through a peer.
+
+Workloads: fixed or random lengths; a shared prefix (a long system prompt or few-shot
+examples, `--shared-prefix`) before each request's own tokens; and multi-turn chat
+(`--turns`): every conversation sends its whole history plus a new user message each turn,
+all conversations of a turn in one batch, so each turn's prompt starts with the last one's
+prompt and answer."""
 from __future__ import annotations
 
 import argparse
@@ -26,41 +32,75 @@ def make_prompts(num: int, input_len: int, len_range: tuple[int, int] | None, vo
             for i, n in enumerate(lens)]
 
 
+def warmup_prompts(vocab: int, seed: int) -> list[list[int]]:
+    """Two short prompts sharing no block with any workload prompt: a warm-up with workload
+    prompts would leave their blocks in the prefix cache and flatter the timed run."""
+    return make_prompts(2, 16, None, vocab, seed + 1_000_003)
+
+
 def run_throughput(a: argparse.Namespace) -> dict:
     from taskloom.cli import make_llm
+    if a.turns < 1:
+        raise ValueError(f"--turns must be >= 1, got {a.turns}")
     llm = make_llm(a)
     prompts = make_prompts(a.num_prompts, a.unique_len or a.input_len, a.input_len_range,
                            llm.engine.vocab_size, a.dataset_seed, a.shared_prefix,
                            a.num_prefixes)
     params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
-    llm.generate(prompts[:2], SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
+    llm.generate(warmup_prompts(llm.engine.vocab_size, a.dataset_seed),
+                 SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     cache = llm.engine.scheduler.kv.stats
     queries0, hits0 = cache.queries, cache.hits
     start = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    n_in, n_out = _run_turns(llm, prompts, params, a.turns, a.user_len or a.input_len,
+                             a.dataset_seed)
     elapsed = time.perf_counter() - start
     queries, hits = cache.queries - queries0, cache.hits - hits0
-    n_in = sum(len(p) for p in prompts)
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     result = {
         "bench": "throughput", "model": a.model or "embedded:SmolLM2-135M-Instruct",
         "random_weights": a.random_weights, "dtype": a.dtype, "num_prompts": len(prompts),
         "input_len": a.input_len_range or a.input_len, "output_len": a.output_len,
         "shared_prefix": a.shared_prefix, "num_prefixes": a.num_prefixes,
-        "unique_len": a.unique_len,
+        "unique_len": a.unique_len, "turns": a.turns, "user_len": a.user_len,
         "prefix_caching": a.enable_prefix_caching, "prefix_aware_order": a.prefix_aware_order,
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
-        "elapsed_s": round(elapsed, 3), "requests_per_s": round(len(prompts) / elapsed, 3),
+        "elapsed_s": round(elapsed, 3),
+        "requests_per_s": round(len(prompts) * a.turns / elapsed, 3),
         "output_tokens_per_s": round(n_out / elapsed, 2),
         "total_tokens_per_s": round((n_in + n_out) / elapsed, 2),
         **run_info(a.device),
     }
-    if a.peer == "hf":
+    if a.peer:
+        if a.turns > 1:
+            raise ValueError("--peer runs single-turn workloads only (not --turns)")
         del llm
-        from taskloom.bench.peers import hf_generate_throughput
-        peer = hf_generate_throughput(a, prompts)
+        from taskloom.bench import peers
+        run_peer = (peers.hf_generate_batch_throughput if a.peer == "hf"
+                    else peers.hf_generate_throughput)
+        peer = run_peer(a, prompts)
         result["peer"] = peer
         result["ratio_vs_peer"] = round(result["output_tokens_per_s"]
                                         / peer["output_tokens_per_s"], 3)
     return result
+
+
+def _run_turns(llm, prompts: list[list[int]], params: SamplingParams, turns: int,
+               user_len: int, seed: int) -> tuple[int, int]:
+    """`turns` rounds of generation: round 0 answers `prompts`, each later round every
+    conversation's history (prompts and answers so far) plus `user_len` new random tokens.
+    Returns the prompt and output tokens processed in all."""
+    rng = random.Random(seed + 1)
+    vocab = llm.engine.vocab_size
+    history = [list(p) for p in prompts]
+    n_in = n_out = 0
+    for turn in range(turns):
+        if turn:
+            for h in history:
+                h.extend(rng.randrange(256, vocab) for _ in range(user_len))
+        outs = llm.generate(history, params, use_tqdm=False)
+        n_in += sum(len(h) for h in history)
+        for h, out in zip(history, outs):
+            h.extend(out.outputs[0].token_ids)
+            n_out += len(out.outputs[0].token_ids)
+    return n_in, n_out

@@ -1,0 +1,55 @@
+"""`taskloom bench throughput` end to end on a random tiny Llama, with both HF peers: the last
+line printed is the JSON result, the peer ran the same workload, and the ratio is theirs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from taskloom.cli import main
+
+TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=1024,
+                  hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("peer,name", [("hf", "hf-transformers-generate_batch"),
+                                       ("hf-static", "hf-transformers-generate")])
+def test_throughput_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   peer: str, name: str) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    out = tmp_path / "result.json"
+    rc = main(["bench", "throughput", "--random-weights", "--model", str(config),
+               "--num-prompts", "6", "--input-len-range", "8", "40", "--output-len", "8",
+               "--peer", peer, "--peer-batch-size", "4", "--output-json", str(out)])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["bench"] == "throughput" and result["num_prompts"] == 6
+    assert result["peer"]["name"] == name
+    assert result["peer"]["output_tokens_per_s"] > 0
+    assert result["ratio_vs_peer"] == pytest.approx(
+        result["output_tokens_per_s"] / result["peer"]["output_tokens_per_s"], rel=1e-2)
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_multi_turn_workload_reuses_each_conversation_history(
+        tmp_path: Path, capsys: pytest.CaptureFixture, caching: bool) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    args = ["bench", "throughput", "--random-weights", "--model", str(config),
+            "--num-prompts", "4", "--input-len", "40", "--output-len", "8", "--turns", "3",
+            "--user-len", "12"] + ([] if caching else ["--no-prefix-caching"])
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["turns"] == 3
+    # prompts of 40, 40+8+12 = 60 and 80 tokens; the KV of all but the last answer token is
+    # computed, so turn 2 finds 2 blocks of 16 cached and turn 3 finds 4: 96 of 180 tokens
+    # (the warm-up shares nothing with the workload)
+    if caching:
+        assert result["prefix_cache_hit_rate"] == pytest.approx(96 / 180, abs=1e-3)
+    else:
+        assert result["prefix_cache_hit_rate"] == 0.0
