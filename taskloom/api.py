@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from taskloom.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from taskloom.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
 from taskloom.engine.core import EngineCore
 from taskloom.engine.prefix_order import prefix_grouped_order
+from taskloom.lora.registry import LoRARegistry
+from taskloom.lora.request import LoRARequest
 from taskloom.outputs import RequestOutput
 from taskloom.runtime.builder import build_engine
 from taskloom.sampling_params import SamplingParams
@@ -20,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 Prompt = str | list[int]
 Conversation = list[dict]
+Adapter = str | LoRARequest | None
 
 
 class LLM:
@@ -32,6 +35,11 @@ class LLM:
     `max_num_seqs`) unless `enforce_eager`. `generate` and `chat` on a list admit the prompts
     grouped by shared prefix (`prefix_aware_order`), so each group's prefix is computed once
     and stays cached while the group runs; outputs still come back in input order.
+
+    LoRA adapters (PEFT directories) are served when `loras` names some ({name: path}) or
+    `enable_lora` is set: up to `max_loras` of them in one batch, ranks up to `max_lora_rank`,
+    `max_cpu_loras` kept in host memory. Load more with `load_lora`, mix loaded ones with
+    `merge_loras`, and pick one per prompt with `generate(..., lora=...)`.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", device: str = "cpu",
@@ -42,7 +50,10 @@ class LLM:
                  skip_tokenizer_init: bool = False,
                  seed: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: Sequence[int] | None = None,
-                 enable_prefix_caching: bool = True, prefix_aware_order: bool = True) -> None:
+                 enable_prefix_caching: bool = True, prefix_aware_order: bool = True,
+                 enable_lora: bool = False, loras: Mapping[str, str] | None = None,
+                 max_loras: int = 8, max_lora_rank: int = 16,
+                 max_cpu_loras: int | None = None) -> None:
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
@@ -55,10 +66,45 @@ class LLM:
                               num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens))
+                                      max_num_batched_tokens=max_num_batched_tokens),
+            lora=LoRAConfig(enabled=enable_lora or bool(loras), max_loras=max_loras,
+                            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras))
         self.engine: EngineCore = build_engine(self.config)
         self.prefix_aware_order = prefix_aware_order
         self._ids = itertools.count()
+        self.loras = LoRARegistry()
+        for name, path in (loras or {}).items():
+            self.load_lora(name, path)
+
+    def load_lora(self, name: str, path: str) -> LoRARequest:
+        """Load the PEFT adapter at `path` under `name` (ValueError if it does not fit)."""
+        lora = self.loras.reserve(name, path)
+        try:
+            self.engine.add_lora(lora)
+        except BaseException:
+            self.loras.discard(lora)
+            raise
+        return lora
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter and the merges made from it (KeyError if unknown)."""
+        for lora_id in self.loras.remove(name):
+            self.engine.remove_lora(lora_id)
+
+    def merge_loras(self, weights: Mapping[str, float], method: str = "linear",
+                    density: float = 1.0, majority_sign_method: str = "total",
+                    seed: int = 0) -> LoRARequest:
+        """A composite of loaded adapters (`{name: weight}`), merged by `linear` (task
+        arithmetic), `ties` or `dare_linear` as PEFT's `add_weighted_adapter` does; pass it
+        as `lora=` like a name. ValueError if they cannot be merged (e.g. different ranks)."""
+        lora, new = self.loras.merged(weights, method, density, majority_sign_method, seed)
+        if new:
+            try:
+                self.engine.add_lora(lora)
+            except BaseException:
+                self.loras.discard(lora)
+                raise
+        return lora
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -68,21 +114,24 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt (text or token ids); outputs come back in input order."""
+                 use_tqdm: bool = True, lora: Adapter | Sequence[Adapter] = None
+                 ) -> list[RequestOutput]:
+        """Complete each prompt (text or token ids), with adapter `lora` (a loaded adapter's
+        name, a `merge_loras` result, or one per prompt); outputs come back in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         encoded = [self._encode(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return self._run(encoded, texts, sampling_params, use_tqdm)
+        return self._run(encoded, texts, sampling_params, use_tqdm, lora)
 
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             lora: Adapter | Sequence[Adapter] = None) -> list[RequestOutput]:
         """Answer one conversation or a list of them, rendered with the model's chat template."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         encoded = [self.encode_chat(c, add_generation_prompt) for c in convs]
-        return self._run(encoded, [None] * len(convs), sampling_params, use_tqdm)
+        return self._run(encoded, [None] * len(convs), sampling_params, use_tqdm, lora)
 
     def encode_chat(self, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the chat template (the template itself
@@ -90,13 +139,13 @@ class LLM:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
         return self.tokenizer.encode(text, add_special_tokens=False)
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None
-               ) -> Iterator[RequestOutput]:
+    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+               lora: Adapter = None) -> Iterator[RequestOutput]:
         """Yield the request's output after every step that changed it (see `text_delta`).
         Closing the iterator early aborts the request."""
         params = sampling_params or SamplingParams()
         rid = self._add(self._encode(prompt), prompt if isinstance(prompt, str) else None,
-                        params)
+                        params, self._lora(lora))
         finished = False
         try:
             while not finished:
@@ -119,21 +168,39 @@ class LLM:
                              f"{type(prompt).__name__}")
         return prompt
 
-    def _add(self, ids: list[int], text: str | None, params: SamplingParams) -> str:
+    def _add(self, ids: list[int], text: str | None, params: SamplingParams,
+             lora: LoRARequest | None = None) -> str:
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, params, prompt=text)
+        self.engine.add_request(rid, ids, params, prompt=text, lora=lora)
         return rid
+
+    def _lora(self, lora: Adapter) -> LoRARequest | None:
+        if lora is None or isinstance(lora, LoRARequest):
+            return lora
+        try:
+            return self.loras.resolve(lora)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+
+    def _loras_list(self, lora: Adapter | Sequence[Adapter], n: int) -> list[LoRARequest | None]:
+        if lora is None or isinstance(lora, (str, LoRARequest)):
+            return [self._lora(lora)] * n
+        if len(lora) != n:
+            raise ValueError(f"got {len(lora)} adapters for {n} prompts")
+        return [self._lora(a) for a in lora]
 
     def _run(self, encoded: list[list[int]], texts: list[str | None],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
-             use_tqdm: bool) -> list[RequestOutput]:
+             use_tqdm: bool, lora: Adapter | Sequence[Adapter] = None) -> list[RequestOutput]:
         params = self._params_list(sampling_params, len(encoded))
-        order = prefix_grouped_order(encoded) if self.prefix_aware_order \
+        loras = self._loras_list(lora, len(encoded))
+        groups = [0 if a is None else a.lora_id for a in loras]
+        order = prefix_grouped_order(encoded, groups) if self.prefix_aware_order \
             else range(len(encoded))
         rids: dict[int, str] = {}
         try:
             for i in order:
-                rids[i] = self._add(encoded[i], texts[i], params[i])
+                rids[i] = self._add(encoded[i], texts[i], params[i], loras[i])
         except ValueError as e:
             for rid in rids.values():
                 self.engine.abort(rid)

@@ -15,6 +15,7 @@ from typing import Protocol
 from taskloom.engine.outputs import Logprobs, RunnerOutput, SchedulerOutput
 from taskloom.engine.request import Request, RequestStatus
 from taskloom.engine.scheduler import Scheduler
+from taskloom.lora.request import LoRARequest
 from taskloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from taskloom.sampling_params import SamplingParams
 from taskloom.tokenizer.detokenizer import IncrementalDetokenizer
@@ -26,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 class Runner(Protocol):
     def execute(self, sched: SchedulerOutput) -> RunnerOutput: ...
+
+    def add_lora(self, lora: LoRARequest) -> None: ...
+
+    def remove_lora(self, lora_id: int) -> None: ...
 
 
 @dataclass
@@ -64,8 +69,9 @@ class EngineCore:
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None) -> None:
-        """Queue a request; raise ValueError (and queue nothing) if it can never run."""
+                    prompt: str | None = None, lora: LoRARequest | None = None) -> None:
+        """Queue a request, served with adapter `lora` if given; raise ValueError (and queue
+        nothing) if it can never run."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
@@ -73,12 +79,15 @@ class EngineCore:
             raise ValueError("stop strings need a tokenizer, and this model has none "
                              "(random weights); use stop_token_ids")
         self.scheduler.check_fits(len(prompt_token_ids), params.max_tokens)
+        if lora is not None and not self.scheduler.max_loras:
+            raise ValueError(f"adapter {lora.name!r} requested, but this engine was started "
+                             f"without LoRA support (enable_lora / --enable-lora)")
         parent = _Parent(request_id, prompt, list(prompt_token_ids), [],
                          [None] if params.prompt_logprobs is not None else None)
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, prompt_token_ids, self._child_params(params, i),
-                          self.eos_token_ids)
+                          self.eos_token_ids, lora=lora)
             parent.seqs.append(_Seq(
                 req,
                 None if self.tokenizer is None else IncrementalDetokenizer(
@@ -106,6 +115,19 @@ class EngineCore:
         seed = None if params.seed is None else params.seed + i
         return dataclasses.replace(params, n=1, seed=seed,
                                    prompt_logprobs=params.prompt_logprobs if i == 0 else None)
+
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter into the runner's host cache now, so that errors in it surface
+        here (ValueError) rather than in a step; requests can then name it."""
+        if not self.scheduler.max_loras:
+            raise ValueError("this engine was started without LoRA support "
+                             "(enable_lora / --enable-lora)")
+        self.runner.add_lora(lora)
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Drop an adapter's host and device copies. Requests already queued with it still
+        finish: their LoRARequest carries the path, and the runner reloads it if needed."""
+        self.runner.remove_lora(lora_id)
 
     def abort(self, request_id: str) -> None:
         """Stop a request wherever it is and free its blocks; unknown ids are ignored."""

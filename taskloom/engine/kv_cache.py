@@ -164,7 +164,7 @@ class KVCacheManager:
         while len(chain) < n:
             i = len(chain)
             chain.append(hash_block(chain[-1] if chain else None,
-                                    req.token_ids_slice(i * bs, (i + 1) * bs), req.cache_salt))
+                                    req.token_ids_slice(i * bs, (i + 1) * bs), req.cache_key))
         return chain[:n]
 
     # ----- allocation --------------------------------------------------------------------------

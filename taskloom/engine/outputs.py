@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from taskloom.lora.request import LoRARequest
 from taskloom.sampling_params import SamplingParams
 
 
@@ -17,6 +18,7 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    lora: LoRARequest | None = None
 
 
 @dataclass

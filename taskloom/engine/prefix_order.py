@@ -11,6 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def prefix_grouped_order(prompts: Sequence[Sequence[int]]) -> list[int]:
-    """Indices of `prompts` in trie (lexicographic) order; ties keep their input order."""
-    return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+def prefix_grouped_order(prompts: Sequence[Sequence[int]],
+                         groups: Sequence[int] | None = None) -> list[int]:
+    """Indices of `prompts` in trie (lexicographic) order; ties keep their input order. With
+    `groups` (e.g. adapter ids: requests of different adapters share no KV), prompts are
+    ordered by group first, then by trie within each group."""
+    if groups is None:
+        return sorted(range(len(prompts)), key=lambda i: list(prompts[i]))
+    return sorted(range(len(prompts)), key=lambda i: (groups[i], list(prompts[i])))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import enum
 import time
 
+from taskloom.lora.request import LoRARequest
 from taskloom.sampling_params import SamplingParams
 
 
@@ -34,7 +35,7 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
-                 cache_salt: str | None = None) -> None:
+                 cache_salt: str | None = None, lora: LoRARequest | None = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
@@ -48,6 +49,19 @@ class Request:
         # Extra key of the prefix-cache hash chain: requests whose KV differs for the same
         # tokens (another adapter, another tenant) must not share blocks.
         self.cache_salt = cache_salt
+        self.lora = lora
+
+    @property
+    def lora_id(self) -> int | None:
+        return None if self.lora is None else self.lora.lora_id
+
+    @property
+    def cache_key(self) -> str | None:
+        """Everything besides the tokens that changes this request's KV: the adapter, the
+        salt. The extra key of its prefix-cache hash chain."""
+        parts = ([] if self.lora is None else [f"lora:{self.lora.lora_id}"]) + \
+            ([] if self.cache_salt is None else [f"salt:{self.cache_salt}"])
+        return "|".join(parts) or None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -6,11 +6,16 @@ chunk), one token (a decode), or the prompt plus its outputs again after a preem
 requests are served first, in arrival order; waiting requests are admitted while the budget,
 `max_num_seqs` and the KV pool allow. When a running request cannot get a block, the latest
 admitted running request is preempted (its blocks freed, its progress reset, recomputed later).
+
+With LoRA adapters, the running requests may use at most `max_loras` distinct adapters (the
+device slots). A waiting request whose adapter would exceed that is passed over, and requests
+behind it that fit are admitted; so that it does not starve, the running adapter with the
+fewest requests admits no more until it drains and frees its slot for the waiting one.
 """
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
@@ -23,10 +28,12 @@ logger = logging.getLogger(__name__)
 class Scheduler:
     """Decides who runs each step and accounts for the KV blocks they hold."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 max_loras: int = 0) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
+        self.max_loras = max_loras      # 0: adapters are not served
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -56,6 +63,9 @@ class Scheduler:
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        if req.lora is not None and not self.max_loras:
+            raise ValueError(f"request {req.request_id!r} names adapter {req.lora.name!r}, but "
+                             f"this engine was started without LoRA support")
         self.check_fits(req.num_prompt_tokens, req.max_tokens)
         self.requests[req.request_id] = req
         self.waiting.append(req)
@@ -101,22 +111,46 @@ class Scheduler:
         logger.debug("preempted %s", req.request_id)
 
     def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            req = self.waiting[0]
-            hits = self.kv.find_cached_prefix(req)
-            num_cached = len(hits) * self.kv.block_size
-            num_new = min(req.num_tokens - num_cached, budget)
-            if self.kv.allocate_slots(req, num_cached + num_new, hits) is None:
+        """Admit waiting requests in order while budget, seats and blocks last; requests
+        held back by the adapter-slot limit are passed over (see the module docstring)."""
+        active = Counter(r.lora_id for r in self.running if r.lora_id is not None)
+        draining: int | None = None
+        i = 0
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[i]
+            lid = req.lora_id
+            if lid is not None and lid not in active and len(active) >= self.max_loras:
+                if draining is None:
+                    draining = min(active, key=lambda k: (active[k], k))
+                i += 1
+                continue
+            if lid is not None and lid == draining:
+                i += 1
+                continue
+            num_new = self._admit_one(req, budget)
+            if num_new is None:
                 break
-            self.kv.stats.queries += req.num_tokens
-            self.kv.stats.hits += num_cached
-            req.num_computed_tokens = num_cached
-            self.waiting.popleft()
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            del self.waiting[i]
             scheduled.append((req, num_new))
             budget -= num_new
+            if lid is not None:
+                active[lid] += 1
         return budget
+
+    def _admit_one(self, req: Request, budget: int) -> int | None:
+        """Give a waiting request its cached prefix and blocks for its first chunk and mark it
+        running; the chunk's size, or None (nothing changed) when the pool is short."""
+        hits = self.kv.find_cached_prefix(req)
+        num_cached = len(hits) * self.kv.block_size
+        num_new = min(req.num_tokens - num_cached, budget)
+        if self.kv.allocate_slots(req, num_cached + num_new, hits) is None:
+            return None
+        self.kv.stats.queries += req.num_tokens
+        self.kv.stats.hits += num_cached
+        req.num_computed_tokens = num_cached
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        return num_new
 
     def _build_output(self, scheduled: list[tuple[Request, int]], budget: int) -> SchedulerOutput:
         new_requests, seqs = [], []
@@ -124,7 +158,8 @@ class Scheduler:
             rid = req.request_id
             if rid not in self._seen_by_runner:
                 self._seen_by_runner.add(rid)
-                new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params))
+                new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params,
+                                                   req.lora))
             start = req.num_computed_tokens
             seqs.append(ScheduledSeq(
                 req_id=rid,

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from taskloom.ops import activation, attention, rmsnorm, rotary
+from taskloom.lora.metadata import LoRAMetadata
+from taskloom.ops import activation, attention, lora, rmsnorm, rotary
 from taskloom.runtime.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,15 @@ class Ops:
     silu_and_mul: Callable[[Tensor], Tensor]
     write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor], None]
     paged_attention: Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]
+    lora_shrink: Callable[[Tensor, Tensor, LoRAMetadata], Tensor]
+    lora_expand: Callable[[Tensor, Tensor, LoRAMetadata, Tensor], None]
 
 
 TORCH_OPS = Ops(
     name="torch", rms_norm=rmsnorm.rms_norm, fused_add_rms_norm=rmsnorm.fused_add_rms_norm,
     rotary=rotary.apply_rotary, silu_and_mul=activation.silu_and_mul,
-    write_kv_cache=attention.write_kv_cache, paged_attention=attention.paged_attention_ref)
+    write_kv_cache=attention.write_kv_cache, paged_attention=attention.paged_attention_ref,
+    lora_shrink=lora.lora_shrink, lora_expand=lora.lora_expand)
 
 
 def triton_ops() -> Ops:
@@ -44,13 +48,15 @@ def triton_ops() -> Ops:
     from taskloom.ops.triton import activation as tr_activation
     from taskloom.ops.triton import attention as tr_attention
     from taskloom.ops.triton import kv_cache as tr_kv_cache
+    from taskloom.ops.triton import lora as tr_lora
     from taskloom.ops.triton import rmsnorm as tr_rmsnorm
     from taskloom.ops.triton import rotary as tr_rotary
     return Ops(
         name="triton", rms_norm=tr_rmsnorm.rms_norm,
         fused_add_rms_norm=tr_rmsnorm.fused_add_rms_norm, rotary=tr_rotary.apply_rotary,
         silu_and_mul=tr_activation.silu_and_mul, write_kv_cache=tr_kv_cache.write_kv_cache,
-        paged_attention=tr_attention.paged_attention)
+        paged_attention=tr_attention.paged_attention, lora_shrink=tr_lora.lora_shrink,
+        lora_expand=tr_lora.lora_expand)
 
 
 def select_ops(device: torch.device) -> Ops:

@@ -1,6 +1,7 @@
-"""Build an engine from an EngineConfig: load weights and tokenizer, size the KV pool (on a GPU
-by a profiling step, see `taskloom.runtime.memory`), capture CUDA graphs, wire the scheduler,
-runner and engine core together."""
+"""Build an engine from an EngineConfig: load weights and tokenizer, swap in LoRA projections
+when adapters are served, size the KV pool (on a GPU by a profiling step, see
+`taskloom.runtime.memory`), capture CUDA graphs, wire the scheduler, runner and engine core
+together."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ from taskloom.config import EngineConfig
 from taskloom.engine.core import EngineCore
 from taskloom.engine.kv_cache import KVCacheManager
 from taskloom.engine.scheduler import Scheduler
+from taskloom.lora.manager import LoRAManager
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
 from taskloom.ops.backend import TORCH_OPS
@@ -73,13 +75,17 @@ def build_engine(config: EngineConfig) -> EngineCore:
     device = torch.device(config.model.device)
     dtype = torch_dtype(config.model.dtype)
     max_model_len = config.model.max_model_len or arch.max_position_embeddings
+    lora = None
+    if config.lora.enabled:     # before sizing the KV pool: the slots take device memory
+        lora = LoRAManager(loaded.model, arch, config.lora, loaded.model.ops, device)
     graph_sizes = cuda_graph_sizes(config, loaded.model)
     num_blocks = num_kv_blocks(config, loaded.model, max_model_len, graph_sizes)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d", num_blocks,
                 config.cache.block_size, num_blocks * config.cache.block_size, max_model_len)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
-                         device, eos, max_model_len, graph_sizes)
+                         device, eos, max_model_len, graph_sizes, lora)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
                         config.cache.enable_prefix_caching)
-    scheduler = Scheduler(config.scheduler, kv, max_model_len)
+    scheduler = Scheduler(config.scheduler, kv, max_model_len,
+                          config.lora.max_loras if config.lora.enabled else 0)
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)

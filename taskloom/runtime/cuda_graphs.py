@@ -10,6 +10,10 @@ padding, which attends one token of block 0 and writes nothing into the cache. T
 states of the real rows are then read from the static output buffer; logits and sampling run
 eagerly after the replay.
 
+With LoRA adapters, each row's adapter slot is one more static buffer (-1: none), and the
+graphs are captured with every row treated as a one-token LoRA segment, so a replay serves
+any mix of adapters already in their slots.
+
 Steps with a prefill chunk, or more sequences than the largest bucket, run eagerly. Capture
 needs kernels that never read the step from the host: the Triton ops (the torch reference
 attention plans on host copies of the metadata), with a fixed number of decode splits per
@@ -25,6 +29,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from taskloom.lora.layers import LoRAState
+from taskloom.lora.metadata import LoRAMetadata
 from taskloom.runtime.attention import AttentionMetadata
 
 logger = logging.getLogger(__name__)
@@ -65,6 +71,10 @@ class DecodeInputs:
                                         device=device)       # [max_size, max_blocks_per_seq]
         self.query_start_loc = torch.arange(max_size + 1, dtype=torch.int32,
                                             device=device)   # [max_size + 1]
+        self.lora_slots = torch.full((max_size,), -1, dtype=torch.int32,
+                                     device=device)          # [max_size]
+        self._host_lora_slots = torch.full((max_size,), -1, dtype=torch.int32,
+                                           pin_memory=pinned)
         self._host_tokens = torch.zeros(3, max_size, dtype=torch.int64, pin_memory=pinned)
         self._host_seq_lens = torch.ones(max_size, dtype=torch.int32, pin_memory=pinned)
         # Flat: a step's [size, width] tables are staged contiguously.
@@ -82,6 +92,20 @@ class DecodeInputs:
             query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[max_model_len] * size,
             max_query_len=1, max_seq_len=max_model_len, block_size=block_size,
             decode_num_splits=num_splits)
+
+    def lora_metadata(self, size: int) -> LoRAMetadata:
+        """LoRA metadata a graph of `size` rows is captured with: one segment per row, each
+        reading its slot from the static buffer at replay."""
+        return LoRAMetadata(
+            token_slots=self.lora_slots[:size], seg_starts=self.query_start_loc[:size + 1],
+            seg_slots=self.lora_slots[:size], seg_starts_cpu=list(range(size + 1)),
+            seg_slots_cpu=[0] * size, max_seg_len=1)
+
+    def load_lora_slots(self, lora_slots: list[int]) -> None:
+        """Stage one decode step's per-row adapter slots (padding rows: -1)."""
+        host = self._host_lora_slots.numpy()                 # [max_size]
+        host[:len(lora_slots)], host[len(lora_slots):] = lora_slots, -1
+        self.lora_slots.copy_(self._host_lora_slots, non_blocking=self.non_blocking)
 
     def load(self, input_ids: list[int], positions: list[int], slots: list[int],
              seq_lens: list[int], block_tables: list[list[int]], size: int) -> None:
@@ -110,7 +134,8 @@ class DecodeGraphs:
     """The model's forward over `DecodeInputs`, captured as one CUDA graph per bucket size."""
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], sizes: Sequence[int],
-                 hidden_size: int, block_size: int, max_model_len: int) -> None:
+                 hidden_size: int, block_size: int, max_model_len: int,
+                 lora_state: LoRAState | None = None) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError(f"CUDA graph sizes must be batch sizes >= 1, got {list(sizes)}")
         self.model = model
@@ -124,6 +149,7 @@ class DecodeGraphs:
                                   device=self.device)        # [max_size, hidden]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._loaded = torch.cuda.Event()
+        self.lora_state = lora_state
 
     @property
     def max_size(self) -> int:
@@ -147,12 +173,16 @@ class DecodeGraphs:
         for size in reversed(self.sizes):
             splits = decode_num_splits(size, num_kv_heads, self.max_model_len)
             meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits)
+            if self.lora_state is not None:
+                self.lora_state.meta = self.inputs.lora_metadata(size)
             self._forward(size, meta)
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 self._forward(size, meta)
             self.graphs[size] = graph
+        if self.lora_state is not None:
+            self.lora_state.meta = None
         torch.cuda.synchronize()
         used = free_before - torch.cuda.mem_get_info()[0]
         logger.info("captured %d CUDA graphs for decode steps (batch sizes %s) in %.1f s, "
@@ -169,10 +199,12 @@ class DecodeGraphs:
         return num_seqs <= self.max_size
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]]) -> torch.Tensor:
+            seq_lens: list[int], block_tables: list[list[int]],
+            lora_slots: list[int] | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode step (one token per
-        sequence; lists as for the eager batch). Returns the hidden states [num_seqs, hidden],
-        a view of the static output valid until the next replay."""
+        sequence; lists as for the eager batch; `lora_slots`: each sequence's adapter slot,
+        when captured with LoRA). Returns the hidden states [num_seqs, hidden], a view of the
+        static output valid until the next replay."""
         n = len(seq_lens)
         size = bucket_size(self.sizes, n)
         if size is None:
@@ -180,6 +212,8 @@ class DecodeGraphs:
                              f"({self.max_size})")
         self._loaded.synchronize()      # the pinned staging is free once its last copy is done
         self.inputs.load(input_ids, positions, slots, seq_lens, block_tables, size)
+        if self.lora_state is not None:
+            self.inputs.load_lora_slots(lora_slots if lora_slots is not None else [-1] * n)
         self._loaded.record(torch.cuda.current_stream(self.device))
         self.graphs[size].replay()
         return self.hidden[:n]

@@ -4,7 +4,8 @@ It owns the KV-cache tensors (one `[2, num_blocks, block_size, num_kv_heads, hea
 layer) and the per-request sampling state, which lives from a request's first step until the
 scheduler reports it finished (so a preempted request keeps its seeded generator). On CUDA,
 decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`);
-other steps, and every step on the CPU, run the model eagerly.
+other steps, and every step on the CPU, run the model eagerly. With LoRA adapters
+(`taskloom.lora.manager`), the batch's adapters are put in device slots before each forward.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 from torch import nn
 
 from taskloom.engine.outputs import RunnerOutput, SchedulerOutput, ScheduledSeq
+from taskloom.lora.manager import LoRAManager
+from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata
 from taskloom.runtime.cuda_graphs import DecodeGraphs
@@ -35,6 +38,7 @@ class _ReqState:
     prompt_token_ids: list[int]
     logprobs: int | None
     prompt_logprobs: int | None
+    lora: LoRARequest | None = None
 
 
 @dataclass
@@ -49,6 +53,7 @@ class _Batch:
     block_tables: list[list[int]]  # [num_seqs][max_blocks], padded with 0
     sample_rows: list[int]        # flat index of each sampled token
     sample_seqs: list[ScheduledSeq]
+    seq_loras: list[LoRARequest | None]  # [num_seqs]
 
     @property
     def max_query_len(self) -> int:
@@ -66,7 +71,8 @@ class ModelRunner:
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...],
-                 max_model_len: int, graph_sizes: Sequence[int] = ()) -> None:
+                 max_model_len: int, graph_sizes: Sequence[int] = (),
+                 lora: LoRAManager | None = None) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -77,12 +83,14 @@ class ModelRunner:
                           for _ in range(arch.num_hidden_layers)]
         self.sampler = Sampler(arch.vocab_size, device)
         self._states: dict[str, _ReqState] = {}
+        self.lora = lora
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:
             if device.type != "cuda":
                 raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
             self.graphs = DecodeGraphs(model, self.kv_caches, graph_sizes, arch.hidden_size,
-                                       block_size, max_model_len)
+                                       block_size, max_model_len,
+                                       None if lora is None else lora.state)
             self.graphs.capture()
 
     @torch.inference_mode()
@@ -98,6 +106,16 @@ class ModelRunner:
         self._prompt_logprobs(hidden, batch, sched.seqs, out)
         return out
 
+    def add_lora(self, lora: LoRARequest) -> None:
+        """Load an adapter into the host cache now (ValueError if it does not fit)."""
+        if self.lora is None:
+            raise ValueError("this runner was built without LoRA support")
+        self.lora.add(lora)
+
+    def remove_lora(self, lora_id: int) -> None:
+        if self.lora is not None:
+            self.lora.remove(lora_id)
+
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self._states.pop(rid, None)
@@ -105,7 +123,7 @@ class ModelRunner:
         for new in sched.new_requests:
             p = new.params
             self._states[new.req_id] = _ReqState(new.prompt_token_ids, p.logprobs,
-                                                 p.prompt_logprobs)
+                                                 p.prompt_logprobs, new.lora)
             stop_ids = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
             self.sampler.add_request(new.req_id, p, new.prompt_token_ids, stop_ids)
 
@@ -133,16 +151,22 @@ class ModelRunner:
                 sample_seqs.append(seq)
         max_blocks = max(len(s.block_ids) for s in seqs)
         tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
+        loras = [self._states[s.req_id].lora for s in seqs]
         return _Batch(input_ids, positions, slots, qsl, seq_lens, tables, sample_rows,
-                      sample_seqs)
+                      sample_seqs, loras)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
         step that one fits, else an eager forward over the unpadded batch."""
+        lora_slots = None
+        if self.lora is not None:
+            qsl = batch.query_start_loc
+            lora_slots = self.lora.prepare(batch.seq_loras,
+                                           [b - a for a, b in zip(qsl, qsl[1:])])
         graphs = self.graphs
         if graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens)):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
-                              batch.block_tables)
+                              batch.block_tables, lora_slots)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(batch.slots, dtype=torch.int64, device=dev),

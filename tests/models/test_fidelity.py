@@ -16,14 +16,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-from transformers.initialization import no_init_weights
-from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+from transformers import AutoTokenizer
 
 from taskloom.config import ModelConfig
 from taskloom.models.embedded import embedded_model_path
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
+from tests.models.hf_smollm import load_hf_smollm
 from tests.models.single_seq import SingleSequence, forward_batch, greedy_batch
 from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
 
@@ -163,18 +162,10 @@ class Smol:
 @pytest.fixture(scope="module")
 def smollm() -> Smol:
     """HF's own GGUF reading (dequantization, q/k un-permutation, config, tokenizer) of the
-    embedded file, next to ours. `from_pretrained(gguf_file=...)` would need `accelerate`;
-    this is the same `load_gguf_checkpoint` it calls, into a model built from the config."""
+    embedded file, next to ours."""
+    hf = load_hf_smollm()
     path = embedded_model_path()
     directory, name = os.path.dirname(path), os.path.basename(path)
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    with no_init_weights():                                 # every weight comes from the file
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert missing == ["lm_head.weight"] and not unexpected  # tied to embed_tokens
-    hf.tie_weights()
-    assert hf.lm_head.weight is hf.model.embed_tokens.weight
     tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
     prompts = [tokenizer(t)["input_ids"] for t in SMOLLM_PROMPTS]
     ours = load_model(ModelConfig())

@@ -1,0 +1,163 @@
+"""Batched multi-LoRA shrink and expand (Triton), segment by segment as in Punica's SGMV.
+
+Drop-ins for `taskloom.ops.lora`: `lora_shrink` gives every token `x_i A_{slot_i}^T` in float32,
+`lora_expand` adds `t_i B_{slot_i}^T` into the base output in place. A segment is a run of
+consecutive tokens with one adapter slot (`LoRAMetadata`), so one program multiplies a block of
+a segment's rows by one tile of that segment's adapter, loaded once for all of them.
+
+The grid is (segments, row blocks of the longest segment, output column blocks): programs past
+their segment's end, and every program of a segment without an adapter (slot -1), return at
+once. It depends only on the number of segments and `max_seg_len`, so a CUDA graph that fixes
+both (decodes: one token per segment) replays it unchanged. Products are summed in float32
+with `tl.dot`; the rank K (e.g. 48 for fused qkv at rank 16) and the in/out sizes need not be
+powers of two or multiples of a block: tiles are padded to a power of two and masked.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from taskloom.lora.metadata import LoRAMetadata
+from taskloom.ops.triton.paged_kv import dot_precision
+
+MAX_BLOCK_M = 64           # segment rows per program
+BLOCK_IN = 64              # reduction tile over the input features (shrink)
+BLOCK_OUT = 64             # output features per program (expand)
+
+
+@triton.jit
+def _shrink_kernel(
+        x_ptr, a_ptr, t_ptr, seg_starts_ptr, seg_slots_ptr, stride_xm, stride_xk, stride_as,
+        stride_an, stride_ak, stride_tm,
+        IN: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    seg = tl.program_id(0)
+    row0 = tl.program_id(1) * BLOCK_M
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    seg_start = tl.load(seg_starts_ptr + seg)
+    seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
+    if (slot < 0) | (row0 >= seg_len):
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < seg_len                                             # [BLOCK_M]
+    tok = (seg_start + rows).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < K                                                   # [BLOCK_N]
+    a_base = a_ptr + slot * stride_as + cols[None, :] * stride_an
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < IN                                                  # [BLOCK_K]
+        x = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        a = tl.load(a_base + kk[:, None] * stride_ak,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc += tl.dot(x, a, input_precision=DOT_PRECISION)
+    tl.store(t_ptr + tok[:, None] * stride_tm + cols[None, :], acc,
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _expand_kernel(
+        t_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, stride_tm, stride_tk, stride_bs,
+        stride_bn, stride_bk, stride_ym, stride_yn,
+        OUT: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    seg = tl.program_id(0)
+    row0 = tl.program_id(1) * BLOCK_M
+    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
+    seg_start = tl.load(seg_starts_ptr + seg)
+    seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
+    if (slot < 0) | (row0 >= seg_len):
+        return
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < seg_len                                             # [BLOCK_M]
+    tok = (seg_start + rows).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < OUT                                                 # [BLOCK_N]
+    b_base = b_ptr + slot * stride_bs + cols[None, :] * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        k_mask = kk < K                                                   # [BLOCK_K]
+        t = tl.load(t_ptr + tok[:, None] * stride_tm + kk[None, :] * stride_tk,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        b = tl.load(b_base + kk[:, None] * stride_bk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(t, b.to(tl.float32), input_precision=DOT_PRECISION)
+    mask = row_mask[:, None] & col_mask[None, :]
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + cols[None, :] * stride_yn
+    y = tl.load(y_ptrs, mask=mask, other=0.0)                             # [BLOCK_M, BLOCK_N]
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> torch.Tensor:
+    """x: [n, in]; lora_a: [num_slots, K, in]. Returns float32 [n, K]: `x_i A_{slot_i}^T`,
+    zeros for tokens without an adapter. x and lora_a may be float32, float16 or bfloat16."""
+    _check_tokens("x", x, meta)
+    if lora_a.dim() != 3 or lora_a.shape[2] != x.shape[1]:
+        raise ValueError(f"lora_a must be [num_slots, K, {x.shape[1]}] for x of shape "
+                         f"{tuple(x.shape)}, got {tuple(lora_a.shape)}")
+    n, in_features = x.shape
+    rank = lora_a.shape[1]
+    t = torch.zeros(n, rank, dtype=torch.float32, device=x.device)       # [n, K]
+    num_segs = meta.seg_slots.shape[0]
+    if num_segs == 0 or meta.max_seg_len == 0 or rank == 0:
+        return t
+    block_m = _block_m(meta.max_seg_len)
+    block_n = min(64, max(16, triton.next_power_of_2(rank)))
+    grid = (num_segs, triton.cdiv(meta.max_seg_len, block_m), triton.cdiv(rank, block_n))
+    _shrink_kernel[grid](
+        x, lora_a, t, meta.seg_starts, meta.seg_slots, x.stride(0), x.stride(1),
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), t.stride(0),
+        IN=in_features, K=rank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_IN,
+        UPCAST=x.dtype != lora_a.dtype,
+        DOT_PRECISION=dot_precision(torch.promote_types(x.dtype, lora_a.dtype)), num_warps=4)
+    return t
+
+
+def lora_expand(t: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata,
+                y: torch.Tensor) -> None:
+    """t: float32 [n, K]; lora_b: [num_slots, out, K]; y: [n, out], updated in place:
+    `y_i += t_i B_{slot_i}^T` (rounded to y's dtype once, after the float32 sum); rows without
+    an adapter are not touched. For float16/bfloat16 `lora_b` the products run on TF32 tensor
+    cores (exact for B, t rounded to 10 mantissa bits); float32 `lora_b` gets exact products."""
+    _check_tokens("t", t, meta)
+    _check_tokens("y", y, meta)
+    if t.dtype != torch.float32:
+        raise ValueError(f"t must be float32 (lora_shrink's output), got {t.dtype}")
+    n, rank = t.shape
+    out_features = y.shape[1]
+    if lora_b.dim() != 3 or tuple(lora_b.shape[1:]) != (out_features, rank) or y.shape[0] != n:
+        raise ValueError(f"lora_b must be [num_slots, {out_features}, {rank}] and y [{n}, out] "
+                         f"for t of shape {tuple(t.shape)}, got lora_b {tuple(lora_b.shape)} "
+                         f"and y {tuple(y.shape)}")
+    num_segs = meta.seg_slots.shape[0]
+    if num_segs == 0 or meta.max_seg_len == 0 or rank == 0:
+        return
+    block_m = _block_m(meta.max_seg_len)
+    grid = (num_segs, triton.cdiv(meta.max_seg_len, block_m),
+            triton.cdiv(out_features, BLOCK_OUT))
+    _expand_kernel[grid](
+        t, lora_b, y, meta.seg_starts, meta.seg_slots, t.stride(0), t.stride(1),
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
+        OUT=out_features, K=rank, BLOCK_M=block_m, BLOCK_N=BLOCK_OUT,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(rank))),
+        DOT_PRECISION=dot_precision(lora_b.dtype), num_warps=4)
+
+
+def _block_m(max_seg_len: int) -> int:
+    """Rows per program: the longest segment rounded up to a power of two, 16 (tl.dot's
+    minimum) to MAX_BLOCK_M; decodes (single-token segments) get 16."""
+    return min(MAX_BLOCK_M, max(16, triton.next_power_of_2(max_seg_len)))
+
+
+def _check_tokens(name: str, tensor: torch.Tensor, meta: LoRAMetadata) -> None:
+    """Raise ValueError unless `tensor` is [num_tokens, features] for the metadata's tokens."""
+    if tensor.dim() != 2 or tensor.shape[0] < meta.num_tokens:
+        raise ValueError(f"{name} must be [num_tokens, features] with num_tokens >= "
+                         f"{meta.num_tokens} (the metadata's tokens), got {tuple(tensor.shape)}")

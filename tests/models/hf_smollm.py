@@ -1,0 +1,29 @@
+"""Test helper: the embedded SmolLM2-135M GGUF read by HF transformers itself (its own
+dequantization, q/k un-permutation and config), as the reference model of fidelity tests."""
+from __future__ import annotations
+
+import os
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.initialization import no_init_weights
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from taskloom.models.embedded import embedded_model_path
+
+
+def load_hf_smollm() -> transformers.PreTrainedModel:
+    """`from_pretrained(gguf_file=...)` would need `accelerate`; this is the same
+    `load_gguf_checkpoint` it calls, into a model built from the config."""
+    path = embedded_model_path()
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    with no_init_weights():                                 # every weight comes from the file
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert missing == ["lm_head.weight"] and not unexpected  # tied to embed_tokens
+    hf.tie_weights()
+    assert hf.lm_head.weight is hf.model.embed_tokens.weight
+    return hf
