@@ -4,8 +4,10 @@ Each INPUT line is `{"custom_id", "method": "POST", "url", "body"}` with url
 `/v1/completions` or `/v1/chat/completions`. The body is checked exactly as the server checks
 it (the same pydantic models, sampling values, prompt encoding, chat template, context length)
 and answered with the body the server returns for a non-streamed request. `body.model` is
-required, as in OpenAI's format, but any name is accepted: every line runs on the one loaded
-model, and the response's `model` is the served name (`--served-model-name`).
+required, as in OpenAI's format, but any name is accepted: a line runs on the loaded LoRA
+adapter its `model` names (or the merge its `merged_adapters` asks for), else on the base
+model, and the response's `model` is that adapter's name or the served name
+(`--served-model-name`).
 
 OUTPUT lines follow OpenAI's batch output, in completion order:
 
@@ -49,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
 
+from taskloom.lora.request import LoRARequest
 from taskloom.outputs import RequestOutput
 from taskloom.server.chat import chat_body, prepare_chat
 from taskloom.server.completions import completion_body, prepare_completion
@@ -129,12 +132,13 @@ class _Resume:
 class _Staged:
     """A checked line waiting for room in the engine, ordered by `key` then INPUT line."""
 
-    key: list[int]            # its first prompt's token ids (prefix-aware order), else []
+    key: tuple[int, list[int]]  # (adapter id, first prompt's ids) with prefix-aware order
     line: int
     custom_id: str = field(compare=False)
     endpoint: Endpoint = field(compare=False)
     body: Any = field(compare=False)
     prepared: PreparedRequest = field(compare=False)
+    lora: LoRARequest | None = field(compare=False)
 
 
 @dataclass
@@ -305,9 +309,11 @@ class _Run:
     def __init__(self, llm: LLM, model_name: str, resume: _Resume, summary: BatchSummary,
                  output: _Output, bar: tqdm) -> None:
         self.engine = llm.engine
+        self.llm = llm
         self.prefix_order = llm.prefix_aware_order
         self.ctx = ModelContext(self.engine.tokenizer, model_name,
-                                self.engine.scheduler.max_model_len, self.engine.vocab_size)
+                                self.engine.scheduler.max_model_len, self.engine.vocab_size,
+                                loras=llm.loras if llm.config.lora.enabled else None)
         self.resume, self.summary, self.output, self.bar = resume, summary, output, bar
         self.staged: list[_Staged] = []                  # checked, not admitted; next last
         self.pending: dict[str, tuple[_Job, int]] = {}   # engine request id -> (job, prompt)
@@ -369,11 +375,29 @@ class _Run:
             return
         try:
             parsed, prepared = self.prepare(endpoint, body)
+            lora = self.adapter(parsed)
         except APIError as e:
             self.write_refusal(custom_id, e)
             return
-        key = prepared.prompts[0][0] if self.prefix_order else []
-        self.staged.append(_Staged(key, line, custom_id, endpoint, parsed, prepared))
+        key = ((0 if lora is None else lora.lora_id, prepared.prompts[0][0])
+               if self.prefix_order else (0, []))
+        self.staged.append(_Staged(key, line, custom_id, endpoint, parsed, prepared, lora))
+
+    def adapter(self, body: Any) -> LoRARequest | None:
+        """The adapter a body names by `model`, or the merge its `merged_adapters` asks for
+        (built now, once per recipe); a 400 APIError when that cannot be."""
+        lora = self.ctx.adapter(body.model)
+        merged = body.merged_adapters
+        if merged is None:
+            return lora
+        if lora is not None or self.ctx.loras is None:
+            raise bad_request("merged_adapters needs `model` to name the base model, and "
+                              "LoRA support (--enable-lora or --lora)", "merged_adapters")
+        try:
+            return self.llm.merge_loras(merged.adapters, merged.method, merged.density,
+                                        merged.majority_sign_method, merged.seed)
+        except (KeyError, ValueError) as e:
+            raise bad_request(f"merged_adapters: {e.args[0]}", "merged_adapters") from None
 
     def parse(self, line: int, raw: bytes) -> tuple[str, Endpoint, dict[str, Any]]:
         """The custom_id, endpoint and body of a line; LineError when it makes no request.
@@ -429,7 +453,8 @@ class _Run:
         for i, (ids, text) in enumerate(prepared.prompts):
             rid = f"{job.response_id}-{i}"
             try:
-                self.engine.add_request(rid, ids, prepared.params, prompt=text)
+                self.engine.add_request(rid, ids, prepared.params, prompt=text,
+                                        lora=staged.lora)
             except ValueError as e:
                 for r in added:
                     self.engine.abort(r)

@@ -41,6 +41,23 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="compute every prompt in full (no reuse of cached KV blocks)")
     g.add_argument("--no-prefix-aware-order", dest="prefix_aware_order", action="store_false",
                    help="admit a known batch in input order, not grouped by shared prefix")
+    g = p.add_argument_group("LoRA adapters")
+    g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
+                   type=_lora_arg, help="serve the PEFT adapter at PATH as NAME (repeatable)")
+    g.add_argument("--enable-lora", action="store_true",
+                   help="serve adapters even with none named at start (load them later)")
+    g.add_argument("--max-loras", type=int, default=8,
+                   help="adapters in one batch at most (device slots)")
+    g.add_argument("--max-lora-rank", type=int, default=16)
+    g.add_argument("--max-cpu-loras", type=int, default=None,
+                   help="adapters kept in host memory (default: 4 x --max-loras)")
+
+
+def _lora_arg(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {value!r}")
+    return name, path
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -69,13 +86,19 @@ def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
 
 def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it loads torch)
     from taskloom.api import LLM
+    names = [name for name, _ in a.lora]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"--lora names {', '.join(twice)} more than once")
     return LLM(a.model, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
                max_num_batched_tokens=a.max_num_batched_tokens,
                kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
                gpu_memory_utilization=a.gpu_memory_utilization,
                max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
                enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching,
-               prefix_aware_order=a.prefix_aware_order)
+               prefix_aware_order=a.prefix_aware_order, enable_lora=a.enable_lora,
+               loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
+               max_cpu_loras=a.max_cpu_loras)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -140,7 +163,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     llm = make_llm(a)
     name = a.served_model_name or default_model_name(a)
     config = uvicorn_config(llm.engine, name, a.host, a.port, a.api_key, a.max_queue,
-                            a.shutdown_timeout)
+                            a.shutdown_timeout,
+                            loras=llm.loras if llm.config.lora.enabled else None)
     url = f"http://{a.host}:{a.port}"
     print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
           f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)

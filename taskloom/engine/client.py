@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from taskloom.engine.core import EngineCore
+from taskloom.lora.request import LoRARequest
 from taskloom.outputs import RequestOutput
 from taskloom.sampling_params import SamplingParams
 
@@ -47,6 +48,7 @@ class _Add:
     params: SamplingParams
     prompt: str | None
     done: Future
+    lora: LoRARequest | None = None
 
 
 @dataclass
@@ -54,12 +56,20 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread between steps (adapter loading and unloading)."""
+
+    fn: Callable[[], object]
+    done: Future
+
+
 class AsyncEngineClient:
     """Runs `core.step()` in a daemon thread for as long as any request is unfinished."""
 
     def __init__(self, core: EngineCore) -> None:
         self.core = core
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -120,7 +130,8 @@ class AsyncEngineClient:
                 self.abort(request_id)
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  prompt: str | None = None, stream: asyncio.Queue | None = None
+                  prompt: str | None = None, stream: asyncio.Queue | None = None,
+                  lora: LoRARequest | None = None
                   ) -> asyncio.Queue[RequestOutput | BaseException]:
         """Queue a request in the engine and return the queue its outputs arrive on (`stream`
         if given: several requests may share one queue and tell outputs apart by id)."""
@@ -135,7 +146,7 @@ class AsyncEngineClient:
         done: Future = Future()
         with self._lock:
             self._pending_adds += params.n
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, done))
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, done, lora))
         try:
             await asyncio.wrap_future(done)
         except ValueError:                   # the engine refused it: nothing was queued
@@ -151,7 +162,16 @@ class AsyncEngineClient:
         self._streams.pop(request_id, None)
         self._send(_Abort(request_id))
 
-    def _send(self, command: _Add | _Abort) -> None:
+    async def call(self, fn: Callable[[], object]) -> object:
+        """Run `fn` (which may use the engine core) on the engine thread between two steps
+        and return its result; its exception is raised here."""
+        if self.error is not None or self._thread is None:
+            raise EngineDeadError("the engine is not running")
+        done: Future = Future()
+        self._send(_Call(fn, done))
+        return await asyncio.wrap_future(done)
+
+    def _send(self, command: _Add | _Abort | _Call) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -189,23 +209,37 @@ class AsyncEngineClient:
             if isinstance(cmd, _Abort):
                 self.core.abort(cmd.request_id)
                 continue
+            if isinstance(cmd, _Call):
+                self._run_call(cmd)
+                continue
             with self._lock:
                 self._pending_adds -= cmd.params.n
             if not cmd.done.set_running_or_notify_cancel():
                 continue                     # the caller gave up before the engine saw it
             try:
                 self.core.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
-                                      prompt=cmd.prompt)
+                                      prompt=cmd.prompt, lora=cmd.lora)
             except ValueError as e:
                 cmd.done.set_exception(e)
             else:
                 cmd.done.set_result(None)
 
+    @staticmethod
+    def _run_call(cmd: _Call) -> None:
+        if not cmd.done.set_running_or_notify_cancel():
+            return
+        try:
+            result = cmd.fn()
+        except Exception as e:      # the caller's error (e.g. a bad adapter), not the engine's
+            cmd.done.set_exception(e)
+        else:
+            cmd.done.set_result(result)
+
     def _abort_all(self) -> None:
         """On the way out: refuse adds still queued, abort what runs, end every stream."""
         while not self._commands.empty():
             cmd = self._commands.get_nowait()
-            if isinstance(cmd, _Add) and cmd.done.set_running_or_notify_cancel():
+            if isinstance(cmd, (_Add, _Call)) and cmd.done.set_running_or_notify_cancel():
                 cmd.done.set_exception(EngineDeadError("the engine is shut down"))
         self.core.abort_all()
         self._publish_stats()

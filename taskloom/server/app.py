@@ -1,4 +1,5 @@
-"""The HTTP app: OpenAI endpoints, health, models, Prometheus metrics and the chat page.
+"""The HTTP app: OpenAI endpoints, health, models, Prometheus metrics and the chat page, and
+loading / unloading LoRA adapters at runtime (vLLM's endpoints).
 
 `build_app` wires a running engine (through its AsyncEngineClient) into a FastAPI app; the
 engine thread starts and stops with the app's lifespan.
@@ -18,23 +19,26 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from taskloom.engine.client import AsyncEngineClient
 from taskloom.engine.core import EngineCore
+from taskloom.lora.registry import LoRARegistry
 from taskloom.server.chat import create_chat_completion
 from taskloom.server.completions import create_completion
 from taskloom.server.errors import APIError, install_error_handlers
 from taskloom.server.metrics import ServerMetrics
-from taskloom.server.protocol import ChatCompletionRequest, CompletionRequest
+from taskloom.server.protocol import (ChatCompletionRequest, CompletionRequest,
+                                     LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 from taskloom.server.serving import ServingContext
 
 
 def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
-              max_queue: int | None = None) -> FastAPI:
+              max_queue: int | None = None, loras: LoRARegistry | None = None) -> FastAPI:
     """An app serving `core` under `model_name`. `api_key` guards /v1/*; `max_queue` bounds
-    the sequences waiting for admission (429 beyond it)."""
+    the sequences waiting for admission (429 beyond it); `loras` names the adapters requests
+    may pick by `model` (None: the engine serves no adapters)."""
     client = AsyncEngineClient(core)
     ctx = ServingContext(tokenizer=core.tokenizer, model_name=model_name,
                          max_model_len=core.scheduler.max_model_len, vocab_size=core.vocab_size,
                          client=client, metrics=ServerMetrics(client, model_name),
-                         max_queue=max_queue)
+                         max_queue=max_queue, loras=loras)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -60,9 +64,13 @@ def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "taskloom",
-            "max_model_len": ctx.max_model_len}]}
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "taskloom",
+                "root": model_name, "parent": None, "max_model_len": ctx.max_model_len}
+        adapters = [{**base, "id": a.name, "root": a.path, "parent": model_name}
+                    for a in (loras.adapters if loras else [])]
+        return {"object": "list", "data": [base] + adapters}
+
+    install_lora_endpoints(app, ctx, auth)
 
     @app.get("/health")
     async def health() -> Response:
@@ -81,6 +89,50 @@ def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
         return HTMLResponse(page)
 
     return app
+
+
+def install_lora_endpoints(app: FastAPI, ctx: ServingContext, auth: list) -> None:
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter, as vLLM has them."""
+
+    def registry() -> LoRARegistry:
+        if ctx.loras is None:
+            raise APIError(400, "This server was started without LoRA support; start it with "
+                                "--enable-lora or --lora NAME=PATH.", "invalid_request_error")
+        return ctx.loras
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> Response:
+        loras = registry()
+        if body.lora_name == ctx.model_name:
+            raise APIError(400, f"The name {body.lora_name!r} is the base model's.",
+                           "invalid_request_error", "lora_name")
+        try:
+            lora = loras.reserve(body.lora_name, body.lora_path)
+        except ValueError as e:
+            raise APIError(400, str(e), "invalid_request_error", "lora_name") from None
+        try:
+            await ctx.client.call(lambda: ctx.client.core.add_lora(lora))
+        except ValueError as e:
+            loras.discard(lora)
+            raise APIError(400, str(e), "invalid_request_error", "lora_path") from None
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> Response:
+        loras = registry()
+        try:
+            ids = loras.remove(body.lora_name)
+        except KeyError as e:
+            raise APIError(404, e.args[0], "invalid_request_error", "lora_name",
+                           "model_not_found") from None
+
+        def unload() -> None:
+            for lora_id in ids:
+                ctx.client.core.remove_lora(lora_id)
+        await ctx.client.call(unload)
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
 
 def _api_key_check(api_key: str | None):  # -> a FastAPI dependency

@@ -24,11 +24,11 @@ from taskloom.server.streaming import collect, sse_response, usage
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
                                  raw: Request) -> Response:
-    ctx.check_model(body.model)
+    lora = await ctx.resolve_model(body.model, body.merged_adapters)
     prepared = prepare_chat(ctx, body)
     ctx.check_capacity(body.n)
     job = EngineJob(ctx, raw, "chatcmpl")
-    await job.start(prepared.prompts, prepared.params)
+    await job.start(prepared.prompts, prepared.params, lora)
     if body.stream:
         return sse_response(job, _chunks(job, body))
     final = await collect(job)
@@ -67,7 +67,7 @@ def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompl
         if body.logprobs else None,
         "finish_reason": c.finish_reason} for c in out.outputs]
     return {"id": response_id, "object": "chat.completion", "created": created,
-            "model": ctx.model_name, "choices": choices,
+            "model": ctx.response_model(body.model), "choices": choices,
             "usage": usage(len(out.prompt_token_ids), [out])}
 
 
@@ -95,7 +95,7 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
 
 def _envelope(job: EngineJob, body: ChatCompletionRequest, choices: list) -> dict[str, Any]:
     chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created,
-             "model": job.ctx.model_name, "choices": choices}
+             "model": job.ctx.response_model(body.model), "choices": choices}
     if body.include_usage:
         chunk["usage"] = None
     return chunk

@@ -23,11 +23,11 @@ from taskloom.server.streaming import collect, sse_response, usage
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest,
                             raw: Request) -> Response:
-    ctx.check_model(body.model)
+    lora = await ctx.resolve_model(body.model, body.merged_adapters)
     prepared = prepare_completion(ctx, body)
     ctx.check_capacity(len(prepared.prompts) * body.n)
     job = EngineJob(ctx, raw, "cmpl")
-    await job.start(prepared.prompts, prepared.params)
+    await job.start(prepared.prompts, prepared.params, lora)
     if body.stream:
         return sse_response(job, _chunks(job, body))
     final = await collect(job)
@@ -104,7 +104,7 @@ def completion_body(ctx: ModelContext, response_id: str, created: int, body: Com
             choices.append(_choice(i * body.n + c.index, prefix + c.text, lp, c.finish_reason))
     num_prompt_tokens = sum(len(out.prompt_token_ids) for out in final)
     return {"id": response_id, "object": "text_completion", "created": created,
-            "model": ctx.model_name, "choices": choices,
+            "model": ctx.response_model(body.model), "choices": choices,
             "usage": usage(num_prompt_tokens, final)}
 
 
@@ -135,7 +135,7 @@ async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict
 
 def _chunk(job: EngineJob, body: CompletionRequest, choices: list[dict]) -> dict[str, Any]:
     chunk = {"id": job.id, "object": "text_completion", "created": job.created,
-             "model": job.ctx.model_name, "choices": choices}
+             "model": job.ctx.response_model(body.model), "choices": choices}
     if body.include_usage:
         chunk["usage"] = None
     return chunk

@@ -12,6 +12,7 @@ import time
 import uvicorn
 
 from taskloom.engine.core import EngineCore
+from taskloom.lora.registry import LoRARegistry
 from taskloom.server.app import build_app
 
 logger = logging.getLogger(__name__)
@@ -19,8 +20,9 @@ logger = logging.getLogger(__name__)
 
 def uvicorn_config(core: EngineCore, model_name: str, host: str, port: int,
                    api_key: str | None, max_queue: int | None,
-                   shutdown_grace: float, log_level: str = "info") -> uvicorn.Config:
-    app = build_app(core, model_name, api_key=api_key, max_queue=max_queue)
+                   shutdown_grace: float, log_level: str = "info",
+                   loras: LoRARegistry | None = None) -> uvicorn.Config:
+    app = build_app(core, model_name, api_key=api_key, max_queue=max_queue, loras=loras)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                           timeout_graceful_shutdown=shutdown_grace, access_log=False)
 

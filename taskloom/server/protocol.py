@@ -1,7 +1,8 @@
 """OpenAI protocol: request bodies of /v1/completions and /v1/chat/completions as pydantic models.
 
 Fields and defaults follow OpenAI's API reference; the usual engine extensions (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos) are accepted in the body as vLLM accepts them.
+repetition_penalty, min_tokens, ignore_eos) are accepted in the body as vLLM accepts them,
+and `merged_adapters` serves a request with a mix of loaded LoRA adapters (as LoRAX does).
 Types are strict (a string is not a number); ranges are checked by SamplingParams, so the
 rules live in one place. Unknown fields are ignored, as OpenAI-compatible servers do.
 """
@@ -24,6 +25,30 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class MergedAdapters(_Body):
+    """Serve the request with loaded adapters merged: {name: weight} by `method` (linear,
+    ties, dare_linear) with PEFT's semantics; checked by the engine's MergeSpec."""
+
+    adapters: Annotated[dict[StrictStr, float], Field(min_length=1)]
+    method: StrictStr = "linear"
+    density: float = 1.0
+    majority_sign_method: StrictStr = "total"
+    seed: int = 0
+
+
+class LoadLoRAAdapterRequest(_Body):
+    """Body of POST /v1/load_lora_adapter (vLLM's)."""
+
+    lora_name: StrictStr
+    lora_path: StrictStr
+
+
+class UnloadLoRAAdapterRequest(_Body):
+    """Body of POST /v1/unload_lora_adapter (vLLM's)."""
+
+    lora_name: StrictStr
+
+
 class _SamplingFields(_Body):
     """Fields that both endpoints share."""
 
@@ -44,6 +69,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    merged_adapters: MergedAdapters | None = None
 
     @property
     def include_usage(self) -> bool:

@@ -12,15 +12,18 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
 from taskloom.engine.client import AsyncEngineClient, EngineDeadError
+from taskloom.lora.registry import LoRARegistry
+from taskloom.lora.request import LoRARequest
 from taskloom.outputs import RequestOutput
 from taskloom.sampling_params import InvalidParameter, SamplingParams
 from taskloom.server.errors import APIError, bad_request
 from taskloom.server.metrics import RequestTimer, ServerMetrics
+from taskloom.server.protocol import MergedAdapters
 from taskloom.tokenizer.tokenizer import Tokenizer
 
 
@@ -34,6 +37,7 @@ class ModelContext:
     model_name: str
     max_model_len: int
     vocab_size: int
+    loras: LoRARegistry | None = field(default=None, kw_only=True)  # None: no LoRA support
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         """Reject what the model's context cannot hold, with the token counts."""
@@ -52,6 +56,19 @@ class ModelContext:
             return f"<{token_id}>"
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
+    def response_model(self, model: str) -> str:
+        """The base model's name, or the adapter's when the request named one."""
+        return model if self.adapter(model) is not None else self.model_name
+
+    def adapter(self, model: str) -> LoRARequest | None:
+        """The loaded adapter named `model`, if any."""
+        if self.loras is None or model == self.model_name:
+            return None
+        try:
+            return self.loras.resolve(model)
+        except KeyError:
+            return None
+
     def tokenizer_or_error(self) -> Tokenizer:
         if self.tokenizer is None:
             raise bad_request("this model has no tokenizer (random weights): send token ids")
@@ -66,11 +83,38 @@ class ServingContext(ModelContext):
     metrics: ServerMetrics
     max_queue: int | None = None
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
+    async def resolve_model(self, model: str, merged: MergedAdapters | None
+                            ) -> LoRARequest | None:
+        """The adapter a request is served with (None: the base model): `model` names the
+        base model or a loaded adapter; `merged_adapters` (with the base model) a merge of
+        loaded adapters, loaded once and cached by recipe. 404 / 400 naming the problem."""
+        adapter = self.adapter(model)
+        if adapter is None and model != self.model_name:
+            names = [self.model_name] + [a.name for a in (self.loras.adapters if self.loras
+                                                           else [])]
             raise APIError(404, f"The model `{model}` does not exist. This server serves "
-                                f"`{self.model_name}` (see GET /v1/models).",
+                                f"{', '.join(f'`{n}`' for n in names)} (see GET /v1/models).",
                            "invalid_request_error", "model", "model_not_found")
+        if merged is None:
+            return adapter
+        if adapter is not None or self.loras is None:
+            raise bad_request("merged_adapters needs `model` to name the base model, on a "
+                              "server started with LoRA support", "merged_adapters")
+        return await self._merge(self.loras, merged)
+
+    async def _merge(self, loras: LoRARegistry, m: MergedAdapters) -> LoRARequest:
+        try:
+            lora, new = loras.merged(m.adapters, m.method, m.density, m.majority_sign_method,
+                                     m.seed)
+        except (KeyError, ValueError) as e:
+            raise bad_request(f"merged_adapters: {e.args[0]}", "merged_adapters") from None
+        if new:
+            try:
+                await self.client.call(lambda: self.client.core.add_lora(lora))
+            except ValueError as e:
+                loras.discard(lora)
+                raise bad_request(f"merged_adapters: {e}", "merged_adapters") from None
+        return lora
 
     def check_capacity(self, num_seqs: int) -> None:
         if self.max_queue is not None and self.client.num_queued + num_seqs > self.max_queue:
@@ -134,14 +178,15 @@ class EngineJob:
         self._watcher: asyncio.Task | None = None
 
     async def start(self, prompts: list[tuple[list[int], str | None]],
-                    params: SamplingParams) -> None:
-        """Admit every prompt, or none: a refusal aborts those already added (400)."""
+                    params: SamplingParams, lora: LoRARequest | None = None) -> None:
+        """Admit every prompt (served with adapter `lora`), or none: a refusal aborts those
+        already added (400)."""
         self._watcher = asyncio.ensure_future(self._watch_disconnect())
         for i, (ids, text) in enumerate(prompts):
             rid = f"{self.id}-{i}"
             entry = _Entry(rid, self.ctx.metrics.timer())
             try:
-                await self.ctx.client.add(rid, ids, params, text, stream=self.queue)
+                await self.ctx.client.add(rid, ids, params, text, stream=self.queue, lora=lora)
             except ValueError as e:
                 self.close()
                 raise refused(i, len(prompts), e) from None
