@@ -46,6 +46,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                      help="run the same batches through HF transformers generate and compare")
     lat.add_argument("--output-json", default=None, help="also write the result to this file")
     lat.set_defaults(func=_run_latency)
+    lo = kinds.add_parser("lora", help="multi-LoRA throughput relative to the base model")
+    add_engine_args(lo)
+    lo.add_argument("--num-loras", type=int, nargs="+", default=[1, 8, 64],
+                    help="numbers of distinct adapters to run the workload with")
+    lo.add_argument("--lora-rank", type=int, default=16)
+    lo.add_argument("--num-prompts", type=int, default=64)
+    lo.add_argument("--input-len", type=int, default=128)
+    lo.add_argument("--output-len", type=int, default=64)
+    lo.add_argument("--input-len-range", type=int, nargs=2, metavar=("LO", "HI"), default=None)
+    lo.add_argument("--dataset-seed", type=int, default=0)
+    lo.add_argument("--repeats", type=int, default=2,
+                    help="run every configuration this many times, round-robin; keep the best")
+    lo.add_argument("--output-json", default=None, help="also write the result to this file")
+    lo.set_defaults(func=_run_lora, max_loras=None)
     sv = kinds.add_parser("serve", help="online latency and throughput against a running server")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000")
     sv.add_argument("--model", default=None, help="model name (default: the server's first)")
@@ -74,6 +88,16 @@ def _run_latency(a: argparse.Namespace) -> int:
         print(f"batch {r['batch_size']:4d}: TTFT {r['ttft_ms']:9.1f} ms  decode "
               f"{r['decode_tokens_per_s']:9.1f} tok/s  {r['achieved_gb_per_s']:8.1f} GB/s "
               f"({100 * r['fraction_of_copy_bandwidth']:.0f}% of copy)")
+    return _emit(result, a.output_json)
+
+
+def _run_lora(a: argparse.Namespace) -> int:
+    from taskloom.bench.lora import run_lora_bench
+    result = run_lora_bench(a)
+    print(f"base: {result['base']['output_tokens_per_s']:9.1f} output tok/s")
+    for r in result["results"]:
+        print(f"{r['num_loras']:5d} adapters: {r['output_tokens_per_s']:9.1f} output tok/s "
+              f"({r['ratio_vs_base']:.3f} of base, {r['slot_writes']} slot writes)")
     return _emit(result, a.output_json)
 
 

@@ -5,11 +5,12 @@ knows nothing of adapters, as it knows nothing of quantization). The base projec
 one dense matmul over the whole batch; the adapters' low-rank terms are added by the batched
 shrink/expand ops of `taskloom.ops.lora` over stacked per-slot weights:
 
-  lora_a: [max_loras, num_subs * max_rank, in]    lora_b: [max_loras, out, num_subs * max_rank]
+  lora_a: [max_loras, num_subs * max_rank, in]    lora_b: [max_loras, out, max_rank]
 
 A fused projection (q/k/v, gate/up) holds one rank block per sub-projection: sub j's A rows
-are `j*R : j*R + r` and its B is that column block restricted to its own output rows, so the
-fused projection's adapter term is still one shrink and one expand. Scaling is folded into B.
+are `j*R : j*R + r`, and its B fills the first r columns of its own output rows (`out_slices`),
+so the fused projection's adapter term is one shrink and one expand whose sub-projections
+each read their block of the shrink's output. Scaling is folded into B.
 """
 from __future__ import annotations
 
@@ -50,16 +51,18 @@ class LoRALinear(nn.Module):
         self.register_buffer("lora_a", torch.zeros(max_loras, k, base.in_features,
                                                    dtype=w.dtype, device=w.device),
                              persistent=False)
-        self.register_buffer("lora_b", torch.zeros(max_loras, base.out_features, k,
+        self.register_buffer("lora_b", torch.zeros(max_loras, base.out_features, max_rank,
                                                    dtype=w.dtype, device=w.device),
                              persistent=False)
+        offsets = [sum(size for _, size in subs[:j]) for j in range(len(subs))]
+        self.out_slices = tuple((o, size) for o, (_, size) in zip(offsets, subs))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)                                     # [n, out]
         meta = self.state.meta
         if meta is not None and meta.has_adapters:
             t = self.ops.lora_shrink(x, self.lora_a, meta)   # [n, K] float32
-            self.ops.lora_expand(t, self.lora_b, meta, y)
+            self.ops.lora_expand(t, self.lora_b, meta, y, self.out_slices)
         return y
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
@@ -68,15 +71,14 @@ class LoRALinear(nn.Module):
         self.lora_b[slot].zero_()
         if adapter is None:
             return
-        rows = 0
-        for j, (module, size) in enumerate(self.subs):
+        for j, ((module, _), (row, size)) in enumerate(zip(self.subs, self.out_slices)):
             w = adapter.weights.get((self.layer, module))
             if w is not None:      # rank <= max_rank: checked when the adapter was loaded
-                cols = slice(j * self.max_rank, j * self.max_rank + w.a.shape[0])
-                self.lora_a[slot, cols] = w.a.to(self.lora_a.dtype)
-                self.lora_b[slot, rows:rows + size, cols] = (
-                    w.b * adapter.scaling).to(self.lora_b.dtype)
-            rows += size
+                r = w.a.shape[0]
+                self.lora_a[slot, j * self.max_rank:j * self.max_rank + r] = \
+                    w.a.to(self.lora_a.dtype)
+                self.lora_b[slot, row:row + size, :r] = (w.b * adapter.scaling).to(
+                    self.lora_b.dtype)
 
 
 def wrap_projections(model: nn.Module, max_loras: int, max_rank: int, ops: Ops,

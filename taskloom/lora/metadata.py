@@ -8,6 +8,7 @@ the torch reference). Slot -1 means no adapter: those tokens get the base projec
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -20,6 +21,8 @@ class LoRAMetadata:
     seg_starts_cpu: list[int]       # host copies, so the reference path never syncs
     seg_slots_cpu: list[int]
     max_seg_len: int
+    # Derived once per step by the torch reference ops and shared by every layer.
+    ref_plan: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -33,7 +33,7 @@ class Ops:
     write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor], None]
     paged_attention: Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]
     lora_shrink: Callable[[Tensor, Tensor, LoRAMetadata], Tensor]
-    lora_expand: Callable[[Tensor, Tensor, LoRAMetadata, Tensor], None]
+    lora_expand: lora.ExpandFn
 
 
 TORCH_OPS = Ops(

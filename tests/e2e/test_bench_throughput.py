@@ -53,3 +53,21 @@ def test_multi_turn_workload_reuses_each_conversation_history(
         assert result["prefix_cache_hit_rate"] == pytest.approx(96 / 180, abs=1e-3)
     else:
         assert result["prefix_cache_hit_rate"] == 0.0
+
+
+def test_lora_bench_reports_each_adapter_count_against_the_base(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    assert main(["bench", "lora", "--random-weights", "--model", str(config),
+                 "--num-loras", "1", "3", "--num-prompts", "6", "--input-len", "16",
+                 "--output-len", "4", "--repeats", "1", "--max-loras", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "lora" and result["max_loras"] == 2
+    assert [r["num_loras"] for r in result["results"]] == [1, 3]
+    for r in result["results"]:
+        assert r["ratio_vs_base"] == pytest.approx(
+            r["output_tokens_per_s"] / result["base"]["output_tokens_per_s"], rel=1e-2)
+    # three adapters through two slots, one of them left in its slot by the 1-adapter run:
+    # the other two must be written in
+    assert result["results"][1]["slot_writes"] >= 2

@@ -191,8 +191,36 @@ def test_mismatched_shapes_are_rejected() -> None:
         tr_lora.lora_shrink(torch.zeros(3, 8), torch.zeros(2, 4, 6), meta)
     with pytest.raises(ValueError, match=r"x must be \[num_tokens, features\]"):
         tr_lora.lora_shrink(torch.zeros(2, 8), torch.zeros(2, 4, 8), meta)
-    with pytest.raises(ValueError, match=r"lora_b must be \[num_slots, 5, 4\]"):
+    with pytest.raises(ValueError, match=r"t must be \[num_tokens, 3\]"):
         tr_lora.lora_expand(torch.zeros(3, 4), torch.zeros(2, 5, 3), meta, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"lora_b must be \[num_slots, out, R\] with y"):
+        tr_lora.lora_expand(torch.zeros(3, 4), torch.zeros(2, 6, 4), meta, torch.zeros(3, 5))
     with pytest.raises(ValueError, match="t must be float32"):
         tr_lora.lora_expand(torch.zeros(3, 4, dtype=torch.float16), torch.zeros(2, 5, 4), meta,
                             torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_expand_of_a_fused_projection_equals_its_block_diagonal_form(device: str,
+                                                                     dtype: torch.dtype) -> None:
+    """A fused q/k/v projection's compact B ([out, R], sub-projection j reading t's columns
+    j*R:(j+1)*R) gives, in the kernel and the reference, what the block-diagonal B
+    ([out, 3R], zeros off the diagonal blocks) gives as one plain expand."""
+    skip_interpreted_bf16(device, dtype)
+    r, q, kv = 8, 40, 24
+    slices = ((0, q), (q, kv), (q + kv, kv))
+    meta = batch_metadata("mixed", device, 3)
+    gen = torch.Generator().manual_seed(9)
+    compact = torch.randn(3, q + 2 * kv, r, generator=gen).to(device, dtype)   # [S, out, R]
+    diagonal = torch.zeros(3, q + 2 * kv, 3 * r, dtype=dtype, device=device)   # [S, out, 3R]
+    for j, (o, size) in enumerate(slices):
+        diagonal[:, o:o + size, j * r:(j + 1) * r] = compact[:, o:o + size]
+    t = torch.randn(meta.num_tokens, 3 * r, generator=gen).to(device)
+    y0 = torch.randn(meta.num_tokens, q + 2 * kv, generator=gen).to(device, dtype)
+    want = y0.clone()
+    lora_ref.lora_expand(t, diagonal, meta, want)
+    for expand in (lora_ref.lora_expand, tr_lora.lora_expand):
+        y = y0.clone()
+        expand(t, compact, meta, y, slices)
+        torch.testing.assert_close(y, want, **EXPAND_TOL[dtype])

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from taskloom.lora.metadata import LoRAMetadata
+from taskloom.ops.lora import OutSlices
 from taskloom.ops.triton.paged_kv import dot_precision
 
 MAX_BLOCK_M = 64           # segment rows per program
@@ -121,11 +122,28 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> to
 
 
 def lora_expand(t: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata,
-                y: torch.Tensor) -> None:
-    """t: float32 [n, K]; lora_b: [num_slots, out, K]; y: [n, out], updated in place:
-    `y_i += t_i B_{slot_i}^T` (rounded to y's dtype once, after the float32 sum); rows without
-    an adapter are not touched. For float16/bfloat16 `lora_b` the products run on TF32 tensor
-    cores (exact for B, t rounded to 10 mantissa bits); float32 `lora_b` gets exact products."""
+                y: torch.Tensor, out_slices: OutSlices | None = None) -> None:
+    """t: float32 [n, num_subs * R]; lora_b: [num_slots, out, R]; y: [n, out], updated in
+    place, as `taskloom.ops.lora.lora_expand`: sub-projection j's rows `out_slices[j]` (None:
+    all rows, one sub-projection) add `t_i[j*R:(j+1)*R] B_{slot_i}[rows]^T`, one launch per
+    sub-projection on views. Rows without an adapter are not touched. For float16/bfloat16
+    `lora_b` the products run on TF32 tensor cores (exact for B, t rounded to 10 mantissa
+    bits); float32 `lora_b` gets exact products."""
+    if lora_b.dim() != 3 or y.dim() != 2 or lora_b.shape[1] != y.shape[1]:
+        raise ValueError(f"lora_b must be [num_slots, out, R] with y [n, out], got lora_b "
+                         f"{tuple(lora_b.shape)} and y {tuple(y.shape)}")
+    r = lora_b.shape[2]
+    slices = out_slices or ((0, y.shape[1]),)
+    if t.dim() != 2 or t.shape[1] != len(slices) * r:
+        raise ValueError(f"t must be [num_tokens, {len(slices) * r}] ({len(slices)} "
+                         f"sub-projections of rank {r}), got {tuple(t.shape)}")
+    for j, (o, size) in enumerate(slices):
+        _expand(t[:, j * r:(j + 1) * r], lora_b[:, o:o + size], meta, y[:, o:o + size])
+
+
+def _expand(t: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata,
+            y: torch.Tensor) -> None:
+    """One sub-projection: t [n, K] float32, lora_b [num_slots, out, K], y [n, out] views."""
     _check_tokens("t", t, meta)
     _check_tokens("y", y, meta)
     if t.dtype != torch.float32:
