@@ -168,3 +168,58 @@ def test_graphs_are_off_on_the_cpu_and_configurable(tmp_path: Path) -> None:
     add_engine_args(parser)
     assert parser.parse_args(["--enforce-eager"]).enforce_eager
     assert not parser.parse_args([]).enforce_eager
+
+
+def test_decode_inputs_stage_lora_slots_as_one_segment_per_row() -> None:
+    inputs = DecodeInputs(max_size=8, max_blocks_per_seq=2, device=CPU)
+    inputs.load_lora_slots([3, -1, 0])
+    meta = inputs.lora_metadata(4)
+    assert meta.token_slots.data_ptr() == inputs.lora_slots.data_ptr()
+    assert meta.token_slots.tolist() == [3, -1, 0, -1]             # padding rows: no adapter
+    assert meta.seg_starts.tolist() == [0, 1, 2, 3, 4] and meta.max_seg_len == 1
+    assert meta.has_adapters                # captured with the LoRA ops, whatever the step
+
+
+@torch.inference_mode()
+def test_padded_static_lora_decode_step_matches_the_eager_step() -> None:
+    """With LoRA projections (Triton kernels through the interpreter), the static decode
+    forward a graph captures, each row's slot read from the static buffer, gives the eager
+    step's hidden states for a batch mixing two adapters and the base model."""
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from taskloom.lora.adapter import LoRAAdapter, LoRAWeights, target_shapes
+    from taskloom.lora.layers import LoRAState, wrap_projections
+    from taskloom.lora.metadata import build_lora_metadata
+    from taskloom.ops.backend import triton_ops
+    if torch.cuda.is_available() or not isinstance(triton.language.cdiv, InterpretedFunction):
+        pytest.skip("needs the Triton interpreter (no CUDA, TRITON_INTERPRET=1 set by "
+                    "tests/conftest.py before triton is imported)")
+    model, state = _triton_model(), LoRAState()
+    layers = wrap_projections(model, 2, 4, triton_ops(), state)
+    gen = torch.Generator().manual_seed(3)
+    for slot in range(2):
+        weights = {(i, m): LoRAWeights(0.3 * torch.randn(4, fin, generator=gen),
+                                       0.3 * torch.randn(fout, 4, generator=gen))
+                   for i in range(ARCH.num_hidden_layers)
+                   for m, (fin, fout) in target_shapes(ARCH).items()}
+        for layer in layers:
+            layer.set_slot(slot, LoRAAdapter(f"a{slot}", 4, 2.0, weights))
+    tables = [[9, 4], [0, 7], [2, 5, 8]]
+    caches = new_kv_caches(ARCH, 12, BLOCK_SIZE, torch.float32, CPU)
+    meta, positions = make_metadata(tables, [5, 20, 37], [1, 1, 1], BLOCK_SIZE, CPU)
+    state.meta = build_lora_metadata([1, -1, 0], CPU)
+    eager = model(torch.tensor([7, 8, 9]), positions, [c.clone() for c in caches], meta)
+    state.meta = None
+    base = model(torch.tensor([7, 8, 9]), positions, [c.clone() for c in caches], meta)
+    assert torch.equal(eager[1], base[1]) and not torch.allclose(eager[0], base[0])
+
+    inputs = DecodeInputs(8, 2048 // BLOCK_SIZE, CPU)
+    width = max(map(len, tables))
+    inputs.load([7, 8, 9], positions.tolist(), meta.slot_mapping.tolist(), [6, 21, 38],
+                [t + [0] * (width - len(t)) for t in tables], size=4)
+    inputs.load_lora_slots([1, -1, 0])
+    state.meta = inputs.lora_metadata(4)
+    static = model(inputs.tokens[0, :4], inputs.tokens[1, :4], [c.clone() for c in caches],
+                   inputs.metadata(4, BLOCK_SIZE, 2048, 2))
+    torch.testing.assert_close(static[:3], eager, atol=1e-5, rtol=1e-5)
