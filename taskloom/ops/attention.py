@@ -3,6 +3,13 @@
 The torch reference handles prefill chunks (queries attending to their cached prefix plus
 themselves, causally) and decodes in one call over a flat batch. The KV cache of one layer is
 a tensor `[2, num_blocks, block_size, num_kv_heads, head_dim]`.
+
+Decodes whose block tables start with the same blocks (a shared system prompt or few-shot
+prefix found in the prefix cache, the n samples of one prompt) attend to that shared prefix
+together, as Hydragen does: its keys and values are gathered once and all the group's queries
+are multiplied against them in one matmul; each sequence then attends to its own suffix, and
+the two partial softmaxes are merged by their log-sum-exp. A step of 64 decodes sharing a
+2,000-token prompt reads the prompt's KV once per layer instead of 64 times.
 """
 from __future__ import annotations
 
@@ -48,11 +55,23 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
     out = torch.empty_like(query)
     if plan.decode_rows is not None:
         _decode_batch(query, kv_cache, plan, scale, out)
+    for group in plan.shared:
+        _decode_shared_prefix(query, kv_cache, group, scale, out)
     qsl = meta.query_start_loc_cpu
     for i in plan.prefill_seqs:
         out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
                                              meta.block_tables[i], meta.seq_lens_cpu[i], scale)
     return out
+
+
+@dataclass
+class _SharedPrefix:
+    """Decodes whose contexts start with the same cache blocks."""
+
+    rows: torch.Tensor          # [g] rows of the flat batch holding their queries
+    prefix_slots: torch.Tensor  # [p] cache slots of the shared prefix
+    suffix_slots: torch.Tensor  # [g, max_suffix] cache slots of each one's own positions
+    suffix_mask: torch.Tensor   # [g, 1, 1, max_suffix] additive: 0 or -inf past the end
 
 
 @dataclass
@@ -63,27 +82,78 @@ class _RefPlan:
     decode_rows: torch.Tensor | None    # [b] rows of the flat batch holding decode queries
     decode_slots: torch.Tensor | None   # [b, max_len] cache slot of each context position
     decode_mask: torch.Tensor | None    # [b, 1, 1, max_len] additive: 0 or -inf past the end
+    shared: list[_SharedPrefix]         # decodes attending to a shared prefix together
 
 
 def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> _RefPlan:
     qsl = meta.query_start_loc_cpu
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
-    if not decodes:
-        return _RefPlan(prefills, None, None, None)
+    groups, alone = _shared_prefix_groups(meta, decodes)
+    shared = [_shared_plan(meta, seqs, num_blocks, device, dtype)
+              for seqs, num_blocks in groups]
+    if not alone:
+        return _RefPlan(prefills, None, None, None, shared)
+    rows, slots, mask = _context_slots(meta, alone, [0] * len(alone), device, dtype)
+    return _RefPlan(prefills, rows, slots, mask, shared)
+
+
+def _context_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int],
+                   device: torch.device, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For decodes `seqs`, each attending to its context from position `starts[i]` on: their
+    rows, the cache slots of those positions [b, max_len] and the additive padding mask."""
     bs = meta.block_size
-    lens = [meta.seq_lens_cpu[i] for i in decodes]
+    lens = [meta.seq_lens_cpu[i] - s for i, s in zip(seqs, starts)]
     max_len = max(lens)
-    idx = torch.tensor(decodes, device=device)
-    tables = meta.block_tables[idx, :-(-max_len // bs)].long()       # [b, max_blocks]
-    offsets = torch.arange(bs, device=device)
-    slots = (tables[:, :, None] * bs + offsets).flatten(1)[:, :max_len]  # [b, max_len]
+    ends = [s + n for s, n in zip(starts, lens)]
+    idx = torch.tensor(seqs, device=device)
+    tables = meta.block_tables[idx, :-(-max(ends) // bs)].long()       # [b, max_blocks]
+    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(
+        max_len, device=device)                                        # [b, max_len]
     lens_t = torch.tensor(lens, device=device)
     valid = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]  # [b, max_len]
+    positions = torch.where(valid, positions, 0)
+    slots = tables.gather(1, positions // bs) * bs + positions % bs    # [b, max_len]
     mask = torch.zeros(valid.shape, dtype=dtype, device=device)
     mask.masked_fill_(~valid, float("-inf"))
-    rows = torch.tensor([qsl[i] for i in decodes], device=device)
-    return _RefPlan(prefills, rows, slots, mask[:, None, None, :])
+    rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=device)
+    return rows, slots, mask[:, None, None, :]
+
+
+def _shared_prefix_groups(meta: AttentionMetadata, decodes: list[int]
+                          ) -> tuple[list[tuple[list[int], int]], list[int]]:
+    """Decodes grouped by their first cache block, with the number of leading full blocks
+    each group shares (each keeps at least its own last token as a suffix); groups of one,
+    or sharing no full block, are left `alone`."""
+    if len(decodes) < 2:
+        return [], decodes
+    bs = meta.block_size
+    tables = meta.block_tables.tolist()
+    by_first: dict[int, list[int]] = {}
+    for i in decodes:
+        by_first.setdefault(tables[i][0], []).append(i)
+    groups, alone = [], []
+    for seqs in by_first.values():
+        limit = min((meta.seq_lens_cpu[i] - 1) // bs for i in seqs)
+        common = 0
+        while common < limit and len({tables[i][common] for i in seqs}) == 1:
+            common += 1
+        if len(seqs) > 1 and common > 0:
+            groups.append((seqs, common))
+        else:
+            alone.extend(seqs)
+    return groups, alone
+
+
+def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
+                 device: torch.device, dtype: torch.dtype) -> _SharedPrefix:
+    bs = meta.block_size
+    first = meta.block_tables[seqs[0], :num_blocks].long()             # [p / bs]
+    prefix = (first[:, None] * bs + torch.arange(bs, device=device)).flatten()  # [p]
+    rows, slots, mask = _context_slots(meta, seqs, [num_blocks * bs] * len(seqs), device,
+                                       dtype)
+    return _SharedPrefix(rows, prefix, slots, mask)
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
@@ -114,3 +184,42 @@ def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, s
         q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,
         scale=scale, enable_gqa=num_kv_heads != q.shape[1])  # [b, num_heads, 1, head_dim]
     out[plan.decode_rows] = o.squeeze(2)
+
+
+def _decode_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor, group: _SharedPrefix,
+                          scale: float, out: torch.Tensor) -> None:
+    """Attend a group's decode queries to their shared prefix in one matmul and to their own
+    suffixes in a padded batch, and merge the two partial softmaxes (in float32)."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
+    q = query[group.rows].float()                          # [g, num_heads, head_dim]
+    g, num_heads, _ = q.shape
+    per_kv = num_heads // num_kv_heads
+    # Prefix: every query of the group against the same keys, [kv_heads, g * per_kv, p].
+    kp = flat[0].index_select(0, group.prefix_slots).float().transpose(0, 1)  # [kvh, p, d]
+    vp = flat[1].index_select(0, group.prefix_slots).float().transpose(0, 1)
+    qp = q.view(g, num_kv_heads, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
+        num_kv_heads, g * per_kv, head_dim)                # [kvh, g * per_kv, d]
+    o1, lse1 = _softmax_attend(qp @ kp.transpose(1, 2) * scale, vp)
+    o1 = o1.view(num_kv_heads, g, per_kv, head_dim).permute(1, 0, 2, 3).reshape(
+        g, num_heads, head_dim)
+    lse1 = lse1.view(num_kv_heads, g, per_kv).permute(1, 0, 2).reshape(g, num_heads)
+    # Suffix: each query against its own positions, [g, kv_heads, per_kv, s].
+    b, s = group.suffix_slots.shape
+    slots = group.suffix_slots.flatten()
+    ks = flat[0].index_select(0, slots).view(b, s, num_kv_heads, head_dim).float()
+    vs = flat[1].index_select(0, slots).view(b, s, num_kv_heads, head_dim).float()
+    qs = q.view(g, num_kv_heads, per_kv, head_dim)
+    scores = qs @ ks.permute(0, 2, 3, 1) * scale + group.suffix_mask.float()  # [g, kvh, pk, s]
+    o2, lse2 = _softmax_attend(scores, vs.transpose(1, 2))
+    o2, lse2 = o2.reshape(g, num_heads, head_dim), lse2.reshape(g, num_heads)
+    lse = torch.logaddexp(lse1, lse2)                      # [g, num_heads]
+    merged = (o1 * (lse1 - lse).exp()[..., None] + o2 * (lse2 - lse).exp()[..., None])
+    out[group.rows] = merged.to(out.dtype)
+
+
+def _softmax_attend(scores: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [..., q, k], v [..., k, d] -> (softmax(scores) @ v [..., q, d], logsumexp of the
+    scores [..., q])."""
+    lse = torch.logsumexp(scores, dim=-1)                  # [..., q]
+    return (scores - lse[..., None]).exp() @ v, lse

@@ -56,3 +56,54 @@ def test_mixed_prefill_chunks_and_decodes_match_dense() -> None:
     for i, (k, v) in enumerate(full):
         expected = dense_causal(qs[i], k, v, 0.25)
         torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_decodes_sharing_prefix_blocks_attend_to_them_together() -> None:
+    """Decodes whose tables start with the same blocks (two groups, one of a single
+    sequence, one decode on its own, a prefill chunk over a shared prefix) match dense
+    attention, and the shared-prefix path is the one taken."""
+    torch.manual_seed(1)
+    heads, kv_heads, dim, bs, num_blocks = 8, 2, 16, 4, 64
+    cache = torch.zeros(2, num_blocks, bs, kv_heads, dim)
+    perm = torch.randperm(num_blocks).tolist()
+    prefixes = {name: [perm.pop() for _ in range(n)] for name, n in (("a", 3), ("b", 2))}
+    prefix_kv = {name: (torch.randn(len(t) * bs, kv_heads, dim),
+                        torch.randn(len(t) * bs, kv_heads, dim)) for name, t in prefixes.items()}
+    for name, table in prefixes.items():
+        slots = torch.tensor([table[p // bs] * bs + p % bs for p in range(len(table) * bs)])
+        write_kv_cache(*prefix_kv[name], cache, slots)
+    # (shared prefix or None, own tokens after it incl. this step's, new tokens this step)
+    seqs = [("a", 1, 1), ("a", 6, 1), ("b", 3, 1), ("a", 9, 1), (None, 7, 1), ("b", 5, 3),
+            ("b", 4, 1)]
+    tables, qs, full, new_k, new_v, slots, qsl = [], [], [], [], [], [], [0]
+    for prefix, own, new in seqs:
+        base = prefixes[prefix] if prefix else []
+        pk, pv = prefix_kv[prefix] if prefix else (torch.zeros(0, kv_heads, dim),) * 2
+        n = len(base) * bs + own
+        table = base + [perm.pop() for _ in range(-(-n // bs) - len(base))]
+        k = torch.cat([pk, torch.randn(own, kv_heads, dim)])
+        v = torch.cat([pv, torch.randn(own, kv_heads, dim)])
+        own_slots = [table[p // bs] * bs + p % bs for p in range(len(base) * bs, n)]
+        write_kv_cache(k[len(base) * bs:], v[len(base) * bs:], cache, torch.tensor(own_slots))
+        tables.append(table)
+        qs.append(torch.randn(new, heads, dim))
+        full.append((k, v))
+        slots += own_slots[-new:]
+        qsl.append(qsl[-1] + new)
+    width = max(map(len, tables))
+    seq_lens = [len(k) for k, _ in full]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots), query_start_loc=torch.tensor(qsl),
+        seq_lens=torch.tensor(seq_lens),
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, max_query_len=3,
+        max_seq_len=max(seq_lens), block_size=bs)
+    out = paged_attention_ref(torch.cat(qs), cache, meta, scale=0.3)
+    for i, (k, v) in enumerate(full):
+        torch.testing.assert_close(out[qsl[i]:qsl[i + 1]], dense_causal(qs[i], k, v, 0.3),
+                                   atol=1e-5, rtol=1e-5)
+    shared = meta.ref_plan.shared
+    # group a: 3 blocks (the 1-token one keeps its last token, so it still shares all 3);
+    # group b: its two decodes share 2 blocks; the chunk and the lone decode attend alone
+    assert sorted((len(g.rows), len(g.prefix_slots)) for g in shared) == [(2, 8), (3, 12)]
+    assert meta.ref_plan.decode_rows.tolist() == [qsl[4]]
