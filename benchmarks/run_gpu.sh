@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device run (H100): the gpu-marked tests, then the latency and throughput benchmarks with
-# the Llama-3.1-8B shape in bf16 (random weights) and their HF peers. Results land in $OUT.
-# Usage on the device machine, from the repo root:  bash benchmarks/run_gpu.sh [tests|bench|all]
+# the Llama-3.1-8B shape in bf16 (random weights) and their HF peers, the shared-prefix and
+# multi-LoRA benchmarks. Results land in $OUT.
+# Usage on the device machine, from the repo root:
+#   bash benchmarks/run_gpu.sh [tests|bench|prefix|lora|all]
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -32,4 +34,16 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
     --input-len 256 --output-len 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --output-json "$OUT/throughput_llama8b_256_256.json" 2>&1 | grep -v "it/s" | tail -2
+fi
+if [ "$what" = prefix ] || [ "$what" = all ]; then
+  for flag in "" --no-prefix-caching; do
+    timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 200 \
+      --shared-prefix 2000 --unique 64 --output-len 64 $flag \
+      --output-json "$OUT/prefix_llama8b${flag:+_off}.json" 2>&1 | grep -v "it/s" | tail -1
+  done
+fi
+if [ "$what" = lora ] || [ "$what" = all ]; then
+  timeout 400 python3 -m taskloom.cli bench lora $SHAPE --num-loras 1 8 64 512 \
+    --num-prompts 512 --input-len 128 --output-len 128 --max-num-seqs 256 --max-loras 64 \
+    --output-json "$OUT/lora_llama8b.json" 2>&1 | grep -v "it/s" | tail -6
 fi
