@@ -180,9 +180,10 @@ def test_lines_are_admitted_grouped_by_shared_prefix(llm: LLM, tmp_path: Path,
     admitted: list[str | None] = []
     add_request = llm.engine.add_request
 
-    def spy(request_id: str, ids: list[int], params: Any, prompt: str | None = None) -> None:
+    def spy(request_id: str, ids: list[int], params: Any, prompt: str | None = None,
+            lora: Any = None) -> None:
         admitted.append(prompt)
-        add_request(request_id, ids, params, prompt=prompt)
+        add_request(request_id, ids, params, prompt=prompt, lora=lora)
 
     monkeypatch.setattr(llm.engine, "add_request", spy)
     BatchJob(str(tmp_path / "in.jsonl"), str(tmp_path / "grouped.jsonl")).run(
