@@ -78,13 +78,7 @@ class LLM:
 
     def load_lora(self, name: str, path: str) -> LoRARequest:
         """Load the PEFT adapter at `path` under `name` (ValueError if it does not fit)."""
-        lora = self.loras.reserve(name, path)
-        try:
-            self.engine.add_lora(lora)
-        except BaseException:
-            self.loras.discard(lora)
-            raise
-        return lora
+        return self._load(self.loras.reserve(name, path))
 
     def unload_lora(self, name: str) -> None:
         """Forget an adapter and the merges made from it (KeyError if unknown)."""
@@ -98,12 +92,15 @@ class LLM:
         arithmetic), `ties` or `dare_linear` as PEFT's `add_weighted_adapter` does; pass it
         as `lora=` like a name. ValueError if they cannot be merged (e.g. different ranks)."""
         lora, new = self.loras.merged(weights, method, density, majority_sign_method, seed)
-        if new:
-            try:
-                self.engine.add_lora(lora)
-            except BaseException:
-                self.loras.discard(lora)
-                raise
+        return self._load(lora) if new else lora
+
+    def _load(self, lora: LoRARequest) -> LoRARequest:
+        """Load a newly named adapter or merge into the engine; forget its name if that fails."""
+        try:
+            self.engine.add_lora(lora)
+        except BaseException:
+            self.loras.discard(lora)
+            raise
         return lora
 
     @property

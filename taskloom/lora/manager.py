@@ -79,24 +79,25 @@ class LoRAManager:
                               spec.majority_sign_method, spec.seed)
 
     # ----- device slots ----------------------------------------------------------------------
-    def prepare(self, seq_loras: list[LoRARequest | None], seq_num_tokens: list[int]
-                ) -> list[int]:
-        """Put the batch's adapters in slots, set the step's token -> slot metadata, and
-        return each sequence's slot (-1: no adapter)."""
+    def assign_slots(self, seq_loras: list[LoRARequest | None]) -> list[int]:
+        """Put the batch's adapters in slots; each sequence's slot (-1: no adapter)."""
         needed = {lora.lora_id: lora for lora in seq_loras if lora is not None}
-        if not needed:
-            self.state.meta = None
-            return [-1] * len(seq_loras)
         if len(needed) > self.config.max_loras:
             raise RuntimeError(f"a batch names {len(needed)} adapters but there are "
                                f"{self.config.max_loras} slots (a scheduler bug)")
         slots = {lid: self._slot_for(lora, needed) for lid, lora in needed.items()}
-        seq_slots = [-1 if lora is None else slots[lora.lora_id] for lora in seq_loras]
+        return [-1 if lora is None else slots[lora.lora_id] for lora in seq_loras]
+
+    def set_step(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
+        """Set an eagerly run step's token -> slot metadata (a CUDA graph reads the slots
+        from its static buffer instead)."""
+        if all(slot < 0 for slot in seq_slots):
+            self.state.meta = None
+            return
         token_slots: list[int] = []
         for slot, n in zip(seq_slots, seq_num_tokens):
             token_slots.extend([slot] * n)
         self.state.meta = build_lora_metadata(token_slots, self.device)
-        return seq_slots
 
     def _slot_for(self, lora: LoRARequest, needed: dict[int, LoRARequest]) -> int:
         slot = self._slots.get(lora.lora_id)

@@ -158,15 +158,14 @@ class ModelRunner:
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
         step that one fits, else an eager forward over the unpadded batch."""
-        lora_slots = None
-        if self.lora is not None:
-            qsl = batch.query_start_loc
-            lora_slots = self.lora.prepare(batch.seq_loras,
-                                           [b - a for a, b in zip(qsl, qsl[1:])])
+        lora_slots = None if self.lora is None else self.lora.assign_slots(batch.seq_loras)
         graphs = self.graphs
         if graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens)):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
                               batch.block_tables, lora_slots)
+        if self.lora is not None and lora_slots is not None:
+            qsl = batch.query_start_loc
+            self.lora.set_step(lora_slots, [b - a for a, b in zip(qsl, qsl[1:])])
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(batch.slots, dtype=torch.int64, device=dev),

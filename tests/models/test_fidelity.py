@@ -10,7 +10,6 @@ Also: a sharded checkpoint, chunked prefill, and several sequences in one flat b
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -37,14 +36,7 @@ SMOLLM_PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny ops are dominated by OpenMP synchronisation; on a shared machine two threads per
-    # process make these tests many times slower. Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass

@@ -34,13 +34,7 @@ PUBLISHED_PARAMS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # See test_fidelity: tiny ops on a shared machine run far faster on one thread.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_gguf_tensors(path: Path, tensors: dict[str, tuple[np.ndarray, Q]],

@@ -35,12 +35,7 @@ ADAPTERS = {
 TINY_ADAPTERS = {**ADAPTERS, **{f"{name}-b": kw for name, kw in ADAPTERS.items()}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
@@ -123,14 +118,19 @@ def smol(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
+def check_greedy_matches_peft(case: Case, adapter: str | None, n: int) -> None:
+    """taskloom's greedy continuations of every prompt, all in one batch with `adapter`,
+    equal PEFT's, each prompt alone."""
+    outs = case.llm.generate(case.prompts, SamplingParams(max_tokens=n, **GREEDY),
+                             use_tqdm=False, lora=adapter)
+    for i, (prompt, out) in enumerate(zip(case.prompts, outs)):
+        assert out.outputs[0].token_ids == peft_greedy(case.peft_model, adapter, prompt, n), \
+            f"prompt {i}, adapter {adapter}"
+
+
 @pytest.mark.parametrize("adapter", [None, *TINY_ADAPTERS])
 def test_tiny_greedy_matches_peft(tiny: Case, adapter: str | None) -> None:
-    n = 24
-    outs = tiny.llm.generate(tiny.prompts, SamplingParams(max_tokens=n, **GREEDY),
-                             use_tqdm=False, lora=adapter)
-    for i, (prompt, out) in enumerate(zip(tiny.prompts, outs)):
-        assert out.outputs[0].token_ids == peft_greedy(tiny.peft_model, adapter, prompt, n), \
-            f"prompt {i}, adapter {adapter}"
+    check_greedy_matches_peft(tiny, adapter, 24)
 
 
 def test_tiny_adapters_change_the_output(tiny: Case) -> None:
@@ -161,10 +161,5 @@ def test_tiny_mixed_batch_equals_each_alone(tiny: Case) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("adapter", [None, "attn-r8", "mlp-r16-rs", "all-r4"])
 def test_smollm2_greedy_matches_peft(smol: Case, adapter: str | None) -> None:
-    n = 16
-    outs = smol.llm.generate(smol.prompts, SamplingParams(max_tokens=n, **GREEDY),
-                             use_tqdm=False, lora=adapter)
-    for i, (prompt, out) in enumerate(zip(smol.prompts, outs)):
-        assert out.outputs[0].token_ids == peft_greedy(smol.peft_model, adapter, prompt, n), \
-            f"prompt {i}, adapter {adapter}"
+    check_greedy_matches_peft(smol, adapter, 16)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -20,13 +19,7 @@ SHAPES = {"q_proj": (8, 8), "v_proj": (8, 4), "down_proj": (12, 8)}
 MODEL_ORDER = {module: i for i, module in enumerate(TARGETS)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # Tiny tensors on a shared machine: one thread is faster and leaves the cores free.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_adapter(name: str, scaling: float, seed: int, missing: tuple = (),

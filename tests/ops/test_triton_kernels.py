@@ -19,10 +19,7 @@ from taskloom.ops.rotary import RotaryEmbedding, apply_rotary
 from taskloom.runtime.attention import AttentionMetadata
 from tests.models.single_seq import make_metadata
 
-triton = pytest.importorskip("triton", reason="triton is not installed (the dev extra installs "
-                                              "it on Linux x86_64)")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
+from tests.ops.triton_marks import DEVICES, DTYPES, GPU, INTERPRETER
 from taskloom.ops.triton import activation, attention, kv_cache, rmsnorm, rotary  # noqa: E402
 from taskloom.ops.triton.decode_attention import (  # noqa: E402
     MAX_SPLITS,
@@ -30,20 +27,6 @@ from taskloom.ops.triton.decode_attention import (  # noqa: E402
     paged_decode_attention,
 )
 from taskloom.ops.triton.extend_attention import paged_extend_attention  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-# Triton's own library functions are interpreted only if triton was imported in that mode.
-INTERPRETED = isinstance(triton.language.cdiv, InterpretedFunction)
-
-INTERPRETER = pytest.mark.skipif(
-    CUDA or not INTERPRETED,
-    reason="needs the Triton interpreter: no CUDA device and TRITON_INTERPRET=1 before triton "
-           "is imported (tests/conftest.py); with CUDA, CUDA_VISIBLE_DEVICES= runs these")
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
-DEVICES = [pytest.param("cpu", id="interpreter", marks=INTERPRETER),
-           pytest.param("cuda", id="cuda", marks=GPU)]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
-          pytest.param(torch.float16, id="fp16")]
 # Attention shapes (device, num_heads, num_kv_heads, head_dim): small for the interpreter
 # (GQA groups of 3 and 4, head_dim 64 and 128), those of real models on the GPU.
 ATTN_SHAPES = [

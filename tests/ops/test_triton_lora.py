@@ -15,25 +15,8 @@ from taskloom.lora.metadata import LoRAMetadata, build_lora_metadata
 from taskloom.ops import lora as lora_ref
 from taskloom.ops.backend import TORCH_OPS, triton_ops
 
-triton = pytest.importorskip("triton", reason="triton is not installed (the dev extra installs "
-                                              "it on Linux x86_64)")
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
-
+from tests.ops.triton_marks import DEVICES, DTYPES, GPU, INTERPRETER
 from taskloom.ops.triton import lora as tr_lora  # noqa: E402
-
-CUDA = torch.cuda.is_available()
-# Triton's own library functions are interpreted only if triton was imported in that mode.
-INTERPRETED = isinstance(triton.language.cdiv, InterpretedFunction)
-
-INTERPRETER = pytest.mark.skipif(
-    CUDA or not INTERPRETED,
-    reason="needs the Triton interpreter: no CUDA device and TRITON_INTERPRET=1 before triton "
-           "is imported (tests/conftest.py); with CUDA, CUDA_VISIBLE_DEVICES= runs these")
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
-DEVICES = [pytest.param("cpu", id="interpreter", marks=INTERPRETER),
-           pytest.param("cuda", id="cuda", marks=GPU)]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
-          pytest.param(torch.float16, id="fp16")]
 # (device, in_features, rank K, out_features, num_slots). K is never a power of two (48: fused
 # qkv at rank 16; 96 spans two tiles of 64); in/out are ragged against the 64-wide blocks.
 SHAPES = [
