@@ -166,9 +166,9 @@ class LLM:
         return prompt
 
     def _add(self, ids: list[int], text: str | None, params: SamplingParams,
-             lora: LoRARequest | None = None) -> str:
+             lora: LoRARequest | None = None, final_only: bool = False) -> str:
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, params, prompt=text, lora=lora)
+        self.engine.add_request(rid, ids, params, prompt=text, lora=lora, final_only=final_only)
         return rid
 
     def _lora(self, lora: Adapter) -> LoRARequest | None:
@@ -197,7 +197,7 @@ class LLM:
         rids: dict[int, str] = {}
         try:
             for i in order:
-                rids[i] = self._add(encoded[i], texts[i], params[i], loras[i])
+                rids[i] = self._add(encoded[i], texts[i], params[i], loras[i], final_only=True)
         except ValueError as e:
             for rid in rids.values():
                 self.engine.abort(rid)

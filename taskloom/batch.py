@@ -454,7 +454,7 @@ class _Run:
             rid = f"{job.response_id}-{i}"
             try:
                 self.engine.add_request(rid, ids, prepared.params, prompt=text,
-                                        lora=staged.lora)
+                                        lora=staged.lora, final_only=True)
             except ValueError as e:
                 for r in added:
                     self.engine.abort(r)

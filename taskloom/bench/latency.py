@@ -8,6 +8,7 @@ device-to-device copy (bytes read plus bytes written over the time)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import torch
@@ -91,7 +92,9 @@ def run_latency(a: argparse.Namespace) -> dict:
     for b in a.batch_sizes:
         prompts = _batch_prompts(a, b, vocab)
         _time_batch(llm, warmup_prompts(vocab, a.dataset_seed)[:1], 4, device)  # warm-up
+        times0 = dataclasses.replace(llm.engine.step_times)
         prefill_s, decode_s = _time_batch(llm, prompts, a.output_len, device)
+        step_ms = llm.engine.step_times.since(times0).per_step_ms()
         steps = a.output_len - 1
         per_step = decode_bytes_per_step(llm.engine.runner.model, kv_per_token, b,
                                          a.input_len + a.output_len / 2)
@@ -101,7 +104,8 @@ def run_latency(a: argparse.Namespace) -> dict:
             "decode_ms_per_step": round(1000 * decode_s / steps, 3),
             "decode_tokens_per_s": round(b * steps / decode_s, 2),
             "achieved_gb_per_s": round(achieved / 1e9, 2),
-            "fraction_of_copy_bandwidth": round(achieved / bandwidth, 3)})
+            "fraction_of_copy_bandwidth": round(achieved / bandwidth, 3),
+            "step_ms": step_ms})
     result = {"bench": "latency", "model": a.model or "embedded:SmolLM2-135M-Instruct",
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
               "output_len": a.output_len,

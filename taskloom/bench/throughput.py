@@ -9,6 +9,7 @@ prompt and answer."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import random
 import time
@@ -51,6 +52,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
                  SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
     cache = llm.engine.scheduler.kv.stats
     queries0, hits0 = cache.queries, cache.hits
+    times0 = dataclasses.replace(llm.engine.step_times)
     start = time.perf_counter()
     n_in, n_out = _run_turns(llm, prompts, params, a.turns, a.user_len or a.input_len,
                              a.dataset_seed)
@@ -69,6 +71,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "requests_per_s": round(len(prompts) * a.turns / elapsed, 3),
         "output_tokens_per_s": round(n_out / elapsed, 2),
         "total_tokens_per_s": round((n_in + n_out) / elapsed, 2),
+        "step_ms": llm.engine.step_times.since(times0).per_step_ms(),
         **run_info(a.device),
     }
     if a.peer:

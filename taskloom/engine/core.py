@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,11 +27,44 @@ logger = logging.getLogger(__name__)
 
 
 class Runner(Protocol):
+    prepare_s: float    # host time spent flattening steps into batches, in all
+
     def execute(self, sched: SchedulerOutput) -> RunnerOutput: ...
 
     def add_lora(self, lora: LoRARequest) -> None: ...
 
     def remove_lora(self, lora_id: int) -> None: ...
+
+
+@dataclass
+class StepTimes:
+    """Wall time of the engine's steps by phase, summed (seconds), so a benchmark can tell how
+    much of a step the host spends outside the model: on a GPU, time the device waits for.
+
+    `execute` is the runner's whole call: preparing the batch (`prepare`, also counted in
+    `execute`), the forward and sampling, which waits for the device's result. `update` is the
+    scheduler taking the tokens plus per-token output processing (detokenizing, stop strings);
+    `outputs` builds the step's RequestOutputs."""
+
+    steps: int = 0
+    schedule: float = 0.0
+    execute: float = 0.0
+    prepare: float = 0.0
+    update: float = 0.0
+    outputs: float = 0.0
+
+    def since(self, earlier: "StepTimes") -> "StepTimes":
+        """The times of the steps run after `earlier` (a copy taken then)."""
+        return StepTimes(**{f.name: getattr(self, f.name) - getattr(earlier, f.name)
+                            for f in dataclasses.fields(self)})
+
+    def per_step_ms(self) -> dict[str, float]:
+        """Mean milliseconds per step of each phase, with the host-only phases' sum."""
+        n = max(self.steps, 1)
+        ms = {k: round(1000 * getattr(self, k) / n, 3)
+              for k in ("schedule", "prepare", "execute", "update", "outputs")}
+        host = self.schedule + self.prepare + self.update + self.outputs
+        return {"steps": self.steps, **ms, "host_only": round(1000 * host / n, 3)}
 
 
 @dataclass
@@ -52,6 +86,7 @@ class _Parent:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     changed: bool = False
     finished_seqs: set[int] = field(default_factory=set)
+    final_only: bool = False
 
 
 class EngineCore:
@@ -66,12 +101,16 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         self._parents: dict[str, _Parent] = {}
         self._seq_owner: dict[str, tuple[_Parent, int]] = {}
+        self.step_times = StepTimes()
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, lora: LoRARequest | None = None) -> None:
+                    prompt: str | None = None, lora: LoRARequest | None = None,
+                    final_only: bool = False) -> None:
         """Queue a request, served with adapter `lora` if given; raise ValueError (and queue
-        nothing) if it can never run."""
+        nothing) if it can never run. With `final_only` the request's one RequestOutput comes
+        when it finishes (offline batches): no per-step output is built for it, whose
+        cumulative copies cost O(output length) every step."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
@@ -83,7 +122,8 @@ class EngineCore:
             raise ValueError(f"adapter {lora.name!r} requested, but this engine was started "
                              f"without LoRA support (enable_lora / --enable-lora)")
         parent = _Parent(request_id, prompt, list(prompt_token_ids), [],
-                         [None] if params.prompt_logprobs is not None else None)
+                         [None] if params.prompt_logprobs is not None else None,
+                         final_only=final_only)
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, prompt_token_ids, self._child_params(params, i),
@@ -155,14 +195,26 @@ class EngineCore:
     # ----- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return an output for every request that changed."""
+        times = self.step_times
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        t1 = time.perf_counter()
         out = self.runner.execute(sched)
+        t2 = time.perf_counter()
         advanced = self.scheduler.update(sched, out)
         for rid, (first, entries) in out.prompt_logprobs.items():
             self._store_prompt_logprobs(rid, first, entries)
         for req in advanced:
             self._process_token(req, out.logprobs.get(req.request_id))
-        return self._collect_outputs()
+        t3 = time.perf_counter()
+        outputs = self._collect_outputs()
+        times.steps += 1
+        times.schedule += t1 - t0
+        times.execute += t2 - t1
+        times.update += t3 - t2
+        times.outputs += time.perf_counter() - t3
+        times.prepare = self.runner.prepare_s
+        return outputs
 
     def _store_prompt_logprobs(self, seq_id: str, first: int, entries: list[Logprobs]) -> None:
         owner = self._seq_owner.get(seq_id)
@@ -227,17 +279,22 @@ class EngineCore:
         for parent in [p for p in self._parents.values() if p.changed]:
             parent.changed = False
             finished = len(parent.finished_seqs) == len(parent.seqs)
+            if parent.final_only and not finished:
+                continue    # its deltas build up until the one output at the end
+            # A finished request's completions change no more: handed over, not copied.
+            completions = [s.completion if finished else _snapshot(s.completion)
+                           for s in parent.seqs]
             outputs.append(RequestOutput(
                 request_id=parent.request_id, prompt=parent.prompt,
-                prompt_token_ids=parent.prompt_token_ids,
-                outputs=[_snapshot(s.completion) for s in parent.seqs],
+                prompt_token_ids=parent.prompt_token_ids, outputs=completions,
                 finished=finished, prompt_logprobs=parent.prompt_logprobs))
-            for s in parent.seqs:
-                s.completion.text_delta, s.completion.token_ids_delta = "", []
             if finished:
                 del self._parents[parent.request_id]
                 for s in parent.seqs:
                     self._seq_owner.pop(s.req.request_id, None)
+            else:
+                for s in parent.seqs:
+                    s.completion.text_delta, s.completion.token_ids_delta = "", []
         return outputs
 
 

@@ -177,6 +177,10 @@ class KVCacheManager:
         full blocks among the first `num_tokens` tokens are named in the prefix cache.
         """
         table = self.block_tables.get(req.request_id, [])
+        if (table and not cached_blocks and num_tokens <= len(table) * self.block_size
+                and (not self.enable_prefix_caching or num_tokens // self.block_size
+                     <= self._num_cached.get(req.request_id, 0))):
+            return table    # most decode steps: the last block has room, no block fills up
         hits = cached_blocks or []
         if hits and table:
             raise RuntimeError(f"{req.request_id} already holds blocks; hits only at admission")

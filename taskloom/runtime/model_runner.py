@@ -10,6 +10,7 @@ other steps, and every step on the CPU, run the model eagerly. With LoRA adapter
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class ModelRunner:
         self.sampler = Sampler(arch.vocab_size, device)
         self._states: dict[str, _ReqState] = {}
         self.lora = lora
+        self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
         if graph_sizes:
             if device.type != "cuda":
@@ -98,7 +100,9 @@ class ModelRunner:
         self._update_states(sched)
         if sched.is_empty:
             return RunnerOutput()
+        t0 = time.perf_counter()
         batch = self._prepare(sched.seqs)
+        self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(batch)                            # [num_tokens, hidden]
         out = RunnerOutput()
         if batch.sample_rows:
@@ -138,12 +142,16 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
         for seq in seqs:
-            start, n = seq.num_computed_tokens, len(seq.token_ids)
-            input_ids.extend(seq.token_ids)
-            pos = range(start, start + n)
-            positions.extend(pos)
-            table = seq.block_ids
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
+            start, n, table = seq.num_computed_tokens, len(seq.token_ids), seq.block_ids
+            if n == 1:      # a decode: most sequences of most steps
+                input_ids.append(seq.token_ids[0])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids.extend(seq.token_ids)
+                pos = range(start, start + n)
+                positions.extend(pos)
+                slots.extend(table[p // bs] * bs + p % bs for p in pos)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             if seq.sample:

@@ -1,5 +1,6 @@
-"""`taskloom bench throughput` end to end on a random tiny Llama, with both HF peers: the last
-line printed is the JSON result, the peer ran the same workload, and the ratio is theirs."""
+"""`taskloom bench throughput` and `latency` end to end on a random tiny Llama, with the HF
+peers: the last line printed is the JSON result, the peer ran the same workload, the ratio is
+theirs, and each result says where the engine's step time went (`step_ms`)."""
 from __future__ import annotations
 
 import json
@@ -29,6 +30,7 @@ def test_throughput_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
     assert result["bench"] == "throughput" and result["num_prompts"] == 6
+    assert result["step_ms"]["steps"] >= 8 and result["step_ms"]["host_only"] > 0
     assert result["peer"]["name"] == name
     assert result["peer"]["output_tokens_per_s"] > 0
     assert result["ratio_vs_peer"] == pytest.approx(
@@ -71,3 +73,23 @@ def test_lora_bench_reports_each_adapter_count_against_the_base(
     # three adapters through two slots, one of them left in its slot by the 1-adapter run:
     # the other two must be written in
     assert result["results"][1]["slot_writes"] >= 2
+
+
+def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    assert main(["bench", "latency", "--random-weights", "--model", str(config),
+                 "--batch-sizes", "1", "3", "--input-len", "16", "--output-len", "6",
+                 "--peer", "hf"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bench"] == "latency" and result["copy_bandwidth_gb_per_s"] > 0
+    rows, peer = result["results"], result["peer"]["results"]
+    assert [r["batch_size"] for r in rows] == [1, 3] and len(peer) == 2
+    for row in rows:
+        assert row["decode_tokens_per_s"] == pytest.approx(
+            row["batch_size"] * 5 / (row["decode_ms_per_step"] * 5 / 1000), rel=1e-2)
+        assert 0 < row["fraction_of_copy_bandwidth"] < 1
+        assert row["step_ms"]["steps"] >= 6
+    assert result["decode_ratio_vs_peer"] == [
+        pytest.approx(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], rel=1e-2)
+        for r, p in zip(rows, peer)]

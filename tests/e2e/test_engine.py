@@ -2,6 +2,7 @@
 abort, n > 1, stop strings, logprobs, seeded sampling, bad input."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -194,3 +195,34 @@ def test_bad_prompts_fail_alone(llm: LLM) -> None:
 def test_missing_model_path() -> None:
     with pytest.raises(FileNotFoundError, match="/no/such/model"):
         LLM("/no/such/model")
+
+
+def test_final_only_requests_get_one_output_when_they_finish(llm: LLM) -> None:
+    ids = llm.tokenizer.encode(PROMPTS[4])
+    llm.engine.add_request("streamed", ids, GREEDY)
+    llm.engine.add_request("final", ids, GREEDY, final_only=True)
+    outputs: dict[str, list] = {"streamed": [], "final": []}
+    while llm.engine.has_unfinished:
+        for out in llm.engine.step():
+            outputs[out.request_id].append(out)
+    streamed, (final,) = outputs["streamed"], outputs["final"]
+    assert len(streamed) == GREEDY.max_tokens and final.finished
+    last = streamed[-1].outputs[0]
+    got = final.outputs[0]
+    assert got.token_ids == last.token_ids and got.text == last.text
+    # Its deltas hold everything since its last output: here, the whole completion.
+    assert got.token_ids_delta == got.token_ids and got.text_delta == got.text
+    assert "".join(o.outputs[0].text_delta for o in streamed) == got.text
+    assert llm.engine.scheduler.kv.num_free_blocks == llm.engine.scheduler.kv.num_blocks
+
+
+def test_step_times_add_up(llm: LLM) -> None:
+    before = dataclasses.replace(llm.engine.step_times)
+    llm.generate(PROMPTS[:3], GREEDY)
+    times = llm.engine.step_times.since(before)
+    assert times.steps >= GREEDY.max_tokens
+    ms = times.per_step_ms()
+    assert ms["steps"] == times.steps
+    assert 0 < ms["prepare"] <= ms["execute"]
+    assert ms["host_only"] == pytest.approx(
+        ms["schedule"] + ms["prepare"] + ms["update"] + ms["outputs"], abs=0.01)

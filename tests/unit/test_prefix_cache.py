@@ -160,3 +160,19 @@ def test_prefix_grouped_order_is_the_trie_walk() -> None:
     order = prefix_grouped_order(prompts)
     assert order == [1, 5, 3, 2, 0, 4]
     assert [prompts[i][:1] for i in order] == [[3], [3], [3], [5], [5], [5]]
+
+
+def test_decode_grows_the_table_and_names_blocks_exactly_at_block_boundaries() -> None:
+    s = make_scheduler(prefix_caching=True)     # blocks of 4
+    a = req("a", [1, 2, 3, 4, 5], max_tokens=8)
+    s.add_request(a)
+    seen = []
+    while s.has_unfinished:
+        out = step(s, token=9)
+        seen.append((out.seqs[0].num_computed_tokens + len(out.seqs[0].token_ids),
+                     len(out.seqs[0].block_ids), len(s.kv.pool.cached)))
+    # (tokens in the cache after the step, blocks held, blocks named): a block is named the
+    # step its last token is computed, a new block taken the step its first token is.
+    assert seen == [(5, 2, 1), (6, 2, 1), (7, 2, 1), (8, 2, 2), (9, 3, 2), (10, 3, 2),
+                    (11, 3, 2), (12, 3, 3)]
+    assert_pool_full(s)
