@@ -3,7 +3,9 @@
 # the Llama-3.1-8B shape in bf16 (random weights) and their HF peers, the shared-prefix and
 # multi-LoRA benchmarks. Results land in $OUT.
 # Usage on the device machine, from the repo root:
-#   bash benchmarks/run_gpu.sh [tests|bench|prefix|lora|all]
+#   bash benchmarks/run_gpu.sh [tests|bench|long|random|prefix|lora|all]
+# `random` (the issue's 25x target against HF generate_batch) runs the peer for about 5 minutes:
+# give it a call of its own.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -34,6 +36,17 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
     --input-len 256 --output-len 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --output-json "$OUT/throughput_llama8b_256_256.json" 2>&1 | grep -v "it/s" | tail -2
+fi
+if [ "$what" = long ] || [ "$what" = all ]; then
+  timeout 300 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
+    --input-len 1024 --output-len 1024 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --output-json "$OUT/throughput_llama8b_1024_1024.json" 2>&1 | grep -v "it/s" | tail -1
+fi
+if [ "$what" = random ]; then
+  timeout 580 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 512 \
+    --input-len-range 32 1024 --output-len 256 --max-num-seqs 256 \
+    --max-num-batched-tokens 8192 --peer hf \
+    --output-json "$OUT/throughput_llama8b_random_vs_hf.json" 2>&1 | grep -v "it/s" | tail -1
 fi
 if [ "$what" = prefix ] || [ "$what" = all ]; then
   for flag in "" --no-prefix-caching; do
