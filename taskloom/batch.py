@@ -28,7 +28,9 @@ the first line written `fsync_interval` (1 s) after the previous sync, and at th
 than per line, which would cost a disk flush (milliseconds) per request for nothing against a
 killed process; what a crash loses, the rerun recomputes. A rerun reads OUTPUT first, cuts a
 torn last line, and skips every custom_id (and error line) already there, so an interrupted
-job finishes without losing or duplicating a line.
+job finishes without losing or duplicating a line. A job holds an exclusive lock on OUTPUT
+from the start, so a second run on the same OUTPUT meanwhile is refused at once instead of
+answering the same lines again.
 
 The engine keeps a bounded window of sequences in flight (`max_in_flight`, by default four
 times `max_num_seqs`), refilled as requests finish from a chunk of at most twice as many
@@ -38,6 +40,7 @@ order of its prompts, so lines that share a prefix run together while it is cach
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -46,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
@@ -218,6 +221,20 @@ def _check_output(output_path: str, input_path: str) -> None:
         raise BatchFileError(f"cannot write OUTPUT {output_path}: {e.strerror or e}") from None
 
 
+def _lock_output(path: str) -> IO[bytes]:
+    """OUTPUT opened and locked (flock, exclusive) for this job's lifetime, so that a second
+    run on the same OUTPUT, which would answer the same lines again in between this one's,
+    fails at once instead. The kernel drops the lock when the process dies, even by SIGKILL."""
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise BatchFileError(f"OUTPUT {path} is being written by another taskloom batch run: "
+                             f"wait for it to end (or stop it), or give another OUTPUT") from None
+    return f
+
+
 def _read_output(path: str) -> _Resume:
     """What OUTPUT already answers. A last line without its newline (the process was killed
     while writing it) is cut off the file, so appending starts on a fresh line."""
@@ -263,7 +280,12 @@ class BatchJob:
         self.fsync_interval = fsync_interval
         self.total = _count_lines(input_path)
         _check_output(output_path, input_path)
-        self._resume = _read_output(output_path)
+        self._lock: IO[bytes] | None = _lock_output(output_path)
+        try:
+            self._resume = _read_output(output_path)
+        except BaseException:
+            self.close()
+            raise
         self._stop = threading.Event()
         self.summary = BatchSummary(self.total)
 
@@ -271,6 +293,12 @@ class BatchJob:
     def num_answered(self) -> int:
         """INPUT lines answered in OUTPUT: before the run plus written by it."""
         return self._resume.records + self.summary.done
+
+    def close(self) -> None:
+        """Let go of OUTPUT (its lock); `run` does this when it returns."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def request_stop(self) -> None:
         """Stop soon (safe from a signal handler or another thread): the current engine step
@@ -281,7 +309,10 @@ class BatchJob:
             progress: bool = True) -> BatchSummary:
         """Answer every line not in OUTPUT yet with `llm`, naming the model `model_name` in the
         responses. At most `max_in_flight` sequences (default 4 x max_num_seqs) are in the
-        engine at once. A progress bar goes to stderr unless `progress` is false."""
+        engine at once. A progress bar goes to stderr unless `progress` is false. A job runs
+        once: it lets go of OUTPUT when it returns."""
+        if self._lock is None:
+            raise RuntimeError("this batch job has run (or was closed): make a new BatchJob")
         window = 4 * llm.config.scheduler.max_num_seqs if max_in_flight is None \
             else max_in_flight
         if window < 1:
@@ -299,6 +330,7 @@ class BatchJob:
             lines.close()
             bar.close()
             output.close()
+            self.close()
             self.summary.elapsed = time.monotonic() - start
         return self.summary
 

@@ -326,3 +326,22 @@ def test_sigkill_and_ctrl_c_then_rerun_answers_every_line_once(
     assert proc.wait(240) == 0, log.read_text()
     assert f"{after_int} skipped as already in" in log.read_text()
     _assert_same_answers(read_output(out), expected)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_one_runs(
+        llm: LLM, tmp_path: Path) -> None:
+    write_input(tmp_path / "in.jsonl", story_lines(3))
+    out = tmp_path / "out.jsonl"
+    job = BatchJob(str(tmp_path / "in.jsonl"), str(out))
+    # A real second process: the CLI refuses before it loads a model.
+    second = subprocess.run(TASKLOOM + [str(tmp_path / "in.jsonl"), str(out)] + SMALL_ENGINE,
+                            capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0
+    assert "being written by another taskloom batch run" in second.stderr, second.stderr
+    assert job.run(llm, NAME, progress=False).done == 3
+    with pytest.raises(RuntimeError, match="has run"):
+        job.run(llm, NAME, progress=False)
+    # Once the first has let go, a rerun finds every line answered.
+    rerun = BatchJob(str(tmp_path / "in.jsonl"), str(out))
+    assert rerun.run(llm, NAME, progress=False).skipped == 3
+    assert len(read_output(out)) == 3
