@@ -212,10 +212,13 @@ class AsyncEngineClient:
             if isinstance(cmd, _Call):
                 self._run_call(cmd)
                 continue
-            with self._lock:
-                self._pending_adds -= cmd.params.n
-            if not cmd.done.set_running_or_notify_cancel():
-                continue                     # the caller gave up before the engine saw it
+            self._apply_add(cmd)
+
+    def _apply_add(self, cmd: _Add) -> None:
+        """Queue a request in the engine. It stops counting as a pending add only once the
+        published stats count it as waiting: `num_queued` never misses it in between (it may
+        count it twice for that moment, erring toward refusing at the limit)."""
+        if cmd.done.set_running_or_notify_cancel():   # else the caller gave up before this
             try:
                 self.core.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
                                       prompt=cmd.prompt, lora=cmd.lora)
@@ -223,6 +226,9 @@ class AsyncEngineClient:
                 cmd.done.set_exception(e)
             else:
                 cmd.done.set_result(None)
+            self._publish_stats()
+        with self._lock:
+            self._pending_adds -= cmd.params.n
 
     @staticmethod
     def _run_call(cmd: _Call) -> None:

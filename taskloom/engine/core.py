@@ -195,7 +195,7 @@ class EngineCore:
     # ----- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step and return an output for every request that changed."""
-        times = self.step_times
+        times, prepared = self.step_times, self.runner.prepare_s
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         t1 = time.perf_counter()
@@ -213,7 +213,7 @@ class EngineCore:
         times.execute += t2 - t1
         times.update += t3 - t2
         times.outputs += time.perf_counter() - t3
-        times.prepare = self.runner.prepare_s
+        times.prepare += self.runner.prepare_s - prepared
         return outputs
 
     def _store_prompt_logprobs(self, seq_id: str, first: int, entries: list[Logprobs]) -> None:
