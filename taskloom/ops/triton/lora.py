@@ -28,11 +28,15 @@ BLOCK_OUT = 64             # output features per program (expand)
 
 
 @triton.jit
-def _shrink_kernel(
-        x_ptr, a_ptr, t_ptr, seg_starts_ptr, seg_slots_ptr, stride_xm, stride_xk, stride_as,
-        stride_an, stride_ak, stride_tm,
-        IN: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _segment_matmul_kernel(
+        x_ptr, w_ptr, out_ptr, seg_starts_ptr, seg_slots_ptr, stride_xm, stride_xk, stride_ws,
+        stride_wn, stride_wk, stride_om, stride_on,
+        N: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, ACCUMULATE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One tile of `x_i W_{slot_i}^T` for a block of one segment's rows: x [n, K] and W
+    [num_slots, N, K] (any strides), summed in float32. The shrink stores it (out: t, with
+    N = rank, K = in); the expand, `ACCUMULATE`, adds it to out (y, N = out, K = rank)."""
     seg = tl.program_id(0)
     row0 = tl.program_id(1) * BLOCK_M
     slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
@@ -44,56 +48,25 @@ def _shrink_kernel(
     row_mask = rows < seg_len                                             # [BLOCK_M]
     tok = (seg_start + rows).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < K                                                   # [BLOCK_N]
-    a_base = a_ptr + slot * stride_as + cols[None, :] * stride_an
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        kk = k0 + tl.arange(0, BLOCK_K)
-        k_mask = kk < IN                                                  # [BLOCK_K]
-        x = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        a = tl.load(a_base + kk[:, None] * stride_ak,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        if UPCAST:
-            x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        acc += tl.dot(x, a, input_precision=DOT_PRECISION)
-    tl.store(t_ptr + tok[:, None] * stride_tm + cols[None, :], acc,
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-@triton.jit
-def _expand_kernel(
-        t_ptr, b_ptr, y_ptr, seg_starts_ptr, seg_slots_ptr, stride_tm, stride_tk, stride_bs,
-        stride_bn, stride_bk, stride_ym, stride_yn,
-        OUT: tl.constexpr, K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    seg = tl.program_id(0)
-    row0 = tl.program_id(1) * BLOCK_M
-    slot = tl.load(seg_slots_ptr + seg).to(tl.int64)
-    seg_start = tl.load(seg_starts_ptr + seg)
-    seg_len = tl.load(seg_starts_ptr + seg + 1) - seg_start
-    if (slot < 0) | (row0 >= seg_len):
-        return
-    rows = row0 + tl.arange(0, BLOCK_M)
-    row_mask = rows < seg_len                                             # [BLOCK_M]
-    tok = (seg_start + rows).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < OUT                                                 # [BLOCK_N]
-    b_base = b_ptr + slot * stride_bs + cols[None, :] * stride_bn
+    col_mask = cols < N                                                   # [BLOCK_N]
+    w_base = w_ptr + slot * stride_ws + cols[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         k_mask = kk < K                                                   # [BLOCK_K]
-        t = tl.load(t_ptr + tok[:, None] * stride_tm + kk[None, :] * stride_tk,
+        x = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        b = tl.load(b_base + kk[:, None] * stride_bk,
+        w = tl.load(w_base + kk[:, None] * stride_wk,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(t, b.to(tl.float32), input_precision=DOT_PRECISION)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     mask = row_mask[:, None] & col_mask[None, :]
-    y_ptrs = y_ptr + tok[:, None] * stride_ym + cols[None, :] * stride_yn
-    y = tl.load(y_ptrs, mask=mask, other=0.0)                             # [BLOCK_M, BLOCK_N]
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    out_ptrs = out_ptr + tok[:, None] * stride_om + cols[None, :] * stride_on
+    if ACCUMULATE:
+        acc += tl.load(out_ptrs, mask=mask, other=0.0).to(tl.float32)     # [BLOCK_M, BLOCK_N]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> torch.Tensor:
@@ -112,11 +85,11 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, meta: LoRAMetadata) -> to
     block_m = _block_m(meta.max_seg_len)
     block_n = min(64, max(16, triton.next_power_of_2(rank)))
     grid = (num_segs, triton.cdiv(meta.max_seg_len, block_m), triton.cdiv(rank, block_n))
-    _shrink_kernel[grid](
+    _segment_matmul_kernel[grid](
         x, lora_a, t, meta.seg_starts, meta.seg_slots, x.stride(0), x.stride(1),
-        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), t.stride(0),
-        IN=in_features, K=rank, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_IN,
-        UPCAST=x.dtype != lora_a.dtype,
+        lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), t.stride(0), t.stride(1),
+        N=rank, K=in_features, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=BLOCK_IN,
+        UPCAST=x.dtype != lora_a.dtype, ACCUMULATE=False,
         DOT_PRECISION=dot_precision(torch.promote_types(x.dtype, lora_a.dtype)), num_warps=4)
     return t
 
@@ -160,11 +133,12 @@ def _expand(t: torch.Tensor, lora_b: torch.Tensor, meta: LoRAMetadata,
     block_m = _block_m(meta.max_seg_len)
     grid = (num_segs, triton.cdiv(meta.max_seg_len, block_m),
             triton.cdiv(out_features, BLOCK_OUT))
-    _expand_kernel[grid](
+    _segment_matmul_kernel[grid](
         t, lora_b, y, meta.seg_starts, meta.seg_slots, t.stride(0), t.stride(1),
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
-        OUT=out_features, K=rank, BLOCK_M=block_m, BLOCK_N=BLOCK_OUT,
+        N=out_features, K=rank, BLOCK_M=block_m, BLOCK_N=BLOCK_OUT,
         BLOCK_K=min(64, max(16, triton.next_power_of_2(rank))),
+        UPCAST=lora_b.dtype != torch.float32, ACCUMULATE=True,
         DOT_PRECISION=dot_precision(lora_b.dtype), num_warps=4)
 
 
