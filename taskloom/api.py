@@ -114,7 +114,9 @@ class LLM:
                  use_tqdm: bool = True, lora: Adapter | Sequence[Adapter] = None
                  ) -> list[RequestOutput]:
         """Complete each prompt (text or token ids), with adapter `lora` (a loaded adapter's
-        name, a `merge_loras` result, or one per prompt); outputs come back in input order."""
+        name, a `merge_loras` result, or one per prompt); outputs come back in input order. A
+        prompt that could not be served (its adapter's files are gone since it was loaded)
+        comes back with `error` set and finish_reason "error"; the others are unaffected."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         encoded = [self._encode(p) for p in prompts]

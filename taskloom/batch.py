@@ -15,7 +15,9 @@ OUTPUT lines follow OpenAI's batch output, in completion order:
      "response": {"status_code": 200, "request_id": "<hex>", "body": <completion>}}
 
 A request the endpoint refuses is answered as OpenAI answers it, an HTTP error in `response`:
-`status_code` 400 and the server's error body (`{"error": {message, type, param, code}}`).
+`status_code` 400 and the server's error body (`{"error": {message, type, param, code}}`);
+one the engine took but could not serve (its adapter's files can no longer be read) gets the
+server's 500 the same way.
 A line that never makes a request (not JSON, no custom_id, a custom_id already used on an
 earlier line, method not POST, an unknown url, no body object) gets `response: null` and
 `error: {"code", "message", "line"}`, `line` being its 1-based INPUT line number (the field
@@ -60,7 +62,8 @@ from taskloom.server.chat import chat_body, prepare_chat
 from taskloom.server.completions import completion_body, prepare_completion
 from taskloom.server.errors import APIError, bad_request, validation_message
 from taskloom.server.protocol import ChatCompletionRequest, CompletionRequest
-from taskloom.server.serving import ModelContext, PreparedRequest, new_response_id, refused
+from taskloom.server.serving import (ModelContext, PreparedRequest, new_response_id, refused,
+                                     request_failed)
 
 if TYPE_CHECKING:
     from taskloom.api import LLM
@@ -506,12 +509,26 @@ class _Run:
         job.final[i] = out
         job.remaining -= 1
         self.in_flight -= len(out.outputs)
+        if out.error is not None:
+            self.fail(job, request_failed(out.error, i, len(job.final)))
+            return
         if job.remaining:
             return
         body = job.endpoint.build(self.ctx, job.response_id, job.created, job.body,
                                   job.final)  # type: ignore[arg-type]
         self.summary.output_tokens += body["usage"]["completion_tokens"]
         self.write(_record(job.custom_id, _response(200, body), None))
+
+    def fail(self, job: _Job, error: APIError) -> None:
+        """Answer a line whose request the engine could not serve with the server's error,
+        and abort its other prompts."""
+        seqs_per_prompt = job.num_seqs // len(job.final)
+        for k in range(len(job.final)):
+            rid = f"{job.response_id}-{k}"
+            if self.pending.pop(rid, None) is not None:
+                self.engine.abort(rid)
+                self.in_flight -= seqs_per_prompt
+        self.write_refusal(job.custom_id, error)
 
     def write_refusal(self, custom_id: str, error: APIError) -> None:
         self.write(_record(custom_id, _response(error.status, error.body()), None), error=True)

@@ -26,7 +26,7 @@ class CompletionOutput:
     index: int
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None        # "stop" | "length" | "abort" | None (running)
+    finish_reason: str | None = None   # "stop" | "length" | "abort" | "error" | None (running)
     stop_reason: int | str | None = None    # the stop token id or stop string that matched
     logprobs: list[PositionLogprobs] | None = None
     text_delta: str = ""
@@ -46,3 +46,6 @@ class RequestOutput:
     finished: bool = False
     # prompt_logprobs[0] is None (the first token has no context); then one entry per token.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # Why the request could not be served (its adapter could not be loaded, ...); every
+    # completion then has finish_reason "error".
+    error: str | None = None

@@ -33,6 +33,8 @@ class Runner(Protocol):
 
     def add_lora(self, lora: LoRARequest) -> None: ...
 
+    def load_loras(self, loras: list[LoRARequest]) -> dict[int, str]: ...
+
     def remove_lora(self, lora_id: int) -> None: ...
 
 
@@ -87,6 +89,7 @@ class _Parent:
     changed: bool = False
     finished_seqs: set[int] = field(default_factory=set)
     final_only: bool = False
+    error: str | None = None
 
 
 class EngineCore:
@@ -198,6 +201,8 @@ class EngineCore:
         times, prepared = self.step_times, self.runner.prepare_s
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
+        if self.scheduler.max_loras:
+            sched = self._load_adapters(sched)
         t1 = time.perf_counter()
         out = self.runner.execute(sched)
         t2 = time.perf_counter()
@@ -215,6 +220,42 @@ class EngineCore:
         times.outputs += time.perf_counter() - t3
         times.prepare += self.runner.prepare_s - prepared
         return outputs
+
+    def _load_adapters(self, sched: SchedulerOutput) -> SchedulerOutput:
+        """Have the runner ready the step's adapters before anything runs; the requests of an
+        adapter it cannot load leave the step and fail alone (see `_fail`)."""
+        requests = self.scheduler.requests
+        loras = {}
+        for seq in sched.seqs:
+            lora = requests[seq.req_id].lora
+            if lora is not None:
+                loras[lora.lora_id] = lora
+        errors = self.runner.load_loras(list(loras.values())) if loras else {}
+        if not errors:
+            return sched
+        failed = {seq.req_id: errors[lid] for seq in sched.seqs
+                  if (lid := requests[seq.req_id].lora_id) in errors}
+        sched = self.scheduler.fail_scheduled(sched, set(failed))
+        for seq_id, message in failed.items():
+            self._fail(seq_id, message)
+        return sched
+
+    def _fail(self, seq_id: str, message: str) -> None:
+        """End a sequence's whole request with an error (its other samples too: they share its
+        adapter); the caller gets `error` and finish_reason "error"."""
+        owner = self._seq_owner.get(seq_id)
+        if owner is None or owner[0].error is not None:
+            return
+        parent = owner[0]
+        logger.warning("request %s failed: %s", parent.request_id, message)
+        self.scheduler.finish_requests([s.req.request_id for s in parent.seqs],
+                                       RequestStatus.FINISHED_ERROR)
+        parent.error = message
+        for i, seq in enumerate(parent.seqs):
+            if seq.completion.finish_reason is None:
+                seq.completion.finish_reason = "error"
+            parent.finished_seqs.add(i)
+        parent.changed = True
 
     def _store_prompt_logprobs(self, seq_id: str, first: int, entries: list[Logprobs]) -> None:
         owner = self._seq_owner.get(seq_id)
@@ -287,7 +328,8 @@ class EngineCore:
             outputs.append(RequestOutput(
                 request_id=parent.request_id, prompt=parent.prompt,
                 prompt_token_ids=parent.prompt_token_ids, outputs=completions,
-                finished=finished, prompt_logprobs=parent.prompt_logprobs))
+                finished=finished, prompt_logprobs=parent.prompt_logprobs,
+                error=parent.error))
             if finished:
                 del self._parents[parent.request_id]
                 for s in parent.seqs:

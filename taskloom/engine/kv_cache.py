@@ -64,10 +64,7 @@ class BlockPool:
         blocks = [self._free.popitem(last=False)[0] for _ in range(n)]
         for b in blocks:
             self._ref_cnt[b] = 1
-            h = self._hash[b]
-            if h is not None:
-                del self.cached[h]
-                self._hash[b] = None
+            self.uncache(b)
         return blocks
 
     def touch(self, blocks: list[int]) -> None:
@@ -92,6 +89,13 @@ class BlockPool:
         if self._hash[block] is None and block_hash not in self.cached:
             self._hash[block] = block_hash
             self.cached[block_hash] = block
+
+    def uncache(self, block: int) -> None:
+        """Drop a block's name: its content was never written after all."""
+        h = self._hash[block]
+        if h is not None:
+            del self.cached[h]
+            self._hash[block] = None
 
     def ref_count(self, block: int) -> int:
         return self._ref_cnt[block]
@@ -212,6 +216,16 @@ class KVCacheManager:
         self._num_cached.pop(req_id, None)
         if table:
             self.pool.free(table[::-1])
+
+    def free_uncomputed(self, req_id: str, num_computed_tokens: int) -> None:
+        """Give back the blocks of a request taken out of a step before it ran: the blocks
+        that step would have filled lose their names first, since their KV was never
+        written (any other holder of them was scheduled to share the same failed step)."""
+        table = self.block_tables.get(req_id, [])
+        for i in range(num_computed_tokens // self.block_size,
+                       self._num_cached.get(req_id, 0)):
+            self.pool.uncache(table[i])
+        self.free(req_id)
 
     def forget(self, req_id: str) -> None:
         """Drop the request's hash chain (it finished: its tokens will not be hashed again)."""

@@ -206,6 +206,24 @@ class Scheduler:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    def fail_scheduled(self, sched: SchedulerOutput, req_ids: set[str]) -> SchedulerOutput:
+        """Take requests out of a scheduled step before it runs (their adapter could not be
+        loaded): they finish with FINISHED_ERROR, the blocks the step would have filled for
+        them lose their prefix-cache names, and the runner never hears of those it had not
+        seen. Returns the step without them."""
+        for new in sched.new_requests:
+            if new.req_id in req_ids:
+                self._seen_by_runner.discard(new.req_id)
+        for seq in sched.seqs:
+            req = self.requests.get(seq.req_id)
+            if seq.req_id in req_ids and req is not None:
+                self.kv.free_uncomputed(seq.req_id, req.num_computed_tokens)
+                self._finish(req, RequestStatus.FINISHED_ERROR)
+        seqs = [q for q in sched.seqs if q.req_id not in req_ids]
+        return SchedulerOutput([n for n in sched.new_requests if n.req_id not in req_ids],
+                               seqs, sched.finished_req_ids,
+                               sum(len(q.token_ids) for q in seqs))
+
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """Finish (stop string, abort) requests wherever they are; unknown ids are ignored."""
         for rid in req_ids:

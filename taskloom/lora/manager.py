@@ -6,6 +6,11 @@ when a request needs them again. The device holds `max_loras` slots inside the m
 LoRALinear buffers; before each step the adapters of that step's batch are put in slots, the
 least recently used slot not needed by the batch overwritten first. The scheduler guarantees a
 batch never names more adapters than there are slots.
+
+Adapters are checked when they are loaded (`add`), but one dropped from the host cache is read
+again from its directory (or merged again) when a batch needs it, and that can fail: the
+files may be gone. `prepare` does that reading for a step before anything changes, so the
+engine can fail the requests of an adapter that cannot be loaded and run the rest.
 """
 from __future__ import annotations
 
@@ -41,6 +46,7 @@ class LoRAManager:
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._slots: OrderedDict[int, int] = OrderedDict()   # lora id -> slot, LRU first
         self._free_slots = list(range(config.max_loras))
+        self._ready: dict[int, LoRAAdapter] = {}   # this step's adapters that need a slot
         self.num_loads = 0        # adapters read from disk or merged
         self.num_slot_writes = 0  # adapters copied into a device slot
 
@@ -78,6 +84,22 @@ class LoRAManager:
         return merge_adapters(lora.name, sources, spec.method, spec.density,
                               spec.majority_sign_method, spec.seed)
 
+    def prepare(self, loras: list[LoRARequest]) -> dict[int, str]:
+        """Hold the host copy of each of a step's adapters that has no slot, loading it again
+        if it was dropped; return those that could not be loaded (id -> why). Nothing else
+        changes, so their requests can leave the step before it runs."""
+        self._ready = {}
+        errors: dict[int, str] = {}
+        for lora in loras:
+            if lora.lora_id in self._slots:
+                continue
+            try:
+                self._ready[lora.lora_id] = self._adapter(lora)
+            except Exception as e:     # any failure to read or merge: the adapter's, not ours
+                errors[lora.lora_id] = (f"adapter {lora.name!r} could not be loaded again "
+                                        f"after it left host memory: {e}")
+        return errors
+
     # ----- device slots ----------------------------------------------------------------------
     def assign_slots(self, seq_loras: list[LoRARequest | None]) -> list[int]:
         """Put the batch's adapters in slots; each sequence's slot (-1: no adapter)."""
@@ -86,6 +108,7 @@ class LoRAManager:
             raise RuntimeError(f"a batch names {len(needed)} adapters but there are "
                                f"{self.config.max_loras} slots (a scheduler bug)")
         slots = {lid: self._slot_for(lora, needed) for lid, lora in needed.items()}
+        self._ready = {}
         return [-1 if lora is None else slots[lora.lora_id] for lora in seq_loras]
 
     def set_step(self, seq_slots: list[int], seq_num_tokens: list[int]) -> None:
@@ -104,12 +127,12 @@ class LoRAManager:
         if slot is not None:
             self._slots.move_to_end(lora.lora_id)
             return slot
+        adapter = self._ready.get(lora.lora_id) or self._adapter(lora)   # before taking a slot
         if self._free_slots:
             slot = self._free_slots.pop()
         else:
             victim = next(lid for lid in self._slots if lid not in needed)
             slot = self._slots.pop(victim)
-        adapter = self._adapter(lora)
         for layer in self.layers:
             layer.set_slot(slot, adapter)
         self.num_slot_writes += 1

@@ -116,6 +116,13 @@ class ModelRunner:
             raise ValueError("this runner was built without LoRA support")
         self.lora.add(lora)
 
+    def load_loras(self, loras: list[LoRARequest]) -> dict[int, str]:
+        """Ready a step's adapters before it runs: those that could not be loaded, by id, with
+        why (their requests must leave the step)."""
+        if self.lora is None:
+            return {lora.lora_id: "this runner was built without LoRA support" for lora in loras}
+        return self.lora.prepare(loras)
+
     def remove_lora(self, lora_id: int) -> None:
         if self.lora is not None:
             self.lora.remove(lora_id)

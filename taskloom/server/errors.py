@@ -2,7 +2,8 @@
 
 Everything a client can get wrong maps to a 4xx with a message that names the problem:
 validation errors of the body (400), unknown models (404), missing or wrong API keys (401), a
-full queue (429). A 500 means a bug in taskloom, never something the client sent.
+full queue (429). A 500 means the server could not do its part: a bug in taskloom, or a
+loaded adapter whose files can no longer be read; never something the client sent.
 """
 from __future__ import annotations
 

@@ -153,6 +153,13 @@ def refused(index: int, num_prompts: int, error: ValueError) -> APIError:
     return bad_request(f"{label}{error}", "prompt")
 
 
+def request_failed(message: str, index: int, num_prompts: int) -> APIError:
+    """The 500 for a prompt the engine took but could not serve (an adapter whose files can
+    no longer be read): the server's fault, not the client's, and it says what broke."""
+    label = f"prompt {index}: " if num_prompts > 1 else ""
+    return APIError(500, f"{label}{message}", "server_error")
+
+
 class ClientDisconnected(Exception):
     """The HTTP client went away before the job finished."""
 
@@ -214,6 +221,8 @@ class EngineJob:
                 entry.finished = True
                 entry.timer.done(item.outputs[0].finish_reason or "stop")
                 remaining -= 1
+            if item.error is not None:
+                raise request_failed(item.error, i, len(self.entries))
             yield i, item
 
     def close(self) -> None:

@@ -209,3 +209,44 @@ def test_batch_job_serves_adapters_and_merges(tmp_path: Path, lora_oracle: LLM) 
     bad = next(r for r in records if r["custom_id"] == "bad-mix")["response"]
     assert bad["status_code"] == 400 and "rank" in bad["body"]["error"]["message"]
     wait_idle(lora_oracle)
+
+
+def test_an_adapter_that_cannot_be_loaded_again_is_a_500_for_its_requests_alone(
+        tmp_path: Path) -> None:
+    """`fragile` left host memory (one host copy) and its directory was deleted: its requests
+    get a 500 that names it (an error event when streamed), every other request is served,
+    and it serves again once its files are back."""
+    import json
+    import shutil
+
+    from tests.e2e.test_lora_failures import TINY
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    arch, _ = random_arch(str(tmp_path / "config.json"))
+    fragile = write_random_adapter(str(tmp_path / "fragile"), arch, rank=4, seed=1)
+    keep = write_random_adapter(str(tmp_path / "keep"), arch, rank=4, seed=2)
+    shutil.copytree(fragile, tmp_path / "backup")
+    llm = LLM(str(tmp_path / "config.json"), random_weights=True, num_blocks=64, block_size=4,
+              max_loras=1, max_cpu_loras=1, loras={"fragile": fragile, "keep": keep})
+    shutil.rmtree(fragile)
+    st = start_server(llm, loras=llm.loras)
+    client = openai.OpenAI(base_url=st.base_url + "/v1", api_key="unused", max_retries=0)
+    body = {"prompt": [5, 6, 7, 8, 9], "max_tokens": 4, "ignore_eos": True}
+    try:
+        assert_error(post(st, "/v1/completions", {"model": "fragile", **body}), 500,
+                     "adapter 'fragile' could not be loaded", "not a PEFT adapter directory",
+                     type_="server_error")
+        assert_error(post(st, "/v1/completions", {"model": "fragile", **body,
+                                                  "prompt": [[5, 6], [7, 8]]}), 500,
+                     "prompt 0: adapter 'fragile'", type_="server_error")
+        stream = client.completions.create(model="fragile", prompt=body["prompt"], max_tokens=4,
+                                           stream=True)
+        with pytest.raises(openai.APIError, match="adapter 'fragile' could not be loaded"):
+            list(stream)
+        for model in (MODEL, "keep"):
+            r = post(st, "/v1/completions", {"model": model, **body})
+            assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        shutil.copytree(tmp_path / "backup", fragile)
+        assert post(st, "/v1/completions", {"model": "fragile", **body}).status_code == 200
+        wait_idle(llm)
+    finally:
+        st.stop()

@@ -6,7 +6,8 @@ import pytest
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
-from taskloom.engine.request import Request
+from taskloom.engine.outputs import RunnerOutput
+from taskloom.engine.request import Request, RequestStatus
 from taskloom.engine.scheduler import Scheduler
 from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest, MergeSpec
@@ -137,3 +138,38 @@ def test_merge_spec_rejects_bad_recipes(kwargs: dict, match: str) -> None:
         MergeSpec(((A, 1.0),), **kwargs)
     with pytest.raises(ValueError, match="finite and non-zero"):
         MergeSpec(((A, 0.0),))
+
+
+def test_failing_scheduled_requests_unnames_only_the_blocks_they_did_not_compute() -> None:
+    """An adapter that cannot be loaded fails its requests before the step runs: they leave
+    the step (and the runner never hears of new ones), the blocks the step would have filled
+    lose their names (their KV was never written), blocks computed earlier keep them."""
+    s = make(max_loras=3, prefix_caching=True)
+    s.add_request(lreq("b-old", B, max_tokens=3, n_prompt=10))
+    step(s)                                   # b-old computed 10 tokens: blocks 0, 1 named
+    for rid, lora in [("a1", A), ("a2", A), ("base", None)]:
+        s.add_request(lreq(rid, lora, max_tokens=2, n_prompt=10))
+    out = s.schedule()
+    assert [(q.req_id, q.num_computed_tokens, len(q.token_ids)) for q in out.seqs] == [
+        ("b-old", 10, 1), ("a1", 0, 10), ("a2", 8, 2), ("base", 0, 10)]
+    assert s.kv.block_tables["a1"] == [3, 4, 5] and s.kv.block_tables["a2"] == [3, 4, 6]
+    a_hashes = [s.kv.pool.block_hash(b) for b in (3, 4)]
+    failed = [s.requests[rid] for rid in ("a1", "a2", "b-old")]
+    kept = s.fail_scheduled(out, {"a1", "a2", "b-old"})
+    assert all(r.status == RequestStatus.FINISHED_ERROR for r in failed)
+    assert [q.req_id for q in kept.seqs] == ["base"]
+    assert [n.req_id for n in kept.new_requests] == ["base"]
+    assert kept.num_scheduled_tokens == 10
+    assert all(h not in s.kv.pool.cached for h in a_hashes)
+    assert s.kv.pool.cached.keys() >= {s.kv.pool.block_hash(b) for b in (0, 1, 7, 8)}
+    assert s.kv.block_tables.keys() == {"base"}
+    s.update(kept, RunnerOutput(sampled={"base": 9}))
+    assert s.schedule().finished_req_ids == ["b-old"]  # a1, a2 never reached the runner
+    while s.has_unfinished:
+        step(s)
+    s.add_request(lreq("a3", A, max_tokens=1, n_prompt=10))
+    s.add_request(lreq("b-new", B, max_tokens=1, n_prompt=10))
+    hits = s.kv.stats.hits
+    step(s)
+    assert s.kv.stats.hits - hits == 8        # b-new finds b-old's blocks; a3 finds nothing
+    assert_pool_full(s)
