@@ -30,8 +30,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--dataset-seed", type=int, default=0)
     tp.add_argument("--peer", choices=["hf", "hf-static"], default=None,
                     help="run the same workload through HF transformers and compare: hf is "
-                         "generate_batch (continuous batching, paged|sdpa), hf-static is "
-                         "generate over static batches of --peer-batch-size")
+                         "generate_batch (continuous batching, SDPA over a paged cache), "
+                         "hf-static is generate over static batches of --peer-batch-size")
     tp.add_argument("--peer-batch-size", type=int, default=None,
                     help="batch size of the hf-static generate calls (default: --max-num-seqs)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")

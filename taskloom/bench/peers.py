@@ -60,14 +60,24 @@ def _left_pad(batch: list[list[int]], pad_id: int, device: str
     return ids.to(device), mask.to(device)
 
 
+def paged_sdpa_name() -> str:
+    """The name of SDPA over the paged cache for `generate_batch`: `paged|sdpa` up to
+    transformers 5.18; from 5.19 plain `sdpa` (the prefix is deprecated there, then removed)."""
+    import transformers
+    from packaging.version import Version
+
+    return "sdpa" if Version(transformers.__version__) >= Version("5.19") else "paged|sdpa"
+
+
 def hf_generate_batch_throughput(a: argparse.Namespace, prompts: list[list[int]]) -> dict:
-    """Time HF `generate_batch` (continuous batching, `paged|sdpa` attention) over all of
-    `prompts` at once, `a.output_len` new tokens each (EOS ignored: no id matches -1).
-    Not under inference mode: generate_batch runs its loop in a thread of its own, which
-    must be able to update the model's tensors in place."""
+    """Time HF `generate_batch` (continuous batching, SDPA attention over its paged cache)
+    over all of `prompts` at once, `a.output_len` new tokens each (EOS ignored: no id
+    matches -1). Not under inference mode: generate_batch runs its loop in a thread of its
+    own, which must be able to update the model's tensors in place."""
     from transformers import GenerationConfig
 
-    model = load_hf_model(a, attn_implementation="paged|sdpa")
+    attn = paged_sdpa_name()
+    model = load_hf_model(a, attn_implementation=attn)
     config = GenerationConfig(max_new_tokens=a.output_len, do_sample=False, eos_token_id=-1,
                               pad_token_id=0)
     model.generate_batch(inputs=prompts[:2], generation_config=GenerationConfig(
@@ -81,7 +91,8 @@ def hf_generate_batch_throughput(a: argparse.Namespace, prompts: list[list[int]]
                            f"{len(prompts)} requests")
     n_out = sum(len(r.generated_tokens) for r in results.values())
     n_in = sum(len(p) for p in prompts)
-    return {"name": "hf-transformers-generate_batch", "attn_implementation": "paged|sdpa",
+    return {"name": "hf-transformers-generate_batch",
+            "attn_implementation": attn,
             "output_tokens": n_out, "elapsed_s": round(elapsed, 3),
             "output_tokens_per_s": round(n_out / elapsed, 2),
             "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}
