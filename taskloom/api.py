@@ -13,7 +13,7 @@ from taskloom.engine.core import EngineCore
 from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput
 from taskloom.runtime.builder import build_engine
 from taskloom.sampling_params import SamplingParams
 from taskloom.tokenizer.tokenizer import Tokenizer
@@ -168,9 +168,11 @@ class LLM:
         return prompt
 
     def _add(self, ids: list[int], text: str | None, params: SamplingParams,
-             lora: LoRARequest | None = None, final_only: bool = False) -> str:
+             lora: LoRARequest | None = None,
+             output_kind: OutputKind = OutputKind.CUMULATIVE) -> str:
         rid = str(next(self._ids))
-        self.engine.add_request(rid, ids, params, prompt=text, lora=lora, final_only=final_only)
+        self.engine.add_request(rid, ids, params, prompt=text, lora=lora,
+                                output_kind=output_kind)
         return rid
 
     def _lora(self, lora: Adapter) -> LoRARequest | None:
@@ -199,7 +201,8 @@ class LLM:
         rids: dict[int, str] = {}
         try:
             for i in order:
-                rids[i] = self._add(encoded[i], texts[i], params[i], loras[i], final_only=True)
+                rids[i] = self._add(encoded[i], texts[i], params[i], loras[i],
+                                    OutputKind.FINAL_ONLY)
         except ValueError as e:
             for rid in rids.values():
                 self.engine.abort(rid)

@@ -57,7 +57,7 @@ from pydantic import BaseModel, ValidationError
 from tqdm.auto import tqdm
 
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput
 from taskloom.server.chat import chat_body, prepare_chat
 from taskloom.server.completions import completion_body, prepare_completion
 from taskloom.server.errors import APIError, bad_request, validation_message
@@ -489,7 +489,8 @@ class _Run:
             rid = f"{job.response_id}-{i}"
             try:
                 self.engine.add_request(rid, ids, prepared.params, prompt=text,
-                                        lora=staged.lora, final_only=True)
+                                        lora=staged.lora,
+                                        output_kind=OutputKind.FINAL_ONLY)
             except ValueError as e:
                 for r in added:
                     self.engine.abort(r)

@@ -1,11 +1,24 @@
 """What callers get back: RequestOutput with one CompletionOutput per sample (`n`).
 
-The engine emits a RequestOutput each step a request changes; `text` and `token_ids` are
-cumulative, `text_delta` / `token_ids_delta` hold just this step's part (for streaming).
+How often and how much depends on the request's OutputKind (vLLM's RequestOutputKind). By
+default (CUMULATIVE) the engine emits a RequestOutput each step a request changes, with every
+completion whole (`text`, `token_ids`, `logprobs` so far) and `text_delta` /
+`token_ids_delta` holding just this step's part. DELTA outputs hold only what is new, and only
+the completions that changed (each knows its `index`): what a server streams, with no
+per-step copy of what it already sent. FINAL_ONLY requests get one output, when they finish.
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class OutputKind(enum.Enum):
+    """What the engine hands back for a request, and when."""
+
+    CUMULATIVE = "cumulative"   # each step it changed: every completion so far, and the delta
+    DELTA = "delta"             # each step it changed: only the new part of changed completions
+    FINAL_ONLY = "final_only"   # once, when it finishes: every completion whole
 
 
 @dataclass
@@ -49,3 +62,28 @@ class RequestOutput:
     # Why the request could not be served (its adapter could not be loaded, ...); every
     # completion then has finish_reason "error".
     error: str | None = None
+
+
+def add_delta(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
+    """Fold a DELTA output into the cumulative output of the same request (None before the
+    first); `delta` is taken over, not copied. Completions stay in index order."""
+    if total is None:
+        total = delta
+        delta_outputs, total.outputs = delta.outputs, []
+    else:
+        delta_outputs = delta.outputs
+        total.finished, total.error = delta.finished, delta.error
+    by_index = {c.index: c for c in total.outputs}
+    for d in delta_outputs:
+        c = by_index.get(d.index)
+        if c is None:
+            total.outputs.append(d)
+            continue
+        c.text += d.text
+        c.token_ids.extend(d.token_ids)
+        if c.logprobs is not None and d.logprobs is not None:
+            c.logprobs.extend(d.logprobs)
+        c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
+        c.text_delta, c.token_ids_delta = d.text_delta, d.token_ids_delta
+    total.outputs.sort(key=lambda c: c.index)
+    return total

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from taskloom.engine.core import EngineCore
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class _Add:
     prompt: str | None
     done: Future
     lora: LoRARequest | None = None
+    output_kind: OutputKind = OutputKind.CUMULATIVE
 
 
 @dataclass
@@ -131,10 +132,12 @@ class AsyncEngineClient:
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                   prompt: str | None = None, stream: asyncio.Queue | None = None,
-                  lora: LoRARequest | None = None
+                  lora: LoRARequest | None = None,
+                  output_kind: OutputKind = OutputKind.CUMULATIVE
                   ) -> asyncio.Queue[RequestOutput | BaseException]:
         """Queue a request in the engine and return the queue its outputs arrive on (`stream`
-        if given: several requests may share one queue and tell outputs apart by id)."""
+        if given: several requests may share one queue and tell outputs apart by id), in the
+        form `output_kind` asks for (taskloom.outputs)."""
         if self.error is not None or self._thread is None:
             raise EngineDeadError(f"the engine is not running"
                                   + (f": it failed with {self.error}" if self.error else ""))
@@ -146,7 +149,8 @@ class AsyncEngineClient:
         done: Future = Future()
         with self._lock:
             self._pending_adds += params.n
-        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, done, lora))
+        self._send(_Add(request_id, list(prompt_token_ids), params, prompt, done, lora,
+                        output_kind))
         try:
             await asyncio.wrap_future(done)
         except ValueError:                   # the engine refused it: nothing was queued
@@ -221,7 +225,8 @@ class AsyncEngineClient:
         if cmd.done.set_running_or_notify_cancel():   # else the caller gave up before this
             try:
                 self.core.add_request(cmd.request_id, cmd.prompt_token_ids, cmd.params,
-                                      prompt=cmd.prompt, lora=cmd.lora)
+                                      prompt=cmd.prompt, lora=cmd.lora,
+                                      output_kind=cmd.output_kind)
             except ValueError as e:
                 cmd.done.set_exception(e)
             else:

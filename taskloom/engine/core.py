@@ -17,7 +17,8 @@ from taskloom.engine.outputs import Logprobs, RunnerOutput, SchedulerOutput
 from taskloom.engine.request import Request, RequestStatus
 from taskloom.engine.scheduler import Scheduler
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from taskloom.outputs import (CompletionOutput, Logprob, OutputKind, PositionLogprobs,
+                              RequestOutput)
 from taskloom.sampling_params import SamplingParams
 from taskloom.tokenizer.detokenizer import IncrementalDetokenizer
 from taskloom.tokenizer.stop import StopStringMatcher
@@ -77,6 +78,7 @@ class _Seq:
     detok: IncrementalDetokenizer | None   # None: the model has no tokenizer (random weights)
     stop: StopStringMatcher
     completion: CompletionOutput
+    changed: bool = False     # since the request's last output
 
 
 @dataclass
@@ -88,7 +90,7 @@ class _Parent:
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     changed: bool = False
     finished_seqs: set[int] = field(default_factory=set)
-    final_only: bool = False
+    kind: OutputKind = OutputKind.CUMULATIVE
     error: str | None = None
 
 
@@ -109,11 +111,11 @@ class EngineCore:
     # ----- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, lora: LoRARequest | None = None,
-                    final_only: bool = False) -> None:
+                    output_kind: OutputKind = OutputKind.CUMULATIVE) -> None:
         """Queue a request, served with adapter `lora` if given; raise ValueError (and queue
-        nothing) if it can never run. With `final_only` the request's one RequestOutput comes
-        when it finishes (offline batches): no per-step output is built for it, whose
-        cumulative copies cost O(output length) every step."""
+        nothing) if it can never run. `output_kind` says what its outputs hold and when
+        (taskloom.outputs): offline batches want FINAL_ONLY and servers DELTA, since a
+        CUMULATIVE output copies the completion so far, O(output length), every step."""
         if request_id in self._parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._validate_prompt(prompt_token_ids)
@@ -126,7 +128,7 @@ class EngineCore:
                              f"without LoRA support (enable_lora / --enable-lora)")
         parent = _Parent(request_id, prompt, list(prompt_token_ids), [],
                          [None] if params.prompt_logprobs is not None else None,
-                         final_only=final_only)
+                         kind=output_kind)
         for i in range(params.n):
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, prompt_token_ids, self._child_params(params, i),
@@ -254,6 +256,7 @@ class EngineCore:
         for i, seq in enumerate(parent.seqs):
             if seq.completion.finish_reason is None:
                 seq.completion.finish_reason = "error"
+                seq.changed = True
             parent.finished_seqs.add(i)
         parent.changed = True
 
@@ -286,7 +289,7 @@ class EngineCore:
             comp.finish_reason = req.status.value
             comp.stop_reason = req.stop_reason if req.stop_reason not in self.eos_token_ids \
                 else None
-        parent.changed = True
+        parent.changed = seq.changed = True
         if comp.finish_reason is not None:
             parent.finished_seqs.add(index)
 
@@ -320,24 +323,44 @@ class EngineCore:
         for parent in [p for p in self._parents.values() if p.changed]:
             parent.changed = False
             finished = len(parent.finished_seqs) == len(parent.seqs)
-            if parent.final_only and not finished:
+            if parent.kind is OutputKind.FINAL_ONLY and not finished:
                 continue    # its deltas build up until the one output at the end
-            # A finished request's completions change no more: handed over, not copied.
-            completions = [s.completion if finished else _snapshot(s.completion)
-                           for s in parent.seqs]
             outputs.append(RequestOutput(
                 request_id=parent.request_id, prompt=parent.prompt,
-                prompt_token_ids=parent.prompt_token_ids, outputs=completions,
+                prompt_token_ids=parent.prompt_token_ids,
+                outputs=self._completions(parent, finished),
                 finished=finished, prompt_logprobs=parent.prompt_logprobs,
                 error=parent.error))
             if finished:
                 del self._parents[parent.request_id]
                 for s in parent.seqs:
                     self._seq_owner.pop(s.req.request_id, None)
-            else:
-                for s in parent.seqs:
-                    s.completion.text_delta, s.completion.token_ids_delta = "", []
         return outputs
+
+    @staticmethod
+    def _completions(parent: _Parent, finished: bool) -> list[CompletionOutput]:
+        """The completions of a request's output. A DELTA output takes over the changed
+        ones, each holding just what is new, and leaves fresh ones in their place; a
+        finished request's are handed over; otherwise they are copied (CUMULATIVE)."""
+        if parent.kind is OutputKind.DELTA:
+            handed = []
+            for s in parent.seqs:
+                if s.changed:
+                    c = s.completion
+                    handed.append(c)
+                    s.completion = CompletionOutput(
+                        c.index, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                        logprobs=None if c.logprobs is None else [])
+                    s.changed = False
+            return handed
+        if finished:
+            return [s.completion for s in parent.seqs]
+        snapshots = []
+        for s in parent.seqs:
+            snapshots.append(_snapshot(s.completion))
+            s.completion.text_delta, s.completion.token_ids_delta = "", []
+            s.changed = False
+        return snapshots
 
 
 def _snapshot(c: CompletionOutput) -> CompletionOutput:

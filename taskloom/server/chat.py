@@ -19,7 +19,7 @@ from taskloom.server.errors import bad_request
 from taskloom.server.protocol import ChatCompletionRequest
 from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
                                      make_params)
-from taskloom.server.streaming import collect, sse_response, usage
+from taskloom.server.streaming import collect, completion_tokens, sse_response, usage
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
@@ -68,29 +68,24 @@ def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompl
         "finish_reason": c.finish_reason} for c in out.outputs]
     return {"id": response_id, "object": "chat.completion", "created": created,
             "model": ctx.response_model(body.model), "choices": choices,
-            "usage": usage(len(out.prompt_token_ids), [out])}
+            "usage": usage(len(out.prompt_token_ids), completion_tokens([out]))}
 
 
 async def _chunks(job: EngineJob, body: ChatCompletionRequest
                   ) -> AsyncIterator[dict[str, Any]]:
     for index in range(body.n):
         yield _chunk(job, body, index, {"role": "assistant", "content": ""}, None, None)
-    sent: dict[int, int] = {}
-    last: RequestOutput | None = None
     async for _, out in job.outputs():
-        last = out
-        for c in out.outputs:
+        for c in out.outputs:              # only the new part of the samples that changed
             lp = None
             if body.logprobs:
-                start = sent.get(c.index, 0)
-                lp = chat_logprobs((c.logprobs or [])[start:], c.token_ids[start:],
-                                   body.num_logprobs or 0)
-                sent[c.index] = len(c.logprobs or [])
-            if c.text_delta or c.finish_reason or (lp and lp["content"]):
-                delta = {"content": c.text_delta} if c.text_delta else {}
+                lp = chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
+            if c.text or c.finish_reason or (lp and lp["content"]):
+                delta = {"content": c.text} if c.text else {}
                 yield _chunk(job, body, c.index, delta, lp, c.finish_reason)
     if body.include_usage:
-        yield {**_envelope(job, body, []), "usage": usage(job.num_prompt_tokens, [last])}
+        yield {**_envelope(job, body, []),
+               "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}
 
 
 def _envelope(job: EngineJob, body: ChatCompletionRequest, choices: list) -> dict[str, Any]:

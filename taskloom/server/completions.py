@@ -18,7 +18,7 @@ from taskloom.server.errors import bad_request
 from taskloom.server.protocol import CompletionRequest
 from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
                                      make_params)
-from taskloom.server.streaming import collect, sse_response, usage
+from taskloom.server.streaming import collect, completion_tokens, sse_response, usage
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest,
@@ -105,32 +105,28 @@ def completion_body(ctx: ModelContext, response_id: str, created: int, body: Com
     num_prompt_tokens = sum(len(out.prompt_token_ids) for out in final)
     return {"id": response_id, "object": "text_completion", "created": created,
             "model": ctx.response_model(body.model), "choices": choices,
-            "usage": usage(num_prompt_tokens, final)}
+            "usage": usage(num_prompt_tokens, completion_tokens(final))}
 
 
 async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
-    sent_logprobs: dict[tuple[int, int], int] = {}
-    offsets: dict[tuple[int, int], int] = {}
-    final: list[RequestOutput | None] = [None] * len(job.entries)
+    offsets: dict[tuple[int, int], int] = {}    # text sent per (prompt, sample)
     async for i, out in job.outputs():
-        final[i] = out
-        for c in out.outputs:
+        for c in out.outputs:              # only the new part of the samples that changed
             key = (i, c.index)
-            text = c.text_delta
+            text = c.text
             if body.echo and key not in offsets:
                 text = _prompt_text(job.ctx, out) + text
             lp = None
             if body.logprobs is not None:
-                new = (c.logprobs or [])[sent_logprobs.get(key, 0):]
-                new_ids = c.token_ids[sent_logprobs.get(key, 0):][:len(new)]
-                lp = completion_logprobs(new, new_ids, offsets.get(key, 0), job.ctx.token_text)
-                sent_logprobs[key] = len(c.logprobs or [])
+                lp = completion_logprobs(c.logprobs or [], c.token_ids, offsets.get(key, 0),
+                                         job.ctx.token_text)
             offsets[key] = offsets.get(key, 0) + len(text)
             if text or c.finish_reason or (lp and lp["tokens"]):
                 yield _chunk(job, body, [_choice(i * body.n + c.index, text, lp,
                                                  c.finish_reason)])
     if body.include_usage:
-        yield {**_chunk(job, body, []), "usage": usage(job.num_prompt_tokens, final)}
+        yield {**_chunk(job, body, []),
+               "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}
 
 
 def _chunk(job: EngineJob, body: CompletionRequest, choices: list[dict]) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """What both OpenAI endpoints share: checks before the engine (ModelContext, which the offline
 batch job uses too), and the EngineJob that carries the engine requests of one HTTP request
-(one per prompt) from admission to the last output.
+(one per prompt) from admission to the last output. Its engine requests are DELTA requests
+(taskloom.outputs): each step's output holds only what is new, so nothing the server already
+has is copied again; a whole response is folded together from them (`streaming.collect`).
 
 An EngineJob watches its HTTP connection: when the client goes away, while queued or mid-
 stream, every engine request of the job is aborted at once, so its KV blocks are free within
@@ -19,7 +21,7 @@ from fastapi import Request
 from taskloom.engine.client import AsyncEngineClient, EngineDeadError
 from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput
 from taskloom.sampling_params import InvalidParameter, SamplingParams
 from taskloom.server.errors import APIError, bad_request
 from taskloom.server.metrics import RequestTimer, ServerMetrics
@@ -182,6 +184,7 @@ class EngineJob:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.entries: list[_Entry] = []
         self.num_prompt_tokens = 0
+        self.num_output_tokens = 0
         self._watcher: asyncio.Task | None = None
 
     async def start(self, prompts: list[tuple[list[int], str | None]],
@@ -193,7 +196,8 @@ class EngineJob:
             rid = f"{self.id}-{i}"
             entry = _Entry(rid, self.ctx.metrics.timer())
             try:
-                await self.ctx.client.add(rid, ids, params, text, stream=self.queue, lora=lora)
+                await self.ctx.client.add(rid, ids, params, text, stream=self.queue, lora=lora,
+                                          output_kind=OutputKind.DELTA)
             except ValueError as e:
                 self.close()
                 raise refused(i, len(prompts), e) from None
@@ -205,7 +209,7 @@ class EngineJob:
             self.entries.append(entry)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """Yield (prompt index, output) until every prompt finished."""
+        """Yield (prompt index, DELTA output) until every prompt finished."""
         index = {e.request_id: i for i, e in enumerate(self.entries)}
         remaining = len(self.entries)
         while remaining:
@@ -216,10 +220,13 @@ class EngineJob:
                 raise APIError(503, str(item), "service_unavailable")
             i = index[item.request_id]
             entry = self.entries[i]
-            entry.timer.tokens(sum(len(c.token_ids_delta) for c in item.outputs))
+            new_tokens = sum(len(c.token_ids) for c in item.outputs)
+            self.num_output_tokens += new_tokens
+            entry.timer.tokens(new_tokens)
             if item.finished:
                 entry.finished = True
-                entry.timer.done(item.outputs[0].finish_reason or "stop")
+                entry.timer.done(next((c.finish_reason for c in item.outputs
+                                       if c.finish_reason), "stop"))
                 remaining -= 1
             if item.error is not None:
                 raise request_failed(item.error, i, len(self.entries))

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.sse import EventSourceResponse, format_sse_event
 
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import RequestOutput, add_delta
 from taskloom.server.errors import APIError
 from taskloom.server.serving import ClientDisconnected, EngineJob
 
@@ -42,11 +42,11 @@ def _event(data: str) -> bytes:
 
 
 async def collect(job: EngineJob) -> list[RequestOutput]:
-    """The final output of every prompt of the job, in prompt order."""
+    """The whole output of every prompt of the job, in prompt order (folded from deltas)."""
     final: list[RequestOutput | None] = [None] * len(job.entries)
     try:
         async for i, out in job.outputs():
-            final[i] = out
+            final[i] = add_delta(final[i], out)
     except ClientDisconnected:
         raise APIError(499, "the client closed the connection", "client_closed") from None
     finally:
@@ -54,7 +54,11 @@ async def collect(job: EngineJob) -> list[RequestOutput]:
     return final  # type: ignore[return-value]
 
 
-def usage(num_prompt_tokens: int, final: list[RequestOutput | None]) -> dict[str, int]:
-    completion = sum(len(c.token_ids) for out in final if out is not None for c in out.outputs)
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": completion,
-            "total_tokens": num_prompt_tokens + completion}
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def completion_tokens(final: list[RequestOutput]) -> int:
+    """Tokens generated for whole outputs, every sample counted."""
+    return sum(len(c.token_ids) for out in final for c in out.outputs)

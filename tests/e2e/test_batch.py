@@ -181,9 +181,9 @@ def test_lines_are_admitted_grouped_by_shared_prefix(llm: LLM, tmp_path: Path,
     add_request = llm.engine.add_request
 
     def spy(request_id: str, ids: list[int], params: Any, prompt: str | None = None,
-            lora: Any = None, final_only: bool = False) -> None:
+            lora: Any = None, output_kind: Any = None) -> None:
         admitted.append(prompt)
-        add_request(request_id, ids, params, prompt=prompt, lora=lora, final_only=final_only)
+        add_request(request_id, ids, params, prompt=prompt, lora=lora, output_kind=output_kind)
 
     monkeypatch.setattr(llm.engine, "add_request", spy)
     BatchJob(str(tmp_path / "in.jsonl"), str(tmp_path / "grouped.jsonl")).run(

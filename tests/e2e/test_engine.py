@@ -8,6 +8,7 @@ import math
 import pytest
 
 from taskloom import LLM, SamplingParams
+from taskloom.outputs import OutputKind, RequestOutput, add_delta
 
 PROMPTS = [
     "The capital of France is",
@@ -197,22 +198,45 @@ def test_missing_model_path() -> None:
         LLM("/no/such/model")
 
 
-def test_final_only_requests_get_one_output_when_they_finish(llm: LLM) -> None:
-    ids = llm.tokenizer.encode(PROMPTS[4])
-    llm.engine.add_request("streamed", ids, GREEDY)
-    llm.engine.add_request("final", ids, GREEDY, final_only=True)
-    outputs: dict[str, list] = {"streamed": [], "final": []}
+def test_output_kinds_deliver_the_same_completions(llm: LLM) -> None:
+    """One request three ways: CUMULATIVE outputs every step, DELTA outputs of only the new
+    part of the completions that changed, FINAL_ONLY one output at the end. Three seeded
+    samples that finish at different steps (3, 2 and 24 tokens), with logprobs (equal up to
+    the float noise of sitting in different rows of the batch)."""
+    ids = llm.encode_chat([{"role": "user", "content": "Say yes or no."}])
+    params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=24, logprobs=2)
+    for kind in OutputKind:
+        llm.engine.add_request(kind.value, ids, params, output_kind=kind)
+    outputs: dict[str, list[RequestOutput]] = {kind.value: [] for kind in OutputKind}
     while llm.engine.has_unfinished:
         for out in llm.engine.step():
             outputs[out.request_id].append(out)
-    streamed, (final,) = outputs["streamed"], outputs["final"]
-    assert len(streamed) == GREEDY.max_tokens and final.finished
-    last = streamed[-1].outputs[0]
-    got = final.outputs[0]
-    assert got.token_ids == last.token_ids and got.text == last.text
-    # Its deltas hold everything since its last output: here, the whole completion.
-    assert got.token_ids_delta == got.token_ids and got.text_delta == got.text
-    assert "".join(o.outputs[0].text_delta for o in streamed) == got.text
+    cumulative, deltas = outputs["cumulative"], outputs["delta"]
+    (final,) = outputs["final_only"]
+    assert [len(c.token_ids) for c in final.outputs] == [3, 2, 24]
+    assert len(cumulative) == len(deltas) == 24
+    for kind_outputs in (cumulative, deltas):
+        assert [o.finished for o in kind_outputs] == [False] * 23 + [True]
+    # FINAL_ONLY: its deltas hold everything since its last output, the whole completion.
+    assert all(c.token_ids_delta == c.token_ids and c.text_delta == c.text
+               for c in final.outputs)
+    # DELTA: only changed completions, each once finished, and holding only the new part.
+    assert [sorted(c.index for c in o.outputs) for o in deltas[:4]] == [[0, 1, 2]] * 2 + [
+        [0, 2], [2]]
+    assert all(len(c.token_ids) == 1 and len(c.logprobs) == 1 and c.token_ids_delta ==
+               c.token_ids and c.text_delta == c.text for o in deltas for c in o.outputs)
+    finishes = [c.index for o in deltas for c in o.outputs if c.finish_reason is not None]
+    assert sorted(finishes) == [0, 1, 2]
+    folded = None
+    for out in deltas:
+        folded = add_delta(folded, out)
+    for want in (cumulative[-1], final):
+        for got, c in zip(folded.outputs, want.outputs, strict=True):
+            assert (got.index, got.token_ids, got.text, got.finish_reason) == (
+                c.index, c.token_ids, c.text, c.finish_reason)
+            assert [list(p) for p in got.logprobs] == [list(p) for p in c.logprobs]
+            assert [lp.logprob for p in got.logprobs for lp in p.values()] == pytest.approx(
+                [lp.logprob for p in c.logprobs for lp in p.values()], abs=1e-4)
     assert llm.engine.scheduler.kv.num_free_blocks == llm.engine.scheduler.kv.num_blocks
 
 

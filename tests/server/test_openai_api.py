@@ -123,6 +123,31 @@ def test_n2_and_seed_reproducible(client: openai.OpenAI, oracle: LLM) -> None:
         use_tqdm=False)[0].outputs)
 
 
+def test_streamed_samples_that_finish_apart_each_finish_once(client: openai.OpenAI) -> None:
+    """n=3 samples that stop after 3, 2 and 24 tokens (seed 0): streamed, each sample's
+    finish_reason comes once, in its last chunk, and its text and logprobs equal the whole
+    response's; usage counts every sample's tokens."""
+    kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Say yes or no."}],
+                  max_tokens=24, temperature=1.0, n=3, seed=0, logprobs=True, top_logprobs=1)
+    whole = client.chat.completions.create(**kwargs)
+    assert [c.finish_reason for c in whole.choices] == ["stop", "stop", "length"]
+    chunks = list(client.chat.completions.create(**kwargs, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[-1].usage == whole.usage
+    for want in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == want.index]
+        assert [c.finish_reason for c in mine] == [None] * (len(mine) - 1) + [
+            want.finish_reason]
+        assert "".join(c.delta.content or "" for c in mine) == want.message.content
+        assert [lp.token for c in mine if c.logprobs for lp in c.logprobs.content] == [
+            lp.token for lp in want.logprobs.content]
+    finished = client.completions.create(model=MODEL, prompt=PROMPTS[2], max_tokens=24,
+                                         temperature=1.0, n=3, seed=0, stream=True)
+    reasons = [(c.choices[0].index, c.choices[0].finish_reason) for c in finished
+               if c.choices and c.choices[0].finish_reason]
+    assert sorted(i for i, _ in reasons) == [0, 1, 2]
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     free = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=40,
                                      temperature=0).choices[0].text
