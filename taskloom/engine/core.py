@@ -279,9 +279,11 @@ class EngineCore:
         comp.token_ids_delta.append(token)
         if lp is not None and comp.logprobs is not None:
             comp.logprobs.append(self._position_logprobs(lp))
-        text, matched = self._detokenize(seq, token, req.status.finished)
-        comp.text += text
-        comp.text_delta += text
+        matched = None
+        if seq.detok is not None:
+            text, matched = self._detokenize(seq, token, req.status.finished)
+            comp.text += text
+            comp.text_delta += text
         if matched is not None:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             comp.finish_reason, comp.stop_reason = "stop", matched
@@ -296,8 +298,7 @@ class EngineCore:
     @staticmethod
     def _detokenize(seq: _Seq, token: int, finished: bool) -> tuple[str, str | None]:
         """New printable text of the sequence and the stop string it hit, if any."""
-        if seq.detok is None:
-            return "", None
+        assert seq.detok is not None
         text, matched = seq.stop.push(seq.detok.push([token]))
         if matched is None and finished:
             tail, matched = seq.stop.push(seq.detok.flush())

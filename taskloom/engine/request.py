@@ -13,18 +13,24 @@ from taskloom.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
+    """Where a request is; `value` is a finished request's finish reason. `finished` is a
+    plain attribute, not a property: it is read for every token of every step."""
+
+    finished: bool
+
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "abort"
-    FINISHED_ERROR = "error"    # the request could not run (e.g. its adapter failed to load)
+    FINISHED_STOPPED = ("stop", True)
+    FINISHED_LENGTH = ("length", True)
+    FINISHED_ABORTED = ("abort", True)
+    FINISHED_ERROR = ("error", True)   # could not run (e.g. its adapter failed to load)
 
-    @property
-    def finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR)
+    def __new__(cls, value: str, finished: bool = False) -> "RequestStatus":
+        member = object.__new__(cls)
+        member._value_ = value
+        member.finished = finished
+        return member
 
 
 class Request:

@@ -154,22 +154,22 @@ class Scheduler:
 
     def _build_output(self, scheduled: list[tuple[Request, int]], budget: int) -> SchedulerOutput:
         new_requests, seqs = [], []
+        seen, tables = self._seen_by_runner, self.kv.block_tables
         for req, num_new in scheduled:
             rid = req.request_id
-            if rid not in self._seen_by_runner:
-                self._seen_by_runner.add(rid)
+            if rid not in seen:
+                seen.add(rid)
                 new_requests.append(NewRequestData(rid, req.prompt_token_ids, req.params,
                                                    req.lora))
-            start = req.num_computed_tokens
-            seqs.append(ScheduledSeq(
-                req_id=rid,
-                token_ids=req.token_ids_slice(start, start + num_new),
-                num_computed_tokens=start,
-                block_ids=self.kv.block_tables[rid],
-                sample=start + num_new == req.num_tokens,
-                output_token_ids=req.output_token_ids,
-                num_prompt_tokens=req.num_prompt_tokens,
-            ))
+            start, out_ids = req.num_computed_tokens, req.output_token_ids
+            num_prompt = len(req.prompt_token_ids)
+            end = start + num_new
+            if num_new == 1 and out_ids and end == num_prompt + len(out_ids):
+                token_ids = [out_ids[-1]]       # a decode: most sequences of most steps
+            else:
+                token_ids = req.token_ids_slice(start, end)
+            seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid],
+                                     end == num_prompt + len(out_ids), out_ids, num_prompt))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget)
@@ -179,12 +179,13 @@ class Scheduler:
         """Advance the scheduled requests by this step's results; return those that got a new
         token (finished ones included, with their status set and blocks freed)."""
         advanced = []
+        requests, sampled, running = self.requests, out.sampled, RequestStatus.RUNNING
         for seq in sched.seqs:
-            req = self.requests.get(seq.req_id)
-            if req is None or req.status != RequestStatus.RUNNING:
+            req = requests.get(seq.req_id)
+            if req is None or req.status is not running:
                 continue  # aborted while the step ran
             req.num_computed_tokens += len(seq.token_ids)
-            token = out.sampled.get(seq.req_id)
+            token = sampled.get(seq.req_id)
             if token is None:
                 continue
             req.output_token_ids.append(token)
@@ -196,13 +197,13 @@ class Scheduler:
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         n_out = len(req.output_token_ids)
-        if n_out >= req.params.min_tokens:
-            if token in req.eos_token_ids or token in req.params.stop_token_ids:
-                req.stop_reason = token
-                return RequestStatus.FINISHED_STOPPED
-        if req.max_tokens is not None and n_out >= req.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_tokens >= self.max_model_len:
+        params = req.params
+        if n_out >= params.min_tokens and (token in req.eos_token_ids
+                                           or token in params.stop_token_ids):
+            req.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if (params.max_tokens is not None and n_out >= params.max_tokens) or \
+                len(req.prompt_token_ids) + n_out >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
