@@ -135,11 +135,14 @@ def _shared_prefix_groups(meta: AttentionMetadata, decodes: list[int]
         by_first.setdefault(tables[i][0], []).append(i)
     groups, alone = [], []
     for seqs in by_first.values():
+        if len(seqs) == 1:
+            alone.extend(seqs)
+            continue
         limit = min((meta.seq_lens_cpu[i] - 1) // bs for i in seqs)
         common = 0
         while common < limit and len({tables[i][common] for i in seqs}) == 1:
             common += 1
-        if len(seqs) > 1 and common > 0:
+        if common > 0:
             groups.append((seqs, common))
         else:
             alone.extend(seqs)
