@@ -72,6 +72,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     sv.add_argument("--input-len", type=int, default=128)
     sv.add_argument("--output-len", type=int, default=128)
     sv.add_argument("--seed", type=int, default=0)
+    sv.add_argument("--token-ids", action="store_true",
+                    help="send prompts of random token ids (in [100, 1000)) and count tokens by "
+                         "the token_ids the server returns (return_token_ids): for a server "
+                         "without a tokenizer (--random-weights with a named shape)")
     sv.add_argument("--output-json", default=None, help="also write the result to this file")
     sv.set_defaults(func=_run_serve)
 

@@ -1,7 +1,12 @@
 """Online serving benchmark: requests against a running server through its HTTP API, arriving
 as a Poisson process at `--request-rate` (or all at once), optionally capped at
 `--max-concurrency` in flight; reports TTFT, inter-token latency and end-to-end latency
-percentiles and throughput. Streams every request with usage, so token counts are exact."""
+percentiles and throughput. Streams every request with usage, so token counts are exact.
+
+Prompts are text of about `--input-len` tokens, and a token arrives with the text it adds; with
+`--token-ids` they are `--input-len` random token ids and tokens are counted by the ids each
+chunk returns (`return_token_ids`), which a server whose model has no tokenizer (random
+weights with a named shape) needs: it streams no text."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +43,13 @@ def make_prompts(num: int, input_len: int, seed: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(input_len)) for _ in range(num)]
 
 
+def make_token_prompts(num: int, input_len: int, seed: int) -> list[list[int]]:
+    """Prompts of `input_len` random token ids in [100, 1000): in every model's vocabulary,
+    clear of the special tokens most vocabularies start with."""
+    rng = random.Random(seed)
+    return [[rng.randrange(100, 1000) for _ in range(input_len)] for _ in range(num)]
+
+
 async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
     res = RequestResult()
     start = last = time.perf_counter()
@@ -53,7 +65,8 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
                 if chunk.get("usage"):
                     res.prompt_tokens = chunk["usage"]["prompt_tokens"]
                     res.output_tokens = chunk["usage"]["completion_tokens"]
-                if not any(c.get("text") for c in chunk.get("choices", [])):
+                if not any(c.get("text") or c.get("token_ids")
+                           for c in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()
                 if res.ttft == 0.0:
@@ -68,7 +81,7 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
     return res
 
 
-async def _run(a: argparse.Namespace, model: str, prompts: list[str]
+async def _run(a: argparse.Namespace, model: str, prompts: list[str] | list[list[int]]
                ) -> tuple[list[RequestResult], float]:
     rng = random.Random(a.seed)
     sem = asyncio.Semaphore(a.max_concurrency or len(prompts))
@@ -86,6 +99,8 @@ async def _run(a: argparse.Namespace, model: str, prompts: list[str]
             body = {"model": model, "prompt": prompt, "max_tokens": a.output_len,
                     "ignore_eos": True, "temperature": 0.0, "stream": True,
                     "stream_options": {"include_usage": True}}
+            if a.token_ids:
+                body["return_token_ids"] = True
             tasks.append(asyncio.create_task(limited(body)))
             if math.isfinite(a.request_rate):
                 await asyncio.sleep(rng.expovariate(a.request_rate))
@@ -113,7 +128,8 @@ def summarize(a: argparse.Namespace, model: str, results: list[RequestResult],
         "num_prompts": len(results), "completed": len(done), "failed": len(results) - len(done),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "request_rate": a.request_rate if math.isfinite(a.request_rate) else "inf",
-        "max_concurrency": a.max_concurrency, "input_len": a.input_len,
+        "max_concurrency": a.max_concurrency,
+        "prompts": "token_ids" if a.token_ids else "text", "input_len": a.input_len,
         "output_len": a.output_len, "duration_s": round(duration, 3),
         "requests_per_s": round(len(done) / duration, 3),
         "output_tokens_per_s": round(n_out / duration, 2),
@@ -137,6 +153,7 @@ def run_serve_bench(a: argparse.Namespace) -> dict:
         raise ValueError(f"GET {a.base_url}/v1/models answered {models.status_code}: "
                          f"{models.text[:200]}")
     model = a.model or models.json()["data"][0]["id"]
-    prompts = make_prompts(a.num_prompts, a.input_len, a.seed)
+    prompts = (make_token_prompts if a.token_ids else make_prompts)(a.num_prompts, a.input_len,
+                                                                    a.seed)
     results, duration = asyncio.run(_run(a, model, prompts))
     return summarize(a, model, results, duration)

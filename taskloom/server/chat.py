@@ -65,24 +65,35 @@ def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompl
         "message": {"role": "assistant", "content": c.text},
         "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
         if body.logprobs else None,
-        "finish_reason": c.finish_reason} for c in out.outputs]
-    return {"id": response_id, "object": "chat.completion", "created": created,
-            "model": ctx.response_model(body.model), "choices": choices,
-            "usage": usage(len(out.prompt_token_ids), completion_tokens([out]))}
+        "finish_reason": c.finish_reason,
+        **({"token_ids": c.token_ids} if body.return_token_ids else {})} for c in out.outputs]
+    response = {"id": response_id, "object": "chat.completion", "created": created,
+                "model": ctx.response_model(body.model), "choices": choices,
+                "usage": usage(len(out.prompt_token_ids), completion_tokens([out]))}
+    if body.return_token_ids:
+        response["prompt_token_ids"] = out.prompt_token_ids
+    return response
 
 
 async def _chunks(job: EngineJob, body: ChatCompletionRequest
                   ) -> AsyncIterator[dict[str, Any]]:
     for index in range(body.n):
-        yield _chunk(job, body, index, {"role": "assistant", "content": ""}, None, None)
+        first = _chunk(job, body, index, {"role": "assistant", "content": ""}, None, None)
+        if body.return_token_ids:
+            first["prompt_token_ids"] = job.prompt_token_ids[0]
+        yield first
     async for _, out in job.outputs():
         for c in out.outputs:              # only the new part of the samples that changed
             lp = None
             if body.logprobs:
                 lp = chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
-            if c.text or c.finish_reason or (lp and lp["content"]):
+            if c.text or c.finish_reason or (lp and lp["content"]) or (
+                    body.return_token_ids and c.token_ids):
                 delta = {"content": c.text} if c.text else {}
-                yield _chunk(job, body, c.index, delta, lp, c.finish_reason)
+                chunk = _chunk(job, body, c.index, delta, lp, c.finish_reason)
+                if body.return_token_ids:
+                    chunk["choices"][0]["token_ids"] = c.token_ids
+                yield chunk
     if body.include_usage:
         yield {**_envelope(job, body, []),
                "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}

@@ -83,8 +83,19 @@ def _prompt_text(ctx: ModelContext, out: RequestOutput) -> str:
     return ctx.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
 
 
-def _choice(index: int, text: str, logprobs: dict | None, finish: str | None) -> dict[str, Any]:
+def _choice(index: int, text: str, logprobs: dict | None, finish: str | None
+            ) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+
+def _with_token_ids(choice: dict[str, Any], prompt_ids: list[int] | None,
+                    token_ids: list[int]) -> dict[str, Any]:
+    """A choice with `return_token_ids`' fields: the prompt's ids (whole responses, and a
+    stream's first chunk of each choice) and the generated ids (a chunk's: the new ones)."""
+    if prompt_ids is not None:
+        choice["prompt_token_ids"] = prompt_ids
+    choice["token_ids"] = token_ids
+    return choice
 
 
 def completion_body(ctx: ModelContext, response_id: str, created: int, body: CompletionRequest,
@@ -101,7 +112,10 @@ def completion_body(ctx: ModelContext, response_id: str, created: int, body: Com
                 tokens = (out.prompt_token_ids if body.echo else []) + c.token_ids
                 lp = completion_logprobs(entries + (c.logprobs or []), tokens, 0,
                                          ctx.token_text)
-            choices.append(_choice(i * body.n + c.index, prefix + c.text, lp, c.finish_reason))
+            choice = _choice(i * body.n + c.index, prefix + c.text, lp, c.finish_reason)
+            if body.return_token_ids:
+                choice = _with_token_ids(choice, out.prompt_token_ids, c.token_ids)
+            choices.append(choice)
     num_prompt_tokens = sum(len(out.prompt_token_ids) for out in final)
     return {"id": response_id, "object": "text_completion", "created": created,
             "model": ctx.response_model(body.model), "choices": choices,
@@ -120,10 +134,15 @@ async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict
             if body.logprobs is not None:
                 lp = completion_logprobs(c.logprobs or [], c.token_ids, offsets.get(key, 0),
                                          job.ctx.token_text)
+            first = key not in offsets
             offsets[key] = offsets.get(key, 0) + len(text)
-            if text or c.finish_reason or (lp and lp["tokens"]):
-                yield _chunk(job, body, [_choice(i * body.n + c.index, text, lp,
-                                                 c.finish_reason)])
+            if text or c.finish_reason or (lp and lp["tokens"]) or (
+                    body.return_token_ids and c.token_ids):
+                choice = _choice(i * body.n + c.index, text, lp, c.finish_reason)
+                if body.return_token_ids:
+                    choice = _with_token_ids(choice, out.prompt_token_ids if first else None,
+                                             c.token_ids)
+                yield _chunk(job, body, [choice])
     if body.include_usage:
         yield {**_chunk(job, body, []),
                "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}

@@ -1,8 +1,11 @@
 """OpenAI protocol: request bodies of /v1/completions and /v1/chat/completions as pydantic models.
 
 Fields and defaults follow OpenAI's API reference; the usual engine extensions (top_k, min_p,
-repetition_penalty, min_tokens, ignore_eos) are accepted in the body as vLLM accepts them,
-and `merged_adapters` serves a request with a mix of loaded LoRA adapters (as LoRAX does).
+repetition_penalty, min_tokens, ignore_eos, return_token_ids) are accepted in the body as
+vLLM accepts them, and `merged_adapters` serves a request with a mix of loaded LoRA adapters
+(as LoRAX does). `return_token_ids` adds the prompt's and each choice's token ids to the
+response (each chunk's new ids when streaming): what a client of a model without a tokenizer
+(random weights), or one that trains on the exact tokens, needs.
 Types are strict (a string is not a number); ranges are checked by SamplingParams, so the
 rules live in one place. Unknown fields are ignored, as OpenAI-compatible servers do.
 """
@@ -69,6 +72,7 @@ class _SamplingFields(_Body):
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
+    return_token_ids: bool = False
     merged_adapters: MergedAdapters | None = None
 
     @property

@@ -183,6 +183,7 @@ class EngineJob:
         self.created = int(time.time())
         self.queue: asyncio.Queue = asyncio.Queue()
         self.entries: list[_Entry] = []
+        self.prompt_token_ids: list[list[int]] = []   # per prompt admitted
         self.num_prompt_tokens = 0
         self.num_output_tokens = 0
         self._watcher: asyncio.Task | None = None
@@ -205,6 +206,7 @@ class EngineJob:
                 self.close()
                 raise APIError(503, str(e), "service_unavailable") from None
             entry.timer.admitted(len(ids))
+            self.prompt_token_ids.append(ids)
             self.num_prompt_tokens += len(ids)
             self.entries.append(entry)
 

@@ -8,7 +8,6 @@ been deleted or damaged. One device slot and one host copy force exactly that he
 """
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,12 +19,8 @@ from taskloom import LLM, SamplingParams
 from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import random_arch
 from tests.e2e.conftest import assert_pool_full
+from tests.models.tiny_models import write_tiny_config
 
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
-        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
-        "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-        "tie_word_embeddings": False}
 PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 SHARED = list(range(10, 22))     # three full blocks of 4 that every prompt starts with
 PROMPTS = [SHARED + [30 + i, 40 + i] for i in range(4)]
@@ -42,16 +37,16 @@ class Case:
 @pytest.fixture(scope="module")
 def case(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Case]:
     root = tmp_path_factory.mktemp("lora-failures")
-    (root / "config.json").write_text(json.dumps(TINY))
-    arch, _ = random_arch(str(root / "config.json"))
+    config = write_tiny_config(root)
+    arch, _ = random_arch(config)
     fragile = Path(write_random_adapter(str(root / "fragile"), arch, rank=4, seed=1, std=0.3))
     keep = write_random_adapter(str(root / "keep"), arch, rank=4, seed=2, std=0.3)
     backup = root / "backup"
     shutil.copytree(fragile, backup)
     loras = {"fragile": str(fragile), "keep": keep}
-    llm = LLM(str(root / "config.json"), random_weights=True, num_blocks=64, block_size=4,
+    llm = LLM(config, random_weights=True, num_blocks=64, block_size=4,
               max_loras=1, max_cpu_loras=1, loras=loras)
-    oracle = LLM(str(root / "config.json"), random_weights=True, num_blocks=64, block_size=4,
+    oracle = LLM(config, random_weights=True, num_blocks=64, block_size=4,
                  loras=loras)
     yield Case(llm, oracle, fragile, backup)
     assert_pool_full(llm)

@@ -7,6 +7,9 @@ with q/k norm and one KV head.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -18,6 +21,22 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
+# config.json of a tiny Llama for `LLM(path, random_weights=True)`: no weights, no tokenizer.
+TINY_LLAMA_CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 1024,
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "tie_word_embeddings": False}
+
+
+def write_tiny_config(directory: Path) -> str:
+    """Write TINY_LLAMA_CONFIG as directory/config.json; return its path."""
+    path = directory / "config.json"
+    path.write_text(json.dumps(TINY_LLAMA_CONFIG))
+    return str(path)
+
+
 # name -> (HF config class, HF model class, overrides of TINY)
 TINY_CASES = {
     "llama-llama3-gqa": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),

@@ -1,12 +1,17 @@
 """`taskloom bench serve` against a real server: Poisson arrivals, every request completes,
-the JSON line last carries latency percentiles and throughput."""
+the JSON line last carries latency percentiles and throughput; token-id prompts against a
+server with no tokenizer."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
 
+from taskloom import LLM
 from taskloom.server.launch import ServerThread
+from tests.models.tiny_models import write_tiny_config
+from tests.server.conftest import start_server, wait_idle
 
 
 def _bench(server: ServerThread, *args: str) -> dict:
@@ -35,3 +40,18 @@ def test_bench_serve_concurrency_and_bad_url(server: ServerThread) -> None:
                           "--base-url", "http://127.0.0.1:9", "--num-prompts", "1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no server answers" in bad.stderr
+
+
+def test_bench_serve_token_ids_against_a_server_without_tokenizer(tmp_path: Path) -> None:
+    """A random-weights server streams no text: `--token-ids` sends token prompts and times
+    tokens by the ids each chunk returns."""
+    llm = LLM(write_tiny_config(tmp_path), random_weights=True, num_blocks=128, block_size=4)
+    st = start_server(llm)
+    try:
+        r = _bench(st, "--token-ids")
+        assert r["completed"] == 6 and r["failed"] == 0
+        assert r["prompts"] == "token_ids" and r["output_tokens_per_s"] > 0
+        assert 0 < r["ttft"]["p50_ms"] and 0 < r["itl"]["p50_ms"]
+        wait_idle(llm)
+    finally:
+        st.stop()

@@ -216,17 +216,16 @@ def test_an_adapter_that_cannot_be_loaded_again_is_a_500_for_its_requests_alone(
     """`fragile` left host memory (one host copy) and its directory was deleted: its requests
     get a 500 that names it (an error event when streamed), every other request is served,
     and it serves again once its files are back."""
-    import json
     import shutil
 
-    from tests.e2e.test_lora_failures import TINY
-    (tmp_path / "config.json").write_text(json.dumps(TINY))
-    arch, _ = random_arch(str(tmp_path / "config.json"))
+    from tests.models.tiny_models import write_tiny_config
+    config = write_tiny_config(tmp_path)
+    arch, _ = random_arch(config)
     fragile = write_random_adapter(str(tmp_path / "fragile"), arch, rank=4, seed=1)
     keep = write_random_adapter(str(tmp_path / "keep"), arch, rank=4, seed=2)
     shutil.copytree(fragile, tmp_path / "backup")
-    llm = LLM(str(tmp_path / "config.json"), random_weights=True, num_blocks=64, block_size=4,
-              max_loras=1, max_cpu_loras=1, loras={"fragile": fragile, "keep": keep})
+    llm = LLM(config, random_weights=True, num_blocks=64, block_size=4, max_loras=1,
+              max_cpu_loras=1, loras={"fragile": fragile, "keep": keep})
     shutil.rmtree(fragile)
     st = start_server(llm, loras=llm.loras)
     client = openai.OpenAI(base_url=st.base_url + "/v1", api_key="unused", max_retries=0)

@@ -148,6 +148,39 @@ def test_streamed_samples_that_finish_apart_each_finish_once(client: openai.Open
     assert sorted(i for i, _ in reasons) == [0, 1, 2]
 
 
+def test_return_token_ids(client: openai.OpenAI, oracle: LLM) -> None:
+    """The `return_token_ids` extension (vLLM's): the prompt's and each choice's token ids,
+    whole or chunk by chunk."""
+    extra = {"return_token_ids": True}
+    want = oracle.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=8),
+                           use_tqdm=False)[0]
+    r = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0,
+                                  extra_body=extra)
+    choice = r.choices[0].model_dump()
+    assert choice["token_ids"] == want.outputs[0].token_ids
+    assert choice["prompt_token_ids"] == want.prompt_token_ids
+    chunks = [c.choices[0].model_dump() for c in client.completions.create(
+        model=MODEL, prompt=PROMPTS[0], max_tokens=8, temperature=0, stream=True,
+        extra_body=extra) if c.choices]
+    assert [i for c in chunks for i in c["token_ids"]] == want.outputs[0].token_ids
+    assert chunks[0]["prompt_token_ids"] == want.prompt_token_ids
+    assert all("prompt_token_ids" not in c for c in chunks[1:])
+    plain = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=2)
+    assert "token_ids" not in plain.choices[0].model_dump()
+    chat_want = oracle.chat(CHAT, SamplingParams(temperature=0, max_tokens=8),
+                            use_tqdm=False)[0]
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8,
+                                          temperature=0, extra_body=extra).model_dump()
+    assert chat["prompt_token_ids"] == chat_want.prompt_token_ids
+    assert chat["choices"][0]["token_ids"] == chat_want.outputs[0].token_ids
+    streamed = [c.model_dump() for c in client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=0, stream=True,
+        extra_body=extra)]
+    assert streamed[0]["prompt_token_ids"] == chat_want.prompt_token_ids
+    assert [i for c in streamed[1:] for i in c["choices"][0]["token_ids"]] == \
+        chat_want.outputs[0].token_ids
+
+
 def test_stop_strings(client: openai.OpenAI) -> None:
     free = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=40,
                                      temperature=0).choices[0].text
