@@ -43,8 +43,8 @@ def target_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
 class LoRAWeights:
     """One adapted projection of one layer: the update is `scaling * b @ a`."""
 
-    a: torch.Tensor   # [r, in] float32
-    b: torch.Tensor   # [out, r] float32
+    a: torch.Tensor   # [r, in] float32 as read (the host cache keeps the model's dtype)
+    b: torch.Tensor   # [out, r]
 
 
 @dataclass

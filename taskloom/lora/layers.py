@@ -66,7 +66,9 @@ class LoRALinear(nn.Module):
         return y
 
     def set_slot(self, slot: int, adapter: LoRAAdapter | None) -> None:
-        """Write `adapter`'s weights for this layer into `slot` (zeros: none there)."""
+        """Write `adapter`'s weights for this layer into `slot` (zeros: none there). Host
+        weights already in the buffers' dtype (pinned, on CUDA) are copied without waiting;
+        the scaling is applied on the device."""
         self.lora_a[slot].zero_()
         self.lora_b[slot].zero_()
         if adapter is None:
@@ -75,10 +77,12 @@ class LoRALinear(nn.Module):
             w = adapter.weights.get((self.layer, module))
             if w is not None:      # rank <= max_rank: checked when the adapter was loaded
                 r = w.a.shape[0]
-                self.lora_a[slot, j * self.max_rank:j * self.max_rank + r] = \
-                    w.a.to(self.lora_a.dtype)
-                self.lora_b[slot, row:row + size, :r] = (w.b * adapter.scaling).to(
-                    self.lora_b.dtype)
+                a = self.lora_a[slot, j * self.max_rank:j * self.max_rank + r]   # [r, in]
+                a.copy_(w.a, non_blocking=True)
+                b = self.lora_b[slot, row:row + size, :r]                        # [size, r]
+                b.copy_(w.b, non_blocking=True)
+                if adapter.scaling != 1.0:
+                    b.mul_(adapter.scaling)
 
 
 def wrap_projections(model: nn.Module, max_loras: int, max_rank: int, ops: Ops,

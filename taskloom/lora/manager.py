@@ -1,8 +1,10 @@
 """LoRAManager: where adapters live while they are served (S-LoRA's unified memory, simplified).
 
-Two tiers. The host cache keeps up to `max_cpu_loras` adapters' weights in memory (float32),
-least recently used dropped first and reloaded from their path (or re-merged from their recipe)
-when a request needs them again. The device holds `max_loras` slots inside the model's
+Two tiers. The host cache keeps up to `max_cpu_loras` adapters' weights in memory, in the
+model's dtype and, on CUDA, in pinned memory, so that putting one in a slot is a few copies
+the host does not wait for (as vLLM keeps them); least recently used dropped first and
+reloaded from their path (or re-merged from their recipe, in float32) when a request needs
+them again. The device holds `max_loras` slots inside the model's
 LoRALinear buffers; before each step the adapters of that step's batch are put in slots, the
 least recently used slot not needed by the batch overwritten first. The scheduler guarantees a
 batch never names more adapters than there are slots.
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from taskloom.config import LoRAConfig
-from taskloom.lora.adapter import LoRAAdapter, load_peft_adapter
+from taskloom.lora.adapter import LoRAAdapter, LoRAWeights, load_peft_adapter
 from taskloom.lora.layers import LoRAState, wrap_projections
 from taskloom.lora.merge import merge_adapters
 from taskloom.lora.metadata import build_lora_metadata
@@ -43,6 +45,8 @@ class LoRAManager:
         self.state = LoRAState()
         self.layers = wrap_projections(model, config.max_loras, config.max_lora_rank, ops,
                                        self.state)
+        self.dtype = self.layers[0].lora_a.dtype if self.layers else torch.float32
+        self._pin = device.type == "cuda"
         self._host: OrderedDict[int, LoRAAdapter] = OrderedDict()
         self._slots: OrderedDict[int, int] = OrderedDict()   # lora id -> slot, LRU first
         self._free_slots = list(range(config.max_loras))
@@ -77,12 +81,24 @@ class LoRAManager:
 
     def _materialise(self, lora: LoRARequest) -> LoRAAdapter:
         if lora.path is not None:
-            return load_peft_adapter(lora.name, lora.path, self.arch, self.config.max_lora_rank)
-        spec = lora.merge
-        assert spec is not None    # LoRARequest has a path or a recipe
-        sources = [(self._adapter(src), weight) for src, weight in spec.sources]
-        return merge_adapters(lora.name, sources, spec.method, spec.density,
-                              spec.majority_sign_method, spec.seed)
+            adapter = load_peft_adapter(lora.name, lora.path, self.arch,
+                                        self.config.max_lora_rank)
+        else:
+            spec = lora.merge
+            assert spec is not None    # LoRARequest has a path or a recipe
+            sources = [(self._adapter(src), weight) for src, weight in spec.sources]
+            adapter = merge_adapters(lora.name, sources, spec.method, spec.density,
+                                     spec.majority_sign_method, spec.seed)
+        return self._host_form(adapter)
+
+    def _host_form(self, adapter: LoRAAdapter) -> LoRAAdapter:
+        """The adapter as the host cache keeps it: the slots' dtype, pinned on CUDA."""
+        def keep(t: torch.Tensor) -> torch.Tensor:
+            t = t.to(self.dtype)
+            return t.pin_memory() if self._pin else t
+
+        weights = {key: LoRAWeights(keep(w.a), keep(w.b)) for key, w in adapter.weights.items()}
+        return LoRAAdapter(adapter.name, adapter.rank, adapter.scaling, weights)
 
     def prepare(self, loras: list[LoRARequest]) -> dict[int, str]:
         """Hold the host copy of each of a step's adapters that has no slot, loading it again

@@ -83,3 +83,31 @@ def test_shapes_layers_ranks_and_stray_tensors_are_checked(tmp_path: Path) -> No
         load_peft_adapter("a", path, ARCH, max_rank=16)
     with pytest.raises(ValueError, match="not a PEFT adapter directory"):
         load_peft_adapter("a", str(tmp_path / "nothing"), ARCH, max_rank=16)
+
+
+def test_host_cache_keeps_the_model_dtype_and_slots_hold_the_scaled_update(
+        tmp_path: Path) -> None:
+    """A bf16 engine keeps its adapters' host copies in bf16 (half of float32's memory); a
+    slot holds A and scaling * B, up to bf16 rounding."""
+    from taskloom import LLM, SamplingParams
+    from taskloom.models.loader import random_arch
+    from tests.models.tiny_models import write_tiny_config
+
+    config = write_tiny_config(tmp_path)
+    arch, _ = random_arch(config)
+    path = write_random_adapter(str(tmp_path / "a"), arch, rank=4, seed=1, lora_alpha=8.0)
+    llm = LLM(config, random_weights=True, dtype="bfloat16", num_blocks=32, block_size=4,
+              loras={"a": path}, max_loras=1)
+    manager = llm.engine.runner.lora
+    (held,) = manager._host.values()
+    assert {w.a.dtype for w in held.weights.values()} == {torch.bfloat16}
+    out = llm.generate([1, 2, 3], SamplingParams(max_tokens=2), use_tqdm=False, lora="a")[0]
+    assert out.error is None and len(out.outputs[0].token_ids) == 2
+    exact = load_peft_adapter("a", path, arch, max_rank=16)
+    qkv = manager.layers[0]              # layer 0's fused q/k/v: q_proj's rows come first
+    w = exact.weights[(0, "q_proj")]
+    slot = manager._slots[llm.loras.resolve("a").lora_id]
+    torch.testing.assert_close(qkv.lora_a[slot, :4].float(), w.a, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(qkv.lora_b[slot, :arch.q_size, :4].float(),
+                               w.b * exact.scaling, rtol=2e-2, atol=1e-3)
+    assert exact.scaling == 2.0
