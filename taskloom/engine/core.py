@@ -3,7 +3,10 @@
 Requests enter as prompt token ids plus SamplingParams; a request with `n > 1` becomes n
 sequences (seeds `seed + i`) scheduled independently. After each step the new tokens are
 detokenized incrementally, stop strings are matched across token boundaries, and one
-RequestOutput per changed request is returned. Pure Python: the runner is passed in.
+RequestOutput per changed request is returned, in the form its OutputKind asks for
+(cumulative, delta, or only once finished). Before a step runs, the runner readies its LoRA
+adapters; the requests of one that cannot be loaded fail alone (finish_reason "error").
+Pure Python: the runner is passed in.
 """
 from __future__ import annotations
 
