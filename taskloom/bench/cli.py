@@ -51,6 +51,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--num-loras", type=int, nargs="+", default=[1, 8, 64],
                     help="numbers of distinct adapters to run the workload with")
     lo.add_argument("--lora-rank", type=int, default=16)
+    lo.add_argument("--lora-files", type=int, default=8,
+                    help="distinct random weight files the adapters are loaded from, adapter i "
+                         "from file i mod this (each is still loaded, cached and slotted under "
+                         "its own id); 512 distinct rank-16 files of the Llama-8B shape would "
+                         "take 43 GB of disk")
     lo.add_argument("--num-prompts", type=int, default=64)
     lo.add_argument("--input-len", type=int, default=128)
     lo.add_argument("--output-len", type=int, default=64)

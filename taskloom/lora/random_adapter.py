@@ -16,9 +16,9 @@ from taskloom.models.arch import ArchConfig
 
 def write_random_adapter(path: str, arch: ArchConfig, rank: int, seed: int,
                          targets: Sequence[str] = TARGETS, lora_alpha: float | None = None,
-                         std: float = 0.02) -> str:
+                         std: float = 0.02, dtype: torch.dtype = torch.float32) -> str:
     """Write a rank-`rank` adapter on `targets` of every layer, A and B drawn from
-    N(0, std^2) with `seed`; returns `path`."""
+    N(0, std^2) with `seed` and stored in `dtype`; returns `path`."""
     unknown = sorted(set(targets) - set(TARGETS))
     if unknown:
         raise ValueError(f"unknown target modules {unknown}; choose from {', '.join(TARGETS)}")
@@ -30,8 +30,10 @@ def write_random_adapter(path: str, arch: ArchConfig, rank: int, seed: int,
             in_f, out_f = shapes[module]
             block = "self_attn" if module in ATTN_TARGETS else "mlp"
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = std * torch.randn(rank, in_f, generator=gen)
-            tensors[f"{prefix}.lora_B.weight"] = std * torch.randn(out_f, rank, generator=gen)
+            tensors[f"{prefix}.lora_A.weight"] = (
+                std * torch.randn(rank, in_f, generator=gen)).to(dtype)
+            tensors[f"{prefix}.lora_B.weight"] = (
+                std * torch.randn(out_f, rank, generator=gen)).to(dtype)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,

@@ -63,9 +63,11 @@ def test_lora_bench_reports_each_adapter_count_against_the_base(
     config.write_text(json.dumps(TINY_LLAMA))
     assert main(["bench", "lora", "--random-weights", "--model", str(config),
                  "--num-loras", "1", "3", "--num-prompts", "6", "--input-len", "16",
-                 "--output-len", "4", "--repeats", "1", "--max-loras", "2"]) == 0
+                 "--output-len", "4", "--repeats", "1", "--max-loras", "2",
+                 "--lora-files", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "lora" and result["max_loras"] == 2
+    assert result["lora_files"] == 2
     assert [r["num_loras"] for r in result["results"]] == [1, 3]
     for r in result["results"]:
         assert r["ratio_vs_base"] == pytest.approx(
