@@ -1,4 +1,5 @@
-"""What every benchmark result carries: device, commit, date, command."""
+"""What every benchmark result carries (device, commit, date, command), and what benchmarks
+that run a peer after taskloom in one process share."""
 from __future__ import annotations
 
 import datetime
@@ -35,3 +36,15 @@ def run_info(device: str) -> dict:
         "command": " ".join(["taskloom"] + sys.argv[1:]),
         "torch": torch.__version__,
     }
+
+
+def release_device_memory(device: str) -> None:
+    """Give back the memory of the engine just deleted before a peer runs in the same process:
+    collect its reference cycles and empty the CUDA cache, so that a peer sizing its cache
+    from the device's free memory (HF generate_batch) sees all of it."""
+    import gc
+
+    import torch
+    gc.collect()
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.empty_cache()

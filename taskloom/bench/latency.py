@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from taskloom.bench.common import run_info
+from taskloom.bench.common import release_device_memory, run_info
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.sampling_params import SamplingParams
 
@@ -113,7 +113,7 @@ def run_latency(a: argparse.Namespace) -> dict:
               "results": rows, **run_info(a.device)}
     if a.peer == "hf":
         del llm, runner
-        _free(device)
+        release_device_memory(a.device)
         from taskloom.bench.peers import hf_generate_latency
         batches = [_batch_prompts(a, b, vocab)
                    for b in a.batch_sizes]
@@ -123,10 +123,3 @@ def run_latency(a: argparse.Namespace) -> dict:
             round(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], 3)
             if p["decode_tokens_per_s"] else None for r, p in zip(rows, peer)]
     return result
-
-
-def _free(device: torch.device) -> None:
-    import gc
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

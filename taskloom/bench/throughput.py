@@ -14,7 +14,7 @@ import logging
 import random
 import time
 
-from taskloom.bench.common import run_info
+from taskloom.bench.common import release_device_memory, run_info
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
         if a.turns > 1:
             raise ValueError("--peer runs single-turn workloads only (not --turns)")
         del llm
+        release_device_memory(a.device)
         from taskloom.bench import peers
         run_peer = (peers.hf_generate_batch_throughput if a.peer == "hf"
                     else peers.hf_generate_throughput)
