@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -186,7 +187,8 @@ class ModelRunner:
             slot_mapping=torch.tensor(batch.slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(batch.query_start_loc, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(batch.block_tables, dtype=torch.int32, device=dev),
+            # numpy reads nested lists 2-3x faster than torch.tensor does
+            block_tables=torch.from_numpy(np.array(batch.block_tables, dtype=np.int32)).to(dev),
             query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
             max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
             block_size=self.block_size)
