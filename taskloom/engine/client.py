@@ -139,7 +139,7 @@ class AsyncEngineClient:
         if given: several requests may share one queue and tell outputs apart by id), in the
         form `output_kind` asks for (taskloom.outputs)."""
         if self.error is not None or self._thread is None:
-            raise EngineDeadError(f"the engine is not running"
+            raise EngineDeadError("the engine is not running"
                                   + (f": it failed with {self.error}" if self.error else ""))
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")

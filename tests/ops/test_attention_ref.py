@@ -75,7 +75,7 @@ def test_decodes_sharing_prefix_blocks_attend_to_them_together() -> None:
     # (shared prefix or None, own tokens after it incl. this step's, new tokens this step)
     seqs = [("a", 1, 1), ("a", 6, 1), ("b", 3, 1), ("a", 9, 1), (None, 7, 1), ("b", 5, 3),
             ("b", 4, 1)]
-    tables, qs, full, new_k, new_v, slots, qsl = [], [], [], [], [], [], [0]
+    tables, qs, full, slots, qsl = [], [], [], [], [0]
     for prefix, own, new in seqs:
         base = prefixes[prefix] if prefix else []
         pk, pv = prefix_kv[prefix] if prefix else (torch.zeros(0, kv_heads, dim),) * 2
