@@ -324,10 +324,11 @@ class EngineCore:
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
+        final_only = OutputKind.FINAL_ONLY
         for parent in [p for p in self._parents.values() if p.changed]:
             parent.changed = False
             finished = len(parent.finished_seqs) == len(parent.seqs)
-            if parent.kind is OutputKind.FINAL_ONLY and not finished:
+            if parent.kind is final_only and not finished:
                 continue    # its deltas build up until the one output at the end
             outputs.append(RequestOutput(
                 request_id=parent.request_id, prompt=parent.prompt,
