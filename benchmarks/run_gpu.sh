@@ -3,9 +3,12 @@
 # the Llama-3.1-8B shape in bf16 (random weights) and their HF peers, the shared-prefix and
 # multi-LoRA benchmarks. Results land in $OUT.
 # Usage on the device machine, from the repo root:
-#   bash benchmarks/run_gpu.sh [tests|bench|long|random|prefix|lora|all]
+#   bash benchmarks/run_gpu.sh [tests|bench|long|random|prefix|lora|serve|all]
 # `random` (the issue's 25x target against HF generate_batch) runs the peer for about 5 minutes:
-# give it a call of its own.
+# give it a call of its own. `serve` (not in `all`) starts `taskloom serve` with the same shape
+# and runs `bench serve --token-ids` against it; the device image lacks the HTTP stack, so it
+# needs the wheels in .whl (fastapi, starlette, uvicorn, pydantic and their needs) carried.
+# SHAPE may be overridden to dry-run a mode on a CPU with a tiny config.
 set -uo pipefail
 what=${1:-all}
 OUT=${OUT:-/tmp/out}
@@ -18,7 +21,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,memory.used --format=csv,noheader
-SHAPE="--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"
+SHAPE=${SHAPE:-"--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"}
 
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # tests/server needs the HTTP stack, which the GPU image lacks; the gpu tests live here.
@@ -59,4 +62,28 @@ if [ "$what" = lora ] || [ "$what" = all ]; then
   timeout 400 python3 -m taskloom.cli bench lora $SHAPE --num-loras 1 8 64 512 \
     --num-prompts 512 --input-len 128 --output-len 128 --max-num-seqs 256 --max-loras 64 \
     --output-json "$OUT/lora_llama8b.json" 2>&1 | grep -v "it/s" | tail -6
+fi
+if [ "$what" = serve ]; then
+  port=8011
+  python3 -m taskloom.cli serve $SHAPE --max-num-seqs 256 --port $port \
+    > "$OUT/serve_server.log" 2>&1 &
+  server=$!
+  python3 - "$port" <<'PY' || { echo "server did not come up"; tail -20 "$OUT/serve_server.log"; }
+import sys, time, httpx
+for _ in range(240):
+    try:
+        if httpx.get(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2).status_code == 200:
+            sys.exit(0)
+    except httpx.HTTPError:
+        pass
+    time.sleep(1)
+sys.exit(1)
+PY
+  for rate in inf 16; do
+    timeout 300 python3 -m taskloom.cli bench serve --base-url http://127.0.0.1:$port \
+      --token-ids --num-prompts ${SERVE_PROMPTS:-512} --input-len 256 --output-len 256 --request-rate $rate \
+      --output-json "$OUT/serve_llama8b_rate_$rate.json" 2>&1 | tail -6
+  done
+  kill -TERM $server; wait $server
+  grep -iE "KV cache|captured|error" "$OUT/serve_server.log" | tail -5
 fi
