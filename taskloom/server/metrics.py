@@ -41,6 +41,13 @@ class ServerMetrics:
                               "Arrival to last token", labels, buckets=_LATENCY_BUCKETS,
                               registry=r)
         self.model_name = model_name
+        # This server's series, bound once: `labels()` is a dict lookup under a lock, and the
+        # token series are fed for every streamed chunk.
+        self.prompt_tokens = self._prompt_tokens.labels(model_name)
+        self.generation_tokens = self._generation_tokens.labels(model_name)
+        self.ttft = self._ttft.labels(model_name)
+        self.itl = self._itl.labels(model_name)
+        self.e2e = self._e2e.labels(model_name)
         for name, doc, fn in (
                 ("taskloom_num_requests_running", "Sequences in the running batch",
                  lambda: client.stats.num_running),
@@ -91,24 +98,23 @@ class RequestTimer:
 
     def admitted(self, num_prompt_tokens: int) -> None:
         self.num_prompt_tokens = num_prompt_tokens
-        self.metrics._prompt_tokens.labels(self.metrics.model_name).inc(num_prompt_tokens)
+        self.metrics.prompt_tokens.inc(num_prompt_tokens)
 
     def tokens(self, count: int) -> None:
         """`count` new output tokens arrived just now."""
         if count <= 0:
             return
         now = time.monotonic()
-        m, name = self.metrics, self.metrics.model_name
-        m._generation_tokens.labels(name).inc(count)
+        m = self.metrics
+        m.generation_tokens.inc(count)
         if self.last_token is None:
-            m._ttft.labels(name).observe(now - self.arrival)
+            m.ttft.observe(now - self.arrival)
         else:
             gap = (now - self.last_token) / count
             for _ in range(count):
-                m._itl.labels(name).observe(gap)
+                m.itl.observe(gap)
         self.last_token = now
 
     def done(self, outcome: str) -> None:
-        self.metrics._e2e.labels(self.metrics.model_name).observe(
-            time.monotonic() - self.arrival)
+        self.metrics.e2e.observe(time.monotonic() - self.arrival)
         self.metrics.finished(outcome)
