@@ -164,12 +164,13 @@ class Scheduler:
             start, out_ids = req.num_computed_tokens, req.output_token_ids
             num_prompt = len(req.prompt_token_ids)
             end = start + num_new
-            if num_new == 1 and out_ids and end == num_prompt + len(out_ids):
+            sample = end == num_prompt + len(out_ids)     # it reaches the newest token
+            if num_new == 1 and out_ids and sample:
                 token_ids = [out_ids[-1]]       # a decode: most sequences of most steps
             else:
                 token_ids = req.token_ids_slice(start, end)
-            seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid],
-                                     end == num_prompt + len(out_ids), out_ids, num_prompt))
+            seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
+                                     num_prompt))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget)
