@@ -39,6 +39,10 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
     --input-len 256 --output-len 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
     --output-json "$OUT/throughput_llama8b_256_256.json" 2>&1 | grep -v "it/s" | tail -2
+  timeout 240 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \
+    --input-len 256 --output-len 256 --max-num-seqs 256 --max-num-batched-tokens 8192 \
+    --async-scheduling --output-json "$OUT/throughput_llama8b_256_256_async.json" 2>&1 \
+    | grep -v "it/s" | tail -1
 fi
 if [ "$what" = long ] || [ "$what" = all ]; then
   timeout 300 python3 -m taskloom.cli bench throughput $SHAPE --num-prompts 1000 \

@@ -34,7 +34,8 @@ class LLM:
     decode steps replay CUDA graphs (batch sizes `cuda_graph_sizes`, default buckets up to
     `max_num_seqs`) unless `enforce_eager`. `generate` and `chat` on a list admit the prompts
     grouped by shared prefix (`prefix_aware_order`), so each group's prefix is computed once
-    and stays cached while the group runs; outputs still come back in input order.
+    and stays cached while the group runs; outputs still come back in input order. With
+    `async_scheduling`, each step is scheduled while the previous one runs on the device.
 
     LoRA adapters (PEFT directories) are served when `loras` names some ({name: path}) or
     `enable_lora` is set: up to `max_loras` of them in one batch, ranks up to `max_lora_rank`,
@@ -51,6 +52,7 @@ class LLM:
                  seed: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: Sequence[int] | None = None,
                  enable_prefix_caching: bool = True, prefix_aware_order: bool = True,
+                 async_scheduling: bool = False,
                  enable_lora: bool = False, loras: Mapping[str, str] | None = None,
                  max_loras: int = 8, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None) -> None:
@@ -66,7 +68,8 @@ class LLM:
                               num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens),
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      async_scheduling=async_scheduling),
             lora=LoRAConfig(enabled=enable_lora or bool(loras), max_loras=max_loras,
                             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras))
         self.engine: EngineCore = build_engine(self.config)

@@ -74,10 +74,13 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Token-budget scheduling limits (per engine step)."""
+    """Token-budget scheduling limits (per engine step), and whether the next step is
+    scheduled while the current one runs on the device (`async_scheduling`: the host's work
+    per step hides behind the device's; outputs come one step later)."""
 
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    async_scheduling: bool = False
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -108,7 +108,7 @@ def run_latency(a: argparse.Namespace) -> dict:
             "step_ms": step_ms})
     result = {"bench": "latency", "model": a.model or "embedded:SmolLM2-135M-Instruct",
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
-              "output_len": a.output_len,
+              "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
               "results": rows, **run_info(a.device)}
     if a.peer == "hf":

@@ -30,10 +30,16 @@ from taskloom.tokenizer.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
+class PendingStep(Protocol):
+    """A step the runner has queued; `result()` waits for its sampled tokens."""
+
+    def result(self) -> RunnerOutput: ...
+
+
 class Runner(Protocol):
     prepare_s: float    # host time spent flattening steps into batches, in all
 
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput: ...
+    def submit(self, sched: SchedulerOutput) -> PendingStep: ...
 
     def add_lora(self, lora: LoRARequest) -> None: ...
 
@@ -47,15 +53,18 @@ class StepTimes:
     """Wall time of the engine's steps by phase, summed (seconds), so a benchmark can tell how
     much of a step the host spends outside the model: on a GPU, time the device waits for.
 
-    `execute` is the runner's whole call: preparing the batch (`prepare`, also counted in
-    `execute`), the forward and sampling, which waits for the device's result. `update` is the
+    `execute` is the runner's part: preparing the batch (`prepare`, also counted in
+    `execute`), queuing the forward and sampling, and `wait`ing for the sampled tokens (also
+    counted in `execute`; on a CPU the work is done before the wait). `update` is the
     scheduler taking the tokens plus per-token output processing (detokenizing, stop strings);
-    `outputs` builds the step's RequestOutputs."""
+    `outputs` builds the step's RequestOutputs. With async scheduling the host-only phases
+    overlap the device's work, and `wait` is what is left of the device's time."""
 
     steps: int = 0
     schedule: float = 0.0
     execute: float = 0.0
     prepare: float = 0.0
+    wait: float = 0.0
     update: float = 0.0
     outputs: float = 0.0
 
@@ -68,7 +77,7 @@ class StepTimes:
         """Mean milliseconds per step of each phase, with the host-only phases' sum."""
         n = max(self.steps, 1)
         ms = {k: round(1000 * getattr(self, k) / n, 3)
-              for k in ("schedule", "prepare", "execute", "update", "outputs")}
+              for k in ("schedule", "prepare", "execute", "wait", "update", "outputs")}
         host = self.schedule + self.prepare + self.update + self.outputs
         return {"steps": self.steps, **ms, "host_only": round(1000 * host / n, 3)}
 
@@ -110,6 +119,9 @@ class EngineCore:
         self._parents: dict[str, _Parent] = {}
         self._seq_owner: dict[str, tuple[_Parent, int]] = {}
         self.step_times = StepTimes()
+        self.async_scheduling = scheduler.config.async_scheduling
+        # async scheduling: the step submitted last, running while the next is scheduled
+        self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -202,29 +214,68 @@ class EngineCore:
 
     # ----- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one engine step and return an output for every request that changed."""
-        times, prepared = self.step_times, self.runner.prepare_s
+        """Run one engine step and return an output for every request that changed.
+
+        With async scheduling, the step scheduled and submitted here runs on the device while
+        the previous one's tokens are taken in, so a step's outputs come with the next call;
+        a request whose sampling reads its own tokens (penalties, min_tokens) has each step's
+        tokens taken in before the next is scheduled."""
+        if not self.async_scheduling:
+            sched = self._schedule()
+            self._take(sched, self._submit(sched))
+        else:
+            in_flight, self._in_flight = self._in_flight, None
+            if in_flight is not None and self.scheduler.num_history_requests:
+                self._take(*in_flight)
+                in_flight = None
+            sched = self._schedule()
+            pending = self._submit(sched)
+            if not sched.is_empty:
+                self._in_flight = (sched, pending)
+            if in_flight is not None:
+                self._take(*in_flight)
+            if self._in_flight is not None and not self._parents:
+                self._take(*self._in_flight)    # only work for requests already finished
+                self._in_flight = None
+        t0 = time.perf_counter()
+        outputs = self._collect_outputs()
+        self.step_times.outputs += time.perf_counter() - t0
+        self.step_times.steps += 1
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput:
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if self.scheduler.max_loras:
             sched = self._load_adapters(sched)
+        self.step_times.schedule += time.perf_counter() - t0
+        return sched
+
+    def _submit(self, sched: SchedulerOutput) -> PendingStep:
+        """Hand the step to the runner (always, even empty: it carries the ids of finished
+        requests whose state the runner drops)."""
+        times, prepared = self.step_times, self.runner.prepare_s
+        t0 = time.perf_counter()
+        pending = self.runner.submit(sched)
+        times.execute += time.perf_counter() - t0
+        times.prepare += self.runner.prepare_s - prepared
+        return pending
+
+    def _take(self, sched: SchedulerOutput, pending: PendingStep) -> None:
+        """Wait for a submitted step's results and take them in: the scheduler's update, then
+        per-token output processing."""
+        times = self.step_times
+        t0 = time.perf_counter()
+        out = pending.result()
         t1 = time.perf_counter()
-        out = self.runner.execute(sched)
-        t2 = time.perf_counter()
+        times.wait += t1 - t0
+        times.execute += t1 - t0
         advanced = self.scheduler.update(sched, out)
         for rid, (first, entries) in out.prompt_logprobs.items():
             self._store_prompt_logprobs(rid, first, entries)
         for req in advanced:
             self._process_token(req, out.logprobs.get(req.request_id))
-        t3 = time.perf_counter()
-        outputs = self._collect_outputs()
-        times.steps += 1
-        times.schedule += t1 - t0
-        times.execute += t2 - t1
-        times.update += t3 - t2
-        times.outputs += time.perf_counter() - t3
-        times.prepare += self.runner.prepare_s - prepared
-        return outputs
+        times.update += time.perf_counter() - t1
 
     def _load_adapters(self, sched: SchedulerOutput) -> SchedulerOutput:
         """Have the runner ready the step's adapters before anything runs; the requests of an

@@ -178,13 +178,16 @@ class KVCacheManager:
         `cached_blocks` (prefix-cache hits) for a request that holds none yet.
 
         Returns the whole table, or None (and changes nothing) when the pool is short. The
-        full blocks among the first `num_tokens` tokens are named in the prefix cache.
+        full blocks among the first `num_tokens` tokens are named in the prefix cache, but
+        for a block that ends in a token still being sampled (async scheduling) the naming
+        waits for a later call, once that token is known.
         """
         table = self.block_tables.get(req.request_id, [])
         if (table and not cached_blocks and num_tokens <= len(table) * self.block_size
                 and (not self.enable_prefix_caching or num_tokens // self.block_size
                      <= self._num_cached.get(req.request_id, 0))):
             return table    # most decode steps: the last block has room, no block fills up
+        known = min(num_tokens, req.num_tokens)     # tokens in flight have no id to hash yet
         hits = cached_blocks or []
         if hits and table:
             raise RuntimeError(f"{req.request_id} already holds blocks; hits only at admission")
@@ -198,7 +201,7 @@ class KVCacheManager:
         if need > 0:
             table.extend(self.pool.allocate(need))
         if self.enable_prefix_caching:
-            self._name_full_blocks(req, table, num_tokens)
+            self._name_full_blocks(req, table, known)
         return table
 
     def _name_full_blocks(self, req: Request, table: list[int], num_tokens: int) -> None:

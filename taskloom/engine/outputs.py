@@ -11,6 +11,11 @@ from taskloom.lora.request import LoRARequest
 from taskloom.sampling_params import SamplingParams
 
 
+# The input id of a token sampled by a step still in flight (async scheduling): the runner
+# takes its real id from that step's sampled tokens on the device.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 @dataclass
 class NewRequestData:
     """What the runner needs once, when a sequence first appears (or after preemption)."""
@@ -28,7 +33,9 @@ class ScheduledSeq:
     The step computes tokens `token_ids` at positions `num_computed_tokens ...
     num_computed_tokens + len(token_ids) - 1`. When `sample` is set the last of them is the
     sequence's newest token and the runner samples the next one. `output_token_ids` is the
-    live list of generated tokens (for penalties and min_tokens), shared, not copied.
+    live list of generated tokens (for penalties and min_tokens), shared, not copied. With
+    async scheduling the last of `token_ids` may be PLACEHOLDER_TOKEN_ID: the token the
+    previous step (still in flight) samples for this sequence.
     """
 
     req_id: str

@@ -49,6 +49,9 @@ class Request:
         self.eos_token_ids = () if params.ignore_eos else tuple(eos_token_ids)
         self.output_token_ids: list[int] = []
         self.num_computed_tokens = 0
+        # Tokens sampled by steps still in flight (async scheduling): scheduled as inputs
+        # before their ids are known, which the runner takes from the device.
+        self.num_output_placeholders = 0
         self.status = RequestStatus.WAITING
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.num_preemptions = 0
@@ -81,6 +84,14 @@ class Request:
     @property
     def max_tokens(self) -> int | None:
         return self.params.max_tokens
+
+    @property
+    def needs_output_history(self) -> bool:
+        """Whether sampling reads the tokens generated so far (penalties, min_tokens): such
+        a request's steps cannot be scheduled before the previous one's tokens are known."""
+        p = self.params
+        return (p.min_tokens > 0 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                or p.frequency_penalty != 0.0)
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""

@@ -19,7 +19,8 @@ from collections import Counter, deque
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
-from taskloom.engine.outputs import NewRequestData, RunnerOutput, ScheduledSeq, SchedulerOutput
+from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, NewRequestData, RunnerOutput,
+                                     ScheduledSeq, SchedulerOutput)
 from taskloom.engine.request import Request, RequestStatus
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class Scheduler:
         self._finished_ids: list[str] = []
         self._seen_by_runner: set[str] = set()
         self.num_preemptions = 0
+        # Unfinished requests whose sampling reads their generated tokens on the host
+        # (Request.needs_output_history): while any is here, steps do not overlap.
+        self.num_history_requests = 0
 
     # ----- admission -------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -69,6 +73,7 @@ class Scheduler:
         self.check_fits(req.num_prompt_tokens, req.max_tokens)
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self.num_history_requests += req.needs_output_history
 
     # ----- scheduling ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
@@ -78,7 +83,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            in_flight = req.num_output_placeholders
+            if in_flight and self._at_limit(req):
+                i += 1      # its last token is in flight: nothing more to compute
+                continue
+            num_new = min(len(req.prompt_token_ids) + len(req.output_token_ids) + in_flight
+                          - req.num_computed_tokens, budget)
             num_running = len(self.running)
             ok = self._reserve(req, num_new)
             preempted = preempted or len(self.running) < num_running
@@ -90,6 +100,14 @@ class Scheduler:
         if not preempted:
             budget = self._admit(scheduled, budget)
         return self._build_output(scheduled, budget)
+
+    def _at_limit(self, req: Request) -> bool:
+        """Whether the tokens in flight already take the request to max_tokens or the
+        model's context, so that it must not be scheduled again (async scheduling)."""
+        n_out = len(req.output_token_ids) + req.num_output_placeholders
+        max_tokens = req.params.max_tokens
+        return (max_tokens is not None and n_out >= max_tokens) or \
+            len(req.prompt_token_ids) + n_out >= self.max_model_len
 
     def _reserve(self, req: Request, num_new: int) -> bool:
         """Get blocks for `num_new` more tokens of a running request, preempting the latest
@@ -118,6 +136,9 @@ class Scheduler:
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[i]
+            if req.num_output_placeholders:
+                i += 1      # preempted with a token in flight: admitted once it is known
+                continue
             lid = req.lora_id
             if lid is not None and lid not in active and len(active) >= self.max_loras:
                 if draining is None:
@@ -164,11 +185,19 @@ class Scheduler:
             start, out_ids = req.num_computed_tokens, req.output_token_ids
             num_prompt = len(req.prompt_token_ids)
             end = start + num_new
-            sample = end == num_prompt + len(out_ids)     # it reaches the newest token
-            if num_new == 1 and out_ids and sample:
-                token_ids = [out_ids[-1]]       # a decode: most sequences of most steps
+            known = num_prompt + len(out_ids)
+            in_flight = req.num_output_placeholders
+            sample = end == known + in_flight       # it reaches the newest token
+            if num_new == 1 and sample and start >= num_prompt:
+                # a decode, most sequences of most steps: its input is the newest token, or,
+                # with async scheduling, the one the step in flight samples
+                token_ids = [out_ids[-1] if start < known else PLACEHOLDER_TOKEN_ID]
             else:
-                token_ids = req.token_ids_slice(start, end)
+                token_ids = req.token_ids_slice(start, min(end, known))
+                token_ids += [PLACEHOLDER_TOKEN_ID] * (end - max(start, known))
+            req.num_computed_tokens = end       # computed once this step has run
+            if sample:
+                req.num_output_placeholders = in_flight + 1
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
                                      num_prompt))
         finished, self._finished_ids = self._finished_ids, []
@@ -177,15 +206,21 @@ class Scheduler:
 
     # ----- results ---------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
-        """Advance the scheduled requests by this step's results; return those that got a new
-        token (finished ones included, with their status set and blocks freed)."""
+        """Give the scheduled requests this step's sampled tokens (their computed tokens were
+        counted when the step was scheduled); return those that got one (finished ones
+        included, with their status set and blocks freed). A request preempted since the
+        step was scheduled (async scheduling) keeps its token: it was sampled from its
+        whole context, and a seeded request's random stream has moved past it."""
         advanced = []
-        requests, sampled, running = self.requests, out.sampled, RequestStatus.RUNNING
+        requests, sampled = self.requests, out.sampled
         for seq in sched.seqs:
+            if not seq.sample:
+                continue
             req = requests.get(seq.req_id)
-            if req is None or req.status is not running:
-                continue  # aborted while the step ran
-            req.num_computed_tokens += len(seq.token_ids)
+            if req is None or req.status.finished or req.output_token_ids is not \
+                    seq.output_token_ids:
+                continue  # aborted or stopped while the step ran (and its id taken again)
+            req.num_output_placeholders -= 1
             token = sampled.get(seq.req_id)
             if token is None:
                 continue
@@ -219,7 +254,7 @@ class Scheduler:
         for seq in sched.seqs:
             req = self.requests.get(seq.req_id)
             if seq.req_id in req_ids and req is not None:
-                self.kv.free_uncomputed(seq.req_id, req.num_computed_tokens)
+                self.kv.free_uncomputed(seq.req_id, seq.num_computed_tokens)
                 self._finish(req, RequestStatus.FINISHED_ERROR)
         seqs = [q for q in sched.seqs if q.req_id not in req_ids]
         return SchedulerOutput([n for n in sched.new_requests if n.req_id not in req_ids],
@@ -242,6 +277,7 @@ class Scheduler:
         self.kv.free(req.request_id)
         self.kv.forget(req.request_id)
         del self.requests[req.request_id]
+        self.num_history_requests -= req.needs_output_history
         if req.request_id in self._seen_by_runner:
             self._seen_by_runner.discard(req.request_id)
             self._finished_ids.append(req.request_id)

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from taskloom.runtime.transfer import to_device
+
 
 @dataclass
 class LoRAMetadata:
@@ -44,7 +46,7 @@ def build_lora_metadata(token_slots: list[int], device: torch.device) -> LoRAMet
     starts.append(len(token_slots))
     max_len = max((b - a for a, b in zip(starts, starts[1:])), default=0)
     return LoRAMetadata(
-        token_slots=torch.tensor(token_slots, dtype=torch.int32, device=device),
-        seg_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-        seg_slots=torch.tensor(slots, dtype=torch.int32, device=device),
+        token_slots=to_device(token_slots, torch.int32, device),
+        seg_starts=to_device(starts, torch.int32, device),
+        seg_slots=to_device(slots, torch.int32, device),
         seg_starts_cpu=starts, seg_slots_cpu=slots, max_seg_len=max_len)

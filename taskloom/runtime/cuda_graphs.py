@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -200,11 +200,13 @@ class DecodeGraphs:
 
     def run(self, input_ids: list[int], positions: list[int], slots: list[int],
             seq_lens: list[int], block_tables: list[list[int]],
-            lora_slots: list[int] | None = None) -> torch.Tensor:
+            lora_slots: list[int] | None = None,
+            fill_input_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode step (one token per
         sequence; lists as for the eager batch; `lora_slots`: each sequence's adapter slot,
-        when captured with LoRA). Returns the hidden states [num_seqs, hidden], a view of the
-        static output valid until the next replay."""
+        when captured with LoRA; `fill_input_ids` writes tokens still on the device into the
+        static input ids, after the step's are loaded). Returns the hidden states
+        [num_seqs, hidden], a view of the static output valid until the next replay."""
         n = len(seq_lens)
         size = bucket_size(self.sizes, n)
         if size is None:
@@ -215,5 +217,7 @@ class DecodeGraphs:
         if self.lora_state is not None:
             self.inputs.load_lora_slots(lora_slots if lora_slots is not None else [-1] * n)
         self._loaded.record(torch.cuda.current_stream(self.device))
+        if fill_input_ids is not None:
+            fill_input_ids(self.inputs.tokens[0])
         self.graphs[size].replay()
         return self.hidden[:n]

@@ -6,25 +6,34 @@ scheduler reports it finished (so a preempted request keeps its seeded generator
 decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`);
 other steps, and every step on the CPU, run the model eagerly. With LoRA adapters
 (`taskloom.lora.manager`), the batch's adapters are put in device slots before each forward.
+
+`submit` queues a step's work and returns at once with a `PendingStep`; its `result()` waits
+for the sampled tokens. Nothing in between waits for the device (host-to-device copies go
+through pinned memory, see `taskloom.runtime.transfer`), so the engine can schedule and submit
+the next step while this one runs (async scheduling). The next step's inputs may then hold
+placeholders for tokens this one samples: the runner fills them on the device from this
+step's sampled-token tensor.
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from taskloom.engine.outputs import RunnerOutput, SchedulerOutput, ScheduledSeq
+from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutput,
+                                     SchedulerOutput, ScheduledSeq)
 from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata
 from taskloom.runtime.cuda_graphs import DecodeGraphs
-from taskloom.runtime.sampler import Sampler, compute_prompt_logprobs
+from taskloom.runtime.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from taskloom.runtime.transfer import to_device, to_host
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +65,44 @@ class _Batch:
     sample_rows: list[int]        # flat index of each sampled token
     sample_seqs: list[ScheduledSeq]
     seq_loras: list[LoRARequest | None]  # [num_seqs]
+    # (flat index, row of the previous step's sampled tokens) of each placeholder input
+    placeholders: list[tuple[int, int]]
 
     @property
     def max_query_len(self) -> int:
         qsl = self.query_start_loc
         return max(b - a for a, b in zip(qsl, qsl[1:]))
+
+
+class PendingStep:
+    """A submitted step: its sampled tokens and logprobs are on their way to the host.
+
+    `result()` waits for them (on CUDA, for an event recorded after their copies, not for
+    the whole stream) and returns the step's RunnerOutput.
+    """
+
+    def __init__(self, ready: torch.cuda.Event | None = None) -> None:
+        self._ready = ready
+        self.sampled_ids: list[str] = []                      # request of each sampled row
+        self.sampled: torch.Tensor | None = None              # [num_sampled] int64, host
+        self.logprobs: LogprobsTensors | None = None          # host
+        self.logprobs_k: list[tuple[int, str, int]] = []      # (row, request, top-k asked)
+        # (request, first prompt position scored, host logprobs, k)
+        self.prompt_logprobs: list[tuple[str, int, LogprobsTensors, int]] = []
+
+    def result(self) -> RunnerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()
+        out = RunnerOutput()
+        if self.sampled is not None:
+            out.sampled = dict(zip(self.sampled_ids, self.sampled.tolist()))
+        if self.logprobs is not None:
+            for row, rid, k in self.logprobs_k:
+                out.logprobs[rid] = self.logprobs.to_list(row, k)
+        for rid, first, lp, k in self.prompt_logprobs:
+            entries: list[Logprobs] = [lp.to_list(j, k) for j in range(lp.token_ids.shape[0])]
+            out.prompt_logprobs[rid] = (first, entries)
+        return out
 
 
 class ModelRunner:
@@ -88,6 +130,10 @@ class ModelRunner:
         self.lora = lora
         self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
+        # The last submitted step's sampled tokens [num_sampled] (on the device) and the row
+        # of each request in it: where the next step's placeholder inputs come from.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         if graph_sizes:
             if device.type != "cuda":
                 raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
@@ -97,19 +143,22 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+    def submit(self, sched: SchedulerOutput) -> PendingStep:
+        """Queue the step's forward and sampling; the results come with `result()`."""
         self._update_states(sched)
         if sched.is_empty:
-            return RunnerOutput()
+            return PendingStep()
         t0 = time.perf_counter()
         batch = self._prepare(sched.seqs)
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(batch)                            # [num_tokens, hidden]
-        out = RunnerOutput()
-        if batch.sample_rows:
-            self._sample(hidden, batch, out)
-        self._prompt_logprobs(hidden, batch, sched.seqs, out)
-        return out
+        cuda = self.device.type == "cuda"
+        pending = PendingStep(torch.cuda.Event() if cuda else None)
+        self._sample(hidden, batch, pending)
+        self._prompt_logprobs(hidden, batch, sched.seqs, pending)
+        if pending._ready is not None:
+            pending._ready.record()
+        return pending
 
     def add_lora(self, lora: LoRARequest) -> None:
         """Load an adapter into the host cache now (ValueError if it does not fit)."""
@@ -149,8 +198,11 @@ class ModelRunner:
         seq_lens: list[int] = []
         sample_rows: list[int] = []
         sample_seqs: list[ScheduledSeq] = []
+        placeholders: list[tuple[int, int]] = []
         for seq in seqs:
             start, n, table = seq.num_computed_tokens, len(seq.token_ids), seq.block_ids
+            if seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
+                placeholders.append((len(input_ids) + n - 1, self._last_rows[seq.req_id]))
             if n == 1:      # a decode: most sequences of most steps
                 input_ids.append(seq.token_ids[0])
                 positions.append(start)
@@ -169,7 +221,7 @@ class ModelRunner:
         tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
         loras = [self._states[s.req_id].lora for s in seqs]
         return _Batch(input_ids, positions, slots, qsl, seq_lens, tables, sample_rows,
-                      sample_seqs, loras)
+                      sample_seqs, loras, placeholders)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
@@ -178,38 +230,61 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens)):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
-                              batch.block_tables, lora_slots)
+                              batch.block_tables, lora_slots, self._fill_placeholders(batch))
         if self.lora is not None and lora_slots is not None:
             qsl = batch.query_start_loc
             self.lora.set_step(lora_slots, [b - a for a, b in zip(qsl, qsl[1:])])
         dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(batch.slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(batch.query_start_loc, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(batch.seq_lens, dtype=torch.int32, device=dev),
+            slot_mapping=to_device(batch.slots, torch.int64, dev),
+            query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
+            seq_lens=to_device(batch.seq_lens, torch.int32, dev),
             # numpy reads nested lists 2-3x faster than torch.tensor does
-            block_tables=torch.from_numpy(np.array(batch.block_tables, dtype=np.int32)).to(dev),
+            block_tables=to_device(np.array(batch.block_tables, dtype=np.int32), torch.int32,
+                                   dev),
             query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
             max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
             block_size=self.block_size)
-        input_ids = torch.tensor(batch.input_ids, dtype=torch.int64, device=dev)
-        positions = torch.tensor(batch.positions, dtype=torch.int64, device=dev)
+        input_ids = to_device(batch.input_ids, torch.int64, dev)
+        fill = self._fill_placeholders(batch)
+        if fill is not None:
+            fill(input_ids)
+        positions = to_device(batch.positions, torch.int64, dev)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
-    def _sample(self, hidden: torch.Tensor, batch: _Batch, out: RunnerOutput) -> None:
-        rows = torch.tensor(batch.sample_rows, device=self.device)
+    def _fill_placeholders(self, batch: _Batch) -> Callable[[torch.Tensor], None] | None:
+        """What writes the previous step's sampled tokens (still on the device) over the
+        batch's placeholder inputs, given the input-id tensor; None without placeholders."""
+        if not batch.placeholders:
+            return None
+        assert self._last_sampled is not None, "placeholder inputs without a step before"
+        dst, src = zip(*batch.placeholders)
+        dst_t = to_device(dst, torch.int64, self.device)
+        values = self._last_sampled.index_select(0, to_device(src, torch.int64, self.device))
+        return lambda input_ids: input_ids.index_copy_(0, dst_t, values)
+
+    def _sample(self, hidden: torch.Tensor, batch: _Batch, pending: PendingStep) -> None:
+        """Sample the batch's sampling rows; start copying the tokens (and logprobs) to the
+        host, and keep the device tokens for the next step's placeholders."""
+        if not batch.sample_rows:
+            self._last_sampled, self._last_rows = None, {}
+            return
+        rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         req_ids = [s.req_id for s in batch.sample_seqs]
         result = self.sampler(logits, req_ids, [s.output_token_ids for s in batch.sample_seqs])
-        tokens = result.sampled.tolist()
-        for i, rid in enumerate(req_ids):
-            out.sampled[rid] = tokens[i]
-            k = self._states[rid].logprobs
-            if k is not None and result.logprobs is not None:
-                out.logprobs[rid] = result.logprobs.to_list(i, k)
+        self._last_sampled = result.sampled
+        self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+        pending.sampled_ids = req_ids
+        pending.sampled = to_host(result.sampled)
+        if result.logprobs is not None:
+            pending.logprobs = result.logprobs.to_host()
+            states = self._states
+            pending.logprobs_k = [(i, rid, k) for i, rid in enumerate(req_ids)
+                                  if (k := states[rid].logprobs) is not None]
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
-                         out: RunnerOutput) -> None:
+                         pending: PendingStep) -> None:
         """Score prompt tokens 1..P-1 from the hidden states of positions 0..P-2 in this chunk."""
         qsl = batch.query_start_loc
         for i, seq in enumerate(seqs):
@@ -221,8 +296,7 @@ class ModelRunner:
                 continue
             rows = torch.arange(qsl[i], qsl[i] + end - start, device=self.device)
             logits = self.model.compute_logits(hidden[rows])      # [end - start, vocab]
-            targets = torch.tensor(state.prompt_token_ids[start + 1:end + 1], device=self.device)
+            targets = to_device(state.prompt_token_ids[start + 1:end + 1], torch.int64,
+                                self.device)
             lp = compute_prompt_logprobs(logits, targets, k)
-            out.prompt_logprobs[seq.req_id] = (start + 1, [lp.to_list(j, k)
-                                                           for j in range(end - start)])
-
+            pending.prompt_logprobs.append((seq.req_id, start + 1, lp.to_host(), k))

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from taskloom.engine.outputs import Logprobs
+from taskloom.runtime.transfer import to_device, to_host
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,11 @@ class LogprobsTensors:
     ranks: torch.Tensor       # [num_rows] int64: 1-based rank of the chosen token
     _host: tuple[list[list[int]], list[list[float]], list[int]] | None = field(
         default=None, init=False, repr=False)
+
+    def to_host(self) -> "LogprobsTensors":
+        """Host copies, on their way (see `taskloom.runtime.transfer.to_host`)."""
+        return LogprobsTensors(to_host(self.token_ids), to_host(self.logprobs),
+                               to_host(self.ranks))
 
     def to_list(self, row: int, k: int) -> Logprobs:
         """Row `row` as plain data: the chosen token and its top `k` alternatives.
@@ -110,9 +116,11 @@ def output_token_counts(output_token_ids: list[list[int]], vocab_size: int,
     counts = torch.zeros(num_rows * vocab_size, dtype=torch.float32, device=device)
     flat = [t for tokens in output_token_ids for t in tokens]
     if flat:
-        lengths = torch.tensor([len(tokens) for tokens in output_token_ids], device=device)
-        rows = torch.repeat_interleave(torch.arange(num_rows, device=device), lengths)
-        ids = torch.tensor(flat, dtype=torch.int64, device=device)  # [num_tokens]
+        lengths = to_device([len(tokens) for tokens in output_token_ids], torch.int64, device)
+        # output_size given: repeat_interleave need not read the lengths' sum back
+        rows = torch.repeat_interleave(torch.arange(num_rows, device=device), lengths,
+                                       output_size=len(flat))
+        ids = to_device(flat, torch.int64, device)              # [num_tokens]
         counts.scatter_add_(0, rows * vocab_size + ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts.view(num_rows, vocab_size)
 
@@ -143,12 +151,16 @@ def _top_k_threshold(sorted_desc: torch.Tensor, top_k: torch.Tensor) -> torch.Te
     return kth.masked_fill((top_k == 0).unsqueeze(1), float("-inf"))
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor, max_k: int | None = None
+                ) -> torch.Tensor:
     """Drop logits below each row's k-th largest (ties with it are kept); top_k 0 is off.
 
-    logits [num_rows, vocab]; top_k [num_rows] int64.
+    logits [num_rows, vocab]; top_k [num_rows] int64; `max_k`, the largest of top_k when the
+    caller knows it (else it is read from the device, which waits for it).
     """
-    max_k = int(top_k.clamp(max=logits.shape[1]).max())
+    if max_k is None:
+        max_k = int(top_k.max())
+    max_k = min(max_k, logits.shape[1])
     if max_k == 0:
         return logits
     top_values = logits.topk(max_k, dim=1).values                  # [num_rows, max_k]
@@ -188,18 +200,20 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
-                   top_p: torch.Tensor | None, min_p: torch.Tensor | None) -> torch.Tensor:
+                   top_p: torch.Tensor | None, min_p: torch.Tensor | None,
+                   max_top_k: int | None = None) -> torch.Tensor:
     """The distribution a non-greedy row samples from: temperature, top-k, top-p, min-p.
 
     logits [num_rows, vocab] (already penalised); temperature [num_rows] > 0; top_k, top_p,
-    min_p [num_rows] or None when no row uses them. Returns [num_rows, vocab] probabilities,
+    min_p [num_rows] or None when no row uses them; `max_top_k`, the largest top_k, if known.
+    Returns [num_rows, vocab] probabilities,
     zero outside the kept set and summing to 1.
     """
     logits = logits / temperature.unsqueeze(1)                     # [num_rows, vocab]
     if top_p is not None:
         logits = apply_top_k_top_p(logits, top_k, top_p)
     elif top_k is not None:
-        logits = apply_top_k(logits, top_k)
+        logits = apply_top_k(logits, top_k, max_top_k)
     probs = logits.softmax(dim=1)                                  # [num_rows, vocab]
     if min_p is not None:
         probs = apply_min_p(probs, min_p)
@@ -233,6 +247,7 @@ class _SampleParams:
     rows: torch.Tensor                     # [num_sample] int64 row indices in the batch
     temperature: torch.Tensor              # [num_sample] float32
     top_k: torch.Tensor | None             # [num_sample] int64, None when no row uses it
+    max_top_k: int                         # the largest of top_k
     top_p: torch.Tensor | None             # [num_sample] float32
     min_p: torch.Tensor | None             # [num_sample] float32
     seeded: list[tuple[int, torch.Generator]]
@@ -355,7 +370,7 @@ class Sampler:
         asked = [s.params.logprobs for s in states if s.params.logprobs is not None]
         logger.debug("sampler batch built: %d rows, %d greedy", len(states), len(greedy))
         return _BatchParams(
-            greedy_rows=torch.tensor(greedy, dtype=torch.int64, device=self.device),
+            greedy_rows=to_device(greedy, torch.int64, self.device),
             sample=self._build_sample(sampled, states) if sampled else None,
             penalties=self._build_penalties(states),
             min_tokens=[(i, s.params.min_tokens, s.stop_ids_for_min_tokens)
@@ -367,7 +382,7 @@ class Sampler:
         params = [states[i].params for i in rows]
 
         def column(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=self.device)
+            return to_device(values, dtype, self.device)
 
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
@@ -379,6 +394,7 @@ class Sampler:
             rows=column(rows, torch.int64),
             temperature=column([p.temperature for p in params], torch.float32),
             top_k=column(top_k, torch.int64) if any(k > 0 for k in top_k) else None,
+            max_top_k=max(top_k),
             top_p=column(top_p, torch.float32) if any(p < 1 for p in top_p) else None,
             min_p=column(min_p, torch.float32) if any(p > 0 for p in min_p) else None,
             seeded=seeded,
@@ -397,11 +413,11 @@ class Sampler:
         prompt_mask = output_token_counts(prompts, self.vocab_size, self.device) > 0
 
         def column(values: Sequence[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=self.device)
+            return to_device(values, torch.float32, self.device)
 
         return _PenaltyParams(
             rows=rows,
-            rows_tensor=torch.tensor(rows, dtype=torch.int64, device=self.device),
+            rows_tensor=to_device(rows, torch.int64, self.device),
             repetition=column([p.repetition_penalty for p in params]),
             presence=column([p.presence_penalty for p in params]),
             frequency=column([p.frequency_penalty for p in params]),
@@ -418,9 +434,9 @@ class Sampler:
                 mask_ids.extend(stop_ids)
         if mask_rows:
             logits = logits.index_put(
-                (torch.tensor(mask_rows, device=logits.device),
-                 torch.tensor(mask_ids, device=logits.device)),
-                torch.tensor(float("-inf"), device=logits.device))
+                (to_device(mask_rows, torch.int64, logits.device),
+                 to_device(mask_ids, torch.int64, logits.device)),
+                torch.full((), float("-inf"), device=logits.device))
         pen = batch.penalties
         if pen is not None:
             counts = output_token_counts([output_token_ids[i] for i in pen.rows],
@@ -433,7 +449,7 @@ class Sampler:
     def _sample(self, logits: torch.Tensor, sample: _SampleParams) -> torch.Tensor:
         """Step 4 on the non-greedy rows: filter, then race `probs / q` with q ~ Exp(1)."""
         probs = sampling_probs(logits, sample.temperature, sample.top_k, sample.top_p,
-                               sample.min_p)                       # [num_sample, vocab]
+                               sample.min_p, sample.max_top_k)     # [num_sample, vocab]
         q = torch.empty_like(probs)                                # [num_sample, vocab]
         if sample.all_unseeded:
             q.exponential_()

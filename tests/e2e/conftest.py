@@ -24,6 +24,6 @@ def llm() -> Iterator[LLM]:
 @pytest.fixture(autouse=True)
 def _pool_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm"):
+    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm"):
         if name in request.fixturenames:
             assert_pool_full(request.getfixturevalue(name))

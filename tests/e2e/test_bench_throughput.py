@@ -37,17 +37,22 @@ def test_throughput_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture
         result["output_tokens_per_s"] / result["peer"]["output_tokens_per_s"], rel=1e-2)
 
 
-@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("caching,async_scheduling", [(True, False), (False, False),
+                                                      (True, True)])
 def test_multi_turn_workload_reuses_each_conversation_history(
-        tmp_path: Path, capsys: pytest.CaptureFixture, caching: bool) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture, caching: bool,
+        async_scheduling: bool) -> None:
+    """With async scheduling too: blocks that end in a token sampled in flight are named
+    once it is known, so the next turn finds the same blocks."""
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
     args = ["bench", "throughput", "--random-weights", "--model", str(config),
             "--num-prompts", "4", "--input-len", "40", "--output-len", "8", "--turns", "3",
-            "--user-len", "12"] + ([] if caching else ["--no-prefix-caching"])
+            "--user-len", "12"] + ([] if caching else ["--no-prefix-caching"]) + (
+                ["--async-scheduling"] if async_scheduling else [])
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["turns"] == 3
+    assert result["turns"] == 3 and result["async_scheduling"] == async_scheduling
     # prompts of 40, 40+8+12 = 60 and 80 tokens; the KV of all but the last answer token is
     # computed, so turn 2 finds 2 blocks of 16 cached and turn 3 finds 4: 96 of 180 tokens
     # (the warm-up shares nothing with the workload)

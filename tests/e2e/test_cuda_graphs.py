@@ -143,6 +143,44 @@ def test_greedy_with_graphs_equals_eager_under_preemption(config_path: str) -> N
     assert graphs.engine.scheduler.num_preemptions == eager.engine.scheduler.num_preemptions
 
 
+def test_async_scheduling_equals_sync_and_never_waits_to_submit(
+        config_path: str, fp32_graphs: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Async scheduling on CUDA: the same outputs as the synchronous engine (graph replays
+    whose input ids come from the step in flight, eager prefill steps, seeded sampling,
+    logprobs and prompt logprobs), and submitting a step never waits for the device: CUDA's
+    sync debug mode raises on any operation in `submit` that would synchronise."""
+    llm = make_llm(config_path, "float32", async_scheduling=True, **ENGINE)
+    runner = llm.engine.runner
+    submit = runner.submit
+
+    def strict_submit(sched: object) -> object:
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return submit(sched)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "submit", strict_submit)
+    replays, _ = record_steps(llm, monkeypatch)
+    params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
+    params[0] = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=5, max_tokens=40,
+                               ignore_eos=True)
+    params[2] = SamplingParams(temperature=0.0, max_tokens=33, logprobs=3, prompt_logprobs=2,
+                               ignore_eos=True)
+    batch = prompts(6)
+    ours = llm.generate(batch, params, use_tqdm=False)
+    theirs = fp32_graphs.generate(batch, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in ours] == [o.outputs[0].token_ids for o in theirs]
+    for a, b in zip(ours[2].outputs[0].logprobs + ours[2].prompt_logprobs[1:],
+                    theirs[2].outputs[0].logprobs + theirs[2].prompt_logprobs[1:]):
+        assert a.keys() == b.keys()
+        assert [x.logprob for x in a.values()] == pytest.approx(
+            [x.logprob for x in b.values()], abs=1e-4)
+    assert replays and max(replays) > 8
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks
+
+
 def test_bf16_greedy_with_graphs_agrees_with_eager(config_path: str) -> None:
     """Not bit-identical in bfloat16: the graph's decode attention combines its float32
     partial results over other splits than the eager step (the split count is fixed from

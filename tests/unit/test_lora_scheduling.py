@@ -164,7 +164,9 @@ def test_failing_scheduled_requests_unnames_only_the_blocks_they_did_not_compute
     assert s.kv.pool.cached.keys() >= {s.kv.pool.block_hash(b) for b in (0, 1, 7, 8)}
     assert s.kv.block_tables.keys() == {"base"}
     s.update(kept, RunnerOutput(sampled={"base": 9}))
-    assert s.schedule().finished_req_ids == ["b-old"]  # a1, a2 never reached the runner
+    nxt = s.schedule()
+    assert nxt.finished_req_ids == ["b-old"]  # a1, a2 never reached the runner
+    s.update(nxt, RunnerOutput(sampled={"base": 9}))
     while s.has_unfinished:
         step(s)
     s.add_request(lreq("a3", A, max_tokens=1, n_prompt=10))
