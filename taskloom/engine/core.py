@@ -1,4 +1,7 @@
-"""EngineCore: the step loop (schedule -> execute -> update) and output processing.
+"""EngineCore: the step loop (schedule -> submit -> take the results in) and output processing.
+
+With async scheduling the loop is schedule N+1 -> submit N+1 -> take N in: the host's work
+for a step runs while the device computes the previous one (see `EngineCore.step`).
 
 Requests enter as prompt token ids plus SamplingParams; a request with `n > 1` becomes n
 sequences (seeds `seed + i`) scheduled independently. After each step the new tokens are

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from taskloom import LLM, SamplingParams
-from taskloom.outputs import RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput, add_delta
 from tests.e2e.test_engine import PROMPTS
 
 # Small blocks and budget: prompts are chunked and requests preempted as they grow.
@@ -85,3 +85,21 @@ def test_abort_in_flight_and_reuse_the_id(sync_llm: LLM, async_llm: LLM) -> None
                 finished[out.request_id] = out.outputs[0].token_ids
     assert finished["x"] == alone
     assert len(finished["y"]) == 10
+
+
+def test_streamed_deltas_fold_to_the_sync_completions(sync_llm: LLM, async_llm: LLM) -> None:
+    """What a server streams (DELTA outputs): each sample's finish comes once, in its last
+    delta, and the deltas fold into the synchronous engine's completions."""
+    ids = async_llm.encode_chat([{"role": "user", "content": "Say yes or no."}])
+    params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=24, stop=["."])
+    results = []
+    for llm in (sync_llm, async_llm):
+        llm.engine.add_request("d", ids, params, output_kind=OutputKind.DELTA)
+        folded, finishes = None, []
+        while llm.engine.has_unfinished:
+            for out in llm.engine.step():
+                finishes += [c.index for c in out.outputs if c.finish_reason is not None]
+                folded = add_delta(folded, out)
+        assert sorted(finishes) == [0, 1, 2] and folded.finished
+        results.append([(c.token_ids, c.text, c.finish_reason) for c in folded.outputs])
+    assert results[0] == results[1]
