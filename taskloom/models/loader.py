@@ -20,7 +20,6 @@ import torch
 from taskloom.config import ModelConfig
 from taskloom.models.arch import ArchConfig
 from taskloom.models.embedded import embedded_model_path
-from taskloom.models.gguf_weights import GGUFCheckpoint
 from taskloom.models.llama import LlamaForCausalLM, RMSNorm
 from taskloom.models.safetensors_weights import SafetensorsCheckpoint
 from taskloom.models.shapes import SHAPES, shape_config
@@ -90,6 +89,8 @@ def _open_checkpoint(path: str) -> tuple[ArchConfig, Iterator[tuple[str, torch.T
     if os.path.isdir(path):
         hf = SafetensorsCheckpoint(path)
         return hf.arch_config(), hf.weights()
+    # imported here: the gguf package is needed only for GGUF files (the GPU image lacks it)
+    from taskloom.models.gguf_weights import GGUFCheckpoint
     gguf = GGUFCheckpoint(path)
     arch = gguf.arch_config()
     return arch, gguf.weights(arch)

@@ -23,7 +23,6 @@ from typing import Any
 import tokenizers
 
 from taskloom.tokenizer.chat_template import ChatTemplate
-from taskloom.tokenizer.gguf_tokenizer import build_gguf_tokenizer, read_gguf_vocab
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +120,8 @@ class Tokenizer:
         """
         if not os.path.isfile(path):
             raise FileNotFoundError(f"GGUF file {path!r} does not exist")
+        # imported here: the gguf package is needed only for GGUF files (the GPU image lacks it)
+        from taskloom.tokenizer.gguf_tokenizer import build_gguf_tokenizer, read_gguf_vocab
         vocab = read_gguf_vocab(path)
         extra = tuple(i for i in (vocab.eot_token_id, vocab.eom_token_id) if i is not None)
         logger.info("loaded tokenizer from %s (%s, pre-tokenizer %s, %d tokens)", path,
