@@ -32,6 +32,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="run the same workload through HF transformers and compare: hf is "
                          "generate_batch (continuous batching, SDPA over a paged cache), "
                          "hf-static is generate over static batches of --peer-batch-size")
+    tp.add_argument("--peer-num-prompts", type=int, default=None, metavar="N",
+                    help="give the peer a workload of N prompts of the same distribution "
+                         "(new ones), which taskloom also runs, after the main run: the ratio "
+                         "compares that workload (for a peer too slow for the whole)")
     tp.add_argument("--peer-batch-size", type=int, default=None,
                     help="batch size of the hf-static generate calls (default: --max-num-seqs)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
@@ -83,6 +87,10 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "without a tokenizer (--random-weights with a named shape)")
     sv.add_argument("--output-json", default=None, help="also write the result to this file")
     sv.set_defaults(func=_run_serve)
+    sm = kinds.add_parser("summary", help="a line per result of a results file (JSON lines), "
+                                          "and speedups between results of one workload")
+    sm.add_argument("results", help="a file of benchmark JSON lines, e.g. run_gpu.sh's")
+    sm.set_defaults(func=_run_summary)
 
 
 def _run_throughput(a: argparse.Namespace) -> int:
@@ -120,6 +128,12 @@ def _run_serve(a: argparse.Namespace) -> int:
     print(f"{result['completed']}/{result['num_prompts']} requests in {result['duration_s']} s: "
           f"{result['output_tokens_per_s']} output tok/s")
     return _emit(result, a.output_json)
+
+
+def _run_summary(a: argparse.Namespace) -> int:
+    from taskloom.bench.summary import summarize_file
+    print(summarize_file(a.results))
+    return 0
 
 
 def _emit(result: dict, output_json: str | None) -> int:

@@ -43,6 +43,11 @@ def run_throughput(a: argparse.Namespace) -> dict:
     from taskloom.cli import make_llm
     if a.turns < 1:
         raise ValueError(f"--turns must be >= 1, got {a.turns}")
+    if a.peer_num_prompts is not None and (a.peer is None or a.peer_num_prompts < 1):
+        raise ValueError(f"--peer-num-prompts needs --peer and must be >= 1, got "
+                         f"{a.peer_num_prompts}")
+    if a.peer and a.turns > 1:
+        raise ValueError("--peer runs single-turn workloads only (not --turns)")
     llm = make_llm(a)
     prompts = make_prompts(a.num_prompts, a.unique_len or a.input_len, a.input_len_range,
                            llm.engine.vocab_size, a.dataset_seed, a.shared_prefix,
@@ -76,8 +81,10 @@ def run_throughput(a: argparse.Namespace) -> dict:
         **run_info(a.device),
     }
     if a.peer:
-        if a.turns > 1:
-            raise ValueError("--peer runs single-turn workloads only (not --turns)")
+        ours = result
+        if a.peer_num_prompts is not None and a.peer_num_prompts < len(prompts):
+            prompts, ours = _peer_workload(a, llm, params)
+            result["peer_workload"] = ours
         del llm
         release_device_memory(a.device)
         from taskloom.bench import peers
@@ -85,9 +92,25 @@ def run_throughput(a: argparse.Namespace) -> dict:
                     else peers.hf_generate_throughput)
         peer = run_peer(a, prompts)
         result["peer"] = peer
-        result["ratio_vs_peer"] = round(result["output_tokens_per_s"]
+        result["ratio_vs_peer"] = round(ours["output_tokens_per_s"]
                                         / peer["output_tokens_per_s"], 3)
     return result
+
+
+def _peer_workload(a: argparse.Namespace, llm, params: SamplingParams
+                   ) -> tuple[list[list[int]], dict]:
+    """A smaller workload for a slow peer (`--peer-num-prompts N`): N new prompts of the same
+    distribution (another seed, so that none is in the prefix cache from the main run), timed
+    through taskloom here and then through the peer, so that the ratio compares one workload."""
+    prompts = make_prompts(a.peer_num_prompts, a.unique_len or a.input_len, a.input_len_range,
+                           llm.engine.vocab_size, a.dataset_seed + 1, a.shared_prefix,
+                           a.num_prefixes)
+    start = time.perf_counter()
+    n_in, n_out = _run_turns(llm, prompts, params, 1, 0, a.dataset_seed)
+    elapsed = time.perf_counter() - start
+    return prompts, {"num_prompts": len(prompts), "elapsed_s": round(elapsed, 3),
+                     "output_tokens_per_s": round(n_out / elapsed, 2),
+                     "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}
 
 
 def _run_turns(llm, prompts: list[list[int]], params: SamplingParams, turns: int,

@@ -100,3 +100,50 @@ def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert result["decode_ratio_vs_peer"] == [
         pytest.approx(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], rel=1e-2)
         for r, p in zip(rows, peer)]
+
+
+def test_peer_on_a_smaller_workload_compares_that_workload(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--peer-num-prompts: the peer and taskloom both run N new prompts after the main run
+    (none of them cached by it), and the ratio is taken on those."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--num-prompts", "8", "--input-len-range", "8", "40", "--output-len", "6",
+                 "--peer", "hf", "--peer-num-prompts", "3"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["num_prompts"] == 8
+    ours, peer = result["peer_workload"], result["peer"]
+    assert ours["num_prompts"] == 3 and peer["output_tokens"] == 3 * 6
+    assert result["ratio_vs_peer"] == pytest.approx(
+        ours["output_tokens_per_s"] / peer["output_tokens_per_s"], rel=1e-2)
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--peer-num-prompts", "3"]) == 2
+    assert "--peer-num-prompts needs --peer" in capsys.readouterr().err
+
+
+def test_summary_pairs_runs_of_one_workload(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """`bench summary` over a results file (what run_gpu.sh prints last): a line per result
+    and the speedup of prefix caching between the two runs of one shared-prefix workload."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    results = tmp_path / "results.jsonl"
+    for flag in ([], ["--no-prefix-caching"]):
+        assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                     "--num-prompts", "6", "--shared-prefix", "64", "--unique", "8",
+                     "--output-len", "4", "--output-json", str(tmp_path / "r.json")]
+                    + flag) == 0
+        with results.open("a") as f:
+            f.write((tmp_path / "r.json").read_text())
+    capsys.readouterr()
+    assert main(["bench", "summary", str(results)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    on, off = (json.loads(x) for x in results.read_text().splitlines())
+    assert lines[0].startswith("2 results, cpu")
+    assert lines[1].startswith("throughput 6x64+8/4: ") and "hit rate" in lines[1]
+    assert lines[2].startswith("throughput 6x64+8/4 no-prefix-caching: ")
+    assert lines[3] == (f"prefix caching on vs off, 6x64+8/4: "
+                        f"{off['elapsed_s'] / on['elapsed_s']:.2f}x "
+                        f"({off['elapsed_s']} s -> {on['elapsed_s']} s)")
+    assert len(lines) == 4

@@ -1,0 +1,109 @@
+"""`taskloom bench summary RESULTS.jsonl`: one line per benchmark result (the JSON lines the
+benchmarks print), then the figures that compare two results of one file: prefix caching on
+against off, async scheduling against synchronous, each on the same workload.
+
+A device run (benchmarks/run_gpu.sh) ends with this table, so that the figures an issue
+targets are in the last lines of its output; the JSON file itself goes to
+benchmarks/results/."""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+
+def load_results(path: str) -> list[dict]:
+    """The JSON objects of a results file, one per non-empty line."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _workload(r: dict) -> str:
+    lens = r["input_len"]
+    lens = f"{lens[0]}-{lens[1]}" if isinstance(lens, list) else lens
+    if r.get("shared_prefix"):
+        lens = f"{r['shared_prefix']}+{r['unique_len']}"
+    return f"{r['num_prompts']}x{lens}/{r['output_len']}"
+
+
+def _throughput_line(r: dict) -> str:
+    flags = [f for f, on in (("no-prefix-caching", not r["prefix_caching"]),
+                             ("async", r.get("async_scheduling"))) if on]
+    line = (f"throughput {_workload(r)}{' ' + ','.join(flags) if flags else ''}: "
+            f"{r['output_tokens_per_s']:.0f} out tok/s, {r['total_tokens_per_s']:.0f} total, "
+            f"{r['elapsed_s']} s, hit rate {r['prefix_cache_hit_rate']}")
+    step = r.get("step_ms")
+    if step:
+        line += (f"; per step {step['execute']} ms in the runner ({step['wait']} waiting), "
+                 f"{step['host_only']} host")
+    if "peer" in r:
+        on = r.get("peer_workload", {}).get("num_prompts", r["num_prompts"])
+        line += f"; {r['ratio_vs_peer']}x {r['peer']['name']} (on {on} prompts)"
+    return line
+
+
+def _latency_lines(r: dict) -> list[str]:
+    ratios = r.get("decode_ratio_vs_peer") or [None] * len(r["results"])
+    lines = []
+    for row, ratio in zip(r["results"], ratios):
+        line = (f"latency batch {row['batch_size']} ({r['input_len']} in, {r['output_len']} "
+                f"out): {row['decode_tokens_per_s']:.0f} tok/s, {row['achieved_gb_per_s']} "
+                f"GB/s = {row['fraction_of_copy_bandwidth']:.2f} of a {r['copy_bandwidth_gb_per_s']}"
+                f" GB/s copy, TTFT {row['ttft_ms']} ms")
+        lines.append(line + (f"; {ratio}x HF generate" if ratio is not None else ""))
+    return lines
+
+
+def result_lines(r: dict) -> list[str]:
+    """What one benchmark result says, in a line or a few."""
+    kind = r.get("bench")
+    if kind == "throughput":
+        return [_throughput_line(r)]
+    if kind == "latency":
+        return _latency_lines(r)
+    if kind == "lora":
+        return [f"lora {r['num_prompts']}x{r['input_len']}/{r['output_len']}, base "
+                f"{r['base']['output_tokens_per_s']:.0f} out tok/s: " + ", ".join(
+                    f"{x['num_loras']} adapters {x['ratio_vs_base']}x" for x in r["results"])]
+    if kind == "serve":
+        return [f"serve {r['completed']}/{r['num_prompts']} at rate {r['request_rate']}: "
+                f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
+                f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms"]
+    return [f"{kind}: (no summary for this kind)"]
+
+
+_SETTINGS = {"prefix_caching": "prefix caching on vs off",
+             "async_scheduling": "async scheduling vs sync"}
+
+
+def _paired_key(r: dict, setting: str) -> tuple:
+    """What two runs must share to be compared on `setting`: the workload and the other
+    settings."""
+    others = tuple(r.get(k) for k in _SETTINGS if k != setting)
+    return (r["model"], r["dtype"], r["num_prompts"], str(r["input_len"]), r["output_len"],
+            r.get("shared_prefix"), r.get("unique_len"), r.get("turns"), others)
+
+
+def comparison_lines(results: Iterable[dict]) -> list[str]:
+    """Speedups between throughput results of one workload that differ in one setting."""
+    runs = [r for r in results if r.get("bench") == "throughput" and "peer" not in r]
+    lines = []
+    for setting, label in _SETTINGS.items():
+        offs = {_paired_key(r, setting): r for r in runs if not r.get(setting)}
+        for on in runs:
+            off = offs.get(_paired_key(on, setting)) if on.get(setting) else None
+            if off is not None:
+                lines.append(f"{label}, {_workload(on)}: "
+                             f"{off['elapsed_s'] / on['elapsed_s']:.2f}x "
+                             f"({off['elapsed_s']} s -> {on['elapsed_s']} s)")
+    return lines
+
+
+def summarize_file(path: str) -> str:
+    results = load_results(path)
+    if not results:
+        return f"{path}: no results"
+    head = results[0]
+    lines = [f"{len(results)} results, {head.get('device', '?')}, commit {head.get('commit')}"]
+    for r in results:
+        lines += result_lines(r)
+    return "\n".join(lines + comparison_lines(results))
