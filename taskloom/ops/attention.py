@@ -161,16 +161,24 @@ def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                 seq_len: int, scale: float) -> torch.Tensor:
-    """One sequence's queries (the last q_len positions of its context), causal."""
+    """One sequence's queries (the last q_len positions of its context), causal.
+
+    The inputs are 4-D (a batch of one): on the CPU only 4-D inputs reach PyTorch's flash
+    attention kernel, 3-D ones its math path, which materialises the scores and was 5x slower
+    for a 2,048-token chunk. A chunk with no cached prefix needs no mask: `is_causal` is
+    exactly its mask, and the kernel then skips the blocks above the diagonal."""
     q_len = q.shape[0]                                     # q: [q_len, num_heads, head_dim]
     k, v = gather_context(kv_cache, block_table, seq_len)  # [seq_len, num_kv_heads, head_dim]
-    # Query j sits at position seq_len - q_len + j and sees keys 0 .. that position.
-    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
-    mask = q_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
+    mask = None
+    if q_len != seq_len:
+        # Query j sits at position seq_len - q_len + j and sees keys 0 .. that position.
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        mask = q_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
     o = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=scale,
-        enable_gqa=k.shape[1] != q.shape[1])               # [num_heads, q_len, head_dim]
-    return o.transpose(0, 1)
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+        attn_mask=mask, is_causal=mask is None, scale=scale,
+        enable_gqa=k.shape[1] != q.shape[1])               # [1, num_heads, q_len, head_dim]
+    return o[0].transpose(0, 1)
 
 
 def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, scale: float,
