@@ -41,7 +41,7 @@ export PYTHONUNBUFFERED=1
 SHAPE=${SHAPE:-"--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"}
 SMOKE_SHAPE=${SMOKE_SHAPE:-"--random-weights --model smollm2-135m --device cuda --dtype bfloat16"}
 BATCH="--max-num-seqs 256 --max-num-batched-tokens 8192"
-TL="python3 -m taskloom.cli"
+TL="python3 -m taskloom.cli --log-level INFO"   # INFO: load, KV pool and graph-capture times
 { nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem \
     --format=csv,noheader 2>&1; git log -1 --format='commit %h %s' 2>&1
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__,

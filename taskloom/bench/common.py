@@ -1,11 +1,19 @@
-"""What every benchmark result carries (device, commit, date, command), and what benchmarks
-that run a peer after taskloom in one process share."""
+"""What every benchmark result carries (device, commit, date, command), how each benchmark
+builds its engine (timed: `startup_s`), and what benchmarks that run a peer after taskloom in
+one process share."""
 from __future__ import annotations
 
 import datetime
 import platform
 import subprocess
 import sys
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import argparse
+
+    from taskloom.api import LLM
 
 
 def device_name(device: str) -> str:
@@ -48,3 +56,13 @@ def release_device_memory(device: str) -> None:
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def build_llm(a: argparse.Namespace) -> tuple[LLM, float]:
+    """The benchmark's LLM and the seconds building it took (weights, KV-pool sizing by a
+    profiling step, CUDA-graph capture): what every benchmark process pays before it times
+    anything, which decides how many fit in a device lease."""
+    from taskloom.cli import make_llm   # imported late: it loads torch
+    start = time.perf_counter()
+    llm = make_llm(a)
+    return llm, round(time.perf_counter() - start, 2)

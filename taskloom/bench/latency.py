@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from taskloom.bench.common import release_device_memory, run_info
+from taskloom.bench.common import build_llm, release_device_memory, run_info
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.sampling_params import SamplingParams
 
@@ -81,8 +81,7 @@ def _batch_prompts(a: argparse.Namespace, batch_size: int, vocab: int) -> list[l
 
 
 def run_latency(a: argparse.Namespace) -> dict:
-    from taskloom.cli import make_llm
-    llm = make_llm(a)
+    llm, startup_s = build_llm(a)
     device = torch.device(a.device)
     runner = llm.engine.runner
     kv_per_token = llm.engine.runner.arch.kv_bytes_per_token(runner.kv_caches[0].element_size())
@@ -110,7 +109,7 @@ def run_latency(a: argparse.Namespace) -> dict:
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
-              "results": rows, **run_info(a.device)}
+              "startup_s": startup_s, "results": rows, **run_info(a.device)}
     if a.peer == "hf":
         del llm, runner
         release_device_memory(a.device)

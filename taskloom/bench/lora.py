@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 
-from taskloom.bench.common import run_info
+from taskloom.bench.common import build_llm, run_info
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.runtime.model_runner import torch_dtype
@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 
 def run_lora_bench(a: argparse.Namespace) -> dict:
-    from taskloom.cli import make_llm
     counts = sorted(set(a.num_loras))
     if counts[0] < 1:
         raise ValueError(f"--num-loras must be >= 1, got {counts[0]}")
@@ -31,7 +30,7 @@ def run_lora_bench(a: argparse.Namespace) -> dict:
     if a.max_loras is None:     # enough slots that a batch is never held back by them
         a.max_loras = min(counts[-1], a.max_num_seqs)
     a.max_lora_rank = max(a.max_lora_rank, a.lora_rank)
-    llm = make_llm(a)
+    llm, startup_s = build_llm(a)
     prompts = make_prompts(a.num_prompts, a.input_len, a.input_len_range,
                            llm.engine.vocab_size, a.dataset_seed)
     params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
@@ -69,7 +68,7 @@ def run_lora_bench(a: argparse.Namespace) -> dict:
             "max_cpu_loras": llm.config.lora.host_capacity,
             "num_prompts": len(prompts), "input_len": a.input_len_range or a.input_len,
             "output_len": a.output_len, "max_num_seqs": a.max_num_seqs, "repeats": a.repeats,
-            "base": base, "results": rows, **run_info(a.device)}
+            "startup_s": startup_s, "base": base, "results": rows, **run_info(a.device)}
 
 
 def _timed_run(llm, prompts: list[list[int]], params: SamplingParams,

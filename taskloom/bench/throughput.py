@@ -14,7 +14,7 @@ import logging
 import random
 import time
 
-from taskloom.bench.common import release_device_memory, run_info
+from taskloom.bench.common import build_llm, release_device_memory, run_info
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ def warmup_prompts(vocab: int, seed: int) -> list[list[int]]:
 
 
 def run_throughput(a: argparse.Namespace) -> dict:
-    from taskloom.cli import make_llm
     if a.turns < 1:
         raise ValueError(f"--turns must be >= 1, got {a.turns}")
     if a.peer_num_prompts is not None and (a.peer is None or a.peer_num_prompts < 1):
@@ -48,7 +47,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
                          f"{a.peer_num_prompts}")
     if a.peer and a.turns > 1:
         raise ValueError("--peer runs single-turn workloads only (not --turns)")
-    llm = make_llm(a)
+    llm, startup_s = build_llm(a)
     prompts = make_prompts(a.num_prompts, a.unique_len or a.input_len, a.input_len_range,
                            llm.engine.vocab_size, a.dataset_seed, a.shared_prefix,
                            a.num_prefixes)
@@ -73,7 +72,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "async_scheduling": a.async_scheduling,
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
-        "elapsed_s": round(elapsed, 3),
+        "startup_s": startup_s, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(prompts) * a.turns / elapsed, 3),
         "output_tokens_per_s": round(n_out / elapsed, 2),
         "total_tokens_per_s": round((n_in + n_out) / elapsed, 2),

@@ -31,6 +31,7 @@ def test_throughput_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture
     assert result == json.loads(out.read_text())
     assert result["bench"] == "throughput" and result["num_prompts"] == 6
     assert result["step_ms"]["steps"] >= 8 and result["step_ms"]["host_only"] > 0
+    assert result["startup_s"] > 0
     assert result["peer"]["name"] == name
     assert result["peer"]["output_tokens_per_s"] > 0
     assert result["ratio_vs_peer"] == pytest.approx(
