@@ -56,7 +56,7 @@ smoke_failed=0
 bench() {
   local name=$1; shift
   echo "== $name: $TL $*" >> "$LOG"
-  timeout "$cap" $TL "$@" --output-json /tmp/stage.json >> "$LOG" 2>&1
+  timeout -k 10 "$cap" $TL "$@" --output-json /tmp/stage.json >> "$LOG" 2>&1
   local rc=$?
   [ -s /tmp/stage.json ] && { cat /tmp/stage.json >> "$RESULTS"; rm -f /tmp/stage.json; }
   return $rc
@@ -69,7 +69,7 @@ stage_smoke() {
 stage_tests() {
   # tests/server needs the HTTP stack, which the device image lacks; the gpu tests live here,
   # beside CPU test modules that import gguf or pydantic (not collected there, not stopping it)
-  timeout "$cap" python3 -m pytest -q -m gpu tests/ops tests/e2e -p no:cacheprovider -s \
+  timeout -k 10 "$cap" python3 -m pytest -q -m gpu tests/ops tests/e2e -p no:cacheprovider -s \
     --continue-on-collection-errors \
     -rfEs --durations=10 > "$OUT/gpu_tests.log" 2>&1
   local rc=$?
@@ -87,6 +87,7 @@ stage_throughput() {
     --output-len 256 $BATCH
 }
 stage_prefix() {
+  local cap=$((cap / 2))     # two runs share the stage's cap
   bench prefix-on bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
     --unique 64 --output-len 64 $BATCH || return $?
   bench prefix-off bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
@@ -109,7 +110,7 @@ stage_long() {
     $BATCH
 }
 stage_serve() {
-  local port=8011 rc=0
+  local port=8011 rc=0 cap=$((cap / 2))     # two benchmark runs share the stage's cap
   $TL serve $SHAPE --max-num-seqs 256 --port $port > "$OUT/serve_server.log" 2>&1 &
   local server=$!
   python3 - "$port" <<'PY' || { echo "server did not come up" >> "$LOG"; rc=1; }
