@@ -112,6 +112,8 @@ def comparison_lines(results: Iterable[dict]) -> list[str]:
 
 
 def summarize_file(path: str) -> str:
+    """The summary of a results file: a header (count, device, commit), a line or a few per
+    result, then the comparisons."""
     results = load_results(path)
     if not results:
         return f"{path}: no results"
