@@ -23,7 +23,8 @@
 #
 # What comes back ($OUT, at most 8 files): results.jsonl (every benchmark's JSON line, with
 # device, commit, date and command), run.log (all the stages' output), gpu_tests.log, and
-# serve_server.log for serve. The summary table is printed last.
+# serve_server.log for serve. The summary table is printed last. Commit results.jsonl as
+# benchmarks/results/DATE-DEVICE.jsonl, and quote the summary's lines with their commands.
 # SHAPE and SMOKE_SHAPE may be overridden to dry-run the script on a CPU with a tiny config.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -111,6 +112,9 @@ stage_long() {
 }
 stage_serve() {
   local port=8011 rc=0 cap=$((cap / 2))     # two benchmark runs share the stage's cap
+  python3 -c "import fastapi, uvicorn, pydantic" 2>/dev/null || {
+    echo "serve needs the HTTP stack: run benchmarks/fetch_device_wheels.sh here first and" \
+         "carry .whl" | tee -a "$LOG"; return 1; }
   $TL serve $SHAPE --max-num-seqs 256 --port $port > "$OUT/serve_server.log" 2>&1 &
   local server=$!
   python3 - "$port" <<'PY' || { echo "server did not come up" >> "$LOG"; rc=1; }
