@@ -1,0 +1,58 @@
+"""`taskloom bench summary` on results of every kind (no torch): the exact lines the device run
+ends with, and which runs are paired for a speedup (same workload, one setting apart, the
+fastest of repeats) and which are not."""
+from __future__ import annotations
+
+from taskloom.bench.summary import comparison_lines, result_lines
+
+
+def throughput(elapsed: float, **over: object) -> dict:
+    r = {"bench": "throughput", "model": "llama-3.1-8b", "dtype": "bfloat16",
+         "num_prompts": 200, "input_len": 128, "output_len": 64, "shared_prefix": 2000,
+         "num_prefixes": 1, "unique_len": 64, "turns": 1, "prefix_caching": True,
+         "prefix_aware_order": True, "async_scheduling": False, "elapsed_s": elapsed,
+         "output_tokens_per_s": 1000.0, "total_tokens_per_s": 5000.0,
+         "prefix_cache_hit_rate": 0.96, "startup_s": 12.5,
+         "step_ms": {"execute": 9.5, "wait": 8.0, "host_only": 1.2}}
+    r.update(over)
+    return r
+
+
+def test_a_line_per_result_of_each_kind() -> None:
+    assert result_lines(throughput(2.0, peer={"name": "hf-transformers-generate_batch"},
+                                   ratio_vs_peer=31.5, peer_workload={"num_prompts": 128},
+                                   prefix_caching=False)) == [
+        "throughput 200x2000+64/64 no-prefix-caching: 1000 out tok/s, 5000 total, 2.0 s "
+        "(startup 12.5 s), hit rate 0.96; per step 9.5 ms in the runner (8.0 waiting), 1.2 "
+        "host; 31.5x hf-transformers-generate_batch (on 128 prompts)"]
+    latency = {"bench": "latency", "input_len": 128, "output_len": 256,
+               "copy_bandwidth_gb_per_s": 4300.0, "decode_ratio_vs_peer": [14.2],
+               "results": [{"batch_size": 1, "decode_tokens_per_s": 240.4,
+                            "achieved_gb_per_s": 3900.1, "fraction_of_copy_bandwidth": 0.907,
+                            "ttft_ms": 21.5}]}
+    assert result_lines(latency) == [
+        "latency batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
+        "copy, TTFT 21.5 ms; 14.2x HF generate"]
+    lora = {"bench": "lora", "num_prompts": 512, "input_len": 128, "output_len": 128,
+            "base": {"output_tokens_per_s": 9000.0},
+            "results": [{"num_loras": 8, "ratio_vs_base": 0.95},
+                        {"num_loras": 64, "ratio_vs_base": 0.9}]}
+    assert result_lines(lora) == ["lora 512x128/128, base 9000 out tok/s: 8 adapters 0.95x, "
+                                  "64 adapters 0.9x"]
+    serve = {"bench": "serve", "completed": 511, "num_prompts": 512, "request_rate": "inf",
+             "output_tokens_per_s": 7000.4, "ttft": {"p50_ms": 80.0, "p99_ms": 300.0},
+             "itl": {"p50_ms": 12.0}}
+    assert result_lines(serve) == ["serve 511/512 at rate inf: 7000 out tok/s, TTFT p50 80.0 "
+                                   "ms p99 300.0, ITL p50 12.0 ms"]
+
+
+def test_speedups_pair_one_workload_one_setting_apart() -> None:
+    runs = [throughput(2.0), throughput(1.5), throughput(12.0, prefix_caching=False),
+            throughput(3.0, async_scheduling=True),       # against the two sync runs
+            throughput(9.0, num_prompts=100, prefix_caching=False),   # another workload
+            throughput(4.0, prefix_aware_order=False)]
+    assert comparison_lines(runs) == [
+        "prefix caching on vs off, 200x2000+64/64: 8.00x (12.0 s -> 1.5 s, best of 2 and 1)",
+        "prefix-aware order vs input order, 200x2000+64/64: 2.67x (4.0 s -> 1.5 s, "
+        "best of 2 and 1)",
+        "async scheduling vs sync, 200x2000+64/64: 0.50x (1.5 s -> 3.0 s, best of 1 and 2)"]
