@@ -80,12 +80,14 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         preempted = False
+        finishing = 0       # running requests whose last token is in flight
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             in_flight = req.num_output_placeholders
             if in_flight and self._at_limit(req):
-                i += 1      # its last token is in flight: nothing more to compute
+                finishing += 1      # nothing more to compute: it ends when the token comes
+                i += 1
                 continue
             num_new = min(len(req.prompt_token_ids) + len(req.output_token_ids) + in_flight
                           - req.num_computed_tokens, budget)
@@ -98,7 +100,7 @@ class Scheduler:
             budget -= num_new
             i += 1
         if not preempted:
-            budget = self._admit(scheduled, budget)
+            budget = self._admit(scheduled, budget, finishing)
         return self._build_output(scheduled, budget)
 
     def _at_limit(self, req: Request) -> bool:
@@ -128,13 +130,17 @@ class Scheduler:
         self.waiting.appendleft(req)
         logger.debug("preempted %s", req.request_id)
 
-    def _admit(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
+    def _admit(self, scheduled: list[tuple[Request, int]], budget: int, finishing: int = 0
+               ) -> int:
         """Admit waiting requests in order while budget, seats and blocks last; requests
-        held back by the adapter-slot limit are passed over (see the module docstring)."""
+        held back by the adapter-slot limit are passed over (see the module docstring).
+        `max_num_seqs` bounds the sequences a step runs: the `finishing` running requests
+        (async scheduling: their last token is in flight, they run no more) hold no seat."""
         active = Counter(r.lora_id for r in self.running if r.lora_id is not None)
         draining: int | None = None
+        seats = self.config.max_num_seqs + finishing
         i = 0
-        while i < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while i < len(self.waiting) and budget > 0 and len(self.running) < seats:
             req = self.waiting[i]
             if req.num_output_placeholders:
                 i += 1      # preempted with a token in flight: admitted once it is known

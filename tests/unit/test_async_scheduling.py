@@ -123,3 +123,31 @@ def test_a_stale_result_never_reaches_a_new_request_with_the_same_id() -> None:
     s.update(out, sampled(out, 6))
     assert not s.has_unfinished
     assert_pool_full(s)
+
+
+def test_a_seat_whose_last_token_is_in_flight_goes_to_a_waiting_request() -> None:
+    """A request whose last token is in flight is not scheduled again: the step being
+    scheduled admits a waiting request in its seat (max_num_seqs counts the sequences a step
+    can run), rather than running one sequence short while the token is on its way."""
+    s = make_scheduler(max_num_seqs=2)
+    for rid, max_tokens in (("a", 2), ("b", 5), ("c", 3)):
+        s.add_request(req(rid, 3, max_tokens=max_tokens))
+    s1 = s.schedule()
+    assert [q.req_id for q in s1.seqs] == ["a", "b"]
+    s2 = s.schedule()                              # a's second (last) token: in flight
+    assert [q.req_id for q in s2.seqs] == ["a", "b"]
+    s.update(s1, sampled(s1, 10))
+    s3 = s.schedule()                              # a waits for s2's token: c takes its seat
+    assert inputs(s3) == [("b", 4, [PH], True), ("c", 0, [1, 2, 3], True)]
+    assert s.requests["a"].status == RequestStatus.RUNNING
+    s.update(s2, sampled(s2, 11))                  # a finishes
+    assert s.requests.get("a") is None
+    s4 = s.schedule()
+    assert [q.req_id for q in s4.seqs] == ["b", "c"] and s4.finished_req_ids == ["a"]
+    for out in (s3, s4):
+        s.update(out, sampled(out, 12))
+    while s.has_unfinished:
+        out = s.schedule()
+        assert len(out.seqs) <= 2
+        s.update(out, sampled(out, 13))
+    assert_pool_full(s)
