@@ -22,8 +22,10 @@
 # .whl (bash benchmarks/fetch_device_wheels.sh fetches it).
 #
 # What comes back ($OUT, at most 8 files): results.jsonl (every benchmark's JSON line, with
-# device, commit, date and command), run.log (all the stages' output), gpu_tests.log, and
-# serve_server.log for serve. The summary table is printed last. Commit results.jsonl as
+# device, commit, date and command, and for latency, throughput, prefix, random and long a
+# profile of 16 steps: kernels by category and name, device busy fraction), run.log (all the
+# stages' output), gpu_tests.log, traces.tgz (those profiles' Chrome traces, for Perfetto),
+# and serve_server.log for serve. The summary table is printed last. Commit results.jsonl as
 # benchmarks/results/DATE-DEVICE.jsonl, and quote the summary's lines with their commands.
 # SHAPE and SMOKE_SHAPE may be overridden to dry-run the script on a CPU with a tiny config.
 set -uo pipefail
@@ -42,6 +44,11 @@ export PYTHONUNBUFFERED=1
 SHAPE=${SHAPE:-"--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"}
 SMOKE_SHAPE=${SMOKE_SHAPE:-"--random-weights --model smollm2-135m --device cuda --dtype bfloat16"}
 BATCH="--max-num-seqs 256 --max-num-batched-tokens 8192"
+# after each timed run, 16 steps of the workload under torch.profiler: where the time went
+# (kernels by category, device busy fraction) in the result, the Chrome traces in traces.tgz
+TRACES=/tmp/traces
+mkdir -p $TRACES
+PROFILE="--profile --profile-dir /tmp/new_traces"     # bench() files them by stage
 TL="python3 -m taskloom.cli --log-level INFO"   # INFO: load, KV pool and graph-capture times
 { nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem \
     --format=csv,noheader 2>&1; git log -1 --format='commit %h %s' 2>&1
@@ -59,6 +66,7 @@ bench() {
   echo "== $name: $TL $*" >> "$LOG"
   timeout -k 10 "$cap" $TL "$@" --output-json /tmp/stage.json >> "$LOG" 2>&1
   local rc=$?
+  for t in /tmp/new_traces/*.json; do [ -e "$t" ] && mv "$t" "$TRACES/$name-${t##*/}"; done
   [ -s /tmp/stage.json ] && { cat /tmp/stage.json >> "$RESULTS"; rm -f /tmp/stage.json; }
   return $rc
 }
@@ -81,22 +89,22 @@ stage_tests() {
 }
 stage_latency() {
   bench latency bench latency $SHAPE --batch-sizes 1 8 64 --input-len 128 --output-len 256 \
-    --peer hf
+    --peer hf $PROFILE
 }
 stage_throughput() {
   bench throughput bench throughput $SHAPE --num-prompts 1000 --input-len 256 \
-    --output-len 256 $BATCH
+    --output-len 256 $BATCH $PROFILE
 }
 stage_prefix() {
   local cap=$((cap / 2))     # two runs share the stage's cap
   bench prefix-on bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
-    --unique 64 --output-len 64 $BATCH || return $?
+    --unique 64 --output-len 64 $BATCH $PROFILE || return $?
   bench prefix-off bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
     --unique 64 --output-len 64 $BATCH --no-prefix-caching
 }
 stage_random() {
   bench random bench throughput $SHAPE --num-prompts 512 --input-len-range 32 1024 \
-    --output-len 256 $BATCH --peer hf --peer-num-prompts 128
+    --output-len 256 $BATCH --peer hf --peer-num-prompts 128 $PROFILE
 }
 stage_async() {
   bench async bench throughput $SHAPE --num-prompts 1000 --input-len 256 --output-len 256 \
@@ -108,7 +116,7 @@ stage_lora() {
 }
 stage_long() {
   bench long bench throughput $SHAPE --num-prompts 256 --input-len 1024 --output-len 1024 \
-    $BATCH
+    $BATCH $PROFILE
 }
 stage_serve() {
   local port=8011 rc=0 cap=$((cap / 2))     # two benchmark runs share the stage's cap
@@ -168,4 +176,10 @@ done
 echo; echo "== errors (last lines of the log that name one)"
 grep -E "Error|error:|Traceback" "$LOG" | tail -8
 echo; echo "== stages ($((SECONDS - start))s of $BUDGET_S)"; printf '%s\n' "${status[@]}"
+# the traces, compressed, if they fit what a device run brings back (16 MiB a file)
+if compgen -G "$TRACES/*.json" > /dev/null; then
+  tar -C "$TRACES" -czf /tmp/traces.tgz . && size=$(stat -c %s /tmp/traces.tgz)
+  if [ "${size:-0}" -lt $((15 * 1024 * 1024)) ]; then mv /tmp/traces.tgz "$OUT/traces.tgz"
+  else echo "traces.tgz is $size bytes: left out"; fi
+fi
 echo; [ -s "$RESULTS" ] && $TL bench summary "$RESULTS"

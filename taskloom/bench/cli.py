@@ -38,6 +38,11 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "compares that workload (for a peer too slow for the whole)")
     tp.add_argument("--peer-batch-size", type=int, default=None,
                     help="batch size of the hf-static generate calls (default: --max-num-seqs)")
+    _add_profile_args(tp)
+    tp.add_argument("--profile-warmup-steps", type=int, default=None, metavar="N",
+                    help="steps of the profiled workload before its window (default: into "
+                         "the steady state, where finishing requests make room for new "
+                         "ones, or all decode)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
     tp.set_defaults(func=_run_throughput)
     lat = kinds.add_parser("latency", help="batch latency: TTFT and decode tokens/s, GB/s")
@@ -48,6 +53,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--dataset-seed", type=int, default=0)
     lat.add_argument("--peer", choices=["hf"], default=None,
                      help="run the same batches through HF transformers generate and compare")
+    _add_profile_args(lat)
     lat.add_argument("--output-json", default=None, help="also write the result to this file")
     lat.set_defaults(func=_run_latency)
     lo = kinds.add_parser("lora", help="multi-LoRA throughput relative to the base model")
@@ -91,6 +97,17 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                                           "and speedups between results of one workload")
     sm.add_argument("results", help="a file of benchmark JSON lines, e.g. run_gpu.sh's")
     sm.set_defaults(func=_run_summary)
+
+
+def _add_profile_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed run, profile a window of steps of the same workload "
+                        "(torch.profiler) and add where the time went to the result: device "
+                        "kernels by category and name, and how busy the device was")
+    p.add_argument("--profile-steps", type=int, default=16, metavar="N",
+                   help="steps in the profiled window")
+    p.add_argument("--profile-dir", default=None, metavar="DIR",
+                   help="also keep each window's Chrome trace (for Perfetto) in DIR")
 
 
 def _run_throughput(a: argparse.Namespace) -> int:
@@ -137,9 +154,7 @@ def _run_summary(a: argparse.Namespace) -> int:
 
 
 def _emit(result: dict, output_json: str | None) -> int:
-    line = json.dumps(result)
-    if output_json:
-        with open(output_json, "w") as f:
-            f.write(line + "\n")
-    print(line)
+    from taskloom.bench.common import write_json
+    write_json(output_json, result)
+    print(json.dumps(result))
     return 0

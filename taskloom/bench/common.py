@@ -4,10 +4,13 @@ one process share."""
 from __future__ import annotations
 
 import datetime
+import json
+import logging
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -15,6 +18,7 @@ if TYPE_CHECKING:
 
     from taskloom.api import LLM
 
+logger = logging.getLogger(__name__)
 
 def device_name(device: str) -> str:
     import torch
@@ -66,3 +70,32 @@ def build_llm(a: argparse.Namespace) -> tuple[LLM, float]:
     start = time.perf_counter()
     llm = make_llm(a)
     return llm, round(time.perf_counter() - start, 2)
+
+
+def trace_path(a: argparse.Namespace, name: str) -> str | None:
+    """Where to keep a profiled window's Chrome trace (`--profile-dir`), or None."""
+    import os
+    if not getattr(a, "profile_dir", None):
+        return None
+    os.makedirs(a.profile_dir, exist_ok=True)
+    return os.path.join(a.profile_dir, f"{name}.json")
+
+
+def write_json(path: str | None, result: dict) -> None:
+    """Write the result as one JSON line to `path` (`--output-json`), if given."""
+    if path:
+        with open(path, "w") as f:
+            f.write(json.dumps(result) + "\n")
+
+
+def add_profile(result: dict, key_holder: dict, a: argparse.Namespace,
+                profile: Callable[[], dict]) -> None:
+    """Profile after the timed run (`--profile`) without risking it: the result so far is
+    written to `--output-json` first, so a profile that hangs past a device run's time limit
+    leaves the timings; a profile that fails says why in `profile.error`."""
+    write_json(getattr(a, "output_json", None), result)
+    try:
+        key_holder["profile"] = profile()
+    except Exception as e:  # noqa: BLE001 - the timings stand; say why there is no profile
+        logger.exception("profiling failed")
+        key_holder["profile"] = {"error": f"{type(e).__name__}: {e}"}

@@ -13,7 +13,9 @@ import time
 
 import torch
 
-from taskloom.bench.common import build_llm, release_device_memory, run_info
+from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
+                                   trace_path)
+from taskloom.bench.profile import profile_steps
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.sampling_params import SamplingParams
 
@@ -74,6 +76,39 @@ def _time_batch(llm, prompts: list[list[int]], output_len: int, device: torch.de
     return t_first - t0, t_end - t_first
 
 
+def _profile_batch(llm, prompts: list[list[int]], a: argparse.Namespace, device: torch.device
+                   ) -> dict:
+    """The profile of `--profile-steps` decode steps of the batch (run again after the timed
+    run: its prompts are cached by then, which shortens the prefill, not the decode)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
+    ids = [f"lat-profile-{i}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        engine.add_request(rid, p, params)
+    try:
+        started: set[str] = set()
+        while len(started) < len(ids) and engine.has_unfinished:
+            for out in engine.step():
+                started.add(out.request_id)
+        path = trace_path(a, f"latency-batch{len(prompts)}")
+        return profile_steps(engine, min(a.profile_steps, a.output_len - 1), device, path)
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+        engine.step()           # takes in a step still in flight (async scheduling)
+
+
+def _row_profile(llm, a: argparse.Namespace, batch_size: int, row: dict,
+                 device: torch.device) -> dict:
+    profile = _profile_batch(llm, _batch_prompts(a, batch_size, llm.engine.vocab_size), a,
+                             device)
+    # the device's busy time against the unprofiled step: the profiler's host overhead is in
+    # its own window's wall time, not in the kernels' durations
+    profile["busy_fraction_of_timed_step"] = round(
+        profile["busy_ms_per_step"] / row["decode_ms_per_step"], 3)
+    return profile
+
+
 def _batch_prompts(a: argparse.Namespace, batch_size: int, vocab: int) -> list[list[int]]:
     """The prompts of one batch size, sharing no block with another batch's (else the prefix
     cache would serve them and flatter the time to first token)."""
@@ -110,6 +145,9 @@ def run_latency(a: argparse.Namespace) -> dict:
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
               "startup_s": startup_s, "results": rows, **run_info(a.device)}
+    if a.profile:
+        for b, row in zip(a.batch_sizes, rows):
+            add_profile(result, row, a, lambda b=b, row=row: _row_profile(llm, a, b, row, device))
     if a.peer == "hf":
         del llm, runner
         release_device_memory(a.device)

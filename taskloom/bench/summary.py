@@ -46,6 +46,31 @@ def _throughput_line(r: dict) -> str:
     return line
 
 
+def _throughput_lines(r: dict) -> list[str]:
+    lines = [_throughput_line(r)]
+    p = r.get("profile")
+    if p and "error" in p:
+        lines.append(profile_line(p, ""))
+    elif p:
+        lines.append(profile_line(p, f"after {p['warmup_steps']}, "
+                                     f"{p['step_ms']['seqs_per_step']} seqs and "
+                                     f"{p['step_ms']['tokens_per_step']} tokens a step"))
+    return lines
+
+
+def profile_line(p: dict, window: str) -> str:
+    """A profiled window (taskloom.bench.profile) in one indented line: how busy the device
+    was, the categories by time, and the kernel that took the most."""
+    if "error" in p:
+        return f"  profile failed: {p['error']}"
+    busy = p.get("busy_fraction_of_timed_step", p["busy_fraction"])
+    cats = ", ".join(f"{c} {ms}" for c, ms in list(p["categories_ms_per_step"].items())[:5])
+    top = p["top"][0] if p["top"] else None
+    return (f"  profile ({p['of']}, {p['steps']} steps {window}): busy {p['busy_ms_per_step']}"
+            f" ms a step = {busy} of it; ms a step: {cats}"
+            + (f"; top {top['name'][:60]} {top['ms_per_step']} ms" if top else ""))
+
+
 def _latency_lines(r: dict) -> list[str]:
     ratios = r.get("decode_ratio_vs_peer") or [None] * len(r["results"])
     lines = []
@@ -55,6 +80,8 @@ def _latency_lines(r: dict) -> list[str]:
                 f"GB/s = {row['fraction_of_copy_bandwidth']:.2f} of a {r['copy_bandwidth_gb_per_s']}"
                 f" GB/s copy, TTFT {row['ttft_ms']} ms")
         lines.append(line + (f"; {ratio}x HF generate" if ratio is not None else ""))
+        if "profile" in row:
+            lines.append(profile_line(row["profile"], "of decode"))
     return lines
 
 
@@ -62,7 +89,7 @@ def result_lines(r: dict) -> list[str]:
     """What one benchmark result says, in a line or a few."""
     kind = r.get("bench")
     if kind == "throughput":
-        return [_throughput_line(r)]
+        return _throughput_lines(r)
     if kind == "latency":
         return _latency_lines(r)
     if kind == "lora":

@@ -14,7 +14,11 @@ import logging
 import random
 import time
 
-from taskloom.bench.common import build_llm, release_device_memory, run_info
+from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
+                                   trace_path)
+from taskloom.bench.profile import profile_steps
+from taskloom.engine.prefix_order import prefix_grouped_order
+from taskloom.outputs import OutputKind
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -79,6 +83,10 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "step_ms": llm.engine.step_times.since(times0).per_step_ms(),
         **run_info(a.device),
     }
+    if getattr(a, "profile", False):
+        if a.turns > 1:
+            raise ValueError("--profile profiles single-turn workloads only (not --turns)")
+        add_profile(result, result, a, lambda: _profile_run(a, llm, params))
     if a.peer:
         ours = result
         if a.peer_num_prompts is not None and a.peer_num_prompts < len(prompts):
@@ -94,6 +102,60 @@ def run_throughput(a: argparse.Namespace) -> dict:
         result["ratio_vs_peer"] = round(ours["output_tokens_per_s"]
                                         / peer["output_tokens_per_s"], 3)
     return result
+
+
+def _profile_run(a: argparse.Namespace, llm, params: SamplingParams) -> dict:
+    """The profile of a window of steps of the workload, run again on new prompts of the same
+    distribution (another seed: none is cached from the timed run) in the order
+    `LLM.generate` admits them: steps to the steady state (`_warm_up`), `--profile-steps`
+    profiled, then the rest aborted."""
+    import torch
+    engine = llm.engine
+    prompts = make_prompts(a.num_prompts, a.unique_len or a.input_len, a.input_len_range,
+                           engine.vocab_size, a.dataset_seed + 2, a.shared_prefix,
+                           a.num_prefixes)
+    order = (prefix_grouped_order(prompts, [0] * len(prompts)) if llm.prefix_aware_order
+             else range(len(prompts)))
+    ids = [f"throughput-profile-{i}" for i in order]
+    try:
+        for rid, i in zip(ids, order):
+            engine.add_request(rid, prompts[i], params, output_kind=OutputKind.FINAL_ONLY)
+        warmup = _warm_up(engine, a.profile_warmup_steps, a.output_len)
+        before = dataclasses.replace(engine.step_times)
+        profile = profile_steps(engine, a.profile_steps, torch.device(a.device),
+                                trace_path(a, "throughput"))
+        profile["step_ms"] = engine.step_times.since(before).per_step_ms()
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+        engine.step()           # takes in a step still in flight (async scheduling)
+    profile["warmup_steps"] = warmup
+    return profile
+
+
+def _warm_up(engine, steps: int | None, output_len: int) -> int:
+    """Step the engine to where its profile says most about the run; the steps taken. Given
+    `steps`, that many. Else until the steady state: the first request has finished (later
+    requests now enter as earlier ones leave, so steps mix prefill chunks and decodes), or
+    every request is running and decoding (the whole workload fits at once), and then
+    `output_len // 4` (at most 16) steps more."""
+    sched = engine.scheduler
+
+    def steady(outputs) -> bool:
+        return any(o.finished for o in outputs) or (not sched.waiting and all(
+            r.num_computed_tokens >= r.num_prompt_tokens for r in sched.running))
+
+    taken, more = 0, None
+    while engine.has_unfinished and taken < (steps if steps is not None else 4096):
+        outputs = engine.step()
+        taken += 1
+        if steps is None and more is None and steady(outputs):
+            more = min(output_len // 4, 16)
+        if more is not None:
+            if more == 0:
+                break
+            more -= 1
+    return taken
 
 
 def _peer_workload(a: argparse.Namespace, llm, params: SamplingParams

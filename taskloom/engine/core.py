@@ -61,9 +61,12 @@ class StepTimes:
     counted in `execute`; on a CPU the work is done before the wait). `update` is the
     scheduler taking the tokens plus per-token output processing (detokenizing, stop strings);
     `outputs` builds the step's RequestOutputs. With async scheduling the host-only phases
-    overlap the device's work, and `wait` is what is left of the device's time."""
+    overlap the device's work, and `wait` is what is left of the device's time. `tokens`
+    and `seqs` count what the steps scheduled, the shape of the batches behind the times."""
 
     steps: int = 0
+    tokens: int = 0
+    seqs: int = 0
     schedule: float = 0.0
     execute: float = 0.0
     prepare: float = 0.0
@@ -77,12 +80,15 @@ class StepTimes:
                             for f in dataclasses.fields(self)})
 
     def per_step_ms(self) -> dict[str, float]:
-        """Mean milliseconds per step of each phase, with the host-only phases' sum."""
+        """Mean milliseconds per step of each phase, with the host-only phases' sum, and the
+        mean tokens and sequences a step scheduled."""
         n = max(self.steps, 1)
         ms = {k: round(1000 * getattr(self, k) / n, 3)
               for k in ("schedule", "prepare", "execute", "wait", "update", "outputs")}
         host = self.schedule + self.prepare + self.update + self.outputs
-        return {"steps": self.steps, **ms, "host_only": round(1000 * host / n, 3)}
+        return {"steps": self.steps, **ms, "host_only": round(1000 * host / n, 3),
+                "tokens_per_step": round(self.tokens / n, 1),
+                "seqs_per_step": round(self.seqs / n, 1)}
 
 
 @dataclass
@@ -251,7 +257,10 @@ class EngineCore:
         sched = self.scheduler.schedule()
         if self.scheduler.max_loras:
             sched = self._load_adapters(sched)
-        self.step_times.schedule += time.perf_counter() - t0
+        times = self.step_times
+        times.schedule += time.perf_counter() - t0
+        times.tokens += sched.num_scheduled_tokens
+        times.seqs += len(sched.seqs)
         return sched
 
     def _submit(self, sched: SchedulerOutput) -> PendingStep:

@@ -56,3 +56,46 @@ def test_speedups_pair_one_workload_one_setting_apart() -> None:
         "prefix-aware order vs input order, 200x2000+64/64: 2.67x (4.0 s -> 1.5 s, "
         "best of 2 and 1)",
         "async scheduling vs sync, 200x2000+64/64: 0.50x (1.5 s -> 3.0 s, best of 1 and 2)"]
+
+
+def _profile(**over: object) -> dict:
+    p = {"of": "device kernels and copies", "steps": 16, "wall_ms_per_step": 6.1,
+         "busy_ms_per_step": 5.2, "busy_fraction": 0.852,
+         "categories_ms_per_step": {"gemm": 4.6, "attention": 0.3, "norm": 0.1, "rotary": 0.05,
+                                    "copy": 0.04, "other": 0.01},
+         "top": [{"name": "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT", "category": "gemm",
+                  "ms_per_step": 2.9, "calls_per_step": 64.0}]}
+    p.update(over)
+    return p
+
+
+def test_profiles_get_a_line_under_their_result() -> None:
+    """The busy fraction quoted is the device's time against the unprofiled step where the
+    result has it (latency), the profiled window's own otherwise; five categories at most."""
+    latency = {"bench": "latency", "input_len": 128, "output_len": 256,
+               "copy_bandwidth_gb_per_s": 4300.0,
+               "results": [{"batch_size": 1, "decode_tokens_per_s": 200.0,
+                            "achieved_gb_per_s": 3300.0, "fraction_of_copy_bandwidth": 0.767,
+                            "ttft_ms": 21.5,
+                            "profile": _profile(busy_fraction_of_timed_step=0.97)}]}
+    assert result_lines(latency)[1] == (
+        "  profile (device kernels and copies, 16 steps of decode): busy 5.2 ms a step = 0.97 "
+        "of it; ms a step: gemm 4.6, attention 0.3, norm 0.1, rotary 0.05, copy 0.04; top "
+        "nvjet_tst_64x8_64x16_4x1_v_bz_splitK_TNT 2.9 ms")
+    r = throughput(30.0, profile=_profile(warmup_steps=272, top=[], step_ms={
+        "seqs_per_step": 256.0, "tokens_per_step": 2048.0}))
+    lines = result_lines(r)
+    assert len(lines) == 2 and lines[0] == _throughput_line_of(r)
+    assert lines[1] == (
+        "  profile (device kernels and copies, 16 steps after 272, 256.0 seqs and 2048.0 "
+        "tokens a step): busy 5.2 ms a step = 0.852 of it; ms a step: gemm 4.6, attention "
+        "0.3, norm 0.1, rotary 0.05, copy 0.04")
+
+
+def _throughput_line_of(r: dict) -> str:
+    return result_lines({k: v for k, v in r.items() if k != "profile"})[0]
+
+
+def test_a_failed_profile_says_so() -> None:
+    r = throughput(30.0, profile={"error": "RuntimeError: CUPTI unavailable"})
+    assert result_lines(r)[1:] == ["  profile failed: RuntimeError: CUPTI unavailable"]
