@@ -119,7 +119,9 @@ def _run_latency(a: argparse.Namespace) -> int:
     from taskloom.bench.latency import run_latency
     result = run_latency(a)
     for r in result["results"]:
-        print(f"batch {r['batch_size']:4d}: TTFT {r['ttft_ms']:9.1f} ms  decode "
+        print(f"batch {r['batch_size']:4d}: TTFT {r['ttft_ms']:9.1f} ms "
+              f"({r['prefill_tflops']:.2f} TFLOP/s, "
+              f"{100 * r['fraction_of_matmul_flops']:.0f}% of matmul)  decode "
               f"{r['decode_tokens_per_s']:9.1f} tok/s  {r['achieved_gb_per_s']:8.1f} GB/s "
               f"({100 * r['fraction_of_copy_bandwidth']:.0f}% of copy)")
     return _emit(result, a.output_json)

@@ -1,10 +1,14 @@
 """Latency: one batch of B requests (input_len prompt tokens, output_len new tokens each) for
 each batch size B; time to first token (the prefill) and decode tokens/s, with the memory
-bandwidth decode achieves against the device's copy bandwidth measured in the same run.
+bandwidth decode achieves against the device's copy bandwidth, and the FLOP/s the prefill
+achieves against a large matrix product's, both measured in the same run.
 
 Decode must read every weight once per step (the embedding table aside: only B rows) and each
 sequence's KV cache so far; bytes over time is the achieved bandwidth. Its ceiling is a large
-device-to-device copy (bytes read plus bytes written over the time)."""
+device-to-device copy (bytes read plus bytes written over the time). The prefill must do two
+FLOPs per weight of the decoder's matrices per token, the causal attention's products, and
+the LM head for the one position each request samples; FLOPs over the time to first token is
+its achieved rate, whose ceiling is a large square matrix product in the model's dtype."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +37,38 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30, repeats: int = 1
         _sync(device)
         times.append(time.perf_counter() - t0)
     return 2 * src.numel() * 4 / sorted(times)[len(times) // 2]
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int | None = None,
+                 repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n matrix product in `dtype` (n 8192 on CUDA, 1024 on a CPU), the
+    median of `repeats` after a warm-up."""
+    n = n or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / sorted(times)[len(times) // 2]
+
+
+def prefill_flops(model: torch.nn.Module, arch, batch: int, input_len: int) -> float:
+    """FLOPs of prefilling `batch` prompts of `input_len` tokens (no cached prefix): the
+    decoder's matrices for every token, the causal attention's two products, and the LM head
+    for each request's last position."""
+    head = getattr(model, "lm_head", None)
+    head_weight = (head.weight if head is not None else model.model.embed_tokens.weight)
+    matrices = sum(p.numel() for name, p in model.model.layers.named_parameters()
+                   if p.dim() == 2)
+    tokens = batch * input_len
+    attention = (4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim
+                 * batch * input_len * (input_len + 1) / 2)   # q.k and p.v, causal pairs
+    return 2 * matrices * tokens + attention + 2 * head_weight.numel() * batch
 
 
 def _sync(device: torch.device) -> None:
@@ -121,6 +157,7 @@ def run_latency(a: argparse.Namespace) -> dict:
     runner = llm.engine.runner
     kv_per_token = llm.engine.runner.arch.kv_bytes_per_token(runner.kv_caches[0].element_size())
     bandwidth = copy_bandwidth(device)
+    peak_flops = matmul_flops(device, runner.kv_caches[0].dtype)
     vocab = llm.engine.vocab_size
     rows = []
     for b in a.batch_sizes:
@@ -133,8 +170,11 @@ def run_latency(a: argparse.Namespace) -> dict:
         per_step = decode_bytes_per_step(llm.engine.runner.model, kv_per_token, b,
                                          a.input_len + a.output_len / 2)
         achieved = per_step * steps / decode_s
+        flops = prefill_flops(runner.model, runner.arch, b, a.input_len) / prefill_s
         rows.append({
             "batch_size": b, "ttft_ms": round(1000 * prefill_s, 2),
+            "prefill_tflops": round(flops / 1e12, 3),
+            "fraction_of_matmul_flops": round(flops / peak_flops, 3),
             "decode_ms_per_step": round(1000 * decode_s / steps, 3),
             "decode_tokens_per_s": round(b * steps / decode_s, 2),
             "achieved_gb_per_s": round(achieved / 1e9, 2),
@@ -144,6 +184,7 @@ def run_latency(a: argparse.Namespace) -> dict:
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
+              "matmul_tflops": round(peak_flops / 1e12, 3),
               "startup_s": startup_s, "results": rows, **run_info(a.device)}
     if a.profile:
         for b, row in zip(a.batch_sizes, rows):

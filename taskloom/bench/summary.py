@@ -79,6 +79,9 @@ def _latency_lines(r: dict) -> list[str]:
                 f"out): {row['decode_tokens_per_s']:.0f} tok/s, {row['achieved_gb_per_s']} "
                 f"GB/s = {row['fraction_of_copy_bandwidth']:.2f} of a {r['copy_bandwidth_gb_per_s']}"
                 f" GB/s copy, TTFT {row['ttft_ms']} ms")
+        if "prefill_tflops" in row:
+            line += (f" = {row['prefill_tflops']} TFLOP/s, {row['fraction_of_matmul_flops']:.2f}"
+                     f" of a {r['matmul_tflops']} TFLOP/s matmul")
         lines.append(line + (f"; {ratio}x HF generate" if ratio is not None else ""))
         if "profile" in row:
             lines.append(profile_line(row["profile"], "of decode"))

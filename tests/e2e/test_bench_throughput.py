@@ -83,6 +83,28 @@ def test_lora_bench_reports_each_adapter_count_against_the_base(
     assert result["results"][1]["slot_writes"] >= 2
 
 
+def tiny_prefill_flops(batch: int, input_len: int) -> float:
+    """TINY_LLAMA's prefill FLOPs by hand: per layer q and o (64 x 64), k and v (64 x 32),
+    gate, up and down (64 x 128); attention's q.k and p.v over the causal pairs of 4 heads of
+    16; the LM head (1024 x 64) once per request."""
+    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    pairs = input_len * (input_len + 1) // 2
+    return (2 * 2 * per_layer * batch * input_len + 2 * 2 * 2 * 4 * 16 * batch * pairs
+            + 2 * 1024 * 64 * batch)
+
+
+def test_prefill_flops_count(tmp_path: Path) -> None:
+    from taskloom.bench.common import build_llm
+    from taskloom.bench.latency import prefill_flops
+    from taskloom.cli import build_parser
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    llm, _ = build_llm(build_parser().parse_args(
+        ["bench", "latency", "--random-weights", "--model", str(config)]))
+    runner = llm.engine.runner
+    assert prefill_flops(runner.model, runner.arch, 3, 16) == tiny_prefill_flops(3, 16)
+
+
 def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     config = tmp_path / "config.json"
     config.write_text(json.dumps(TINY_LLAMA))
@@ -98,6 +120,11 @@ def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -
             row["batch_size"] * 5 / (row["decode_ms_per_step"] * 5 / 1000), rel=1e-2)
         assert 0 < row["fraction_of_copy_bandwidth"] < 1
         assert row["step_ms"]["steps"] >= 6
+        assert row["prefill_tflops"] == pytest.approx(
+            tiny_prefill_flops(row["batch_size"], 16) / (row["ttft_ms"] / 1000) / 1e12,
+            rel=0.02, abs=2e-3)
+        assert row["fraction_of_matmul_flops"] == pytest.approx(
+            row["prefill_tflops"] / result["matmul_tflops"], rel=0.05, abs=2e-3)
     assert result["decode_ratio_vs_peer"] == [
         pytest.approx(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], rel=1e-2)
         for r, p in zip(rows, peer)]
