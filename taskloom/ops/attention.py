@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.shared_prefix import shared_prefix_groups
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -89,9 +90,13 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     qsl = meta.query_start_loc_cpu
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
-    groups, alone = _shared_prefix_groups(meta, decodes)
-    shared = [_shared_plan(meta, seqs, num_blocks, device, dtype)
-              for seqs, num_blocks in groups]
+    groups = meta.shared_prefix_groups
+    if groups is None:
+        groups = (shared_prefix_groups(meta.block_tables.cpu().numpy(), meta.seq_lens_cpu,
+                                       decodes, meta.block_size) if len(decodes) > 1 else [])
+    grouped = {i for g in groups for i in g.rows}
+    alone = [i for i in decodes if i not in grouped]
+    shared = [_shared_plan(meta, list(g.rows), g.num_blocks, device, dtype) for g in groups]
     if not alone:
         return _RefPlan(prefills, None, None, None, shared)
     rows, slots, mask = _context_slots(meta, alone, [0] * len(alone), device, dtype)
@@ -119,34 +124,6 @@ def _context_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int],
     mask.masked_fill_(~valid, float("-inf"))
     rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=device)
     return rows, slots, mask[:, None, None, :]
-
-
-def _shared_prefix_groups(meta: AttentionMetadata, decodes: list[int]
-                          ) -> tuple[list[tuple[list[int], int]], list[int]]:
-    """Decodes grouped by their first cache block, with the number of leading full blocks
-    each group shares (each keeps at least its own last token as a suffix); groups of one,
-    or sharing no full block, are left `alone`."""
-    if len(decodes) < 2:
-        return [], decodes
-    bs = meta.block_size
-    tables = meta.block_tables.tolist()
-    by_first: dict[int, list[int]] = {}
-    for i in decodes:
-        by_first.setdefault(tables[i][0], []).append(i)
-    groups, alone = [], []
-    for seqs in by_first.values():
-        if len(seqs) == 1:
-            alone.extend(seqs)
-            continue
-        limit = min((meta.seq_lens_cpu[i] - 1) // bs for i in seqs)
-        common = 0
-        while common < limit and len({tables[i][common] for i in seqs}) == 1:
-            common += 1
-        if common > 0:
-            groups.append((seqs, common))
-        else:
-            alone.extend(seqs)
-    return groups, alone
 
 
 def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from taskloom.runtime.shared_prefix import PrefixGroup
+
 
 @dataclass
 class AttentionMetadata:
@@ -37,8 +39,13 @@ class AttentionMetadata:
     # Splits of the Triton decode kernel. None: chosen per step from `max_seq_len`. A CUDA graph
     # fixes it at capture, since a replayed step's grid cannot follow its sequence lengths.
     decode_num_splits: int | None = None
-    # Derived once per step by the torch reference attention and shared by all layers.
+    # Decodes attending to a shared cached prefix together (taskloom.runtime.shared_prefix):
+    # the runner's groups for this step; [] for none; None lets the attention find them (the
+    # torch reference does; the Triton kernels then attend every sequence alone).
+    shared_prefix_groups: list[PrefixGroup] | None = None
+    # Derived once per step by the attention implementation and shared by all layers.
     ref_plan: Any = None
+    kernel_plan: Any = None
 
     @property
     def num_seqs(self) -> int:

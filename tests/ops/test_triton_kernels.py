@@ -142,7 +142,7 @@ def test_paged_attention_entry_passes_the_fixed_split_count(
     calls: list[int | None] = []
 
     def spy(*args: object) -> torch.Tensor:
-        calls.append(args[-1])                           # type: ignore[arg-type]
+        calls.append(args[6])                            # type: ignore[arg-type]
         return paged_decode_attention(*args)             # type: ignore[arg-type]
 
     monkeypatch.setattr(attention, "paged_decode_attention", spy)

@@ -4,13 +4,19 @@ Decode-only batches (one query token per sequence) go to the flash-decoding kern
 else (prefill chunks, or a mix of chunks and decodes) to the extend kernel. The choice and the
 grids use only the metadata's host copies, so no call syncs with the device, and a decode
 batch can be captured in a CUDA graph: with `meta.decode_num_splits` set, the decode grid is
-fixed and each sequence's share of the splits is computed on the device.
+fixed and each sequence's share of the splits is computed on the device. Eager decode steps
+whose metadata names groups of decodes sharing a cached prefix attend to each prefix once per
+tile of its group (see `decode_attention`).
 """
 from __future__ import annotations
 
 import torch
 
-from taskloom.ops.triton.decode_attention import paged_decode_attention
+from taskloom.ops.triton.decode_attention import (
+    SharedPrefixPlan,
+    paged_decode_attention,
+    shared_prefix_plan,
+)
 from taskloom.ops.triton.extend_attention import paged_extend_attention
 from taskloom.runtime.attention import AttentionMetadata
 
@@ -24,6 +30,20 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     """
     if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
         return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
-                                      meta.max_seq_len, meta.decode_num_splits)
+                                      meta.max_seq_len, meta.decode_num_splits,
+                                      _shared_prefix(meta, query, kv_cache))
     return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
                                   meta.block_tables, scale, meta.max_query_len)
+
+
+def _shared_prefix(meta: AttentionMetadata, query: torch.Tensor,
+                   kv_cache: torch.Tensor) -> SharedPrefixPlan | None:
+    """The kernels' plan of the step's shared-prefix groups (`meta.shared_prefix_groups`,
+    which the runner sets for eager decode steps), built by the first layer; None without."""
+    if not meta.shared_prefix_groups:
+        return None
+    if meta.kernel_plan is None:
+        meta.kernel_plan = shared_prefix_plan(meta.shared_prefix_groups, meta.seq_lens_cpu,
+                                              meta.block_size, query.shape[1],
+                                              kv_cache.shape[3], query.device)
+    return meta.kernel_plan

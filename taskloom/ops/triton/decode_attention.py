@@ -11,8 +11,20 @@ its split's range from its sequence's length on the device, and a split past the
 sequence is empty (log-sum-exp -inf, weight 0 in the reduce). With `num_splits` given, nothing
 about the step is read on the host, so CUDA graphs capture the kernels and replay them for any
 sequence lengths.
+
+Decodes that share a cached prefix (a system prompt, few-shot examples, the n samples of one
+prompt; see `taskloom.runtime.shared_prefix`) can attend to it together, as cascade attention
+and Hydragen do: a prefix pass takes a tile of a group's members and multiplies all their
+query heads against the prefix's keys in one matrix product, reading the prefix once per tile
+instead of once per member, and writes each member's partial softmax into extra slots that
+the reduce merges with the splits of the member's own tokens. A step of 200 decodes sharing a
+2,000-token prompt then reads the prompt's KV about 13 times a layer instead of 200. The
+plan comes from the step's host-side groups, so this runs in eager steps, not in graphs.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -25,8 +37,11 @@ from taskloom.ops.triton.paged_kv import (
     kv_token_offsets,
     online_softmax_step,
 )
+from taskloom.runtime.shared_prefix import PrefixGroup
+from taskloom.runtime.transfer import to_device
 
 TARGET_PROGRAMS = 512      # split until about this many programs share the GPU
+PREFIX_BLOCK_M = 64        # (member, query head) rows of a shared-prefix tile
 MIN_SPLIT_TOKENS = 256     # ... but never below this many context tokens per split
 MAX_SPLITS = 32
 
@@ -39,18 +54,21 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int
 
 @triton.jit
 def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr, lse_ptr,
-        qk_scale, num_heads, stride_qs, stride_qh, stride_kb, stride_kt, stride_kh, stride_bt,
-        stride_os, stride_oh, stride_osplit,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, first_ptr, out_ptr,
+        lse_ptr, qk_scale, num_heads, stride_qs, stride_qh, stride_kb, stride_kt, stride_kh,
+        stride_bt, stride_os, stride_oh, stride_osplit,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_FIRST: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    start = split * split_len
+    # With a shared prefix the splits cover the sequence's own tokens after it.
+    first = tl.load(first_ptr + seq) if HAS_FIRST else 0
+    split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows                                        # [BLOCK_H]
@@ -76,10 +94,65 @@ def _decode_split_kernel(
     out = acc / tl.where(l > 0, l, 1.0)[:, None]                          # [BLOCK_H, BLOCK_D]
     out_offs = seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + d[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
-    if NUM_SPLITS > 1:
+    if NUM_SLOTS > 1:
         lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # base 2
-        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse,
+        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SLOTS + split, lse,
                  mask=rows < GROUP)
+
+
+@triton.jit
+def _prefix_split_kernel(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, first_ptr, members_ptr, work_ptr,
+        out_ptr, lse_ptr, qk_scale, num_heads, stride_qs, stride_qh, stride_kb, stride_kt,
+        stride_kh, stride_bt, stride_os, stride_oh, stride_osplit,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        FIRST_SLOT: tl.constexpr, NUM_SLOTS: tl.constexpr, PREFIX_SPLITS: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
+    """One tile of a group's members x one kv head x one split of their shared prefix: every
+    query head of the tile's members against the prefix's keys, read once for all of them.
+    Rows are (member, head of the kv head's group) pairs; each member's partial output and
+    log-sum-exp go to its slot FIRST_SLOT + split, which the reduce merges with its own."""
+    work = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    first_member = tl.load(work_ptr + work * 3)
+    count = tl.load(work_ptr + work * 3 + 1)
+    table_row = tl.load(work_ptr + work * 3 + 2)      # a member: its table holds the prefix
+    prefix_len = tl.load(first_ptr + table_row)
+    split_len = tl.cdiv(tl.cdiv(prefix_len, PREFIX_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, prefix_len)
+    r = tl.arange(0, BLOCK_M)
+    member = r // GROUP
+    row_ok = member < count                                               # [BLOCK_M]
+    seq = tl.load(members_ptr + first_member + member, mask=row_ok, other=0)  # [BLOCK_M]
+    heads = kv_head * GROUP + r % GROUP                                   # [BLOCK_M]
+    d = tl.arange(0, BLOCK_D)
+    q_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
+    q = tl.load(q_ptr + seq[:, None] * stride_qs + heads[:, None] * stride_qh + d[None, :],
+                mask=q_mask, other=0.0)                                   # [BLOCK_M, BLOCK_D]
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    table_ptr = block_tables_ptr + table_row * stride_bt
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        valid = idx < end                                                 # [BLOCK_N]
+        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
+                                stride_kh, BLOCK_SIZE)
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
+                                        DOT_PRECISION)
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]                          # [BLOCK_M, BLOCK_D]
+    slot = FIRST_SLOT + split
+    tl.store(out_ptr + seq[:, None] * stride_os + heads[:, None] * stride_oh
+             + slot * stride_osplit + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=q_mask)
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # base 2
+    tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SLOTS + slot, lse, mask=row_ok)
 
 
 @triton.jit
@@ -96,7 +169,9 @@ def _decode_reduce_kernel(
     # Empty splits weigh 0; a sequence with no keys at all (every lse -inf) outputs 0.
     lse_max = tl.max(lse, 0)
     weight = tl.exp2(lse - tl.where(lse_max > float("-inf"), lse_max, 0.0))  # [BLOCK_SPLITS]
-    mask = (splits < NUM_SPLITS)[:, None] & (d < HEAD_DIM)[None, :]
+    # A slot with no keys weighs 0 and is not read: with a shared prefix, the prefix slots of
+    # a sequence outside every group are never written.
+    mask = (lse > float("-inf"))[:, None] & (d < HEAD_DIM)[None, :]
     parts = tl.load(partial_ptr + seq * stride_ps + head * stride_ph
                     + splits[:, None] * stride_psplit + d[None, :], mask=mask, other=0.0)
     total = tl.sum(weight, 0)
@@ -105,19 +180,64 @@ def _decode_reduce_kernel(
              out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
 
 
+@dataclass
+class SharedPrefixPlan:
+    """A step's shared-prefix groups as the kernels read them, built once per step on the
+    host (`shared_prefix_plan`) and used by every layer."""
+
+    first: torch.Tensor      # [num_seqs] int32: tokens of each one's shared prefix (0: none)
+    members: torch.Tensor    # [num_members] int32: rows of the batch, group after group
+    work: torch.Tensor       # [num_work, 3] int32: a tile's first member, members, table row
+    num_work: int
+    block_m: int             # rows of a tile: (member, query head) pairs
+    max_prefix_len: int
+    max_suffix_len: int      # of the tokens after a sequence's prefix (all of a lone one's)
+
+
+def shared_prefix_plan(groups: Sequence[PrefixGroup], seq_lens: Sequence[int],
+                       block_size: int, num_heads: int, num_kv_heads: int,
+                       device: torch.device) -> SharedPrefixPlan:
+    """The kernels' view of `groups` (taskloom.runtime.shared_prefix) for a decode batch of
+    `len(seq_lens)` sequences: each group's members cut into tiles of `block_m // group`."""
+    group = num_heads // num_kv_heads
+    block_m = max(PREFIX_BLOCK_M, triton.next_power_of_2(group))
+    per_tile = block_m // group
+    first = [0] * len(seq_lens)
+    members: list[int] = []
+    work: list[int] = []
+    for g in groups:
+        for r in g.rows:
+            first[r] = g.num_blocks * block_size
+        for c in range(0, len(g.rows), per_tile):
+            chunk = g.rows[c:c + per_tile]
+            work += [len(members), len(chunk), g.rows[0]]
+            members.extend(chunk)
+    return SharedPrefixPlan(
+        to_device(first, torch.int32, device), to_device(members, torch.int32, device),
+        to_device(work, torch.int32, device).view(-1, 3), len(work) // 3, block_m,
+        max(first), max(n - f for n, f in zip(seq_lens, first)))
+
+
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           max_seq_len: int, num_splits: int | None = None) -> torch.Tensor:
+                           max_seq_len: int, num_splits: int | None = None,
+                           shared: SharedPrefixPlan | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32;
     seq_lens: [num_seqs] int32 (each at most `max_seq_len`; a sequence of length 0 gets
     zeros). `num_splits` defaults to `decode_num_splits(...)`; a fixed count (CUDA graphs)
-    works for any lengths, the splits a short sequence does not reach being empty. Returns
-    [num_seqs, num_heads, head_dim] in query's dtype.
+    works for any lengths, the splits a short sequence does not reach being empty. With
+    `shared`, the members of each group attend to their shared prefix together (its keys
+    read once per tile of members, not once per member) and the splits cover what follows
+    it; the two are merged by log-sum-exp. Returns [num_seqs, num_heads, head_dim] in
+    query's dtype.
     """
     check_paged_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape
+    if shared is not None:
+        return _decode_with_shared_prefix(query, kv_cache, block_tables, seq_lens, scale,
+                                          shared)
     if num_splits is None:
         num_splits = decode_num_splits(num_seqs, kv_cache.shape[3], max_seq_len)
     out = torch.empty_like(query)                        # [num_seqs, num_heads, head_dim]
@@ -132,29 +252,73 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                       device=query.device)               # [num_seqs, num_heads, splits]
     _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse)
+    _reduce(partial, lse, out)
+    return out
+
+
+def _decode_with_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor,
+                               block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                               scale: float, shared: SharedPrefixPlan) -> torch.Tensor:
+    """Slots 0..S-1 of each sequence: the splits of its own tokens after its prefix; slots
+    S..S+P-1: the splits of its group's prefix (never written, so -inf, for a lone one)."""
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = kv_cache.shape[3]
+    suffix_splits = decode_num_splits(num_seqs, num_kv_heads, shared.max_suffix_len)
+    prefix_splits = max(1, min(triton.cdiv(TARGET_PROGRAMS, max(shared.num_work, 1)
+                                           * num_kv_heads), MAX_SPLITS,
+                               triton.cdiv(max(shared.max_prefix_len, 1), MIN_SPLIT_TOKENS)))
+    slots = suffix_splits + prefix_splits
+    partial = torch.empty(num_seqs, num_heads, slots, head_dim, dtype=torch.float32,
+                          device=query.device)           # [num_seqs, num_heads, slots, d]
+    lse = torch.full((num_seqs, num_heads, slots), float("-inf"), dtype=torch.float32,
+                     device=query.device)                # [num_seqs, num_heads, slots]
+    out = torch.empty_like(query)                        # [num_seqs, num_heads, head_dim]
+    _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse,
+                       suffix_splits, shared.first)
+    if shared.num_work:
+        k_cache, v_cache = kv_cache[0], kv_cache[1]      # [num_blocks, block_size, kv_heads, d]
+        _prefix_split_kernel[(shared.num_work, num_kv_heads, prefix_splits)](
+            query, k_cache, v_cache, block_tables, shared.first, shared.members, shared.work,
+            partial, lse, scale * LOG2E, num_heads, query.stride(0), query.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
+            FIRST_SLOT=suffix_splits, NUM_SLOTS=slots, PREFIX_SPLITS=prefix_splits,
+            BLOCK_M=shared.block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+            BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
+            num_warps=4)
+    _reduce(partial, lse, out)
+    return out
+
+
+def _reduce(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None:
+    """Merge each (sequence, head)'s slots of `partial` by their log-sum-exp into `out`."""
+    num_seqs, num_heads, slots, head_dim = partial.shape
     _decode_reduce_kernel[(num_seqs, num_heads)](
         partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
-        out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-        BLOCK_SPLITS=triton.next_power_of_2(num_splits),
-        BLOCK_D=triton.next_power_of_2(head_dim))
-    return out
+        out.stride(0), out.stride(1), HEAD_DIM=head_dim, NUM_SPLITS=slots,
+        BLOCK_SPLITS=triton.next_power_of_2(slots), BLOCK_D=triton.next_power_of_2(head_dim))
 
 
 def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, scale: float, partial: torch.Tensor,
-                       lse: torch.Tensor | None) -> None:
-    """First pass into `partial` [num_seqs, num_heads, num_splits, head_dim] and, with
-    several splits, each split's base-2 log-sum-exp into `lse` [num_seqs, num_heads, splits]."""
+                       lse: torch.Tensor | None, num_splits: int | None = None,
+                       first: torch.Tensor | None = None) -> None:
+    """First pass into `partial` [num_seqs, num_heads, slots, head_dim] and, with several
+    slots, each split's base-2 log-sum-exp into `lse` [num_seqs, num_heads, slots]: the
+    context (from `first[i]` on, if given) in `num_splits` splits (default: every slot)."""
     num_seqs, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
+    num_splits = num_splits or partial.shape[2]
     k_cache, v_cache = kv_cache[0], kv_cache[1]          # [num_blocks, block_size, kv_heads, d]
-    _decode_split_kernel[(num_seqs, num_kv_heads, partial.shape[2])](
-        query, k_cache, v_cache, block_tables, seq_lens, partial, lse, scale * LOG2E,
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, block_tables, seq_lens, first, partial, lse, scale * LOG2E,
         num_heads, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), partial.stride(0), partial.stride(1),
         partial.stride(2), GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        NUM_SPLITS=partial.shape[2], BLOCK_H=max(16, triton.next_power_of_2(group)),
+        NUM_SPLITS=num_splits, NUM_SLOTS=partial.shape[2], HAS_FIRST=first is not None,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
         num_warps=4)
