@@ -13,7 +13,8 @@
 # diagnosis. tests (180) the gpu-marked tests: kernels against the torch reference, CUDA
 # graphs, greedy fidelity to HF. Then the Llama-3.1-8B shape in bf16, random weights:
 # latency (150) batches 1/8/64, 128 in, 256 out, vs HF generate. throughput (100) 1,000 x
-# 256/256. prefix (130) 200 x (2,000 shared + 64 unique, 64 out), prefix caching on, then off.
+# 256/256. prefix (180) 200 x (2,000 shared + 64 unique, 64 out): prefix caching on, on with
+# every decode attending alone (--no-shared-prefix-attention), then caching off.
 # random (200) 512 x (32-1024 in, 256 out); the HF generate_batch peer (about 435 output tok/s
 # on an H100) runs a 128-prompt workload of the same distribution, which taskloom runs too.
 # async (100) 256/256 with --async-scheduling. lora (160) 1/8/64 adapters vs the base.
@@ -96,9 +97,11 @@ stage_throughput() {
     --output-len 256 $BATCH $PROFILE
 }
 stage_prefix() {
-  local cap=$((cap / 2))     # two runs share the stage's cap
+  local cap=$((cap / 3))     # three runs share the stage's cap
   bench prefix-on bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
     --unique 64 --output-len 64 $BATCH $PROFILE || return $?
+  bench prefix-alone bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
+    --unique 64 --output-len 64 $BATCH --no-shared-prefix-attention || return $?
   bench prefix-off bench throughput $SHAPE --num-prompts 200 --shared-prefix 2000 \
     --unique 64 --output-len 64 $BATCH --no-prefix-caching
 }
@@ -147,7 +150,7 @@ PY
   return $rc
 }
 
-declare -A CAP=([smoke]=60 [tests]=180 [latency]=150 [throughput]=100 [prefix]=130
+declare -A CAP=([smoke]=60 [tests]=180 [latency]=150 [throughput]=100 [prefix]=180
                 [random]=200 [async]=100 [lora]=160 [long]=200 [serve]=200)
 stages=("$@")
 [ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random async lora long)

@@ -52,7 +52,7 @@ class LLM:
                  seed: int = 0, enforce_eager: bool = False,
                  cuda_graph_sizes: Sequence[int] | None = None,
                  enable_prefix_caching: bool = True, prefix_aware_order: bool = True,
-                 async_scheduling: bool = False,
+                 async_scheduling: bool = False, shared_prefix_attention: bool = True,
                  enable_lora: bool = False, loras: Mapping[str, str] | None = None,
                  max_loras: int = 8, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None) -> None:
@@ -62,7 +62,8 @@ class LLM:
                               skip_tokenizer_init=skip_tokenizer_init,
                               max_model_len=max_model_len, enforce_eager=enforce_eager,
                               cuda_graph_sizes=(None if cuda_graph_sizes is None
-                                                else tuple(cuda_graph_sizes))),
+                                                else tuple(cuda_graph_sizes)),
+                              shared_prefix_attention=shared_prefix_attention),
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_cache_memory_gb,
                               gpu_memory_utilization=gpu_memory_utilization,
                               num_blocks=num_blocks,

@@ -44,6 +44,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action="store_true",
                    help="schedule each step while the previous one runs on the device "
                         "(hides the host's time per step on a GPU)")
+    g.add_argument("--no-shared-prefix-attention", dest="shared_prefix_attention",
+                   action="store_false",
+                   help="every decode attends to its whole context alone, even where "
+                        "several share cached prefix blocks")
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    type=_lora_arg, help="serve the PEFT adapter at PATH as NAME (repeatable)")
@@ -100,7 +104,7 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
                max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
                enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching,
                prefix_aware_order=a.prefix_aware_order, async_scheduling=a.async_scheduling,
-               enable_lora=a.enable_lora,
+               shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
                loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
                max_cpu_loras=a.max_cpu_loras)
 

@@ -21,6 +21,12 @@ class ModelConfig:
     On a CUDA device, decode-only steps replay CUDA graphs captured at startup for the batch
     sizes `cuda_graph_sizes` (None: 1, 2, 4, 8, then multiples of 8 up to the first that holds
     `max_num_seqs`, at most 256); `enforce_eager` runs every step eagerly instead.
+
+    With `shared_prefix_attention`, decodes whose contexts start with the same cached blocks
+    (a shared system prompt, few-shot examples, the n samples of a prompt) attend to those
+    blocks together, reading them once per group rather than once per sequence (Hydragen,
+    cascade attention). On a GPU such a step runs eagerly, so it is taken only where it saves
+    more KV reads than a graph replay saves launches (`runtime.model_runner`).
     """
 
     model: str | None = None
@@ -33,6 +39,7 @@ class ModelConfig:
     max_model_len: int | None = None
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
+    shared_prefix_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

@@ -31,7 +31,9 @@ def _workload(r: dict) -> str:
 def _throughput_line(r: dict) -> str:
     flags = [f for f, on in (("no-prefix-caching", not r["prefix_caching"]),
                              ("input-order", r.get("prefix_aware_order") is False),
-                             ("async", r.get("async_scheduling"))) if on]
+                             ("async", r.get("async_scheduling")),
+                             ("no-shared-prefix-attention",
+                              r.get("shared_prefix_attention") is False)) if on]
     startup = f" (startup {r['startup_s']} s)" if "startup_s" in r else ""
     line = (f"throughput {_workload(r)}{' ' + ','.join(flags) if flags else ''}: "
             f"{r['output_tokens_per_s']:.0f} out tok/s, {r['total_tokens_per_s']:.0f} total, "
@@ -108,13 +110,23 @@ def result_lines(r: dict) -> list[str]:
 
 _SETTINGS = {"prefix_caching": "prefix caching on vs off",
              "prefix_aware_order": "prefix-aware order vs input order",
-             "async_scheduling": "async scheduling vs sync"}
+             "async_scheduling": "async scheduling vs sync",
+             "shared_prefix_attention": "shared-prefix attention vs each decode alone"}
+
+
+# What a result that predates a setting ran with.
+_DEFAULTS = {"prefix_caching": True, "prefix_aware_order": True, "async_scheduling": False,
+             "shared_prefix_attention": True}
+
+
+def _setting(r: dict, key: str) -> bool:
+    return bool(r.get(key, _DEFAULTS[key]))
 
 
 def _paired_key(r: dict, setting: str) -> tuple:
     """What two runs must share to be compared on `setting`: the workload and the other
     settings."""
-    others = tuple(r.get(k) for k in _SETTINGS if k != setting)
+    others = tuple(_setting(r, k) for k in _SETTINGS if k != setting)
     return (r["model"], r["dtype"], r["num_prompts"], str(r["input_len"]), r["output_len"],
             r.get("shared_prefix"), r.get("num_prefixes"), r.get("unique_len"), r.get("turns"),
             others)
@@ -129,7 +141,7 @@ def comparison_lines(results: Iterable[dict]) -> list[str]:
         sides: dict[tuple, dict[bool, list[dict]]] = {}
         for r in runs:
             key = _paired_key(r, setting)
-            sides.setdefault(key, {}).setdefault(bool(r.get(setting)), []).append(r)
+            sides.setdefault(key, {}).setdefault(_setting(r, setting), []).append(r)
         for pair in sides.values():
             if len(pair) < 2:
                 continue

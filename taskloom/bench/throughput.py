@@ -74,6 +74,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "unique_len": a.unique_len, "turns": a.turns, "user_len": a.user_len,
         "prefix_caching": a.enable_prefix_caching, "prefix_aware_order": a.prefix_aware_order,
         "async_scheduling": a.async_scheduling,
+        "shared_prefix_attention": a.shared_prefix_attention,
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
         "startup_s": startup_s, "elapsed_s": round(elapsed, 3),

@@ -83,7 +83,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d", num_blocks,
                 config.cache.block_size, num_blocks * config.cache.block_size, max_model_len)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
-                         device, eos, max_model_len, graph_sizes, lora)
+                         device, eos, max_model_len, graph_sizes, lora,
+                         config.model.shared_prefix_attention)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
                         config.cache.enable_prefix_caching)
     scheduler = Scheduler(config.scheduler, kv, max_model_len,

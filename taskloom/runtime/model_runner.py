@@ -13,6 +13,11 @@ through pinned memory, see `taskloom.runtime.transfer`), so the engine can sched
 the next step while this one runs (async scheduling). The next step's inputs may then hold
 placeholders for tokens this one samples: the runner fills them on the device from this
 step's sampled-token tensor.
+
+The runner also finds the step's decodes that share cached prefix blocks
+(`taskloom.runtime.shared_prefix`) and names them in the attention metadata, so that each
+group attends to its prefix together; a decode step whose groups save enough KV reads runs
+eagerly for that instead of replaying its graph.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from taskloom.runtime.shared_prefix import (PrefixGroup, may_share, saved_token_reads,
+                                            shared_prefix_groups)
 from taskloom.runtime.transfer import to_device, to_host
 
 logger = logging.getLogger(__name__)
@@ -105,6 +112,19 @@ class PendingStep:
         return out
 
 
+# A decode step whose groups would save reading at least this much KV runs eagerly with
+# shared-prefix attention rather than replaying its CUDA graph (which attends every sequence
+# alone): about 1 ms of an H100's or H200's memory bandwidth, against the host's time to
+# launch an eager step's kernels. An estimate, to be set from device profiles.
+SHARED_PREFIX_MIN_SAVED_BYTES = 4 << 30
+
+
+def _np_tables(batch: _Batch) -> np.ndarray:
+    """The batch's block tables [num_seqs, max_blocks] (numpy reads nested lists 2-3x faster
+    than torch.tensor does)."""
+    return np.array(batch.block_tables, dtype=np.int32)
+
+
 class ModelRunner:
     """Executes scheduled steps on one device.
 
@@ -116,7 +136,8 @@ class ModelRunner:
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...],
                  max_model_len: int, graph_sizes: Sequence[int] = (),
-                 lora: LoRAManager | None = None) -> None:
+                 lora: LoRAManager | None = None, shared_prefix_attention: bool = True
+                 ) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -128,6 +149,8 @@ class ModelRunner:
         self.sampler = Sampler(arch.vocab_size, device)
         self._states: dict[str, _ReqState] = {}
         self.lora = lora
+        self.shared_prefix_attention = shared_prefix_attention
+        self._kv_bytes_per_token = arch.kv_bytes_per_token(dtype.itemsize)
         self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
         # The last submitted step's sampled tokens [num_sampled] (on the device) and the row
@@ -228,7 +251,10 @@ class ModelRunner:
         step that one fits, else an eager forward over the unpadded batch."""
         lora_slots = None if self.lora is None else self.lora.assign_slots(batch.seq_loras)
         graphs = self.graphs
-        if graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens)):
+        tables, groups = self._shared_prefix_groups(batch)
+        if (graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens))
+                and saved_token_reads(groups, self.block_size) * self._kv_bytes_per_token
+                < SHARED_PREFIX_MIN_SAVED_BYTES):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
                               batch.block_tables, lora_slots, self._fill_placeholders(batch))
         if self.lora is not None and lora_slots is not None:
@@ -239,18 +265,30 @@ class ModelRunner:
             slot_mapping=to_device(batch.slots, torch.int64, dev),
             query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
             seq_lens=to_device(batch.seq_lens, torch.int32, dev),
-            # numpy reads nested lists 2-3x faster than torch.tensor does
-            block_tables=to_device(np.array(batch.block_tables, dtype=np.int32), torch.int32,
-                                   dev),
+            block_tables=to_device(tables if tables is not None else _np_tables(batch),
+                                   torch.int32, dev),
             query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
             max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
-            block_size=self.block_size)
+            block_size=self.block_size, shared_prefix_groups=groups)
         input_ids = to_device(batch.input_ids, torch.int64, dev)
         fill = self._fill_placeholders(batch)
         if fill is not None:
             fill(input_ids)
         positions = to_device(batch.positions, torch.int64, dev)
         return self.model(input_ids, positions, self.kv_caches, meta)
+
+    def _shared_prefix_groups(self, batch: _Batch
+                              ) -> tuple[np.ndarray | None, list[PrefixGroup]]:
+        """The step's decodes that share cached prefix blocks (none with shared-prefix
+        attention off), and the block tables as an array if finding them needed it."""
+        if not self.shared_prefix_attention:
+            return None, []
+        qsl = batch.query_start_loc
+        decodes = [i for i in range(len(batch.seq_lens)) if qsl[i + 1] - qsl[i] == 1]
+        if len(decodes) < 2 or not may_share([batch.block_tables[i][0] for i in decodes]):
+            return None, []
+        tables = _np_tables(batch)
+        return tables, shared_prefix_groups(tables, batch.seq_lens, decodes, self.block_size)
 
     def _fill_placeholders(self, batch: _Batch) -> Callable[[torch.Tensor], None] | None:
         """What writes the previous step's sampled tokens (still on the device) over the

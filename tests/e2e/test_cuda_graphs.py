@@ -220,3 +220,41 @@ def test_kv_pool_fills_the_requested_gpu_memory(config_path: str) -> None:
     assert (total - free) / total <= target + 256 * 2**20 / total, (total - free, target)
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_decodes_sharing_a_prefix_run_eagerly_together_and_match(
+        config_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twelve requests behind one 200-token prompt, cached: their decode steps leave the
+    graphs for the shared-prefix kernels when that saves enough KV reads (threshold lowered
+    here) and keep to the graphs when it does not; greedy outputs equal an eager engine's
+    that attends every sequence alone."""
+    from taskloom.ops.triton import attention as tr_attention
+    from taskloom.runtime import model_runner
+    gen = torch.Generator().manual_seed(7)
+    prefix = torch.randint(3, CONFIG["vocab_size"], (200,), generator=gen).tolist()
+    batch = [prefix + torch.randint(3, CONFIG["vocab_size"], (n,), generator=gen).tolist()
+             for n in PROMPT_LENS[:12]]
+    params = [SamplingParams(temperature=0.0, max_tokens=m + 4, ignore_eos=True)
+              for m in MAX_TOKENS[:12]]
+    alone = make_llm(config_path, "float32", enforce_eager=True,
+                     shared_prefix_attention=False, **ENGINE)
+    want = [o.outputs[0].token_ids for o in alone.generate(batch, params, use_tqdm=False)]
+    llm = make_llm(config_path, "float32", **ENGINE)
+    real_plan = tr_attention.shared_prefix_plan
+    for threshold, together in ((1, True), (1 << 60, False)):
+        with monkeypatch.context() as patch:
+            patch.setattr(model_runner, "SHARED_PREFIX_MIN_SAVED_BYTES", threshold)
+            plans: list = []
+            patch.setattr(tr_attention, "shared_prefix_plan",
+                          lambda *a: plans.append(real_plan(*a)) or plans[-1])
+            replays, eager_decodes = record_steps(llm, patch)
+            llm.generate([prefix + [5]], SamplingParams(max_tokens=1), use_tqdm=False)
+            got = [o.outputs[0].token_ids for o in llm.generate(batch, params, use_tqdm=False)]
+        assert got == want
+        if together:
+            assert plans and max(p.num_work for p in plans) >= 1
+            assert eager_decodes and max(eager_decodes) == 12, eager_decodes
+        else:
+            assert not plans and replays and max(replays) == 12, replays
+        kv = llm.engine.scheduler.kv
+        assert kv.num_free_blocks == kv.num_blocks

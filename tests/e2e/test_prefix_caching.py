@@ -130,3 +130,25 @@ def test_prefix_aware_order_beats_input_order(narrow_llm: LLM, uncached: LLM) ->
     # grouped: 3 of each 4 requests reuse their group's 4 prefix blocks
     assert hits[True] >= 9 * 64 and hits[True] > hits[False]
     narrow_llm.prefix_aware_order = True
+
+
+def test_shared_prefix_attention_is_taken_and_can_be_turned_off(
+        llm: LLM, expected: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decodes sharing the cached system prompt attend to it together (one call of the
+    grouped path per layer and step), unless the engine turns that off; the outputs are the
+    uncached engine's either way."""
+    import taskloom.ops.attention as ref
+    grouped = []
+    real = ref._decode_shared_prefix
+    monkeypatch.setattr(ref, "_decode_shared_prefix",
+                        lambda q, cache, group, *a: grouped.append(len(group.rows)) or
+                        real(q, cache, group, *a))
+    alone = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, shared_prefix_attention=False)
+    for engine, want_grouped in ((llm, True), (alone, False)):
+        grouped.clear()
+        outs = engine.chat(conversations(), GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == expected
+        assert bool(grouped) == want_grouped
+        if want_grouped:
+            assert max(grouped) == len(QUESTIONS)
+        assert_pool_full(engine)

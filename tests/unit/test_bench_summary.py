@@ -105,3 +105,18 @@ def _throughput_line_of(r: dict) -> str:
 def test_a_failed_profile_says_so() -> None:
     r = throughput(30.0, profile={"error": "RuntimeError: CUPTI unavailable"})
     assert result_lines(r)[1:] == ["  profile failed: RuntimeError: CUPTI unavailable"]
+
+
+def test_shared_prefix_attention_pairs_with_results_that_predate_it() -> None:
+    """A result without the setting ran with it on (its default): it pairs with one that
+    turned it off, and not with one of another prefix-caching setting."""
+    old = throughput(2.0)                                      # no shared_prefix_attention key
+    alone = throughput(6.0, shared_prefix_attention=False)
+    uncached = throughput(20.0, prefix_caching=False)
+    assert result_lines(alone)[0].startswith(
+        "throughput 200x2000+64/64 no-shared-prefix-attention: ")
+    lines = comparison_lines([old, alone, uncached])
+    assert "shared-prefix attention vs each decode alone, 200x2000+64/64: 3.00x (6.0 s -> "\
+        "2.0 s)" in lines
+    assert "prefix caching on vs off, 200x2000+64/64: 10.00x (20.0 s -> 2.0 s)" in lines
+    assert len(lines) == 2
