@@ -17,7 +17,8 @@
 # every decode attending alone (--no-shared-prefix-attention), then caching off.
 # random (200) 512 x (32-1024 in, 256 out); the HF generate_batch peer (about 435 output tok/s
 # on an H100) runs a 128-prompt workload of the same distribution, which taskloom runs too.
-# async (100) 256/256 with --async-scheduling. lora (160) 1/8/64 adapters vs the base.
+# async (100) 256/256 with --async-scheduling. latency_async (60) batches 1 and 64 with
+# --async-scheduling. lora (160) 1/8/64 adapters vs the base.
 # long (200) 256 x 1024/1024. serve (200; only when named) taskloom serve with the 8B shape
 # and bench serve --token-ids against it; the device image lacks the HTTP stack, so carry
 # .whl (bash benchmarks/fetch_device_wheels.sh fetches it).
@@ -113,6 +114,11 @@ stage_async() {
   bench async bench throughput $SHAPE --num-prompts 1000 --input-len 256 --output-len 256 \
     $BATCH --async-scheduling
 }
+stage_latency_async() {
+  # batch 1 against the 90 % bandwidth target with the host's share of each step hidden
+  bench latency-async bench latency $SHAPE --batch-sizes 1 64 --input-len 128 \
+    --output-len 256 --async-scheduling
+}
 stage_lora() {
   bench lora bench lora $SHAPE --num-loras 1 8 64 --num-prompts 512 --input-len 128 \
     --output-len 128 --max-num-seqs 256 --max-loras 64 --repeats 1
@@ -151,9 +157,10 @@ PY
 }
 
 declare -A CAP=([smoke]=60 [tests]=180 [latency]=150 [throughput]=100 [prefix]=180
-                [random]=200 [async]=100 [lora]=160 [long]=200 [serve]=200)
+                [random]=200 [async]=100 [latency_async]=60 [lora]=160 [long]=200 [serve]=200)
 stages=("$@")
-[ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random async lora long)
+[ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random async
+                                 latency_async lora long)
 for s in "${stages[@]}"; do
   [ -n "${CAP[$s]:-}" ] || { echo "unknown stage $s (one of ${!CAP[*]})"; exit 2; }
 done

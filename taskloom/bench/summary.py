@@ -77,7 +77,8 @@ def _latency_lines(r: dict) -> list[str]:
     ratios = r.get("decode_ratio_vs_peer") or [None] * len(r["results"])
     lines = []
     for row, ratio in zip(r["results"], ratios):
-        line = (f"latency batch {row['batch_size']} ({r['input_len']} in, {r['output_len']} "
+        line = (f"latency{' async' if r.get('async_scheduling') else ''} batch "
+                f"{row['batch_size']} ({r['input_len']} in, {r['output_len']} "
                 f"out): {row['decode_tokens_per_s']:.0f} tok/s, {row['achieved_gb_per_s']} "
                 f"GB/s = {row['fraction_of_copy_bandwidth']:.2f} of a {r['copy_bandwidth_gb_per_s']}"
                 f" GB/s copy, TTFT {row['ttft_ms']} ms")

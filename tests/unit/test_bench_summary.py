@@ -35,8 +35,9 @@ def test_a_line_per_result_of_each_kind() -> None:
         "copy, TTFT 21.5 ms; 14.2x HF generate"]
     latency["results"][0].update(prefill_tflops=95.3, fraction_of_matmul_flops=0.1209)
     latency["matmul_tflops"] = 788.2
+    latency["async_scheduling"] = True
     assert result_lines(latency) == [
-        "latency batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
+        "latency async batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
         "copy, TTFT 21.5 ms = 95.3 TFLOP/s, 0.12 of a 788.2 TFLOP/s matmul; 14.2x HF "
         "generate"]
     lora = {"bench": "lora", "num_prompts": 512, "input_len": 128, "output_len": 128,
