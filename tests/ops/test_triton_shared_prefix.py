@@ -24,10 +24,12 @@ BLOCK_SIZE = 16
 ATTN_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 # (device, heads, kv heads, head dim, tile rows, layout): a layout is the groups' (prefix
 # blocks, own tokens of each member) and the lone sequences' lengths. The interpreter's tiles
-# are small (16 rows: 5 members of 3 heads, 4 of 4) so that a group spans several tiles.
+# are small (16 rows: 5 members of 3 heads, 4 of 4) so that a group spans several tiles; its
+# 160-token prefix and 130-token suffix span several 64-token key tiles, so that with
+# many splits several of them hold keys.
 CASES = [
     pytest.param("cpu", 6, 2, 64, 16,
-                 ([(4, [1, 17, 40, 5, 16, 2, 33]), (2, [3, 1, 20])], [50, 1]),
+                 ([(10, [1, 17, 40, 5, 16, 2, 130]), (2, [3, 1, 20])], [150, 1]),
                  id="interpreter-h6-kv2-d64", marks=INTERPRETER),
     pytest.param("cpu", 4, 1, 128, 16, ([(1, [1, 1]), (3, [9, 30, 2, 64, 7])], [70]),
                  id="interpreter-h4-kv1-d128", marks=INTERPRETER),
@@ -74,15 +76,20 @@ def alone_reference(query, cache, meta, scale):
     return paged_attention_ref(query.float(), cache.float(), meta, scale)
 
 
+@pytest.mark.parametrize("split_tokens", [None, 16], ids=["default-splits", "many-splits"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("device,num_heads,num_kv_heads,head_dim,block_m,layout", CASES)
 def test_shared_prefix_decode_matches_attending_alone(
         device: str, num_heads: int, num_kv_heads: int, head_dim: int, block_m: int, layout,
-        dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+        dtype: torch.dtype, split_tokens: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`many-splits` lets a split be as short as 16 tokens, so that the interpreter's short
+    prefixes and suffixes are split several ways too (the GPU cases' are by default)."""
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter's tl.dot multiplies bfloat16 bit patterns as "
                     "integers; bfloat16 attention is checked on the GPU")
     monkeypatch.setattr(decode_attention, "PREFIX_BLOCK_M", block_m)
+    if split_tokens is not None:
+        monkeypatch.setattr(decode_attention, "MIN_SPLIT_TOKENS", split_tokens)
     query, cache, meta, groups = shared_batch(layout, num_heads, num_kv_heads, head_dim,
                                               dtype, device, 3)
     # the groups the tables make: each member keeps its newest token out of the prefix
@@ -95,8 +102,15 @@ def test_shared_prefix_decode_matches_attending_alone(
     assert plan.num_work == sum(-(-len(g.rows) // per_tile) for g in groups)
     scale = head_dim ** -0.5
     expected = alone_reference(query, cache, meta, scale)
+    splits = []
+    real_reduce = decode_attention._reduce
+    monkeypatch.setattr(decode_attention, "_reduce",
+                        lambda partial, *a: splits.append(partial.shape[2]) or
+                        real_reduce(partial, *a))
     out = paged_decode_attention(query, cache, meta.block_tables, meta.seq_lens, scale,
                                  meta.max_seq_len, shared=plan)
+    if split_tokens is not None:        # several splits of the prefix and of the suffixes
+        assert splits[0] >= 4, splits
     assert out.dtype == dtype and out.shape == query.shape
     tol = ATTN_TOL[dtype]
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
