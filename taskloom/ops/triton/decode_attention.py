@@ -32,10 +32,10 @@ import triton.language as tl
 
 from taskloom.ops.triton.paged_kv import (
     LOG2E,
+    attend_key_range,
     check_paged_inputs,
     dot_precision,
-    kv_token_offsets,
-    online_softmax_step,
+    partial_result,
 )
 from taskloom.runtime.shared_prefix import PrefixGroup
 from taskloom.runtime.transfer import to_device
@@ -76,26 +76,14 @@ def _decode_split_kernel(
     q_mask = (rows < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=q_mask, other=0.0)                                   # [BLOCK_H, BLOCK_D]
-    m = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
-    table_ptr = block_tables_ptr + seq * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        idx = n0 + tl.arange(0, BLOCK_N)
-        valid = idx < end                                                 # [BLOCK_N]
-        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
-                                stride_kh, BLOCK_SIZE)
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
-                                        DOT_PRECISION)
-    # An empty split (start >= end) leaves l == 0: output 0 with weight exp2(-inf) == 0.
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]                          # [BLOCK_H, BLOCK_D]
+    m, l, acc = attend_key_range(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
+                                 start, end, kv_head, qk_scale, stride_kb, stride_kt, stride_kh,
+                                 BLOCK_H, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    # An empty split (start >= end) gives output 0 with weight exp2(-inf) == 0.
+    out, lse = partial_result(m, l, acc)                                  # [BLOCK_H, BLOCK_D]
     out_offs = seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + d[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     if NUM_SLOTS > 1:
-        lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # base 2
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SLOTS + split, lse,
                  mask=rows < GROUP)
 
@@ -132,26 +120,15 @@ def _prefix_split_kernel(
     q_mask = row_ok[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq[:, None] * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=q_mask, other=0.0)                                   # [BLOCK_M, BLOCK_D]
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table_ptr = block_tables_ptr + table_row * stride_bt
-    for n0 in range(start, end, BLOCK_N):
-        idx = n0 + tl.arange(0, BLOCK_N)
-        valid = idx < end                                                 # [BLOCK_N]
-        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
-                                stride_kh, BLOCK_SIZE)
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
-                                        DOT_PRECISION)
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]                          # [BLOCK_M, BLOCK_D]
+    m, l, acc = attend_key_range(q, k_cache_ptr, v_cache_ptr,
+                                 block_tables_ptr + table_row * stride_bt, start, end, kv_head,
+                                 qk_scale, stride_kb, stride_kt, stride_kh, BLOCK_M, HEAD_DIM,
+                                 BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    out, lse = partial_result(m, l, acc)                                  # [BLOCK_M, BLOCK_D]
     slot = FIRST_SLOT + split
     tl.store(out_ptr + seq[:, None] * stride_os + heads[:, None] * stride_oh
              + slot * stride_osplit + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=q_mask)
-    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))  # base 2
     tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SLOTS + slot, lse, mask=row_ok)
 
 

@@ -1,5 +1,6 @@
 """Building blocks shared by the paged-attention kernels: addressing a sequence's tokens in
-the block cache through its block table, and one step of the online softmax.
+the block cache through its block table, one step of the online softmax, a range of a
+sequence's keys folded into it, and a split's partial result.
 
 The KV cache of one layer is `[2, num_blocks, block_size, num_kv_heads, head_dim]`; kernels
 take its key and value halves as two pointers with the same strides.
@@ -39,6 +40,41 @@ def online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l, acc
+
+
+@triton.jit
+def attend_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, qk_scale,
+                     stride_block, stride_token, stride_head, M: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Queries `q` [M, BLOCK_D] (all of kv head `kv_head`) against the keys and values at
+    positions [start, end) of the sequence whose block-table row `table_ptr` points at: the
+    online softmax's running max, sum and output (m, l, acc) after them; l == 0 where the
+    range is empty."""
+    d = tl.arange(0, BLOCK_D)
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        valid = idx < end                                                 # [BLOCK_N]
+        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_block, stride_token,
+                                stride_head, BLOCK_SIZE)
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
+                                        DOT_PRECISION)
+    return m, l, acc
+
+
+@triton.jit
+def partial_result(m, l, acc):
+    """A split's normalised output [M, D] and base-2 log-sum-exp [M] from its (m, l, acc); a
+    split that saw no key gives 0 with log-sum-exp -inf (weight 0 in the merge)."""
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    lse = tl.where(l > 0, m + tl.log2(tl.where(l > 0, l, 1.0)), float("-inf"))
+    return out, lse
 
 
 def dot_precision(dtype: torch.dtype) -> str:
