@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 def device_name(device: str) -> str:
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():

@@ -51,6 +51,8 @@ def run_throughput(a: argparse.Namespace) -> dict:
                          f"{a.peer_num_prompts}")
     if a.peer and a.turns > 1:
         raise ValueError("--peer runs single-turn workloads only (not --turns)")
+    if getattr(a, "profile", False) and a.turns > 1:
+        raise ValueError("--profile profiles single-turn workloads only (not --turns)")
     llm, startup_s = build_llm(a)
     prompts = make_prompts(a.num_prompts, a.unique_len or a.input_len, a.input_len_range,
                            llm.engine.vocab_size, a.dataset_seed, a.shared_prefix,
@@ -85,8 +87,6 @@ def run_throughput(a: argparse.Namespace) -> dict:
         **run_info(a.device),
     }
     if getattr(a, "profile", False):
-        if a.turns > 1:
-            raise ValueError("--profile profiles single-turn workloads only (not --turns)")
         add_profile(result, result, a, lambda: _profile_run(a, llm, params))
     if a.peer:
         ours = result

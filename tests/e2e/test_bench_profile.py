@@ -145,3 +145,12 @@ def test_default_window_starts_in_the_steady_state(config: Path, num_prompts: in
     assert profile["warmup_steps"] == want_warmup and profile["steps"] == 3
     assert profile["step_ms"]["seqs_per_step"] == min(num_prompts, seats)
     _assert_idle(llm)
+
+
+def test_profile_of_a_multi_turn_workload_is_refused_before_it_runs(
+        config: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--num-prompts", "2", "--turns", "2", "--profile"]) == 2
+    captured = capsys.readouterr()
+    assert "--profile profiles single-turn workloads only" in captured.err
+    assert captured.out == ""                  # no timed run, no result line
