@@ -172,6 +172,14 @@ class KVCacheManager:
         return chain[:n]
 
     # ----- allocation --------------------------------------------------------------------------
+    def has_room(self, req_id: str, num_tokens: int) -> bool:
+        """Whether the request's table already holds `num_tokens` tokens and no block among
+        them is left to name in the prefix cache: `allocate_slots` would change nothing."""
+        table = self.block_tables.get(req_id)
+        return (table is not None and num_tokens <= len(table) * self.block_size
+                and (not self.enable_prefix_caching
+                     or num_tokens // self.block_size <= self._num_cached.get(req_id, 0)))
+
     def allocate_slots(self, req: Request, num_tokens: int,
                        cached_blocks: list[int] | None = None) -> list[int] | None:
         """Grow the request's block table to hold `num_tokens` tokens in all, starting from
@@ -182,11 +190,9 @@ class KVCacheManager:
         for a block that ends in a token still being sampled (async scheduling) the naming
         waits for a later call, once that token is known.
         """
+        if not cached_blocks and self.has_room(req.request_id, num_tokens):
+            return self.block_tables[req.request_id]    # the last block has room, none fills
         table = self.block_tables.get(req.request_id, [])
-        if (table and not cached_blocks and num_tokens <= len(table) * self.block_size
-                and (not self.enable_prefix_caching or num_tokens // self.block_size
-                     <= self._num_cached.get(req.request_id, 0))):
-            return table    # most decode steps: the last block has room, no block fills up
         known = min(num_tokens, req.num_tokens)     # tokens in flight have no id to hash yet
         hits = cached_blocks or []
         if hits and table:

@@ -81,21 +81,26 @@ class Scheduler:
         scheduled: list[tuple[Request, int]] = []
         preempted = False
         finishing = 0       # running requests whose last token is in flight
+        running, has_room = self.running, self.kv.has_room
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
+        while i < len(running) and budget > 0:
+            req = running[i]
             in_flight = req.num_output_placeholders
             if in_flight and self._at_limit(req):
                 finishing += 1      # nothing more to compute: it ends when the token comes
                 i += 1
                 continue
-            num_new = min(len(req.prompt_token_ids) + len(req.output_token_ids) + in_flight
-                          - req.num_computed_tokens, budget)
-            num_running = len(self.running)
-            ok = self._reserve(req, num_new)
-            preempted = preempted or len(self.running) < num_running
-            if not ok:
-                break  # req itself was preempted: everything after it already was
+            num_new = (len(req.prompt_token_ids) + len(req.output_token_ids) + in_flight
+                       - req.num_computed_tokens)
+            if num_new > budget:
+                num_new = budget
+            # most decodes: the table has room and no block fills, so nothing to allocate
+            if not has_room(req.request_id, req.num_computed_tokens + num_new):
+                num_running = len(running)
+                ok = self._reserve(req, num_new)
+                preempted = preempted or len(running) < num_running
+                if not ok:
+                    break  # req itself was preempted: everything after it already was
             scheduled.append((req, num_new))
             budget -= num_new
             i += 1
