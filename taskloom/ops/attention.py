@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.shared_prefix import shared_prefix_groups
 
 
@@ -84,6 +84,7 @@ class _RefPlan:
     decode_slots: torch.Tensor | None   # [b, max_len] cache slot of each context position
     decode_mask: torch.Tensor | None    # [b, 1, 1, max_len] additive: 0 or -inf past the end
     shared: list[_SharedPrefix]         # decodes attending to a shared prefix together
+    workspace: Workspace | None = None  # buffers for the decode batch's gathered keys
 
 
 def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> _RefPlan:
@@ -100,7 +101,7 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     if not alone:
         return _RefPlan(prefills, None, None, None, shared)
     rows, slots, mask = _context_slots(meta, alone, [0] * len(alone), device, dtype)
-    return _RefPlan(prefills, rows, slots, mask, shared)
+    return _RefPlan(prefills, rows, slots, mask, shared, meta.workspace)
 
 
 def _context_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int],
@@ -165,8 +166,17 @@ def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, s
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     b, max_len = plan.decode_slots.shape
     slots = plan.decode_slots.flatten()
-    k = flat[0].index_select(0, slots).view(b, max_len, num_kv_heads, head_dim)
-    v = flat[1].index_select(0, slots).view(b, max_len, num_kv_heads, head_dim)
+    shape = (b * max_len, num_kv_heads, head_dim)
+    ws = plan.workspace
+    if ws is None:
+        k, v = flat[0].index_select(0, slots), flat[1].index_select(0, slots)
+    else:   # into buffers written before: a fresh one page-faults on the CPU (Workspace)
+        k = torch.index_select(flat[0], 0, slots,
+                               out=ws.get("decode_k", shape, flat.dtype, flat.device))
+        v = torch.index_select(flat[1], 0, slots,
+                               out=ws.get("decode_v", shape, flat.dtype, flat.device))
+    k = k.view(b, max_len, num_kv_heads, head_dim)
+    v = v.view(b, max_len, num_kv_heads, head_dim)
     q = query[plan.decode_rows].unsqueeze(2)               # [b, num_heads, 1, head_dim]
     o = F.scaled_dot_product_attention(
         q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,

@@ -14,6 +14,31 @@ import torch
 from taskloom.runtime.shared_prefix import PrefixGroup
 
 
+class Workspace:
+    """Scratch buffers an attention implementation keeps from step to step, by name, grown
+    as needed; the runner owns one and hands it to every eager step's metadata.
+
+    On a CPU a fresh tensor of tens of MB is mapped from the OS and page-faulted on first
+    write: gathering a decode batch's keys into a new tensor ran at a quarter of the speed of
+    gathering them into one already written (17 ms against 4 ms for 50 MB on 2 cores)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device) -> torch.Tensor:
+        """A tensor of `shape` viewing buffer `name` (contents undefined), valid until the
+        next `get` of that name."""
+        numel = 1
+        for n in shape:
+            numel *= n
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != device:
+            size = max(numel, 0 if buf is None else 2 * buf.numel())
+            buf = self._buffers[name] = torch.empty(size, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
+
+
 @dataclass
 class AttentionMetadata:
     """Per-step description of a flat, unpadded batch.
@@ -43,6 +68,8 @@ class AttentionMetadata:
     # the runner's groups for this step; [] for none; None lets the attention find them (the
     # torch reference does; the Triton kernels then attend every sequence alone).
     shared_prefix_groups: list[PrefixGroup] | None = None
+    # Scratch buffers kept across steps (the runner's), or None: allocate per call.
+    workspace: Workspace | None = None
     # Derived once per step by the attention implementation and shared by all layers.
     ref_plan: Any = None
     kernel_plan: Any = None

@@ -35,7 +35,7 @@ from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutpu
 from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
-from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 from taskloom.runtime.shared_prefix import (PrefixGroup, may_share, saved_token_reads,
@@ -150,6 +150,7 @@ class ModelRunner:
         self._states: dict[str, _ReqState] = {}
         self.lora = lora
         self.shared_prefix_attention = shared_prefix_attention
+        self._workspace = Workspace()   # scratch the attention keeps across eager steps
         self._kv_bytes_per_token = arch.kv_bytes_per_token(dtype.itemsize)
         self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
@@ -269,7 +270,7 @@ class ModelRunner:
                                    torch.int32, dev),
             query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
             max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
-            block_size=self.block_size, shared_prefix_groups=groups)
+            block_size=self.block_size, shared_prefix_groups=groups, workspace=self._workspace)
         input_ids = to_device(batch.input_ids, torch.int64, dev)
         fill = self._fill_placeholders(batch)
         if fill is not None:
