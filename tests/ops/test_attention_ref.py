@@ -107,3 +107,19 @@ def test_decodes_sharing_prefix_blocks_attend_to_them_together() -> None:
     # group b: its two decodes share 2 blocks; the chunk and the lone decode attend alone
     assert sorted((len(g.rows), len(g.prefix_slots)) for g in shared) == [(2, 8), (3, 12)]
     assert meta.ref_plan.decode_rows.tolist() == [qsl[4]]
+
+
+def test_workspace_reuses_a_buffer_and_grows_it() -> None:
+    from taskloom.runtime.attention import Workspace
+    ws = Workspace()
+    a = ws.get("k", (4, 3), torch.float32, torch.device("cpu"))
+    b = ws.get("k", (2, 5), torch.float32, torch.device("cpu"))
+    assert a.shape == (4, 3) and b.shape == (2, 5)
+    assert a.data_ptr() == b.data_ptr()                   # the same memory, not a new tensor
+    c = ws.get("k", (5, 5), torch.float32, torch.device("cpu"))   # 25 > 12: grown, doubled
+    assert c.shape == (5, 5) and c.data_ptr() != a.data_ptr()
+    assert ws.get("k", (24,), torch.float32, torch.device("cpu")).data_ptr() == c.data_ptr()
+    other = ws.get("v", (4, 3), torch.float32, torch.device("cpu"))
+    assert other.data_ptr() != c.data_ptr()               # one buffer per name
+    half = ws.get("k", (4, 3), torch.bfloat16, torch.device("cpu"))
+    assert half.dtype == torch.bfloat16
