@@ -1,7 +1,7 @@
 """`taskloom bench summary RESULTS.jsonl`: one line per benchmark result (the JSON lines the
 benchmarks print), then the figures that compare two results of one file: prefix caching on
 against off, prefix-aware admission order against input order, async scheduling against
-synchronous, each on the same workload.
+synchronous, shared-prefix attention against every decode alone, each on the same workload.
 
 A device run (benchmarks/run_gpu.sh) ends with this table, so that the figures an issue
 targets are in the last lines of its output; the JSON file itself goes to
@@ -18,6 +18,17 @@ def load_results(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+# What a result that predates a setting ran with, and how a line names one set otherwise.
+_DEFAULTS = {"prefix_caching": True, "prefix_aware_order": True, "async_scheduling": False,
+             "shared_prefix_attention": True}
+_FLAGS = {"prefix_caching": "no-prefix-caching", "prefix_aware_order": "input-order",
+          "async_scheduling": "async", "shared_prefix_attention": "no-shared-prefix-attention"}
+
+
+def _setting(r: dict, key: str) -> bool:
+    return bool(r.get(key, _DEFAULTS[key]))
+
+
 def _workload(r: dict) -> str:
     lens = r["input_len"]
     lens = f"{lens[0]}-{lens[1]}" if isinstance(lens, list) else lens
@@ -29,11 +40,7 @@ def _workload(r: dict) -> str:
 
 
 def _throughput_line(r: dict) -> str:
-    flags = [f for f, on in (("no-prefix-caching", not r["prefix_caching"]),
-                             ("input-order", r.get("prefix_aware_order") is False),
-                             ("async", r.get("async_scheduling")),
-                             ("no-shared-prefix-attention",
-                              r.get("shared_prefix_attention") is False)) if on]
+    flags = [flag for key, flag in _FLAGS.items() if _setting(r, key) != _DEFAULTS[key]]
     startup = f" (startup {r['startup_s']} s)" if "startup_s" in r else ""
     line = (f"throughput {_workload(r)}{' ' + ','.join(flags) if flags else ''}: "
             f"{r['output_tokens_per_s']:.0f} out tok/s, {r['total_tokens_per_s']:.0f} total, "
@@ -51,12 +58,11 @@ def _throughput_line(r: dict) -> str:
 def _throughput_lines(r: dict) -> list[str]:
     lines = [_throughput_line(r)]
     p = r.get("profile")
-    if p and "error" in p:
-        lines.append(profile_line(p, ""))
-    elif p:
-        lines.append(profile_line(p, f"after {p['warmup_steps']}, "
-                                     f"{p['step_ms']['seqs_per_step']} seqs and "
-                                     f"{p['step_ms']['tokens_per_step']} tokens a step"))
+    if p:
+        window = "" if "error" in p else (f"after {p['warmup_steps']}, "
+                                          f"{p['step_ms']['seqs_per_step']} seqs and "
+                                          f"{p['step_ms']['tokens_per_step']} tokens a step")
+        lines.append(profile_line(p, window))
     return lines
 
 
@@ -115,13 +121,6 @@ _SETTINGS = {"prefix_caching": "prefix caching on vs off",
              "shared_prefix_attention": "shared-prefix attention vs each decode alone"}
 
 
-# What a result that predates a setting ran with.
-_DEFAULTS = {"prefix_caching": True, "prefix_aware_order": True, "async_scheduling": False,
-             "shared_prefix_attention": True}
-
-
-def _setting(r: dict, key: str) -> bool:
-    return bool(r.get(key, _DEFAULTS[key]))
 
 
 def _paired_key(r: dict, setting: str) -> tuple:
