@@ -40,6 +40,13 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
+def significant(x: float, digits: int = 4) -> float:
+    """`x` to `digits` significant figures: rates that span orders of magnitude between a tiny
+    model on a CPU and an 8B one on a GPU (TFLOP/s, their fractions) keep their precision,
+    where rounding to fixed decimals turns 0.0007 into 0.001 and a ratio of two into noise."""
+    return float(f"{x:.{digits}g}")
+
+
 def run_info(device: str) -> dict:
     import torch
     return {

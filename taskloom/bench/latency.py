@@ -18,7 +18,7 @@ import time
 import torch
 
 from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
-                                   trace_path)
+                                   significant, trace_path)
 from taskloom.bench.profile import profile_steps
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.sampling_params import SamplingParams
@@ -173,8 +173,8 @@ def run_latency(a: argparse.Namespace) -> dict:
         flops = prefill_flops(runner.model, runner.arch, b, a.input_len) / prefill_s
         rows.append({
             "batch_size": b, "ttft_ms": round(1000 * prefill_s, 2),
-            "prefill_tflops": round(flops / 1e12, 3),
-            "fraction_of_matmul_flops": round(flops / peak_flops, 3),
+            "prefill_tflops": significant(flops / 1e12),
+            "fraction_of_matmul_flops": significant(flops / peak_flops),
             "decode_ms_per_step": round(1000 * decode_s / steps, 3),
             "decode_tokens_per_s": round(b * steps / decode_s, 2),
             "achieved_gb_per_s": round(achieved / 1e9, 2),
@@ -184,7 +184,7 @@ def run_latency(a: argparse.Namespace) -> dict:
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
-              "matmul_tflops": round(peak_flops / 1e12, 3),
+              "matmul_tflops": significant(peak_flops / 1e12),
               "startup_s": startup_s, "results": rows, **run_info(a.device)}
     if a.profile:
         for b, row in zip(a.batch_sizes, rows):

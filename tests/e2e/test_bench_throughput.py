@@ -121,10 +121,9 @@ def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -
         assert 0 < row["fraction_of_copy_bandwidth"] < 1
         assert row["step_ms"]["steps"] >= 6
         assert row["prefill_tflops"] == pytest.approx(
-            tiny_prefill_flops(row["batch_size"], 16) / (row["ttft_ms"] / 1000) / 1e12,
-            rel=0.02, abs=2e-3)
+            tiny_prefill_flops(row["batch_size"], 16) / (row["ttft_ms"] / 1000) / 1e12, rel=0.02)
         assert row["fraction_of_matmul_flops"] == pytest.approx(
-            row["prefill_tflops"] / result["matmul_tflops"], rel=0.05, abs=2e-3)
+            row["prefill_tflops"] / result["matmul_tflops"], rel=1e-2)
     assert result["decode_ratio_vs_peer"] == [
         pytest.approx(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], rel=1e-2)
         for r, p in zip(rows, peer)]
