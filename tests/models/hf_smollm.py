@@ -2,11 +2,12 @@
 dequantization, q/k un-permutation and config), as the reference model of fidelity tests."""
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -15,15 +16,34 @@ from taskloom.models.embedded import embedded_model_path
 
 def load_hf_smollm() -> transformers.PreTrainedModel:
     """`from_pretrained(gguf_file=...)` would need `accelerate`; this is the same
-    `load_gguf_checkpoint` it calls, into a model built from the config."""
-    path = embedded_model_path()
-    directory, name = os.path.dirname(path), os.path.basename(path)
-    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    `load_gguf_checkpoint` it calls, into a model built from the config. Each call builds a
+    fresh model (tests wrap it in adapters) from one reading of the file per test session."""
+    config, state = _read_gguf()
     with no_init_weights():                                 # every weight comes from the file
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    state = load_gguf_checkpoint(path, return_tensors=True, model_to_load=hf)["tensors"]
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert missing == ["lm_head.weight"] and not unexpected  # tied to embed_tokens
     hf.tie_weights()
     assert hf.lm_head.weight is hf.model.embed_tokens.weight
     return hf
+
+
+@functools.cache
+def _read_gguf() -> tuple[transformers.PretrainedConfig, dict[str, torch.Tensor]]:
+    """HF's config and dequantized tensors of the embedded file: parsing it takes HF's
+    reader about 20 s, so the fidelity modules share one reading."""
+    path = embedded_model_path()
+    directory, name = os.path.dirname(path), os.path.basename(path)
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    with no_init_weights():
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return config, load_gguf_checkpoint(path, return_tensors=True,
+                                        model_to_load=skeleton)["tensors"]
+
+
+@functools.cache
+def load_hf_smollm_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    """HF's tokenizer read from the embedded file (one reading per test session; callers
+    must not change it)."""
+    path = embedded_model_path()
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))

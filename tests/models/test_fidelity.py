@@ -15,13 +15,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import transformers
-from transformers import AutoTokenizer
 
 from taskloom.config import ModelConfig
 from taskloom.models.embedded import embedded_model_path
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
-from tests.models.hf_smollm import load_hf_smollm
+from tests.models.hf_smollm import load_hf_smollm, load_hf_smollm_tokenizer
 from tests.models.single_seq import SingleSequence, forward_batch, greedy_batch
 from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
 
@@ -157,8 +156,7 @@ def smollm() -> Smol:
     embedded file, next to ours."""
     hf = load_hf_smollm()
     path = embedded_model_path()
-    directory, name = os.path.dirname(path), os.path.basename(path)
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    tokenizer = load_hf_smollm_tokenizer()
     prompts = [tokenizer(t)["input_ids"] for t in SMOLLM_PROMPTS]
     ours = load_model(ModelConfig())
     assert ours.path == path and ours.arch.tie_word_embeddings

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from taskloom.models.embedded import embedded_model_path
 from taskloom.tokenizer import TemplateError, Tokenizer, load_tokenizer
+from tests.models.hf_smollm import load_hf_smollm_tokenizer
 
 TEXTS = [
     "Hello world",
@@ -62,9 +63,8 @@ def ours(gguf_path: str) -> Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def hf(gguf_path: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path),
-                                         gguf_file=os.path.basename(gguf_path))
+def hf() -> PreTrainedTokenizerBase:
+    return load_hf_smollm_tokenizer()
 
 
 def hf_chat(hf_tok: PreTrainedTokenizerBase, messages: list[dict], generation: bool) -> str:
