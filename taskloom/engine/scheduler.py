@@ -104,7 +104,7 @@ class Scheduler:
             scheduled.append((req, num_new))
             budget -= num_new
             i += 1
-        if not preempted:
+        if not preempted and self.waiting:
             budget = self._admit(scheduled, budget, finishing)
         return self._build_output(scheduled, budget)
 
