@@ -26,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -36,6 +37,8 @@ from taskloom.runtime.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 MAX_DEFAULT_SIZE = 256
+
+IntArray = Sequence[int] | np.ndarray   # one int per sequence of the step
 
 
 def default_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -107,9 +110,9 @@ class DecodeInputs:
         host[:len(lora_slots)], host[len(lora_slots):] = lora_slots, -1
         self.lora_slots.copy_(self._host_lora_slots, non_blocking=self.non_blocking)
 
-    def load(self, input_ids: list[int], positions: list[int], slots: list[int],
-             seq_lens: list[int], block_tables: list[list[int]], size: int) -> None:
-        """Write one decode step (n <= size sequences; `block_tables` padded to one width) into
+    def load(self, input_ids: IntArray, positions: IntArray, slots: IntArray,
+             seq_lens: IntArray, block_tables: np.ndarray | list[list[int]], size: int) -> None:
+        """Write one decode step (n <= size sequences; `block_tables` [n, width], padded) into
         the host staging, pad rows n..size, and copy each buffer to the device once (of the
         block tables only the step's width: columns past it are never read).
 
@@ -121,7 +124,7 @@ class DecodeInputs:
         tokens[:2, n:], tokens[2, n:] = 0, -1
         lens = self._host_seq_lens.numpy()                   # [max_size]
         lens[:n], lens[n:] = seq_lens, 1
-        width = len(block_tables[0])
+        width = len(block_tables[0])       # [n, width]
         host_tables = self._host_tables[:size * width].view(size, width)  # [size, width]
         tables = host_tables.numpy()
         tables[:n], tables[n:] = block_tables, 0
@@ -198,12 +201,12 @@ class DecodeGraphs:
         """Whether a decode step of `num_seqs` sequences has a graph."""
         return num_seqs <= self.max_size
 
-    def run(self, input_ids: list[int], positions: list[int], slots: list[int],
-            seq_lens: list[int], block_tables: list[list[int]],
+    def run(self, input_ids: IntArray, positions: IntArray, slots: IntArray,
+            seq_lens: IntArray, block_tables: np.ndarray | list[list[int]],
             lora_slots: list[int] | None = None,
             fill_input_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode step (one token per
-        sequence; lists as for the eager batch; `lora_slots`: each sequence's adapter slot,
+        sequence; arrays as for the eager batch; `lora_slots`: each sequence's adapter slot,
         when captured with LoRA; `fill_input_ids` writes tokens still on the device into the
         static input ids, after the step's are loaded). Returns the hidden states
         [num_seqs, hidden], a view of the static output valid until the next replay."""

@@ -36,6 +36,7 @@ from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata, Workspace
+from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
 from taskloom.runtime.shared_prefix import (PrefixGroup, may_share, saved_token_reads,
@@ -61,24 +62,25 @@ class _ReqState:
 
 @dataclass
 class _Batch:
-    """One step flattened on the host: the lists the batch tensors are made from."""
+    """One step flattened on the host: the arrays the batch tensors are made from."""
 
-    input_ids: list[int]          # [num_tokens]
-    positions: list[int]          # [num_tokens]
-    slots: list[int]              # [num_tokens] block_id * block_size + offset
+    input_ids: np.ndarray         # [num_tokens] int64
+    positions: np.ndarray         # [num_tokens] int64
+    slots: np.ndarray             # [num_tokens] int64: block_id * block_size + offset
     query_start_loc: list[int]    # [num_seqs + 1]
-    seq_lens: list[int]           # [num_seqs]
-    block_tables: list[list[int]]  # [num_seqs][max_blocks], padded with 0
-    sample_rows: list[int]        # flat index of each sampled token
+    seq_lens: np.ndarray          # [num_seqs] int64
+    block_tables: np.ndarray      # [num_seqs, max_blocks] int32, padded with 0
+    sample_rows: np.ndarray       # [num_sampled] int64: flat index of each sampled token
     sample_seqs: list[ScheduledSeq]
-    seq_loras: list[LoRARequest | None]  # [num_seqs]
+    seq_loras: list[LoRARequest | None] | None  # [num_seqs]; None: no adapters served
     # (flat index, row of the previous step's sampled tokens) of each placeholder input
     placeholders: list[tuple[int, int]]
+    max_query_len: int
 
     @property
-    def max_query_len(self) -> int:
+    def query_lens(self) -> list[int]:
         qsl = self.query_start_loc
-        return max(b - a for a, b in zip(qsl, qsl[1:]))
+        return [b - a for a, b in zip(qsl, qsl[1:])]
 
 
 class PendingStep:
@@ -119,12 +121,6 @@ class PendingStep:
 SHARED_PREFIX_MIN_SAVED_BYTES = 4 << 30
 
 
-def _np_tables(batch: _Batch) -> np.ndarray:
-    """The batch's block tables [num_seqs, max_blocks] (numpy reads nested lists 2-3x faster
-    than torch.tensor does)."""
-    return np.array(batch.block_tables, dtype=np.int32)
-
-
 class ModelRunner:
     """Executes scheduled steps on one device.
 
@@ -152,6 +148,7 @@ class ModelRunner:
         self.shared_prefix_attention = shared_prefix_attention
         self._workspace = Workspace()   # scratch the attention keeps across eager steps
         self._kv_bytes_per_token = arch.kv_bytes_per_token(dtype.itemsize)
+        self._block_tables = BlockTables(-(-max_model_len // block_size))
         self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
         # The last submitted step's sampled tokens [num_sampled] (on the device) and the row
@@ -204,6 +201,7 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self._states.pop(rid, None)
+            self._block_tables.remove(rid)
             self.sampler.remove_request(rid)
         for new in sched.new_requests:
             p = new.params
@@ -213,63 +211,67 @@ class ModelRunner:
             self.sampler.add_request(new.req_id, p, new.prompt_token_ids, stop_ids)
 
     def _prepare(self, seqs: list[ScheduledSeq]) -> _Batch:
-        """Flatten the scheduled sequences into one unpadded batch (host lists)."""
+        """Flatten the scheduled sequences into one unpadded batch (host arrays): one pass
+        over the sequences for what only they know, then numpy for positions and slots."""
         bs = self.block_size
+        rows, width = self._block_tables.sync(seqs)
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        starts: list[int] = []
         qsl = [0]
-        seq_lens: list[int] = []
-        sample_rows: list[int] = []
-        sample_seqs: list[ScheduledSeq] = []
+        sampled: list[int] = []
         placeholders: list[tuple[int, int]] = []
-        for seq in seqs:
-            start, n, table = seq.num_computed_tokens, len(seq.token_ids), seq.block_ids
-            if seq.token_ids[-1] == PLACEHOLDER_TOKEN_ID:
-                placeholders.append((len(input_ids) + n - 1, self._last_rows[seq.req_id]))
-            if n == 1:      # a decode: most sequences of most steps
-                input_ids.append(seq.token_ids[0])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids.extend(seq.token_ids)
-                pos = range(start, start + n)
-                positions.extend(pos)
-                slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(start + n)
+        for i, seq in enumerate(seqs):
+            ids = seq.token_ids
+            input_ids += ids
+            starts.append(seq.num_computed_tokens)
+            qsl.append(len(input_ids))
+            if ids[-1] == PLACEHOLDER_TOKEN_ID:
+                placeholders.append((len(input_ids) - 1, self._last_rows[seq.req_id]))
             if seq.sample:
-                sample_rows.append(qsl[-1] - 1)
-                sample_seqs.append(seq)
-        max_blocks = max(len(s.block_ids) for s in seqs)
-        tables = [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in seqs]
-        loras = [self._states[s.req_id].lora for s in seqs]
-        return _Batch(input_ids, positions, slots, qsl, seq_lens, tables, sample_rows,
-                      sample_seqs, loras, placeholders)
+                sampled.append(i)
+        n, num_tokens = len(seqs), len(input_ids)
+        start = np.array(starts, dtype=np.int64)                    # [num_seqs]
+        if num_tokens == n:     # decodes only: most steps
+            positions, token_rows, seq_lens, max_query_len = start, rows, start + 1, 1
+        else:
+            q_lens = np.diff(np.array(qsl, dtype=np.int64))         # [num_seqs]
+            token_rows = np.repeat(rows, q_lens)                    # [num_tokens]
+            positions = np.arange(num_tokens) + np.repeat(start - qsl[:-1], q_lens)
+            seq_lens, max_query_len = start + q_lens, int(q_lens.max())
+        table = self._block_tables.table
+        slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        return _Batch(
+            input_ids=np.array(input_ids, dtype=np.int64), positions=positions, slots=slots,
+            query_start_loc=qsl, seq_lens=seq_lens,
+            block_tables=self._block_tables.tables(rows, width),
+            sample_rows=np.array([qsl[i + 1] - 1 for i in sampled], dtype=np.int64),
+            sample_seqs=[seqs[i] for i in sampled],
+            seq_loras=None if self.lora is None else [self._states[s.req_id].lora
+                                                      for s in seqs],
+            placeholders=placeholders, max_query_len=max_query_len)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
         step that one fits, else an eager forward over the unpadded batch."""
         lora_slots = None if self.lora is None else self.lora.assign_slots(batch.seq_loras)
         graphs = self.graphs
-        tables, groups = self._shared_prefix_groups(batch)
+        groups = self._shared_prefix_groups(batch)
         if (graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens))
                 and saved_token_reads(groups, self.block_size) * self._kv_bytes_per_token
                 < SHARED_PREFIX_MIN_SAVED_BYTES):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
                               batch.block_tables, lora_slots, self._fill_placeholders(batch))
         if self.lora is not None and lora_slots is not None:
-            qsl = batch.query_start_loc
-            self.lora.set_step(lora_slots, [b - a for a, b in zip(qsl, qsl[1:])])
+            self.lora.set_step(lora_slots, batch.query_lens)
         dev = self.device
+        seq_lens = batch.seq_lens.tolist()
         meta = AttentionMetadata(
             slot_mapping=to_device(batch.slots, torch.int64, dev),
             query_start_loc=to_device(batch.query_start_loc, torch.int32, dev),
             seq_lens=to_device(batch.seq_lens, torch.int32, dev),
-            block_tables=to_device(tables if tables is not None else _np_tables(batch),
-                                   torch.int32, dev),
-            query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=batch.seq_lens,
-            max_query_len=batch.max_query_len, max_seq_len=max(batch.seq_lens),
+            block_tables=to_device(batch.block_tables, torch.int32, dev),
+            query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=seq_lens,
+            max_query_len=batch.max_query_len, max_seq_len=max(seq_lens),
             block_size=self.block_size, shared_prefix_groups=groups, workspace=self._workspace)
         input_ids = to_device(batch.input_ids, torch.int64, dev)
         fill = self._fill_placeholders(batch)
@@ -278,18 +280,17 @@ class ModelRunner:
         positions = to_device(batch.positions, torch.int64, dev)
         return self.model(input_ids, positions, self.kv_caches, meta)
 
-    def _shared_prefix_groups(self, batch: _Batch
-                              ) -> tuple[np.ndarray | None, list[PrefixGroup]]:
+    def _shared_prefix_groups(self, batch: _Batch) -> list[PrefixGroup]:
         """The step's decodes that share cached prefix blocks (none with shared-prefix
-        attention off), and the block tables as an array if finding them needed it."""
+        attention off)."""
         if not self.shared_prefix_attention:
-            return None, []
+            return []
         qsl = batch.query_start_loc
-        decodes = [i for i in range(len(batch.seq_lens)) if qsl[i + 1] - qsl[i] == 1]
-        if len(decodes) < 2 or not may_share([batch.block_tables[i][0] for i in decodes]):
-            return None, []
-        tables = _np_tables(batch)
-        return tables, shared_prefix_groups(tables, batch.seq_lens, decodes, self.block_size)
+        decodes = [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
+        tables = batch.block_tables
+        if len(decodes) < 2 or not may_share(tables[decodes, 0].tolist()):
+            return []
+        return shared_prefix_groups(tables, batch.seq_lens.tolist(), decodes, self.block_size)
 
     def _fill_placeholders(self, batch: _Batch) -> Callable[[torch.Tensor], None] | None:
         """What writes the previous step's sampled tokens (still on the device) over the
@@ -305,7 +306,7 @@ class ModelRunner:
     def _sample(self, hidden: torch.Tensor, batch: _Batch, pending: PendingStep) -> None:
         """Sample the batch's sampling rows; start copying the tokens (and logprobs) to the
         host, and keep the device tokens for the next step's placeholders."""
-        if not batch.sample_rows:
+        if not len(batch.sample_rows):
             self._last_sampled, self._last_rows = None, {}
             return
         rows = to_device(batch.sample_rows, torch.int64, self.device)

@@ -1,0 +1,18 @@
+"""benchmarks/scheduler_host.py runs as the README gives it and reports every phase."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "scheduler_host.py"
+
+
+def test_host_bench_reports_each_phase() -> None:
+    done = subprocess.run([sys.executable, str(SCRIPT), "--num-seqs", "12", "--steps", "5",
+                           "--repeats", "1", "--prompt-len", "40"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "scheduler_host" and result["num_seqs"] == 12
+    assert all(result[f"{phase}_us"] > 0 for phase in ("schedule", "prepare", "stage", "update"))
