@@ -144,6 +144,7 @@ class ModelRunner:
                           for _ in range(arch.num_hidden_layers)]
         self.sampler = Sampler(arch.vocab_size, device)
         self._states: dict[str, _ReqState] = {}
+        self._prompt_logprob_ids: set[str] = set()    # requests that asked for them
         self.lora = lora
         self.shared_prefix_attention = shared_prefix_attention
         self._workspace = Workspace()   # scratch the attention keeps across eager steps
@@ -201,12 +202,15 @@ class ModelRunner:
     def _update_states(self, sched: SchedulerOutput) -> None:
         for rid in sched.finished_req_ids:
             self._states.pop(rid, None)
+            self._prompt_logprob_ids.discard(rid)
             self._block_tables.remove(rid)
             self.sampler.remove_request(rid)
         for new in sched.new_requests:
             p = new.params
             self._states[new.req_id] = _ReqState(new.prompt_token_ids, p.logprobs,
                                                  p.prompt_logprobs, new.lora)
+            if p.prompt_logprobs is not None:
+                self._prompt_logprob_ids.add(new.req_id)
             stop_ids = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
             self.sampler.add_request(new.req_id, p, new.prompt_token_ids, stop_ids)
 
@@ -326,6 +330,8 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
                          pending: PendingStep) -> None:
         """Score prompt tokens 1..P-1 from the hidden states of positions 0..P-2 in this chunk."""
+        if not self._prompt_logprob_ids:
+            return
         qsl = batch.query_start_loc
         for i, seq in enumerate(seqs):
             state = self._states[seq.req_id]
