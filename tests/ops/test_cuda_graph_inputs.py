@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,13 +57,18 @@ def test_bucket_size_is_the_smallest_that_holds_the_batch() -> None:
     assert bucket_size(sizes, 17) is None
 
 
-def test_decode_inputs_pad_rows_up_to_the_bucket() -> None:
+@pytest.mark.parametrize("as_given", [
+    lambda x: x,                                                    # lists
+    lambda x: np.array(x, dtype=np.int32 if isinstance(x[0], list) else np.int64)],  # runner's
+    ids=["lists", "arrays"])
+def test_decode_inputs_pad_rows_up_to_the_bucket(as_given: Callable[[list], object]) -> None:
     inputs = DecodeInputs(max_size=8, max_blocks_per_seq=6, device=CPU)
-    inputs.load([11, 12, 13, 14, 15], [3, 30, 17, 0, 5], [3, 94, 33, 80, 21], [4, 31, 18, 1, 6],
-                [[0, 0], [7, 5], [2, 0], [5, 0], [1, 0]], size=8)
+    inputs.load(*map(as_given, ([11, 12, 13, 14, 15], [3, 30, 17, 0, 5], [3, 94, 33, 80, 21],
+                                [4, 31, 18, 1, 6], [[0, 0], [7, 5], [2, 0], [5, 0], [1, 0]])),
+                size=8)
     # A smaller step next: its rows come first, the rest of its bucket is padding.
-    inputs.load([21, 22, 23], [4, 31, 18], [4, 95, 34], [5, 32, 19],
-                [[9, 0], [7, 5], [2, 3]], size=4)
+    inputs.load(*map(as_given, ([21, 22, 23], [4, 31, 18], [4, 95, 34], [5, 32, 19],
+                                [[9, 0], [7, 5], [2, 3]])), size=4)
     assert inputs.tokens[:, :4].tolist() == [[21, 22, 23, 0], [4, 31, 18, 0], [4, 95, 34, -1]]
     assert inputs.seq_lens[:4].tolist() == [5, 32, 19, 1]
     assert inputs.block_tables[:3, :2].tolist() == [[9, 0], [7, 5], [2, 3]]
