@@ -166,22 +166,22 @@ def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, s
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)
     b, max_len = plan.decode_slots.shape
     slots = plan.decode_slots.flatten()
-    shape = (b * max_len, num_kv_heads, head_dim)
+    shape = (2, b * max_len, num_kv_heads, head_dim)
     ws = plan.workspace
-    if ws is None:
-        k, v = flat[0].index_select(0, slots), flat[1].index_select(0, slots)
-    else:   # into buffers written before: a fresh one page-faults on the CPU (Workspace)
-        k = torch.index_select(flat[0], 0, slots,
-                               out=ws.get("decode_k", shape, flat.dtype, flat.device))
-        v = torch.index_select(flat[1], 0, slots,
-                               out=ws.get("decode_v", shape, flat.dtype, flat.device))
-    k = k.view(b, max_len, num_kv_heads, head_dim)
-    v = v.view(b, max_len, num_kv_heads, head_dim)
-    q = query[plan.decode_rows].unsqueeze(2)               # [b, num_heads, 1, head_dim]
+    # keys and values in one gather; into a buffer written before, if the runner keeps one
+    # (a fresh one page-faults on the CPU, see Workspace)
+    kv = torch.index_select(flat, 1, slots, out=None if ws is None else
+                            ws.get("decode_kv", shape, flat.dtype, flat.device))
+    kv = kv.view(2, b, max_len, num_kv_heads, head_dim)
+    every_row = plan.decode_rows.shape[0] == query.shape[0]   # a decode-only step: in order
+    q = (query if every_row else query[plan.decode_rows]).unsqueeze(2)  # [b, heads, 1, d]
     o = F.scaled_dot_product_attention(
-        q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.decode_mask,
+        q, kv[0].transpose(1, 2), kv[1].transpose(1, 2), attn_mask=plan.decode_mask,
         scale=scale, enable_gqa=num_kv_heads != q.shape[1])  # [b, num_heads, 1, head_dim]
-    out[plan.decode_rows] = o.squeeze(2)
+    if every_row:
+        out.copy_(o.squeeze(2))
+    else:
+        out[plan.decode_rows] = o.squeeze(2)
 
 
 def _decode_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor, group: _SharedPrefix,
