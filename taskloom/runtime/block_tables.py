@@ -38,6 +38,11 @@ class BlockTables:
     def num_rows(self) -> int:
         return self.table.shape[0]
 
+    @property
+    def num_requests(self) -> int:
+        """Requests holding a row."""
+        return len(self._row_of)
+
     def sync(self, seqs: Sequence[_HasBlocks]) -> tuple[np.ndarray, int]:
         """Bring the rows of `seqs` up to date with their block lists; their rows [num_seqs]
         and the most blocks any of them holds (the step's table width)."""

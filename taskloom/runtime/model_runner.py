@@ -164,6 +164,14 @@ class ModelRunner:
                                        None if lora is None else lora.state)
             self.graphs.capture()
 
+    @property
+    def num_requests(self) -> int:
+        """Requests the runner keeps state for (sampling state, a block-table row): every
+        one it has seen that the scheduler has not yet reported finished, which it does
+        with the next step."""
+        assert self._block_tables.num_requests <= len(self._states)
+        return len(self._states)
+
     @torch.inference_mode()
     def submit(self, sched: SchedulerOutput) -> PendingStep:
         """Queue the step's forward and sampling; the results come with `result()`."""

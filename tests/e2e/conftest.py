@@ -13,6 +13,8 @@ def assert_pool_full(llm: LLM) -> None:
     assert not sched.has_unfinished and not llm.engine.has_unfinished
     assert sched.kv.num_free_blocks == sched.kv.num_blocks, "KV blocks leaked"
     assert not sched.kv.block_tables
+    llm.engine.step()       # an empty step tells the runner which requests finished last
+    assert llm.engine.runner.num_requests == 0, "the runner kept finished requests' state"
 
 
 @pytest.fixture(scope="session")
