@@ -15,10 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 
+from taskloom.bench.common import run_info
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
 from taskloom.engine.outputs import RunnerOutput
@@ -86,7 +88,9 @@ def main() -> None:
     runs = [run(a.num_seqs, a.steps, a.prompt_len, a.prefix_caching) for _ in range(a.repeats)]
     print(json.dumps({"bench": "scheduler_host", "num_seqs": a.num_seqs, "steps": a.steps,
                       "prefix_caching": a.prefix_caching,
-                      **{f"{p}_us": round(min(r[p] for r in runs) * 1e6, 1) for p in PHASES}}))
+                      **{f"{p}_us": round(min(r[p] for r in runs) * 1e6, 1) for p in PHASES},
+                      **run_info("cpu"),
+                      "command": " ".join(["python benchmarks/scheduler_host.py"] + sys.argv[1:])}))
 
 
 if __name__ == "__main__":
