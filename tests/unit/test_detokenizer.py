@@ -2,6 +2,7 @@
 SentencePiece-style tokenizer whose decoder strips the leading space."""
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 
@@ -104,3 +105,36 @@ def test_first_output_token_without_prompt(spm_like: Tokenizer) -> None:
     detok = IncrementalDetokenizer(spm_like, [])
     assert stream(detok, ids) == ["Hello", " world", " you"]
     assert detok.text == "Hello world you"
+
+
+class _PythonOnly:
+    """The tokenizer's decode alone: the detokenizer's Python steps, not DecodeStream."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.decode = tokenizer.decode
+
+
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_decode_stream_emits_what_the_python_steps_emit(tokenizer: Tokenizer, spm_like: Tokenizer,
+                                                        skip: bool, seed: int) -> None:
+    """Random ids (characters split across byte tokens, special tokens, pieces that decode
+    differently alone), after prompts of 0 to 9 tokens, one or several at a time: the same
+    deltas, the same flush and the same text by either path."""
+    rng = random.Random(seed)
+    fast_cases = 0
+    for tok in (tokenizer, spm_like):
+        vocab = tok.vocab_size
+        for _ in range(12):
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(10))]
+            fast = IncrementalDetokenizer(tok, prompt, skip)
+            slow = IncrementalDetokenizer(_PythonOnly(tok), prompt, skip)
+            assert slow._stream is None
+            fast_cases += fast._stream is not None
+            for _ in range(40):
+                ids = [rng.randrange(vocab) for _ in range(rng.choice((1, 1, 1, 3)))]
+                assert fast.push(ids) == slow.push(ids)
+            assert fast.flush() == slow.flush()
+            assert fast.text == slow.text
+    assert fast_cases >= 16     # of 24: a prompt ending mid-character takes the Python steps
+
