@@ -1,4 +1,4 @@
-"""benchmarks/scheduler_host.py runs as the README gives it and reports every phase."""
+"""The host benchmarks in benchmarks/ run as the README gives them and report what they say."""
 from __future__ import annotations
 
 import json
@@ -16,3 +16,14 @@ def test_host_bench_reports_each_phase() -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "scheduler_host" and result["num_seqs"] == 12
     assert all(result[f"{phase}_us"] > 0 for phase in ("schedule", "prepare", "stage", "update"))
+
+
+def test_detokenizer_bench_reports_a_time_per_token(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text("Hello 🌍! naïve café. " * 20, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "detokenizer_host.py"),
+                           "--text", str(text), "--repeats", "1"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "detokenizer_host" and result["tokens"] > 50
+    assert result["us_per_token"] > 0 and result["commit"]
