@@ -297,9 +297,11 @@ class ModelRunner:
         attention off)."""
         if not self.shared_prefix_attention:
             return []
-        qsl = batch.query_start_loc
-        decodes = [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
-        tables = batch.block_tables
+        qsl, tables = batch.query_start_loc, batch.block_tables
+        if batch.max_query_len == 1:    # decodes only: every row
+            decodes: Sequence[int] = range(len(qsl) - 1)
+        else:
+            decodes = [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
         if len(decodes) < 2 or not may_share(tables[decodes, 0].tolist()):
             return []
         return shared_prefix_groups(tables, batch.seq_lens.tolist(), decodes, self.block_size)
