@@ -66,15 +66,28 @@ class RequestOutput:
 
 def add_delta(total: RequestOutput | None, delta: RequestOutput) -> RequestOutput:
     """Fold a DELTA output into the cumulative output of the same request (None before the
-    first); `delta` is taken over, not copied. Completions stay in index order."""
+    first); `delta` is taken over, not copied. Completions stay in index order, and each
+    one's `text_delta` / `token_ids_delta` is the latest delta's."""
     if total is None:
         total = delta
         delta_outputs, total.outputs = delta.outputs, []
-    else:
-        delta_outputs = delta.outputs
-        total.finished, total.error = delta.finished, delta.error
+        return _fold(total, delta_outputs, concat_deltas=False)
+    total.finished, total.error = delta.finished, delta.error
+    return _fold(total, delta.outputs, concat_deltas=False)
+
+
+def merge_deltas(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """Fold a request's DELTA output into its previous one, not yet read: one delta covering
+    both steps (`newer` is taken over). What a reader that falls behind the engine takes
+    instead of the two (`taskloom.engine.client.OutputStream`)."""
+    older.finished, older.error = newer.finished, newer.error
+    return _fold(older, newer.outputs, concat_deltas=True)
+
+
+def _fold(total: RequestOutput, deltas: list[CompletionOutput],
+          concat_deltas: bool) -> RequestOutput:
     by_index = {c.index: c for c in total.outputs}
-    for d in delta_outputs:
+    for d in deltas:
         c = by_index.get(d.index)
         if c is None:
             total.outputs.append(d)
@@ -84,6 +97,10 @@ def add_delta(total: RequestOutput | None, delta: RequestOutput) -> RequestOutpu
         if c.logprobs is not None and d.logprobs is not None:
             c.logprobs.extend(d.logprobs)
         c.finish_reason, c.stop_reason = d.finish_reason, d.stop_reason
-        c.text_delta, c.token_ids_delta = d.text_delta, d.token_ids_delta
+        if concat_deltas:
+            c.text_delta += d.text_delta
+            c.token_ids_delta.extend(d.token_ids_delta)
+        else:
+            c.text_delta, c.token_ids_delta = d.text_delta, d.token_ids_delta
     total.outputs.sort(key=lambda c: c.index)
     return total

@@ -34,7 +34,8 @@ class RequestResult:
     output_tokens: int = 0
     ttft: float = 0.0
     e2e: float = 0.0
-    itl: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)   # between chunks that carry output
+    chunks: int = 0                                   # of those chunks
 
 
 def make_prompts(num: int, input_len: int, seed: int) -> list[str]:
@@ -69,6 +70,7 @@ async def _one(client: httpx.AsyncClient, body: dict) -> RequestResult:
                            for c in chunk.get("choices", [])):
                     continue
                 now = time.perf_counter()
+                res.chunks += 1
                 if res.ttft == 0.0:
                     res.ttft = now - start
                 else:
@@ -136,6 +138,9 @@ def summarize(a: argparse.Namespace, model: str, results: list[RequestResult],
         "total_tokens_per_s": round((n_in + n_out) / duration, 2),
         "ttft": _percentiles([r.ttft for r in done]),
         "itl": _percentiles([x for r in done for x in r.itl]),
+        # above 1 when the server sends a client's tokens of several steps in one chunk (it
+        # does when it falls behind the engine: taskloom.engine.client.OutputStream)
+        "tokens_per_chunk": round(n_out / max(sum(r.chunks for r in done), 1), 3),
         "e2e": _percentiles([r.e2e for r in done]),
         "commit": git_commit(), "date": utc_now(),
     }

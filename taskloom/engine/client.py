@@ -13,13 +13,14 @@ import asyncio
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from taskloom.engine.core import EngineCore
 from taskloom.lora.request import LoRARequest
-from taskloom.outputs import OutputKind, RequestOutput
+from taskloom.outputs import OutputKind, RequestOutput, merge_deltas
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -39,6 +40,68 @@ class EngineStats:
 
 class EngineDeadError(RuntimeError):
     """The engine thread hit an unexpected error and stopped; every request fails with it."""
+
+
+class OutputStream:
+    """Where the outputs of one or more requests wait for the task that reads them: a FIFO
+    queue, except that a request's output arriving while its previous one is still unread
+    joins it. A DELTA output is folded into the unread one (`merge_deltas`), a CUMULATIVE one
+    takes its place. A reader that falls behind the engine (a server streaming to many
+    clients, its event loop busier than a step is long) then takes one output per request
+    with every token since its last read, instead of working through a backlog one token at
+    a time: its work per step follows the number of streams, not of tokens, and it catches
+    up. vLLM's RequestOutputCollector does the same. Exceptions are queued in order and never
+    merged. Used on the event loop only."""
+
+    def __init__(self) -> None:
+        self._order: deque[str | BaseException] = deque()  # request ids of unread outputs
+        self._unread: dict[str, RequestOutput] = {}
+        self._kinds: dict[str, OutputKind] = {}
+        self._ready = asyncio.Event()
+
+    def track(self, request_id: str, kind: OutputKind) -> None:
+        """Say what form `request_id`'s outputs come in (CUMULATIVE if never said)."""
+        self._kinds[request_id] = kind
+
+    def put_nowait(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, RequestOutput):
+            rid = item.request_id
+            unread = self._unread.get(rid)
+            if unread is not None:
+                if self._kinds.get(rid) is OutputKind.DELTA:
+                    merge_deltas(unread, item)
+                else:
+                    self._unread[rid] = item
+                return
+            self._unread[rid] = item
+            self._order.append(rid)
+        else:
+            self._order.append(item)
+        self._ready.set()
+
+    def get_nowait(self) -> RequestOutput | BaseException | None:
+        """The oldest unread item, or None if there is none."""
+        if not self._order:
+            return None
+        head = self._order.popleft()
+        if isinstance(head, BaseException):
+            return head
+        out = self._unread.pop(head)
+        if out.finished:
+            self._kinds.pop(head, None)
+        return out
+
+    async def get(self) -> RequestOutput | BaseException:
+        """Wait for the oldest unread item."""
+        while not self._order:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self.get_nowait()
+        assert item is not None
+        return item
+
+    def __len__(self) -> int:
+        return len(self._order)
 
 
 @dataclass
@@ -72,7 +135,7 @@ class AsyncEngineClient:
         self.core = core
         self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -131,20 +194,21 @@ class AsyncEngineClient:
                 self.abort(request_id)
 
     async def add(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                  prompt: str | None = None, stream: asyncio.Queue | None = None,
+                  prompt: str | None = None, stream: OutputStream | None = None,
                   lora: LoRARequest | None = None,
-                  output_kind: OutputKind = OutputKind.CUMULATIVE
-                  ) -> asyncio.Queue[RequestOutput | BaseException]:
-        """Queue a request in the engine and return the queue its outputs arrive on (`stream`
-        if given: several requests may share one queue and tell outputs apart by id), in the
-        form `output_kind` asks for (taskloom.outputs)."""
+                  output_kind: OutputKind = OutputKind.CUMULATIVE) -> OutputStream:
+        """Queue a request in the engine and return the stream its outputs arrive on (`stream`
+        if given: several requests may share one and tell outputs apart by id), in the form
+        `output_kind` asks for (taskloom.outputs); outputs the reader has not taken yet join
+        the next (see OutputStream)."""
         if self.error is not None or self._thread is None:
             raise EngineDeadError("the engine is not running"
                                   + (f": it failed with {self.error}" if self.error else ""))
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if stream is None:
-            stream = asyncio.Queue()
+            stream = OutputStream()
+        stream.track(request_id, output_kind)
         self._streams[request_id] = stream
         done: Future = Future()
         with self._lock:

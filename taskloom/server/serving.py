@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from taskloom.engine.client import AsyncEngineClient, EngineDeadError
+from taskloom.engine.client import AsyncEngineClient, EngineDeadError, OutputStream
 from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest
 from taskloom.outputs import OutputKind, RequestOutput
@@ -181,7 +181,8 @@ class EngineJob:
         self.raw = raw
         self.id = new_response_id(prefix)
         self.created = int(time.time())
-        self.queue: asyncio.Queue = asyncio.Queue()
+        # every prompt's outputs; a prompt's unread DELTA outputs join (see OutputStream)
+        self.queue = OutputStream()
         self.entries: list[_Entry] = []
         self.prompt_token_ids: list[list[int]] = []   # per prompt admitted
         self.num_prompt_tokens = 0

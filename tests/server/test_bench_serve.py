@@ -52,6 +52,7 @@ def test_bench_serve_token_ids_against_a_server_without_tokenizer(tmp_path: Path
         assert r["completed"] == 6 and r["failed"] == 0
         assert r["prompts"] == "token_ids" and r["output_tokens_per_s"] > 0
         assert 0 < r["ttft"]["p50_ms"] and 0 < r["itl"]["p50_ms"]
+        assert 1 <= r["tokens_per_chunk"] <= 8      # a chunk carries one step's or more
         wait_idle(llm)
     finally:
         st.stop()
