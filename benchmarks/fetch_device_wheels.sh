@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetch, on this machine, the Python 3.12 wheels of the HTTP stack that the device image lacks
-# (FastAPI, Starlette, uvicorn, pydantic and what they need beyond the image's packages), into
+# (FastAPI, Starlette, uvicorn with uvloop and httptools, pydantic and what they need beyond the
+# image's packages), into
 # .whl/, which git ignores through .git/info/exclude. A device call that serves (run_gpu.sh
 # serve) names .whl in its carry; run_gpu.sh installs them first. The versions are the ones
 # this checkout's .venv runs, so the device serves with what the tests here ran.
@@ -10,8 +11,8 @@ PY=${PY:-.venv/bin/python}
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 pins=$("$PY" - <<'PYEOF'
 from importlib.metadata import version
-names = ["fastapi", "starlette", "uvicorn", "pydantic", "pydantic-core", "annotated-types",
-         "typing-inspection", "opentelemetry-api"]
+names = ["fastapi", "starlette", "uvicorn", "uvloop", "httptools", "pydantic",
+         "pydantic-core", "annotated-types", "typing-inspection", "opentelemetry-api"]
 print(" ".join(f"{n}=={version(n)}" for n in names))
 PYEOF
 )
