@@ -17,6 +17,9 @@
 # every decode attending alone (--no-shared-prefix-attention), then caching off.
 # random (200) 512 x (32-1024 in, 256 out); the HF generate_batch peer (about 435 output tok/s
 # on an H100) runs a 128-prompt workload of the same distribution, which taskloom runs too.
+# kernels (120) each op of a layer alone at the 8B shapes (batches 1/64/256, contexts 512 and
+# 2048, an 8,192-token prefill chunk): GB/s or TFLOP/s against the copy and matmul ceilings,
+# error against the torch reference, and a sweep of the attention kernels' launch settings.
 # async (100) 256/256 with --async-scheduling. latency_async (60) batches 1 and 64 with
 # --async-scheduling. lora (160) 1/8/64 adapters vs the base.
 # long (200) 256 x 1024/1024. serve (200; only when named) taskloom serve with the 8B shape
@@ -45,6 +48,7 @@ fi
 export PYTHONUNBUFFERED=1
 SHAPE=${SHAPE:-"--random-weights --model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096"}
 SMOKE_SHAPE=${SMOKE_SHAPE:-"--random-weights --model smollm2-135m --device cuda --dtype bfloat16"}
+KERNELS=${KERNELS:-"--model llama-3.1-8b --device cuda --dtype bfloat16 --max-model-len 4096 --sweep --sweep-budget 60"}
 BATCH="--max-num-seqs 256 --max-num-batched-tokens 8192"
 # after each timed run, 16 steps of the workload under torch.profiler: where the time went
 # (kernels by category, device busy fraction) in the result, the Chrome traces in traces.tgz
@@ -110,6 +114,9 @@ stage_random() {
   bench random bench throughput $SHAPE --num-prompts 512 --input-len-range 32 1024 \
     --output-len 256 $BATCH --peer hf --peer-num-prompts 128 $PROFILE
 }
+stage_kernels() {
+  bench kernels bench kernels $KERNELS
+}
 stage_async() {
   bench async bench throughput $SHAPE --num-prompts 1000 --input-len 256 --output-len 256 \
     $BATCH --async-scheduling
@@ -157,9 +164,10 @@ PY
 }
 
 declare -A CAP=([smoke]=60 [tests]=180 [latency]=150 [throughput]=100 [prefix]=180
-                [random]=200 [async]=100 [latency_async]=60 [lora]=160 [long]=200 [serve]=200)
+                [random]=200 [kernels]=120 [async]=100 [latency_async]=60 [lora]=160
+                [long]=200 [serve]=200)
 stages=("$@")
-[ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random async
+[ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random kernels async
                                  latency_async lora long)
 for s in "${stages[@]}"; do
   [ -n "${CAP[$s]:-}" ] || { echo "unknown stage $s (one of ${!CAP[*]})"; exit 2; }

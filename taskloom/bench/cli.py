@@ -93,6 +93,34 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "without a tokenizer (--random-weights with a named shape)")
     sv.add_argument("--output-json", default=None, help="also write the result to this file")
     sv.set_defaults(func=_run_serve)
+    kn = kinds.add_parser("kernels", help="each op of a decoder layer alone at a model's "
+                                          "shapes: time, GB/s or TFLOP/s, error vs torch")
+    kn.add_argument("--model", default="llama-3.1-8b",
+                    help="a named shape or a config.json (weights are random)")
+    kn.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    kn.add_argument("--device", default="cuda")
+    kn.add_argument("--ops", choices=["auto", "torch", "triton"], default="auto",
+                    help="auto: the Triton kernels on CUDA, the torch references elsewhere; "
+                         "triton on a CPU needs TRITON_INTERPRET=1")
+    kn.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 64, 256],
+                    help="decode batches: one token per sequence")
+    kn.add_argument("--context-lens", type=int, nargs="+", default=[512, 2048],
+                    help="tokens each sequence of a decode batch attends to")
+    kn.add_argument("--prefill-tokens", type=int, nargs="+", default=[8192])
+    kn.add_argument("--prompt-len", type=int, default=1024,
+                    help="tokens of each prompt in the prefill chunk (extend attention)")
+    kn.add_argument("--max-model-len", type=int, default=4096,
+                    help="what CUDA graphs are captured for: fixes their decode splits")
+    kn.add_argument("--block-size", type=int, default=16)
+    kn.add_argument("--repeats", type=int, default=5, help="timed calls per case on a CPU")
+    kn.add_argument("--sweep", action="store_true",
+                    help="also time the attention kernels at other launch settings (keys "
+                         "per tile, warps, pipeline stages)")
+    kn.add_argument("--sweep-budget", type=float, default=120.0, metavar="SECONDS",
+                    help="stop sweeping after this long (compiling the settings takes most "
+                         "of it); what was timed is kept")
+    kn.add_argument("--output-json", default=None, help="also write the result to this file")
+    kn.set_defaults(func=_run_kernels)
     sm = kinds.add_parser("summary", help="a line per result of a results file (JSON lines), "
                                           "and speedups between results of one workload")
     sm.add_argument("results", help="a file of benchmark JSON lines, e.g. run_gpu.sh's")
@@ -124,6 +152,14 @@ def _run_latency(a: argparse.Namespace) -> int:
               f"{100 * r['fraction_of_matmul_flops']:.0f}% of matmul)  decode "
               f"{r['decode_tokens_per_s']:9.1f} tok/s  {r['achieved_gb_per_s']:8.1f} GB/s "
               f"({100 * r['fraction_of_copy_bandwidth']:.0f}% of copy)")
+    return _emit(result, a.output_json)
+
+
+def _run_kernels(a: argparse.Namespace) -> int:
+    from taskloom.bench.kernels import run_kernels
+    from taskloom.bench.summary import result_lines
+    result = run_kernels(a)
+    print("\n".join(result_lines(result)))
     return _emit(result, a.output_json)
 
 

@@ -97,6 +97,36 @@ def _latency_lines(r: dict) -> list[str]:
     return lines
 
 
+def _kernel_shape(row: dict) -> str:
+    if row["op"] == "decode_attention":
+        return f"batch {row['batch']}, context {row['context']}, splits {row['splits']}"
+    if row["op"] == "extend_attention":
+        return f"{row['seqs']} x {row['prompt_len']} tokens"
+    return f"{row['phase']} {row['tokens']} tokens"
+
+
+def _kernels_lines(r: dict) -> list[str]:
+    lines = [f"kernels ({r['ops']}, {r['model']} {r['dtype']}; copy "
+             f"{r['copy_bandwidth_gb_per_s']} GB/s, matmul {r['matmul_tflops']} TFLOP/s):"]
+    for row in r["results"]:
+        if "gb_per_s" in row:
+            rate = f"{row['gb_per_s']} GB/s = {row['fraction_of_copy_bandwidth']:.2f} of copy"
+        else:
+            rate = f"{row['tflops']} TFLOP/s = {row['fraction_of_matmul_flops']:.2f} of matmul"
+        err = (f", max |diff| vs torch {row['max_abs_diff_vs_torch']}"
+               if "max_abs_diff_vs_torch" in row else "")
+        lines.append(f"  {row['op']} ({_kernel_shape(row)}): {row['us']} us, {rate}{err}")
+    for b in r.get("best", []):
+        if b["best_launch"] is None:
+            lines.append(f"  sweep {b['op']} ({_kernel_shape(b)}): no setting ran")
+            continue
+        launch = ", ".join(f"{k} {v}" for k, v in b["best_launch"].items())
+        lines.append(f"  sweep {b['op']} ({_kernel_shape(b)}; {b['settings_timed']} of "
+                     f"{b['settings']} settings timed): best {launch}: {b['best_us']} us, "
+                     f"{b['speedup']}x the default's {b['default_us']} us")
+    return lines
+
+
 def result_lines(r: dict) -> list[str]:
     """What one benchmark result says, in a line or a few."""
     kind = r.get("bench")
@@ -104,6 +134,8 @@ def result_lines(r: dict) -> list[str]:
         return _throughput_lines(r)
     if kind == "latency":
         return _latency_lines(r)
+    if kind == "kernels":
+        return _kernels_lines(r)
     if kind == "lora":
         return [f"lora {r['num_prompts']}x{r['input_len']}/{r['output_len']}, base "
                 f"{r['base']['output_tokens_per_s']:.0f} out tok/s: " + ", ".join(

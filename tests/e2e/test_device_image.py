@@ -28,7 +28,8 @@ BLOCKED = set(sys.argv[1].split(",")) if sys.argv[1] else set()
 sys.meta_path.insert(0, Refuse())
 if BLOCKED:
     import taskloom.api, taskloom.cli
-    import taskloom.bench.latency, taskloom.bench.lora, taskloom.bench.peers
+    import taskloom.bench.kernels, taskloom.bench.latency, taskloom.bench.lora
+    import taskloom.bench.peers
     import taskloom.bench.summary, taskloom.bench.throughput
 
 class Ids:

@@ -121,3 +121,33 @@ def test_shared_prefix_attention_pairs_with_results_that_predate_it() -> None:
         "2.0 s)" in lines
     assert "prefix caching on vs off, 200x2000+64/64: 10.00x (20.0 s -> 2.0 s)" in lines
     assert len(lines) == 2
+
+
+def test_kernels_lines_name_each_op_and_the_sweeps_best() -> None:
+    r = {"bench": "kernels", "ops": "triton", "model": "llama-3.1-8b", "dtype": "bfloat16",
+         "copy_bandwidth_gb_per_s": 4300.0, "matmul_tflops": 788.2,
+         "results": [
+             {"op": "lm_head", "phase": "decode", "tokens": 1, "us": 300.1, "gb_per_s": 3500.0,
+              "fraction_of_copy_bandwidth": 0.814},
+             {"op": "decode_attention", "phase": "decode", "batch": 256, "context": 2048,
+              "splits": 2, "us": 700.0, "gb_per_s": 3100.0, "fraction_of_copy_bandwidth": 0.721,
+              "max_abs_diff_vs_torch": 0.0078},
+             {"op": "extend_attention", "phase": "prefill", "seqs": 8, "prompt_len": 1024,
+              "us": 900.0, "tflops": 310.5, "fraction_of_matmul_flops": 0.394}],
+         "best": [
+             {"op": "decode_attention", "phase": "decode", "batch": 256, "context": 2048,
+              "splits": 2, "default_us": 700.0, "settings_timed": 20, "settings": 27,
+              "best_launch": {"block_n": 128, "num_warps": 8}, "best_us": 560.0,
+              "speedup": 1.25},
+             {"op": "extend_attention", "phase": "prefill", "seqs": 8, "prompt_len": 1024,
+              "default_us": 900.0, "settings_timed": 0, "settings": 54, "best_launch": None,
+              "best_us": None, "speedup": None}]}
+    assert result_lines(r) == [
+        "kernels (triton, llama-3.1-8b bfloat16; copy 4300.0 GB/s, matmul 788.2 TFLOP/s):",
+        "  lm_head (decode 1 tokens): 300.1 us, 3500.0 GB/s = 0.81 of copy",
+        "  decode_attention (batch 256, context 2048, splits 2): 700.0 us, 3100.0 GB/s = 0.72 "
+        "of copy, max |diff| vs torch 0.0078",
+        "  extend_attention (8 x 1024 tokens): 900.0 us, 310.5 TFLOP/s = 0.39 of matmul",
+        "  sweep decode_attention (batch 256, context 2048, splits 2; 20 of 27 settings timed): "
+        "best block_n 128, num_warps 8: 560.0 us, 1.25x the default's 700.0 us",
+        "  sweep extend_attention (8 x 1024 tokens): no setting ran"]

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from taskloom.ops.triton.paged_kv import (
     LOG2E,
+    TileConfig,
     attend_key_range,
     check_paged_inputs,
     dot_precision,
@@ -44,6 +45,8 @@ TARGET_PROGRAMS = 512      # split until about this many programs share the GPU
 PREFIX_BLOCK_M = 64        # (member, query head) rows of a shared-prefix tile
 MIN_SPLIT_TOKENS = 256     # ... but never below this many context tokens per split
 MAX_SPLITS = 32
+# The split and shared-prefix passes' launch (read at each launch; see TileConfig).
+DECODE_TILES = TileConfig()
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
@@ -262,8 +265,8 @@ def _decode_with_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor,
             GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=kv_cache.shape[2],
             FIRST_SLOT=suffix_splits, NUM_SLOTS=slots, PREFIX_SPLITS=prefix_splits,
             BLOCK_M=shared.block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-            BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
-            num_warps=4)
+            BLOCK_N=DECODE_TILES.keys_per_tile(head_dim),
+            DOT_PRECISION=dot_precision(query.dtype), **DECODE_TILES.launch_options())
     _reduce(partial, lse, out)
     return out
 
@@ -297,5 +300,5 @@ def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         NUM_SPLITS=num_splits, NUM_SLOTS=partial.shape[2], HAS_FIRST=first is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=4)
+        BLOCK_N=DECODE_TILES.keys_per_tile(head_dim), DOT_PRECISION=dot_precision(query.dtype),
+        **DECODE_TILES.launch_options())

@@ -15,6 +15,7 @@ import triton.language as tl
 
 from taskloom.ops.triton.paged_kv import (
     LOG2E,
+    TileConfig,
     check_paged_inputs,
     dot_precision,
     kv_token_offsets,
@@ -22,6 +23,7 @@ from taskloom.ops.triton.paged_kv import (
 )
 
 BLOCK_ROWS = 64            # query rows (tokens x heads of a group) per program
+EXTEND_TILES = TileConfig()   # read at each launch (see TileConfig)
 
 
 @triton.jit
@@ -100,6 +102,6 @@ def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=64 if head_dim <= 128 else 32, DOT_PRECISION=dot_precision(query.dtype),
-        num_warps=4)
+        BLOCK_N=EXTEND_TILES.keys_per_tile(head_dim), DOT_PRECISION=dot_precision(query.dtype),
+        **EXTEND_TILES.launch_options())
     return out

@@ -7,11 +7,38 @@ take its key and value halves as two pointers with the same strides.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # softmax runs in base 2: exp(x) == exp2(x * LOG2E)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How an attention kernel is launched: keys per tile (`block_n`; None: 64 for head_dim
+    up to 128, else 32), warps, and software-pipeline stages (None: Triton's default). Each
+    kernel module holds its config in a module variable, read at every launch, so that
+    `taskloom bench kernels --sweep` can time others in place."""
+
+    block_n: int | None = None
+    num_warps: int = 4
+    num_stages: int | None = None
+
+    def keys_per_tile(self, head_dim: int) -> int:
+        if self.block_n is not None:
+            return self.block_n
+        return 64 if head_dim <= 128 else 32
+
+    def launch_options(self) -> dict[str, Any]:
+        """The launch's num_warps / num_stages keyword arguments."""
+        options: dict[str, Any] = {"num_warps": self.num_warps}
+        if self.num_stages is not None:
+            options["num_stages"] = self.num_stages
+        return options
 
 
 @triton.jit
