@@ -19,7 +19,8 @@ from taskloom.server.errors import bad_request
 from taskloom.server.protocol import ChatCompletionRequest
 from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
                                      make_params)
-from taskloom.server.streaming import collect, completion_tokens, sse_response, usage
+from taskloom.server.streaming import (Encoded, Envelope, collect, completion_tokens,
+                                      sse_response, usage)
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
@@ -76,9 +77,13 @@ def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompl
 
 
 async def _chunks(job: EngineJob, body: ChatCompletionRequest
-                  ) -> AsyncIterator[dict[str, Any]]:
+                  ) -> AsyncIterator[dict[str, Any] | Encoded]:
+    envelope = Envelope({"id": job.id, "object": "chat.completion.chunk",
+                         "created": job.created, "model": job.ctx.response_model(body.model)},
+                        body.include_usage)
     for index in range(body.n):
-        first = _chunk(job, body, index, {"role": "assistant", "content": ""}, None, None)
+        first = envelope.chunk([_choice(index, {"role": "assistant", "content": ""}, None,
+                                        None)])
         if body.return_token_ids:
             first["prompt_token_ids"] = job.prompt_token_ids[0]
         yield first
@@ -89,28 +94,19 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
                 lp = chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
             if c.text or c.finish_reason or (lp and lp["content"]) or (
                     body.return_token_ids and c.token_ids):
-                delta = {"content": c.text} if c.text else {}
-                chunk = _chunk(job, body, c.index, delta, lp, c.finish_reason)
+                choice = _choice(c.index, {"content": c.text} if c.text else {}, lp,
+                                 c.finish_reason)
                 if body.return_token_ids:
-                    chunk["choices"][0]["token_ids"] = c.token_ids
-                yield chunk
+                    choice["token_ids"] = c.token_ids
+                yield envelope.encode([choice])
     if body.include_usage:
-        yield {**_envelope(job, body, []),
+        yield {**envelope.chunk([]),
                "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}
 
 
-def _envelope(job: EngineJob, body: ChatCompletionRequest, choices: list) -> dict[str, Any]:
-    chunk = {"id": job.id, "object": "chat.completion.chunk", "created": job.created,
-             "model": job.ctx.response_model(body.model), "choices": choices}
-    if body.include_usage:
-        chunk["usage"] = None
-    return chunk
-
-
-def _chunk(job: EngineJob, body: ChatCompletionRequest, index: int, delta: dict,
-           logprobs: dict | None, finish: str | None) -> dict[str, Any]:
-    return _envelope(job, body, [{"index": index, "delta": delta, "logprobs": logprobs,
-                                  "finish_reason": finish}])
+def _choice(index: int, delta: dict, logprobs: dict | None, finish: str | None
+            ) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 def chat_logprobs(entries: list[PositionLogprobs] | None, token_ids: list[int],

@@ -18,7 +18,8 @@ from taskloom.server.errors import bad_request
 from taskloom.server.protocol import CompletionRequest
 from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, ServingContext,
                                      make_params)
-from taskloom.server.streaming import collect, completion_tokens, sse_response, usage
+from taskloom.server.streaming import (Encoded, Envelope, collect, completion_tokens,
+                                      sse_response, usage)
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest,
@@ -122,7 +123,10 @@ def completion_body(ctx: ModelContext, response_id: str, created: int, body: Com
             "usage": usage(num_prompt_tokens, completion_tokens(final))}
 
 
-async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict[str, Any]]:
+async def _chunks(job: EngineJob, body: CompletionRequest
+                  ) -> AsyncIterator[dict[str, Any] | Encoded]:
+    envelope = Envelope({"id": job.id, "object": "text_completion", "created": job.created,
+                         "model": job.ctx.response_model(body.model)}, body.include_usage)
     offsets: dict[tuple[int, int], int] = {}    # text sent per (prompt, sample)
     async for i, out in job.outputs():
         for c in out.outputs:              # only the new part of the samples that changed
@@ -142,18 +146,10 @@ async def _chunks(job: EngineJob, body: CompletionRequest) -> AsyncIterator[dict
                 if body.return_token_ids:
                     choice = _with_token_ids(choice, out.prompt_token_ids if first else None,
                                              c.token_ids)
-                yield _chunk(job, body, [choice])
+                yield envelope.encode([choice])
     if body.include_usage:
-        yield {**_chunk(job, body, []),
+        yield {**envelope.chunk([]),
                "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}
-
-
-def _chunk(job: EngineJob, body: CompletionRequest, choices: list[dict]) -> dict[str, Any]:
-    chunk = {"id": job.id, "object": "text_completion", "created": job.created,
-             "model": job.ctx.response_model(body.model), "choices": choices}
-    if body.include_usage:
-        chunk["usage"] = None
-    return chunk
 
 
 def completion_logprobs(entries: list[PositionLogprobs | None], token_ids: list[int],

@@ -2,15 +2,19 @@
 
 Counters of requests by outcome and of prompt / generated tokens; histograms of time to first
 token, inter-token latency and end-to-end latency; gauges of running and waiting sequences
-and KV-cache usage, read from the engine's latest stats at scrape time.
+and KV-cache usage, read from the engine's latest stats at scrape time. The two series fed
+for every streamed chunk (generated tokens, inter-token latency) are plain numbers on the
+event loop, exposed at scrape time (`_LoopSeries`): prometheus_client's locked counters and
+histograms cost several microseconds a chunk, on the loop that streams to every client.
 """
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from taskloom.engine.client import AsyncEngineClient
@@ -30,24 +34,18 @@ class ServerMetrics:
                                  labels + ["outcome"], registry=r)
         self._prompt_tokens = Counter("taskloom_prompt_tokens",
                                       "Prompt tokens of admitted requests", labels, registry=r)
-        self._generation_tokens = Counter("taskloom_generation_tokens", "Generated tokens",
-                                          labels, registry=r)
         self._ttft = Histogram("taskloom_time_to_first_token_seconds", "Time to first token",
                                labels, buckets=_LATENCY_BUCKETS, registry=r)
-        self._itl = Histogram("taskloom_inter_token_latency_seconds",
-                              "Time between consecutive output tokens", labels,
-                              buckets=_LATENCY_BUCKETS, registry=r)
         self._e2e = Histogram("taskloom_e2e_request_latency_seconds",
                               "Arrival to last token", labels, buckets=_LATENCY_BUCKETS,
                               registry=r)
         self.model_name = model_name
-        # This server's series, bound once: `labels()` is a dict lookup under a lock, and the
-        # token series are fed for every streamed chunk.
+        # This server's series, bound once: `labels()` is a dict lookup under a lock.
         self.prompt_tokens = self._prompt_tokens.labels(model_name)
-        self.generation_tokens = self._generation_tokens.labels(model_name)
         self.ttft = self._ttft.labels(model_name)
-        self.itl = self._itl.labels(model_name)
         self.e2e = self._e2e.labels(model_name)
+        self.tokens = _LoopSeries(model_name)    # generated tokens, inter-token latency
+        r.register(self.tokens)
         for name, doc, fn in (
                 ("taskloom_num_requests_running", "Sequences in the running batch",
                  lambda: client.stats.num_running),
@@ -68,6 +66,38 @@ class ServerMetrics:
 
     def finished(self, outcome: str) -> None:
         self._requests.labels(self.model_name, outcome).inc()
+
+
+class _LoopSeries(Collector):
+    """Generated tokens (a counter) and inter-token latency (a histogram) of one server, fed
+    and scraped on its event loop only, so plain numbers need no lock."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+        self.generated = 0
+        self.itl_counts = [0] * (len(_LATENCY_BUCKETS) + 1)   # the last: above every bound
+        self.itl_sum = 0.0
+
+    def observe_gaps(self, gap: float, count: int) -> None:
+        """`count` tokens that each came `gap` seconds after the one before."""
+        # a bucket counts values up to its bound, inclusive: the first bound >= gap
+        self.itl_counts[bisect.bisect_left(_LATENCY_BUCKETS, gap)] += count
+        self.itl_sum += gap * count
+
+    def collect(self):  # -> Iterator[Metric]
+        tokens = CounterMetricFamily("taskloom_generation_tokens", "Generated tokens",
+                                     labels=["model_name"])
+        tokens.add_metric([self.model_name], self.generated)
+        yield tokens
+        itl = HistogramMetricFamily("taskloom_inter_token_latency_seconds",
+                                    "Time between consecutive output tokens",
+                                    labels=["model_name"])
+        cumulative, buckets = 0, []
+        for bound, n in zip([*map(str, _LATENCY_BUCKETS), "+Inf"], self.itl_counts):
+            cumulative += n
+            buckets.append((bound, cumulative))
+        itl.add_metric([self.model_name], buckets, self.itl_sum)
+        yield itl
 
 
 class _PrefixCacheCollector(Collector):
@@ -106,13 +136,11 @@ class RequestTimer:
             return
         now = time.monotonic()
         m = self.metrics
-        m.generation_tokens.inc(count)
+        m.tokens.generated += count
         if self.last_token is None:
             m.ttft.observe(now - self.arrival)
         else:
-            gap = (now - self.last_token) / count
-            for _ in range(count):
-                m.itl.observe(gap)
+            m.tokens.observe_gaps((now - self.last_token) / count, count)
         self.last_token = now
 
     def done(self, outcome: str) -> None:

@@ -259,3 +259,32 @@ def test_prefix_cache_counters_in_metrics(client: openai.OpenAI, server) -> None
                                        messages=[system, {"role": "user", "content": question}])
     q1, h1 = counters()
     assert q1 - q0 > 100 and h1 - h0 >= 64   # the second request found the system prompt
+
+
+def test_token_metrics_count_a_streamed_request(client: openai.OpenAI, server) -> None:
+    """Generated tokens and the latency histograms move by what one streamed request of 12
+    tokens makes: 12 tokens, one first-token time, 11 gaps (or fewer, if the server sent
+    some steps' tokens in one chunk), one end-to-end latency."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def samples() -> dict[str, float]:
+        text = httpx.get(server.base_url + "/metrics").text
+        return {f"{s.name}{'' if 'le' not in s.labels else '@' + s.labels['le']}": s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    before = samples()
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}))
+    after = samples()
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    assert delta["taskloom_generation_tokens_total"] == 12
+    assert delta["taskloom_time_to_first_token_seconds_count"] == 1
+    assert delta["taskloom_e2e_request_latency_seconds_count"] == 1
+    gaps = delta["taskloom_inter_token_latency_seconds_count"]
+    assert 1 <= gaps <= 11 and delta["taskloom_inter_token_latency_seconds_sum"] > 0
+    assert delta["taskloom_inter_token_latency_seconds_bucket@+Inf"] == gaps
+    buckets = [v for k, v in sorted(after.items()) if
+               k.startswith("taskloom_inter_token_latency_seconds_bucket@")]
+    assert max(buckets) == after["taskloom_inter_token_latency_seconds_count"]
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) >= 1

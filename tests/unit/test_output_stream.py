@@ -150,3 +150,4 @@ def test_any_reading_pace_folds_to_the_same_completions(seed: int) -> None:
             assert got[rid][-1].finished and not any(o.finished for o in got[rid][:-1])
 
     asyncio.run(run())
+
