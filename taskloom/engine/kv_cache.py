@@ -154,22 +154,24 @@ class KVCacheManager:
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits: list[int] = []
-        for h in self._block_hashes(req, max_blocks):
-            block = self.pool.cached.get(h)
+        chain = self._block_hashes(req, max_blocks)
+        for i in range(max_blocks):
+            block = self.pool.cached.get(chain[i])
             if block is None:
                 break
             hits.append(block)
         return hits
 
     def _block_hashes(self, req: Request, n: int) -> list[BlockHash]:
-        """The hash chain of the request's first `n` full blocks (extended as needed)."""
+        """The request's hash chain, extended to at least its first `n` full blocks (the
+        list itself: it may hold more)."""
         chain = self._hashes.setdefault(req.request_id, [])
         bs = self.block_size
         while len(chain) < n:
             i = len(chain)
             chain.append(hash_block(chain[-1] if chain else None,
                                     req.token_ids_slice(i * bs, (i + 1) * bs), req.cache_key))
-        return chain[:n]
+        return chain
 
     # ----- allocation --------------------------------------------------------------------------
     def has_room(self, req_id: str, num_tokens: int) -> bool:
@@ -215,8 +217,9 @@ class KVCacheManager:
         start = self._num_cached.get(req.request_id, 0)
         if full <= start:
             return
-        for i, h in enumerate(self._block_hashes(req, full)[start:], start):
-            self.pool.cache(table[i], h)
+        chain = self._block_hashes(req, full)
+        for i in range(start, full):
+            self.pool.cache(table[i], chain[i])
         self._num_cached[req.request_id] = full
 
     def free(self, req_id: str) -> None:

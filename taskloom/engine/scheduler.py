@@ -141,9 +141,11 @@ class Scheduler:
         held back by the adapter-slot limit are passed over (see the module docstring).
         `max_num_seqs` bounds the sequences a step runs: the `finishing` running requests
         (async scheduling: their last token is in flight, they run no more) hold no seat."""
+        seats = self.config.max_num_seqs + finishing
+        if len(self.running) >= seats:
+            return budget       # every seat taken: nothing to count the adapters for
         active = Counter(r.lora_id for r in self.running if r.lora_id is not None)
         draining: int | None = None
-        seats = self.config.max_num_seqs + finishing
         i = 0
         while i < len(self.waiting) and budget > 0 and len(self.running) < seats:
             req = self.waiting[i]
