@@ -9,7 +9,8 @@ The ops, with one token per sequence at each of `--batch-sizes` (decode) and at
 `--prefill-tokens` (a prefill chunk):
   linear_qkv, linear_o, linear_gate_up, linear_down, lm_head: torch's matmul (cuBLAS) with the
       layer's weight shapes; bytes: the weight and the activations;
-  fused_add_rms_norm, rotary, write_kv, silu_and_mul: the bytes they read and write;
+  fused_add_rms_norm, rotary, write_kv, rotary_to_cache (the two fused, as the model runs
+      them), silu_and_mul: the bytes they read and write;
   decode_attention at each of `--context-lens`: every sequence's keys and values, in blocks
       scattered over the pool, split as an eager step splits them ("auto") and as a CUDA graph
       captured for `--max-model-len` does ("graph");
@@ -163,6 +164,22 @@ def layer_cases(arch: ArchConfig, ops: Ops, dtype: torch.dtype, device: torch.de
     cases.append(Case("write_kv", shape, write(ops), nbytes=4 * k.numel() * isz,
                       reference=write(TORCH_OPS),
                       view=torch.flatten))
+
+    def rotate_to_cache(impl: Ops) -> Callable[[], Any]:
+        rot = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
+                              arch.rope_scaling, arch.rope_freq_factors,
+                              rotate_to_cache=impl.rotary_to_cache)
+        cache = pool.clone()
+
+        def call() -> tuple[torch.Tensor, torch.Tensor]:
+            return rot.to_cache(positions, q, k, v, cache, slots), cache
+        return call
+
+    # what the model runs: rotary and the KV write in one launch; bytes: q, k, v read, the
+    # rotated q written, k and v stored, a float32 cos/sin row per token
+    cases.append(Case("rotary_to_cache", shape, rotate_to_cache(ops),
+                      nbytes=2 * (q.numel() + 2 * k.numel()) * isz + tokens * arch.head_dim * 4,
+                      reference=rotate_to_cache(TORCH_OPS), view=_flat))
     gate_up = _rand(tokens, 2 * inter, dtype=dtype, device=device)
     cases.append(Case("silu_and_mul", shape, lambda: ops.silu_and_mul(gate_up),
                       nbytes=3 * tokens * inter * isz,

@@ -106,8 +106,8 @@ class LlamaAttention(nn.Module):
         v = v.reshape(n, self.num_kv_heads, self.head_dim)   # [n, num_kv_heads, head_dim]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        self.ops.write_kv_cache(k, v, kv_cache, meta.slot_mapping)
+        # the rotated keys go straight to the cache with the values (one launch on the GPU)
+        q = rotary.to_cache(positions, q, k, v, kv_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, kv_cache, meta, self.scale)  # [n, num_heads, head_dim]
         return self.o_proj(out.reshape(n, self.q_size))      # [n, hidden]
 
@@ -174,7 +174,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim, config.max_position_embeddings, config.rope_theta,
-            config.rope_scaling, config.rope_freq_factors, rotate=ops.rotary)
+            config.rope_scaling, config.rope_freq_factors, rotate=ops.rotary,
+            rotate_to_cache=ops.rotary_to_cache)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:

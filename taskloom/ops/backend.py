@@ -29,6 +29,7 @@ class Ops:
     rms_norm: Callable[[Tensor, Tensor, float], Tensor]
     fused_add_rms_norm: Callable[[Tensor, Tensor, Tensor, float], tuple[Tensor, Tensor]]
     rotary: rotary.RotaryFn
+    rotary_to_cache: rotary.RotaryToCacheFn     # rotary, then the KV-cache write of k and v
     silu_and_mul: Callable[[Tensor], Tensor]
     write_kv_cache: Callable[[Tensor, Tensor, Tensor, Tensor], None]
     paged_attention: Callable[[Tensor, Tensor, AttentionMetadata, float], Tensor]
@@ -38,7 +39,8 @@ class Ops:
 
 TORCH_OPS = Ops(
     name="torch", rms_norm=rmsnorm.rms_norm, fused_add_rms_norm=rmsnorm.fused_add_rms_norm,
-    rotary=rotary.apply_rotary, silu_and_mul=activation.silu_and_mul,
+    rotary=rotary.apply_rotary, rotary_to_cache=rotary.apply_rotary_to_cache,
+    silu_and_mul=activation.silu_and_mul,
     write_kv_cache=attention.write_kv_cache, paged_attention=attention.paged_attention_ref,
     lora_shrink=lora.lora_shrink, lora_expand=lora.lora_expand)
 
@@ -54,6 +56,7 @@ def triton_ops() -> Ops:
     return Ops(
         name="triton", rms_norm=tr_rmsnorm.rms_norm,
         fused_add_rms_norm=tr_rmsnorm.fused_add_rms_norm, rotary=tr_rotary.apply_rotary,
+        rotary_to_cache=tr_rotary.apply_rotary_to_cache,
         silu_and_mul=tr_activation.silu_and_mul, write_kv_cache=tr_kv_cache.write_kv_cache,
         paged_attention=tr_attention.paged_attention, lora_shrink=tr_lora.lora_shrink,
         lora_expand=tr_lora.lora_expand)

@@ -15,10 +15,15 @@ import torch
 from torch import nn
 
 from taskloom.models.arch import RopeScaling
+from taskloom.ops.attention import write_kv_cache
 
 # (positions, query, key, cos_sin_cache) -> (rotated query, rotated key)
 RotaryFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
                     tuple[torch.Tensor, torch.Tensor]]
+# (positions, query, key, value, cos_sin_cache, kv_cache, slot_mapping) -> rotated query; the
+# rotated key and the value are stored at their slots of the paged KV cache
+RotaryToCacheFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                            torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def default_inv_freq(head_dim: int, base: float) -> torch.Tensor:
@@ -72,6 +77,16 @@ def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 
+def apply_rotary_to_cache(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                          value: torch.Tensor, cos_sin_cache: torch.Tensor,
+                          kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`apply_rotary`, then the rotated key and `value` stored at each token's slot of the
+    paged KV cache (`taskloom.ops.attention.write_kv_cache`); returns the rotated query."""
+    query, key = apply_rotary(positions, query, key, cos_sin_cache)
+    write_kv_cache(key, value, kv_cache, slot_mapping)
+    return query
+
+
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [num_tokens, heads, head_dim]; the same products as HF's x*cos + rotate_half(x)*sin.
     x1, x2 = x.chunk(2, dim=-1)                              # [num_tokens, heads, head_dim // 2]
@@ -84,19 +99,22 @@ class RotaryEmbedding(nn.Module):
     The table `cos_sin_cache` [max_position, head_dim] holds cos in its first half and sin in
     its second; it is a float32 buffer created on the CPU even when the model is built on the
     meta device, and moves with the model. `rotate` does the rotation: `apply_rotary` (the
-    reference) or a kernel with the same signature.
+    reference) or a kernel with the same signature; `rotate_to_cache` the rotation fused with
+    the KV-cache write (`to_cache`).
     """
 
     def __init__(self, head_dim: int, max_position: int, base: float,
                  scaling: RopeScaling | None = None,
                  freq_factors: tuple[float, ...] | None = None,
-                 rotate: RotaryFn = apply_rotary) -> None:
+                 rotate: RotaryFn = apply_rotary,
+                 rotate_to_cache: RotaryToCacheFn = apply_rotary_to_cache) -> None:
         super().__init__()
         if max_position < 1:
             raise ValueError(f"max_position must be >= 1, got {max_position}")
         self.head_dim = head_dim
         self.max_position = max_position
         self.rotate = rotate
+        self.rotate_to_cache = rotate_to_cache
         inv_freq = rope_inv_freq(head_dim, base, scaling, freq_factors)  # [head_dim // 2]
         t = torch.arange(max_position, dtype=torch.float32, device="cpu")
         freqs = t[:, None] * inv_freq[None, :]               # [max_position, head_dim // 2]
@@ -109,3 +127,12 @@ class RotaryEmbedding(nn.Module):
         num_heads, head_dim]; key: [num_tokens, num_kv_heads, head_dim]. Returns the rotated
         query and key, same shapes and dtypes."""
         return self.rotate(positions, query, key, self.cos_sin_cache)
+
+    def to_cache(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor, kv_cache: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> torch.Tensor:
+        """Rotate query and key, and store the rotated key and `value` at each token's slot
+        ([num_tokens] int64, block_id * block_size + offset) of the layer's paged KV cache.
+        Returns the rotated query."""
+        return self.rotate_to_cache(positions, query, key, value, self.cos_sin_cache,
+                                    kv_cache, slot_mapping)

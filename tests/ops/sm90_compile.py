@@ -171,6 +171,8 @@ def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
     num_blocks = 4096 // BLOCK_SIZE * 4
     kv_cache = torch.zeros(2, num_blocks, BLOCK_SIZE, kv_heads, head_dim, dtype=dtype)
     ops.write_kv_cache(k, v, kv_cache, torch.arange(num_tokens))
+    ops.rotary_to_cache(torch.arange(num_tokens), q, k, v, cos_sin, kv_cache,
+                        torch.arange(num_tokens))
     for cached, query_lens in _attention_steps():
         tables = [list(range(i * 256, i * 256 + -(-(c + n) // BLOCK_SIZE)))
                   for i, (c, n) in enumerate(zip(cached, query_lens))]

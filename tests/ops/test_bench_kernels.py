@@ -17,7 +17,8 @@ from tests.models.tiny_models import write_tiny_config
 from tests.ops.triton_marks import DEVICES
 
 OPS = {"linear_qkv", "linear_o", "linear_gate_up", "linear_down", "lm_head",
-       "fused_add_rms_norm", "rotary", "write_kv", "silu_and_mul", "decode_attention",
+       "fused_add_rms_norm", "rotary", "write_kv", "rotary_to_cache", "silu_and_mul",
+       "decode_attention",
        "extend_attention"}
 
 

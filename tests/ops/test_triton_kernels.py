@@ -16,6 +16,7 @@ from taskloom.ops.attention import write_kv_cache as write_kv_cache_ref
 from taskloom.ops.rmsnorm import fused_add_rms_norm as fused_add_rms_norm_ref
 from taskloom.ops.rmsnorm import rms_norm as rms_norm_ref
 from taskloom.ops.rotary import RotaryEmbedding, apply_rotary
+from taskloom.ops.rotary import apply_rotary_to_cache as rotary_to_cache_ref
 from taskloom.runtime.attention import AttentionMetadata
 from tests.models.single_seq import make_metadata
 
@@ -252,23 +253,61 @@ def test_fused_add_rms_norm_matches_reference(device: str, dtype: torch.dtype) -
         rmsnorm.fused_add_rms_norm(x, residual[1:], weight, 1e-6)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("device", DEVICES)
-def test_rotary_matches_reference(device: str, dtype: torch.dtype) -> None:
+def _rotary_inputs(device: str, dtype: torch.dtype, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, ...]:
+    """Positions, a Llama-3 cos/sin table, and q, k, v as strided views of one fused qkv
+    output, as in the model."""
     num_tokens, heads, kv_heads, head_dim = (9, 6, 2, 64) if device == "cpu" else (500, 32, 8,
                                                                                   128)
-    gen = torch.Generator().manual_seed(7)
     cos_sin_cache = RotaryEmbedding(head_dim, 4096, 500000.0).cos_sin_cache.to(device)
     positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(device)
     qkv = torch.randn(num_tokens, (heads + 2 * kv_heads) * head_dim, generator=gen)
-    q, k, _ = qkv.to(device, dtype).split([heads * head_dim, kv_heads * head_dim,
+    q, k, v = qkv.to(device, dtype).split([heads * head_dim, kv_heads * head_dim,
                                            kv_heads * head_dim], dim=-1)
-    q = q.view(num_tokens, heads, head_dim)            # strided views, as in the model
-    k = k.view(num_tokens, kv_heads, head_dim)
+    return (positions, cos_sin_cache, q.view(num_tokens, heads, head_dim),
+            k.view(num_tokens, kv_heads, head_dim), v.view(num_tokens, kv_heads, head_dim))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_matches_reference(device: str, dtype: torch.dtype) -> None:
+    positions, cos_sin_cache, q, k, _ = _rotary_inputs(device, dtype,
+                                                       torch.Generator().manual_seed(7))
     q_out, k_out = rotary.apply_rotary(positions, q, k, cos_sin_cache)
     q_ref, k_ref = apply_rotary(positions, q, k, cos_sin_cache)
     assert_close_elementwise(q_out, q_ref)
     assert_close_elementwise(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_rotary_to_cache_is_rotary_then_the_cache_write(device: str,
+                                                        dtype: torch.dtype) -> None:
+    """The fused launch stores exactly what the rotary kernel then the KV-write kernel store
+    (bit for bit), skips padding tokens (slot -1), and returns the same rotated query."""
+    gen = torch.Generator().manual_seed(17)
+    positions, cos_sin_cache, q, k, v = _rotary_inputs(device, dtype, gen)
+    num_tokens, kv_heads, head_dim = k.shape
+    num_blocks = -(-num_tokens // BLOCK_SIZE) + 3
+    cache = torch.randn(2, num_blocks, BLOCK_SIZE, kv_heads, head_dim,
+                        generator=gen).to(device, dtype)
+    slots = torch.randperm(num_blocks * BLOCK_SIZE, generator=gen)[:num_tokens]
+    slots[num_tokens // 3] = -1                        # a padding token
+    slots = slots.to(device)
+    expected = cache.clone()
+    q_two, k_two = rotary.apply_rotary(positions, q, k, cos_sin_cache)
+    kv_cache.write_kv_cache(k_two, v, expected, slots)
+    q_out = rotary.apply_rotary_to_cache(positions, q, k, v, cos_sin_cache, cache, slots)
+    assert torch.equal(q_out, q_two)
+    assert torch.equal(cache, expected)
+    # and the torch reference of the fused op is the reference rotary then the reference write
+    ref_cache = cache.clone()
+    keep = (slots >= 0).cpu()
+    ref_q = rotary_to_cache_ref(positions[keep.to(device)], q[keep.to(device)],
+                                k[keep.to(device)], v[keep.to(device)], cos_sin_cache,
+                                ref_cache, slots[keep.to(device)])
+    assert_close_elementwise(ref_q, q_two[keep.to(device)])
+    assert_close_elementwise(ref_cache, cache)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

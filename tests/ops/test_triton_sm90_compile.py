@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 CASES = [("llama-3.1-8b", "bfloat16"), ("llama-3.1-8b", "float16"),
          ("smollm2-135m", "bfloat16"), ("smollm2-135m", "float32")]
 KERNELS = {"_rms_norm_kernel", "_silu_and_mul_kernel", "_rotary_kernel", "_write_kv_kernel",
+           "_rotary_to_cache_kernel",
            "_extend_kernel", "_decode_split_kernel", "_decode_reduce_kernel",
            "_prefix_split_kernel", "_segment_matmul_kernel"}
 
