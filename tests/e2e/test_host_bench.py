@@ -27,3 +27,17 @@ def test_detokenizer_bench_reports_a_time_per_token(tmp_path: Path) -> None:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "detokenizer_host" and result["tokens"] > 50
     assert result["us_per_token"] > 0 and result["commit"]
+
+
+def test_serve_host_bench_reports_cpu_per_token(tmp_path: Path) -> None:
+    from tests.models.tiny_models import write_tiny_config
+    done = subprocess.run([sys.executable, str(SCRIPT.parent / "serve_host.py"), "--model",
+                           write_tiny_config(tmp_path), "--num-prompts", "8",
+                           "--output-len", "8", "--repeats", "2", "--max-num-seqs", "8"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "serve_host" and len(result["runs"]) == 2
+    for run in result["runs"]:
+        assert run["failed"] == 0 and run["tokens_per_chunk"] >= 1
+        # CPU time comes in 10 ms ticks: a short run may count none
+        assert 0 <= run["loop_cpu_us_per_token"] <= run["process_cpu_us_per_token"]
