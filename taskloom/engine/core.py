@@ -387,18 +387,18 @@ class EngineCore:
 
     def _collect_outputs(self) -> list[RequestOutput]:
         outputs = []
-        final_only = OutputKind.FINAL_ONLY
+        final_only, delta = OutputKind.FINAL_ONLY, OutputKind.DELTA
         for parent in [p for p in self._parents.values() if p.changed]:
             parent.changed = False
             finished = len(parent.finished_seqs) == len(parent.seqs)
-            if parent.kind is final_only and not finished:
+            kind = parent.kind
+            if kind is final_only and not finished:
                 continue    # its deltas build up until the one output at the end
+            # positional: a server's engine thread builds one of these per stream per step
             outputs.append(RequestOutput(
-                request_id=parent.request_id, prompt=parent.prompt,
-                prompt_token_ids=parent.prompt_token_ids,
-                outputs=self._completions(parent, finished),
-                finished=finished, prompt_logprobs=parent.prompt_logprobs,
-                error=parent.error))
+                parent.request_id, parent.prompt, parent.prompt_token_ids,
+                _hand_over(parent) if kind is delta else self._completions(parent, finished),
+                finished, parent.prompt_logprobs, parent.error))
             if finished:
                 del self._parents[parent.request_id]
                 for s in parent.seqs:
@@ -407,20 +407,8 @@ class EngineCore:
 
     @staticmethod
     def _completions(parent: _Parent, finished: bool) -> list[CompletionOutput]:
-        """The completions of a request's output. A DELTA output takes over the changed
-        ones, each holding just what is new, and leaves fresh ones in their place; a
-        finished request's are handed over; otherwise they are copied (CUMULATIVE)."""
-        if parent.kind is OutputKind.DELTA:
-            handed = []
-            for s in parent.seqs:
-                if s.changed:
-                    c = s.completion
-                    handed.append(c)
-                    s.completion = CompletionOutput(
-                        c.index, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                        logprobs=None if c.logprobs is None else [])
-                    s.changed = False
-            return handed
+        """The completions of a CUMULATIVE or FINAL_ONLY output: a finished request's are
+        handed over; otherwise they are copied."""
         if finished:
             return [s.completion for s in parent.seqs]
         snapshots = []
@@ -429,6 +417,21 @@ class EngineCore:
             s.completion.text_delta, s.completion.token_ids_delta = "", []
             s.changed = False
         return snapshots
+
+
+def _hand_over(parent: _Parent) -> list[CompletionOutput]:
+    """The completions of a DELTA output: the changed ones, each holding just what is new,
+    taken over, with fresh ones (index, finish and stop reasons kept) left in their place."""
+    handed = []
+    for s in parent.seqs:
+        if s.changed:
+            c = s.completion
+            handed.append(c)
+            # (index, text, token_ids, finish_reason, stop_reason, logprobs)
+            s.completion = CompletionOutput(c.index, "", [], c.finish_reason, c.stop_reason,
+                                            None if c.logprobs is None else [])
+            s.changed = False
+    return handed
 
 
 def _snapshot(c: CompletionOutput) -> CompletionOutput:
