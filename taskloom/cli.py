@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -91,22 +92,37 @@ def sampling_params_from_args(a: argparse.Namespace) -> SamplingParams:
         seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
 
 
+# Set by `run` (the `taskloom` command itself, not a caller of `main` in its own process):
+# freeze the heap once the command's engine is built (see make_llm).
+_FREEZE_HEAP_AFTER_BUILD = False
+
+
 def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it loads torch)
+    """The command's engine. In a `taskloom` process, everything alive once it is built (torch,
+    the model's modules, the tokenizer) moves into the garbage collector's permanent
+    generation, as vLLM's engine core does after start-up: CPython's oldest-generation
+    collections walk every tracked object, and over the half-million a loaded process holds
+    one took 70-160 ms here, a stall of whole steps every few hundred steps of a full batch
+    (benchmarks/engine_host.py, without and with --freeze). Frozen, they take a few ms."""
     from taskloom.api import LLM
     names = [name for name, _ in a.lora]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise ValueError(f"--lora names {', '.join(twice)} more than once")
-    return LLM(a.model, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
-               max_num_batched_tokens=a.max_num_batched_tokens,
-               kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
-               gpu_memory_utilization=a.gpu_memory_utilization,
-               max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
-               enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching,
-               prefix_aware_order=a.prefix_aware_order, async_scheduling=a.async_scheduling,
-               shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
-               loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-               max_cpu_loras=a.max_cpu_loras)
+    llm = LLM(a.model, dtype=a.dtype, device=a.device, max_num_seqs=a.max_num_seqs,
+              max_num_batched_tokens=a.max_num_batched_tokens,
+              kv_cache_memory_gb=a.kv_cache_memory_gb, block_size=a.block_size,
+              gpu_memory_utilization=a.gpu_memory_utilization,
+              max_model_len=a.max_model_len, random_weights=a.random_weights, seed=a.weights_seed,
+              enforce_eager=a.enforce_eager, enable_prefix_caching=a.enable_prefix_caching,
+              prefix_aware_order=a.prefix_aware_order, async_scheduling=a.async_scheduling,
+              shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
+              loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
+              max_cpu_loras=a.max_cpu_loras)
+    if _FREEZE_HEAP_AFTER_BUILD:
+        gc.collect()
+        gc.freeze()
+    return llm
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -296,5 +312,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
+def run() -> int:
+    """The `taskloom` command: `main` in a process of its own (see make_llm)."""
+    global _FREEZE_HEAP_AFTER_BUILD
+    _FREEZE_HEAP_AFTER_BUILD = True
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -60,11 +60,13 @@ def run_info(device: str) -> dict:
 
 def release_device_memory(device: str) -> None:
     """Give back the memory of the engine just deleted before a peer runs in the same process:
-    collect its reference cycles and empty the CUDA cache, so that a peer sizing its cache
-    from the device's free memory (HF generate_batch) sees all of it."""
+    collect its reference cycles (first out of the permanent generation, where `taskloom`
+    froze the engine once built: taskloom.cli.make_llm) and empty the CUDA cache, so that a
+    peer sizing its cache from the device's free memory (HF generate_batch) sees all of it."""
     import gc
 
     import torch
+    gc.unfreeze()
     gc.collect()
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.empty_cache()

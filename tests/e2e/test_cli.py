@@ -43,3 +43,31 @@ def test_bad_flags_give_a_clear_error_and_exit_code() -> None:
     assert "top_p must be in (0, 1], got 0.0" in proc.stderr
     proc = run(["generate", "hi", "--model", "/no/such/model.gguf"])
     assert proc.returncode == 2 and "/no/such/model.gguf" in proc.stderr
+
+
+_FREEZE_PROBE = """
+import gc, sys
+import taskloom.cli as cli
+from taskloom.bench.common import release_device_memory
+args = cli.build_parser().parse_args(["bench", "throughput", "--random-weights", "--model",
+                                      sys.argv[1]])
+cli.make_llm(args)
+as_main = gc.get_freeze_count()
+cli._FREEZE_HEAP_AFTER_BUILD = True        # what run(), the taskloom command, sets
+llm = cli.make_llm(args)
+as_command = gc.get_freeze_count()
+del llm
+release_device_memory("cpu")                # before a peer runs: the engine can be collected
+print(as_main, as_command, gc.get_freeze_count())
+"""
+
+
+def test_the_command_freezes_its_startup_heap_and_a_peer_run_unfreezes_it(tmp_path) -> None:
+    """`taskloom` moves the heap it has once its engine is built out of the collector's walks
+    (a caller of main() in its own process keeps its heap as it is), and frees it again
+    before a benchmark's peer needs the engine's memory back."""
+    from tests.models.tiny_models import write_tiny_config
+    out = subprocess.run([sys.executable, "-c", _FREEZE_PROBE, write_tiny_config(tmp_path)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    as_main, as_command, after_release = map(int, out.stdout.split())
+    assert as_main == 0 and as_command > 10_000 and after_release == 0

@@ -41,3 +41,15 @@ def test_serve_host_bench_reports_cpu_per_token(tmp_path: Path) -> None:
         assert run["failed"] == 0 and run["tokens_per_chunk"] >= 1
         # CPU time comes in 10 ms ticks: a short run may count none
         assert 0 <= run["loop_cpu_us_per_token"] <= run["process_cpu_us_per_token"]
+
+
+def test_engine_host_bench_reports_phases_and_gc_pauses() -> None:
+    for extra in ([], ["--freeze"]):
+        done = subprocess.run([sys.executable, str(SCRIPT.parent / "engine_host.py"),
+                               "--num-seqs", "8", "--output-len", "16", "--repeats", "1",
+                               "--text", str(SCRIPT.parents[1] / "README.md"), *extra],
+                              capture_output=True, text=True, timeout=300, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["bench"] == "engine_host" and result["freeze"] == bool(extra)
+        assert all(result[f"{p}_ms"] > 0 for p in ("schedule", "update", "outputs"))
+        assert result["gc_longest_pause_ms"] >= 0 and result["commit"]
