@@ -226,6 +226,17 @@ class _RequestState:
     prompt_token_ids: list[int]
     stop_ids_for_min_tokens: tuple[int, ...]
     generator: torch.Generator | None
+    # what _build_batch asks of every row whenever the batch changes, worked out once
+    greedy: bool = field(init=False)
+    penalized: bool = field(init=False)
+    masks_stop_ids: bool = field(init=False)     # min_tokens with stop ids to mask
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.greedy = p.greedy
+        self.penalized = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
+                          or p.frequency_penalty != 0.0)
+        self.masks_stop_ids = p.min_tokens > 0 and bool(self.stop_ids_for_min_tokens)
 
 
 @dataclass
@@ -364,35 +375,57 @@ class Sampler:
         return self._cached_batch
 
     def _build_batch(self, req_ids: tuple[str, ...]) -> _BatchParams:
-        states = [self._requests[r] for r in req_ids]
-        greedy = [i for i, s in enumerate(states) if s.params.greedy]
-        sampled = [i for i, s in enumerate(states) if not s.params.greedy]
-        asked = [s.params.logprobs for s in states if s.params.logprobs is not None]
-        logger.debug("sampler batch built: %d rows, %d greedy", len(states), len(greedy))
+        """What the batch's rows ask for. Continuous batching changes the rows most steps
+        (a request finishes, another joins), so this runs about as often as the sampler: one
+        pass over the rows, and tensors only for what some row uses."""
+        requests = self._requests
+        states = [requests[r] for r in req_ids]
+        sampled: list[int] = []
+        penalized: list[int] = []
+        min_tokens: list[tuple[int, int, tuple[int, ...]]] = []
+        max_logprobs: int | None = None
+        for i, s in enumerate(states):
+            if not s.greedy:
+                sampled.append(i)
+            if s.penalized:
+                penalized.append(i)
+            if s.masks_stop_ids:
+                min_tokens.append((i, s.params.min_tokens, s.stop_ids_for_min_tokens))
+            k = s.params.logprobs
+            if k is not None and (max_logprobs is None or k > max_logprobs):
+                max_logprobs = k
+        # the greedy rows are indexed only beside sampled ones (all greedy: one argmax)
+        greedy = [i for i, s in enumerate(states) if s.greedy] if sampled else []
         return _BatchParams(
             greedy_rows=to_device(greedy, torch.int64, self.device),
             sample=self._build_sample(sampled, states) if sampled else None,
-            penalties=self._build_penalties(states),
-            min_tokens=[(i, s.params.min_tokens, s.stop_ids_for_min_tokens)
-                        for i, s in enumerate(states)
-                        if s.params.min_tokens > 0 and s.stop_ids_for_min_tokens],
-            max_logprobs=max(asked) if asked else None)
+            penalties=self._build_penalties(penalized, states) if penalized else None,
+            min_tokens=min_tokens, max_logprobs=max_logprobs)
 
     def _build_sample(self, rows: list[int], states: list[_RequestState]) -> _SampleParams:
-        params = [states[i].params for i in rows]
-
         def column(values: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
             return to_device(values, dtype, self.device)
 
-        top_k = [p.top_k for p in params]
-        top_p = [p.top_p for p in params]
-        min_p = [p.min_p for p in params]
-        seeded = [(j, states[i].generator) for j, i in enumerate(rows)
-                  if states[i].generator is not None]
-        unseeded = [j for j, i in enumerate(rows) if states[i].generator is None]
+        temperature: list[float] = []
+        top_k: list[int] = []
+        top_p: list[float] = []
+        min_p: list[float] = []
+        seeded: list[tuple[int, torch.Generator]] = []
+        unseeded: list[int] = []
+        for j, i in enumerate(rows):            # one pass: this runs most steps
+            state = states[i]
+            p = state.params
+            temperature.append(p.temperature)
+            top_k.append(p.top_k)
+            top_p.append(p.top_p)
+            min_p.append(p.min_p)
+            if state.generator is None:
+                unseeded.append(j)
+            else:
+                seeded.append((j, state.generator))
         return _SampleParams(
             rows=column(rows, torch.int64),
-            temperature=column([p.temperature for p in params], torch.float32),
+            temperature=column(temperature, torch.float32),
             top_k=column(top_k, torch.int64) if any(k > 0 for k in top_k) else None,
             max_top_k=max(top_k),
             top_p=column(top_p, torch.float32) if any(p < 1 for p in top_p) else None,
@@ -401,12 +434,8 @@ class Sampler:
             unseeded=column(unseeded, torch.int64) if unseeded and seeded else None,
             all_unseeded=not seeded)
 
-    def _build_penalties(self, states: list[_RequestState]) -> _PenaltyParams | None:
-        rows = [i for i, s in enumerate(states)
-                if s.params.repetition_penalty != 1.0 or s.params.presence_penalty != 0.0
-                or s.params.frequency_penalty != 0.0]
-        if not rows:
-            return None
+    def _build_penalties(self, rows: list[int], states: list[_RequestState]) -> _PenaltyParams:
+        """The penalised `rows` (of `states`) and their parameters."""
         params = [states[i].params for i in rows]
         prompts = [states[i].prompt_token_ids if states[i].params.repetition_penalty != 1.0
                    else [] for i in rows]
