@@ -2,9 +2,11 @@
 batch, each step scheduled, flattened by the runner and staged for a CUDA graph replay, then
 given a sampled token per sequence, as the engine does. Prints a JSON line: the median
 microseconds of `schedule()`, of the runner's `_prepare` (the flat batch's host arrays), of
-the graph's input staging (`DecodeInputs.load`, on the CPU here: no copy to a device) and of
-`update()` over the steps, the best of the repeats (the machine's noise only ever adds time).
-No model runs: the runner is built over a one-layer model only for its state.
+the graph's input staging (`DecodeInputs.load`, on the CPU here: no copy to a device), of
+`update()`, and of the sampler's batch parameters rebuilt for the rows in another order (what
+it pays each step whose batch changed: in continuous batching, most), over the steps, the best
+of the repeats (the machine's noise only ever adds time). No model runs: the runner is built
+over a one-layer model only for its state.
 
     python benchmarks/scheduler_host.py --num-seqs 256
 
@@ -31,7 +33,7 @@ from taskloom.runtime.cuda_graphs import DecodeInputs, bucket_size, default_capt
 from taskloom.runtime.model_runner import ModelRunner
 from taskloom.sampling_params import SamplingParams
 
-PHASES = ("schedule", "prepare", "stage", "update")
+PHASES = ("schedule", "prepare", "stage", "update", "sampler_batch")
 BLOCK_SIZE = 16
 
 
@@ -72,7 +74,14 @@ def run(num_seqs: int, steps: int, prompt_len: int, prefix_caching: bool) -> dic
                     batch.block_tables, bucket_size(sizes, len(out.seqs)))
         t3 = time.perf_counter()
         sched.update(out, RunnerOutput(sampled={q.req_id: 7 + k for q in out.seqs}))
-        for phase, a, b in zip(PHASES, (t0, t1, t2, t3), (t1, t2, t3, time.perf_counter())):
+        t4 = time.perf_counter()
+        ids = [q.req_id for q in out.seqs]
+        shift = k % len(ids) + 1
+        changed = tuple(ids[shift:] + ids[:shift])       # the rows of a batch that changed
+        t5 = time.perf_counter()
+        runner.sampler._build_batch(changed)
+        t6 = time.perf_counter()
+        for phase, a, b in zip(PHASES, (t0, t1, t2, t3, t5), (t1, t2, t3, t4, t6)):
             times[phase].append(b - a)
     return {p: statistics.median(t) for p, t in times.items()}
 

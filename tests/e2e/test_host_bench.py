@@ -15,7 +15,8 @@ def test_host_bench_reports_each_phase() -> None:
                           capture_output=True, text=True, timeout=120, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "scheduler_host" and result["num_seqs"] == 12
-    assert all(result[f"{phase}_us"] > 0 for phase in ("schedule", "prepare", "stage", "update"))
+    assert all(result[f"{phase}_us"] > 0 for phase in ("schedule", "prepare", "stage", "update",
+                                                       "sampler_batch"))
 
 
 def test_detokenizer_bench_reports_a_time_per_token(tmp_path: Path) -> None:
