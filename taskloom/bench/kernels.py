@@ -336,8 +336,11 @@ def run_kernels(a: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(a.device)
     dtype = torch_dtype(a.dtype)
     arch, _ = random_arch(a.model)
-    ops = {"auto": lambda: select_ops(device), "torch": lambda: TORCH_OPS,
-           "triton": triton_ops}[a.ops]()
+    try:
+        ops = {"auto": lambda: select_ops(device), "torch": lambda: TORCH_OPS,
+               "triton": triton_ops}[a.ops]()
+    except ImportError as e:
+        raise ValueError(f"--ops triton needs Triton, which does not import here ({e})") from e
     if a.sweep and ops.name != "triton":
         raise ValueError("--sweep times the Triton kernels' launch settings: it needs the "
                          "Triton ops (a CUDA device, or --ops triton under TRITON_INTERPRET=1)")
