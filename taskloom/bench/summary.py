@@ -141,9 +141,12 @@ def result_lines(r: dict) -> list[str]:
                 f"{r['base']['output_tokens_per_s']:.0f} out tok/s: " + ", ".join(
                     f"{x['num_loras']} adapters {x['ratio_vs_base']}x" for x in r["results"])]
     if kind == "serve":
+        # tokens a chunk: above 1 when the server fell behind the engine (OutputStream)
+        per_chunk = (f", {r['tokens_per_chunk']} tokens a chunk"
+                     if "tokens_per_chunk" in r else "")
         return [f"serve {r['completed']}/{r['num_prompts']} at rate {r['request_rate']}: "
                 f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
-                f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms"]
+                f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
     return [f"{kind}: (no summary for this kind)"]
 
 

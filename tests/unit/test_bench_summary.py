@@ -51,6 +51,8 @@ def test_a_line_per_result_of_each_kind() -> None:
              "itl": {"p50_ms": 12.0}}
     assert result_lines(serve) == ["serve 511/512 at rate inf: 7000 out tok/s, TTFT p50 80.0 "
                                    "ms p99 300.0, ITL p50 12.0 ms"]
+    serve["tokens_per_chunk"] = 1.7           # results from this session on carry it
+    assert result_lines(serve)[0].endswith("ITL p50 12.0 ms, 1.7 tokens a chunk")
 
 
 def test_speedups_pair_one_workload_one_setting_apart() -> None:
