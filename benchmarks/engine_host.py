@@ -18,6 +18,7 @@ Compare two trees by running it alternately against each (PYTHONPATH=the other t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -107,7 +108,7 @@ def run(num_seqs: int, output_len: int, kind: OutputKind, stream: list[int], tok
     for i in range(num_seqs):
         core.add_request(str(i), stream[i:i + prompt_len], params, output_kind=kind)
     core.step()                                          # every prompt in one step
-    before = core.step_times.since(type(core.step_times)())
+    before = dataclasses.replace(core.step_times)        # the prefill step's, to subtract
     if freeze:
         gc.collect()
         gc.freeze()

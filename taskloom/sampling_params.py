@@ -87,6 +87,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def penalized(self) -> bool:
+        """Whether a repetition, presence or frequency penalty applies."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
 
 def _check(ok: bool, message: str, value: object) -> None:
     """Raise InvalidParameter if not ok; `message` starts with the parameter's name."""

@@ -89,9 +89,7 @@ class Request:
     def needs_output_history(self) -> bool:
         """Whether sampling reads the tokens generated so far (penalties, min_tokens): such
         a request's steps cannot be scheduled before the previous one's tokens are known."""
-        p = self.params
-        return (p.min_tokens > 0 or p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                or p.frequency_penalty != 0.0)
+        return self.params.min_tokens > 0 or self.params.penalized
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""

@@ -234,8 +234,7 @@ class _RequestState:
     def __post_init__(self) -> None:
         p = self.params
         self.greedy = p.greedy
-        self.penalized = (p.repetition_penalty != 1.0 or p.presence_penalty != 0.0
-                          or p.frequency_penalty != 0.0)
+        self.penalized = p.penalized
         self.masks_stop_ids = p.min_tokens > 0 and bool(self.stop_ids_for_min_tokens)
 
 
@@ -380,13 +379,13 @@ class Sampler:
         pass over the rows, and tensors only for what some row uses."""
         requests = self._requests
         states = [requests[r] for r in req_ids]
+        greedy: list[int] = []
         sampled: list[int] = []
         penalized: list[int] = []
         min_tokens: list[tuple[int, int, tuple[int, ...]]] = []
         max_logprobs: int | None = None
         for i, s in enumerate(states):
-            if not s.greedy:
-                sampled.append(i)
+            (greedy if s.greedy else sampled).append(i)
             if s.penalized:
                 penalized.append(i)
             if s.masks_stop_ids:
@@ -394,10 +393,9 @@ class Sampler:
             k = s.params.logprobs
             if k is not None and (max_logprobs is None or k > max_logprobs):
                 max_logprobs = k
-        # the greedy rows are indexed only beside sampled ones (all greedy: one argmax)
-        greedy = [i for i, s in enumerate(states) if s.greedy] if sampled else []
         return _BatchParams(
-            greedy_rows=to_device(greedy, torch.int64, self.device),
+            # the greedy rows are indexed only beside sampled ones (all greedy: one argmax)
+            greedy_rows=to_device(greedy if sampled else [], torch.int64, self.device),
             sample=self._build_sample(sampled, states) if sampled else None,
             penalties=self._build_penalties(penalized, states) if penalized else None,
             min_tokens=min_tokens, max_logprobs=max_logprobs)

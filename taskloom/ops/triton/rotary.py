@@ -62,6 +62,17 @@ def _rotary_kernel(
                   stride_koh, cos, sin, NUM_KV_HEADS, HALF, BLOCK_HK, BLOCK_HALF)
 
 
+def _check_query_key(query: torch.Tensor, key: torch.Tensor) -> None:
+    """ValueError unless query and key are [num_tokens, heads, head_dim] with one even
+    head_dim, contiguous in it."""
+    if (key.shape[0] != query.shape[0] or key.shape[2] != query.shape[2]
+            or query.shape[2] % 2):
+        raise ValueError(f"query and key must be [num_tokens, heads, head_dim] with one even "
+                         f"head_dim, got {tuple(query.shape)} and {tuple(key.shape)}")
+    if query.stride(2) != 1 or key.stride(2) != 1:
+        raise ValueError("query and key need a contiguous last (head_dim) dimension")
+
+
 def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                  cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate query [num_tokens, num_heads, head_dim] and key [num_tokens, num_kv_heads,
@@ -70,11 +81,7 @@ def apply_rotary(positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
     Returns new contiguous tensors of the same shapes and dtypes."""
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
-    if key.shape[0] != num_tokens or key.shape[2] != head_dim or head_dim % 2:
-        raise ValueError(f"query and key must be [num_tokens, heads, head_dim] with one even "
-                         f"head_dim, got {tuple(query.shape)} and {tuple(key.shape)}")
-    if query.stride(2) != 1 or key.stride(2) != 1:
-        raise ValueError("query and key need a contiguous last (head_dim) dimension")
+    _check_query_key(query, key)
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     k_out = torch.empty(key.shape, dtype=key.dtype, device=key.device)
     if num_tokens == 0:
@@ -128,16 +135,12 @@ def apply_rotary_to_cache(positions: torch.Tensor, query: torch.Tensor, key: tor
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[1]
     _, _, block_size, cache_kv_heads, cache_head_dim = kv_cache.shape
-    if key.shape[0] != num_tokens or key.shape[2] != head_dim or head_dim % 2:
-        raise ValueError(f"query and key must be [num_tokens, heads, head_dim] with one even "
-                         f"head_dim, got {tuple(query.shape)} and {tuple(key.shape)}")
+    _check_query_key(query, key)
     if value.shape != key.shape or (cache_kv_heads, cache_head_dim) != (num_kv_heads, head_dim):
         raise ValueError(f"value and the cache's [.., {cache_kv_heads}, {cache_head_dim}] must "
                          f"match key {tuple(key.shape)}, got value {tuple(value.shape)}")
-    if (query.stride(2) != 1 or key.stride(2) != 1 or value.stride(2) != 1
-            or kv_cache.stride(4) != 1):
-        raise ValueError("query, key, value and kv_cache need a contiguous last (head_dim) "
-                         "dimension")
+    if value.stride(2) != 1 or kv_cache.stride(4) != 1:
+        raise ValueError("value and kv_cache need a contiguous last (head_dim) dimension")
     q_out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0:
         return q_out
