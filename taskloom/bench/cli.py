@@ -51,8 +51,16 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lat.add_argument("--input-len", type=int, default=128)
     lat.add_argument("--output-len", type=int, default=256)
     lat.add_argument("--dataset-seed", type=int, default=0)
-    lat.add_argument("--peer", choices=["hf"], default=None,
-                     help="run the same batches through HF transformers generate and compare")
+    lat.add_argument("--peer", choices=["hf", "llama.cpp"], default=None,
+                     help="run the same batches through a peer and compare: hf is HF "
+                          "transformers generate; llama.cpp (CPU, a GGUF model) is its "
+                          "llama-batched-bench")
+    lat.add_argument("--llama-cpp-dir", default=None, metavar="DIR",
+                     help="the folder of llama.cpp's programs (default: found on PATH)")
+    lat.add_argument("--peer-weights", choices=["dtype", "file"], default="dtype",
+                     help="what llama.cpp runs: the GGUF's weights in --dtype, the bytes "
+                          "taskloom reads (dtype), or the file as stored, quantized tensors "
+                          "and all (file)")
     _add_profile_args(lat)
     lat.add_argument("--output-json", default=None, help="also write the result to this file")
     lat.set_defaults(func=_run_latency)

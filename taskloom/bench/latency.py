@@ -152,6 +152,10 @@ def _batch_prompts(a: argparse.Namespace, batch_size: int, vocab: int) -> list[l
 
 
 def run_latency(a: argparse.Namespace) -> dict:
+    llama_cpp_tool = None
+    if a.peer == "llama.cpp":      # refused before the run, not after it
+        from taskloom.bench.llama_cpp import check_llama_cpp_peer
+        llama_cpp_tool = check_llama_cpp_peer(a)
     llm, startup_s = build_llm(a)
     device = torch.device(a.device)
     runner = llm.engine.runner
@@ -189,15 +193,23 @@ def run_latency(a: argparse.Namespace) -> dict:
     if a.profile:
         for b, row in zip(a.batch_sizes, rows):
             add_profile(result, row, a, lambda b=b, row=row: _row_profile(llm, a, b, row, device))
-    if a.peer == "hf":
+    if a.peer is not None:
         del llm, runner
         release_device_memory(a.device)
-        from taskloom.bench.peers import hf_generate_latency
-        batches = [_batch_prompts(a, b, vocab)
-                   for b in a.batch_sizes]
-        peer = hf_generate_latency(a, batches)
-        result["peer"] = {"name": "hf-transformers-generate", "results": peer}
+        result["peer"] = _run_peer(a, vocab, llama_cpp_tool)
         result["decode_ratio_vs_peer"] = [
             round(r["decode_tokens_per_s"] / p["decode_tokens_per_s"], 3)
-            if p["decode_tokens_per_s"] else None for r, p in zip(rows, peer)]
+            if p["decode_tokens_per_s"] else None
+            for r, p in zip(rows, result["peer"]["results"])]
     return result
+
+
+def _run_peer(a: argparse.Namespace, vocab: int, llama_cpp_tool: str | None) -> dict:
+    """The same batches through the peer: HF `generate`, or llama.cpp's batched benchmark
+    with as many threads as torch used."""
+    if a.peer == "llama.cpp":
+        from taskloom.bench.llama_cpp import llama_cpp_latency
+        return llama_cpp_latency(a, llama_cpp_tool, torch.get_num_threads())
+    from taskloom.bench.peers import hf_generate_latency
+    batches = [_batch_prompts(a, b, vocab) for b in a.batch_sizes]
+    return {"name": "hf-transformers-generate", "results": hf_generate_latency(a, batches)}

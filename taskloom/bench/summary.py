@@ -81,6 +81,7 @@ def profile_line(p: dict, window: str) -> str:
 
 def _latency_lines(r: dict) -> list[str]:
     ratios = r.get("decode_ratio_vs_peer") or [None] * len(r["results"])
+    peer = r.get("peer", {}).get("name", "the peer")
     lines = []
     for row, ratio in zip(r["results"], ratios):
         line = (f"latency{' async' if r.get('async_scheduling') else ''} batch "
@@ -91,7 +92,7 @@ def _latency_lines(r: dict) -> list[str]:
         if "prefill_tflops" in row:
             line += (f" = {row['prefill_tflops']} TFLOP/s, {row['fraction_of_matmul_flops']:.2f}"
                      f" of a {r['matmul_tflops']} TFLOP/s matmul")
-        lines.append(line + (f"; {ratio}x HF generate" if ratio is not None else ""))
+        lines.append(line + (f"; {ratio}x {peer}" if ratio is not None else ""))
         if "profile" in row:
             lines.append(profile_line(row["profile"], "of decode"))
     return lines

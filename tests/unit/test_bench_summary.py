@@ -27,19 +27,20 @@ def test_a_line_per_result_of_each_kind() -> None:
         "host; 31.5x hf-transformers-generate_batch (on 128 prompts)"]
     latency = {"bench": "latency", "input_len": 128, "output_len": 256,
                "copy_bandwidth_gb_per_s": 4300.0, "decode_ratio_vs_peer": [14.2],
+               "peer": {"name": "hf-transformers-generate"},
                "results": [{"batch_size": 1, "decode_tokens_per_s": 240.4,
                             "achieved_gb_per_s": 3900.1, "fraction_of_copy_bandwidth": 0.907,
                             "ttft_ms": 21.5}]}
     assert result_lines(latency) == [
         "latency batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
-        "copy, TTFT 21.5 ms; 14.2x HF generate"]
+        "copy, TTFT 21.5 ms; 14.2x hf-transformers-generate"]
     latency["results"][0].update(prefill_tflops=95.3, fraction_of_matmul_flops=0.1209)
     latency["matmul_tflops"] = 788.2
     latency["async_scheduling"] = True
     assert result_lines(latency) == [
         "latency async batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
-        "copy, TTFT 21.5 ms = 95.3 TFLOP/s, 0.12 of a 788.2 TFLOP/s matmul; 14.2x HF "
-        "generate"]
+        "copy, TTFT 21.5 ms = 95.3 TFLOP/s, 0.12 of a 788.2 TFLOP/s matmul; 14.2x "
+        "hf-transformers-generate"]
     lora = {"bench": "lora", "num_prompts": 512, "input_len": 128, "output_len": 128,
             "base": {"output_tokens_per_s": 9000.0},
             "results": [{"num_loras": 8, "ratio_vs_base": 0.95},
