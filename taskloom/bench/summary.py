@@ -82,6 +82,8 @@ def profile_line(p: dict, window: str) -> str:
 def _latency_lines(r: dict) -> list[str]:
     ratios = r.get("decode_ratio_vs_peer") or [None] * len(r["results"])
     peer = r.get("peer", {}).get("name", "the peer")
+    if "weights" in r.get("peer", {}):      # llama.cpp: which weights it ran
+        peer += f" on {r['peer']['weights']}"
     lines = []
     for row, ratio in zip(r["results"], ratios):
         line = (f"latency{' async' if r.get('async_scheduling') else ''} batch "
