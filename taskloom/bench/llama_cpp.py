@@ -118,7 +118,12 @@ def check_llama_cpp_peer(a: argparse.Namespace) -> str:
     if not resolve_model_path(a.model).endswith(".gguf"):
         raise ValueError(f"--peer llama.cpp reads GGUF files; {a.model} is not one (llama.cpp's "
                          f"convert_hf_to_gguf.py writes one from a Hugging Face directory)")
-    return find_tool(BATCHED_BENCH, a.llama_cpp_dir)
+    tool = find_tool(BATCHED_BENCH, a.llama_cpp_dir)
+    helped = subprocess.run([tool, "--help"], capture_output=True, text=True)
+    if "--output-format {md,jsonl}" not in helped.stdout + helped.stderr:
+        raise ValueError(f"{tool} is too old: it cannot print its results as JSON lines "
+                         f"(--output-format jsonl); {BUILD_HINT}")
+    return tool
 
 
 def llama_cpp_latency(a: argparse.Namespace, tool: str, threads: int) -> dict:

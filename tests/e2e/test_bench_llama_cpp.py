@@ -61,6 +61,17 @@ def test_what_the_peer_cannot_do_is_refused_before_the_run(
     assert message in err and "Traceback" not in err
 
 
+def test_a_llama_cpp_that_cannot_print_json_lines_is_refused_before_the_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A build from before `--output-format jsonl`: its help lists no such flag."""
+    old = tmp_path / BATCHED_BENCH
+    old.write_text("#!/bin/sh\necho 'usage: llama-batched-bench -m FNAME [-npp N] [-ntg N]'\n")
+    old.chmod(0o755)
+    assert main(["bench", "latency", "--peer", "llama.cpp", "--llama-cpp-dir", str(tmp_path),
+                 "--batch-sizes", "1", "--input-len", "8", "--output-len", "4"]) == 2
+    assert "is too old" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(shutil.which(BATCHED_BENCH) is None,
                     reason=f"llama.cpp is not installed ({BATCHED_BENCH} is not on PATH; "
                            f"benchmarks/build_llama_cpp.sh builds it)")
