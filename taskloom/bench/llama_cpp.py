@@ -134,10 +134,10 @@ def llama_cpp_latency(a: argparse.Namespace, tool: str, threads: int) -> dict:
         # a KV cache of max(B) sequences of input + output tokens: llama-batched-bench skips,
         # without a word, a batch whose tokens do not fit
         ctx = max(a.batch_sizes) * (a.input_len + a.output_len)
-        cmd = [tool, "-m", path, "-c", str(ctx), "-npp", str(a.input_len),
-               "-ntg", str(a.output_len - 1), "-npl", ",".join(map(str, a.batch_sizes)),
-               "-t", str(threads), "--output-format", "jsonl"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        args = ["-c", str(ctx), "-npp", str(a.input_len), "-ntg", str(a.output_len - 1),
+                "-npl", ",".join(map(str, a.batch_sizes)), "-t", str(threads),
+                "--output-format", "jsonl"]
+        proc = subprocess.run([tool, "-m", path, *args], capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{BATCHED_BENCH} failed (exit {proc.returncode}): "
                            f"{proc.stderr[-2000:]}")
@@ -152,8 +152,7 @@ def llama_cpp_latency(a: argparse.Namespace, tool: str, threads: int) -> dict:
     first = by_batch[a.batch_sizes[0]]
     return {"name": "llama.cpp-batched-bench", "version": _version(tool), "weights": weights,
             "threads": first["n_threads"], "flash_attn": first["flash_attn"],
-            "command": " ".join([BATCHED_BENCH] + cmd[1:2] + [os.path.basename(cmd[2])]
-                                + cmd[3:]),
+            "command": " ".join([BATCHED_BENCH, "-m", os.path.basename(path), *args]),
             "results": rows}
 
 
