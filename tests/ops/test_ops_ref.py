@@ -33,10 +33,11 @@ def _hf_norm(hidden: int, eps: float, dtype: torch.dtype, seed: int) -> LlamaRMS
     return norm.to(dtype)
 
 
+@pytest.mark.parametrize("hidden", [96, 576, 4096])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_rms_norm_matches_hf(dtype: torch.dtype) -> None:
-    hf = _hf_norm(96, 1e-5, dtype, seed=0)
-    x = (3 * torch.randn(7, 5, 96, generator=torch.Generator().manual_seed(1))).to(dtype)
+def test_rms_norm_matches_hf(dtype: torch.dtype, hidden: int) -> None:
+    hf = _hf_norm(hidden, 1e-5, dtype, seed=0)
+    x = (3 * torch.randn(7, 5, hidden, generator=torch.Generator().manual_seed(1))).to(dtype)
     ours = rms_norm(x, hf.weight, 1e-5)
     assert ours.dtype == dtype and ours.shape == x.shape
     assert torch.equal(ours, hf(x))
