@@ -8,10 +8,14 @@ import json
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from taskloom.runtime.model_runner import torch_dtype
+
+if TYPE_CHECKING:
+    from transformers import ContinuousBatchingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +105,8 @@ def hf_generate_batch_throughput(a: argparse.Namespace, prompts: list[list[int]]
             "total_tokens_per_s": round((n_in + n_out) / elapsed, 2)}
 
 
-def _cpu_cache_budget(a: argparse.Namespace, prompts: list[list[int]]):
+def _cpu_cache_budget(a: argparse.Namespace, prompts: list[list[int]]
+                      ) -> ContinuousBatchingConfig | None:
     """On a CPU, `generate_batch`'s cache budget: blocks for every request at once and
     taskloom's `--max-num-batched-tokens`. Without one it sizes its cache and static
     buffers from the host's memory as from a GPU's, which on this 24 GiB machine took most

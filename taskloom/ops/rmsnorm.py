@@ -13,12 +13,13 @@ import torch.nn.functional as F
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight * x / sqrt(mean(x**2) + eps)` over the last dimension.
 
-    x: [..., hidden]; weight: [hidden]; returns [..., hidden] in x's dtype. In float32 it is
-    torch's own `rms_norm`, one call that computes these very operations (bit for bit, as the
-    test against HF checks) instead of six: a third less time a call on the CPU, where a
-    small batch's decode step makes 61 of them.
+    x: [..., hidden]; weight: [hidden]; returns [..., hidden] in x's dtype. In float32 on the
+    CPU it is torch's own `rms_norm`, one call that computes these very operations (bit for
+    bit, as the test against HF checks) instead of six: a third less time a call, and a
+    small batch's decode step makes 61 of them. Elsewhere (a CUDA device without Triton)
+    the six operations, whose rounding is HF's by construction.
     """
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and x.device.type == "cpu":
         return F.rms_norm(x, (x.shape[-1],), weight, eps)
     input_dtype = x.dtype
     h = x.to(torch.float32)                                  # [..., hidden]

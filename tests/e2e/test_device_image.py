@@ -50,11 +50,16 @@ def _gpu_test_ids(*blocked: tuple[str, ...]) -> list[list[str]]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for b in blocked]
     ids = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=300)
-        lines = [x for x in out.splitlines() if x.startswith("IDS ")]
-        assert lines, out[-3000:] + err[-3000:]
-        ids.append(json.loads(lines[-1][4:]))
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=300)
+            lines = [x for x in out.splitlines() if x.startswith("IDS ")]
+            assert lines, out[-3000:] + err[-3000:]
+            ids.append(json.loads(lines[-1][4:]))
+    finally:
+        for proc in procs:       # what a failed or timed-out wait left running
+            proc.kill()
+            proc.wait()
     return ids
 
 
