@@ -9,7 +9,7 @@ decode of the rest. It samples nothing: the peer's decode leaves out a sampler's
 
 The weights: llama.cpp runs a GGUF file's tensors as they are stored, quantized ones with its
 quantized kernels, where taskloom dequantizes them once at load into `--dtype`. By default the
-peer therefore runs a copy of the file with every tensor in that dtype (`gguf_copy_as`: F32,
+peer therefore runs a copy of the file with every matrix in that dtype (`gguf_copy_as`: F32,
 F16 or BF16), so both read the same bytes a token and the ratio compares the engines; with
 `--peer-weights file` it runs the file as it is, which is what a llama.cpp user would run.
 """
@@ -21,8 +21,12 @@ import os
 import shutil
 import subprocess
 import tempfile
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from gguf import GGMLQuantizationType, LlamaFileType
 
 BATCHED_BENCH = "llama-batched-bench"
 BUILD_HINT = ("install llama.cpp, or build it with benchmarks/build_llama_cpp.sh (from the "
@@ -44,7 +48,8 @@ def find_tool(name: str, directory: str | None) -> str:
     return found
 
 
-def _ggml_type(dtype: str):
+def _ggml_type(dtype: str) -> tuple[GGMLQuantizationType, LlamaFileType]:
+    """The GGUF tensor type of `dtype` and the file type a file of such matrices declares."""
     import gguf
     types = {"float32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
              "float16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
