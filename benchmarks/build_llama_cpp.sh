@@ -19,10 +19,10 @@ trap 'rm -rf "$work"' EXIT
 tar xzf "$work"/llama_cpp_python-*.tar.gz -C "$work"
 src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
 # GGML_NATIVE: the kernels for this CPU's instruction set, as a local llama.cpp build has them,
-# but for AMX: its tiles need the kernel's leave (arch_prctl ARCH_REQ_XCOMP_PERM), which
-# sandboxes such as this machine's refuse, and ggml's AMX kernels then die of SIGILL on the
-# first quantized matrix product (torch's oneDNN falls back to AVX-512 there). NO_AMX=0 keeps
-# them where the kernel grants it.
+# but for AMX: on this sandboxed machine ggml's AMX kernels die of SIGILL (at `tilezero`) on
+# the first quantized matrix product, although ggml asks the kernel for the tile state and
+# oneDNN's AMX products (torch's bf16 matmuls) run here. The cause is unknown. NO_AMX=0 keeps
+# AMX, for a machine where it works. Float32 products use no AMX in either engine.
 flags=""
 [ "${NO_AMX:-1}" = 1 ] && flags="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
