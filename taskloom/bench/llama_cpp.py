@@ -83,7 +83,7 @@ def gguf_copy_as(src: str, dst: str, dtype: str) -> None:
     writer.add_file_type(int(file_type))
     plan = []
     for t in reader.tensors:
-        shape = tuple(int(d) for d in reversed(t.shape))   # numpy order: GGUF lists innermost first
+        shape = tuple(int(d) for d in reversed(t.shape))   # numpy's order; GGUF's is reversed
         qtype = matrix_type if len(shape) > 1 else gguf.GGMLQuantizationType.F32
         byte_shape = quant_shape_to_byte_shape(shape, qtype)
         writer.add_tensor_info(t.name, byte_shape, np.dtype(np.uint8),

@@ -35,7 +35,8 @@ def test_a_line_per_result_of_each_kind() -> None:
         "latency batch 1 (128 in, 256 out): 240 tok/s, 3900.1 GB/s = 0.91 of a 4300.0 GB/s "
         "copy, TTFT 21.5 ms; 14.2x hf-transformers-generate"]
     latency["peer"] = {"name": "llama.cpp-batched-bench", "weights": "model.gguf in F32"}
-    assert result_lines(latency)[0].endswith("; 14.2x llama.cpp-batched-bench on model.gguf in F32")
+    assert result_lines(latency)[0].endswith(
+        "; 14.2x llama.cpp-batched-bench on model.gguf in F32")
     latency["peer"] = {"name": "hf-transformers-generate"}
     latency["results"][0].update(prefill_tflops=95.3, fraction_of_matmul_flops=0.1209)
     latency["matmul_tflops"] = 788.2
