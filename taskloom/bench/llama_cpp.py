@@ -67,8 +67,10 @@ def gguf_copy_as(src: str, dst: str, dtype: str) -> None:
     import gguf
     from gguf.quants import dequantize, quant_shape_to_byte_shape, quantize
 
+    from taskloom.models.gguf_reader import open_gguf
+
     matrix_type, file_type = _ggml_type(dtype)
-    reader = gguf.GGUFReader(src)
+    reader = open_gguf(src)     # parsed once: taskloom's own load of the file read it already
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise ValueError(f"{src}: only little-endian GGUF files can be copied")
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()

@@ -15,11 +15,9 @@ from gguf import GGMLQuantizationType as Q
 from taskloom.bench.llama_cpp import BATCHED_BENCH, gguf_copy_as
 from taskloom.cli import main
 from taskloom.models.gguf_weights import GGUFCheckpoint
+from taskloom.models.loader import TORCH_DTYPES
 from tests.models.gguf_files import write_gguf_from_hf
 from tests.models.tiny_models import build_tiny_hf
-
-TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @pytest.mark.parametrize("dtype,matrix_type,file_type", [
     ("float32", Q.F32, gguf.LlamaFileType.ALL_F32),
@@ -42,7 +40,7 @@ def test_the_copy_holds_the_dequantized_weights_in_the_dtype(
     want, got = dict(original.weights(arch)), dict(copy.weights(arch))
     assert want.keys() == got.keys()
     for name, w in want.items():
-        rounded = w if w.dim() == 1 else w.to(TORCH[dtype]).float()
+        rounded = w if w.dim() == 1 else w.to(TORCH_DTYPES[dtype]).float()
         assert torch.equal(got[name], rounded), name
     assert not torch.equal(want["model.layers.0.mlp.down_proj.weight"],
                            hf.model.layers[0].mlp.down_proj.weight)   # Q8_0, dequantized
