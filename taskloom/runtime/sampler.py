@@ -13,8 +13,10 @@ Per row, in order:
   4. the other rows divide by temperature, apply top-k, top-p and min-p, and sample with the
      exponential race `argmax(probs / q)`, `q ~ Exp(1)`.
 
-A seeded request draws its `q` row from its own `torch.Generator` (one draw of `vocab_size`
-exponentials per sampled step), so its tokens do not depend on what else shares the batch.
+A seeded request draws the `q` row of its output token i from a generator seeded with a mix of
+its seed and i, so each of its tokens depends on its seed, its position and its logits alone:
+not on what else shares the batch, on preemption, or on how many positions a step samples at
+once (speculative decoding samples every draft position and keeps the same tokens).
 Reported logprobs are those of the raw logits, before penalties, temperature and filtering.
 """
 from __future__ import annotations
@@ -220,12 +222,23 @@ def sampling_probs(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch
     return probs
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def draw_seed(seed: int, index: int) -> int:
+    """The generator seed of a seeded request's output token `index`: splitmix64 of the pair,
+    so that neighbouring seeds and positions give unrelated streams."""
+    x = (seed * 0x9E3779B97F4A7C15 + index) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 @dataclass
 class _RequestState:
     params: SamplingParams
     prompt_token_ids: list[int]
     stop_ids_for_min_tokens: tuple[int, ...]
-    generator: torch.Generator | None
     # what _build_batch asks of every row whenever the batch changes, worked out once
     greedy: bool = field(init=False)
     penalized: bool = field(init=False)
@@ -260,7 +273,7 @@ class _SampleParams:
     max_top_k: int                         # the largest of top_k
     top_p: torch.Tensor | None             # [num_sample] float32
     min_p: torch.Tensor | None             # [num_sample] float32
-    seeded: list[tuple[int, torch.Generator]]
+    seeded: list[tuple[int, int, int]]     # (position in rows, batch row, the request's seed)
     unseeded: torch.Tensor | None          # [num_unseeded] int64; None when all rows are
     all_unseeded: bool
 
@@ -292,6 +305,7 @@ class Sampler:
         self._requests: dict[str, _RequestState] = {}
         self._cached_ids: tuple[str, ...] | None = None
         self._cached_batch: _BatchParams | None = None
+        self._generator = torch.Generator(device=self.device)   # reseeded for every draw
 
     def add_request(self, req_id: str, params: SamplingParams, prompt_token_ids: list[int],
                     stop_ids_for_min_tokens: tuple[int, ...]) -> None:
@@ -299,21 +313,13 @@ class Sampler:
 
         `stop_ids_for_min_tokens` (eos ids and params.stop_token_ids) are masked while the
         request has generated fewer than `params.min_tokens` tokens. Re-adding a known id with
-        the same seed keeps its generator, so a resumed request continues its random stream.
+        the same seed is harmless: a seeded token's draw depends on the seed and its position.
         """
         self._check_token_ids("stop_ids_for_min_tokens", stop_ids_for_min_tokens)
         if params.repetition_penalty != 1.0:
             self._check_token_ids("prompt_token_ids", prompt_token_ids)
-        old = self._requests.get(req_id)
-        if old is not None and old.params.seed == params.seed:
-            generator = old.generator
-        elif params.seed is not None:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(params.seed)
-        else:
-            generator = None
         self._requests[req_id] = _RequestState(params, list(prompt_token_ids),
-                                               tuple(stop_ids_for_min_tokens), generator)
+                                               tuple(stop_ids_for_min_tokens))
         self._invalidate(req_id)
 
     def remove_request(self, req_id: str) -> None:
@@ -322,12 +328,19 @@ class Sampler:
             self._invalidate(req_id)
 
     def __call__(self, logits: torch.Tensor, req_ids: list[str],
-                 output_token_ids: list[list[int]]) -> SamplerOutput:
+                 output_token_ids: list[list[int]],
+                 output_index: list[int] | None = None) -> SamplerOutput:
         """Sample a token for each row of `logits` [num_rows, vocab] (raw model output).
 
-        Row i belongs to `req_ids[i]`, which has generated `output_token_ids[i]` so far.
+        Row i belongs to `req_ids[i]`, which has generated `output_token_ids[i]` so far (the
+        history its penalties and min_tokens read), and samples its output token number
+        `output_index[i]` (by default `len(output_token_ids[i])`; with async scheduling the
+        history lags the tokens in flight). A request may own several rows: speculative
+        decoding samples each draft position, with the drafts before it in its history.
         """
         self._check_call(logits, req_ids, output_token_ids)
+        if output_index is None:
+            output_index = [len(h) for h in output_token_ids]
         logits = logits.float()                                    # [num_rows, vocab]
         batch = self._batch_params(req_ids)
         raw_logprobs = (torch.log_softmax(logits, dim=-1)          # [num_rows, vocab]
@@ -339,7 +352,8 @@ class Sampler:
             sampled = torch.empty(len(req_ids), dtype=torch.int64, device=logits.device)
             if batch.greedy_rows.numel():
                 sampled[batch.greedy_rows] = logits[batch.greedy_rows].argmax(dim=-1)
-            sampled[batch.sample.rows] = self._sample(logits[batch.sample.rows], batch.sample)
+            sampled[batch.sample.rows] = self._sample(logits[batch.sample.rows], batch.sample,
+                                                      output_index)
         logprobs = (logprobs_tensors(raw_logprobs, sampled, batch.max_logprobs)
                     if raw_logprobs is not None else None)
         return SamplerOutput(sampled=sampled, logprobs=logprobs)
@@ -408,7 +422,7 @@ class Sampler:
         top_k: list[int] = []
         top_p: list[float] = []
         min_p: list[float] = []
-        seeded: list[tuple[int, torch.Generator]] = []
+        seeded: list[tuple[int, int, int]] = []
         unseeded: list[int] = []
         for j, i in enumerate(rows):            # one pass: this runs most steps
             state = states[i]
@@ -417,10 +431,10 @@ class Sampler:
             top_k.append(p.top_k)
             top_p.append(p.top_p)
             min_p.append(p.min_p)
-            if state.generator is None:
+            if p.seed is None:
                 unseeded.append(j)
             else:
-                seeded.append((j, state.generator))
+                seeded.append((j, i, p.seed))
         return _SampleParams(
             rows=column(rows, torch.int64),
             temperature=column(temperature, torch.float32),
@@ -473,8 +487,10 @@ class Sampler:
             logits = logits.index_copy(0, pen.rows_tensor, penalised)
         return logits
 
-    def _sample(self, logits: torch.Tensor, sample: _SampleParams) -> torch.Tensor:
-        """Step 4 on the non-greedy rows: filter, then race `probs / q` with q ~ Exp(1)."""
+    def _sample(self, logits: torch.Tensor, sample: _SampleParams,
+                output_index: list[int]) -> torch.Tensor:
+        """Step 4 on the non-greedy rows: filter, then race `probs / q` with q ~ Exp(1); a
+        seeded row's q comes from `draw_seed(seed, output index)`."""
         probs = sampling_probs(logits, sample.temperature, sample.top_k, sample.top_p,
                                sample.min_p, sample.max_top_k)     # [num_sample, vocab]
         q = torch.empty_like(probs)                                # [num_sample, vocab]
@@ -483,6 +499,8 @@ class Sampler:
         elif sample.unseeded is not None:
             q[sample.unseeded] = torch.empty(
                 (sample.unseeded.numel(), probs.shape[1]), device=probs.device).exponential_()
-        for row, generator in sample.seeded:
-            q[row].exponential_(generator=generator)
+        generator = self._generator
+        for j, row, seed in sample.seeded:
+            generator.manual_seed(draw_seed(seed, output_index[row]))
+            q[j].exponential_(generator=generator)
         return (probs / q.clamp_(min=_MIN_EXPONENTIAL)).argmax(dim=-1)

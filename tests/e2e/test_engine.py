@@ -204,7 +204,7 @@ def test_output_kinds_deliver_the_same_completions(llm: LLM) -> None:
     samples that finish at different steps (3, 2 and 24 tokens), with logprobs (equal up to
     the float noise of sitting in different rows of the batch)."""
     ids = llm.encode_chat([{"role": "user", "content": "Say yes or no."}])
-    params = SamplingParams(n=3, temperature=1.0, seed=0, max_tokens=24, logprobs=2)
+    params = SamplingParams(n=3, temperature=1.0, seed=14, max_tokens=24, logprobs=2)
     for kind in OutputKind:
         llm.engine.add_request(kind.value, ids, params, output_kind=kind)
     outputs: dict[str, list[RequestOutput]] = {kind.value: [] for kind in OutputKind}

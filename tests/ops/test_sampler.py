@@ -18,6 +18,7 @@ from taskloom.runtime.sampler import (
     Sampler,
     apply_penalties,
     compute_prompt_logprobs,
+    draw_seed,
     output_token_counts,
     sampling_probs,
 )
@@ -280,8 +281,8 @@ def test_seeded_stream_chi_square() -> None:
     sampler = make_sampler(vocab, {"a": params})
     logits = torch.tensor([CHI2_LOGITS])                           # [1, 8]
     counts = [0] * vocab
-    for _ in range(steps):
-        counts[sampler(logits, ["a"], [[]]).sampled.item()] += 1
+    for step in range(steps):
+        counts[sampler(logits, ["a"], [[]], [step]).sampled.item()] += 1
     expected = reference_probs(CHI2_LOGITS, params)
     statistic, dof = chi_square(counts, expected, steps)
     assert statistic < CHI2_CRITICAL_P1E3[dof], (counts, expected)
@@ -328,22 +329,43 @@ def test_seeded_request_is_batch_invariant(device: torch.device) -> None:
     assert other_out["s"] != alone_out["s"]
 
 
-def test_seeded_step_consumes_one_draw_from_its_generator() -> None:
-    """Each step is argmax(probs / q) with q the next vocab-sized draw of Generator(seed)."""
+def test_seeded_token_is_keyed_by_seed_and_output_index() -> None:
+    """Output token i of a seeded request is argmax(probs / q), q drawn from
+    Generator(draw_seed(seed, i)): whatever row it takes, however many steps came before."""
     vocab, seed = 20, 77
     params = SamplingParams(temperature=0.9, top_k=8, seed=seed)
     sampler = make_sampler(vocab, {"a": params, "b": SamplingParams(temperature=1.0)})
-    reference = torch.Generator().manual_seed(seed)
+    history: list[int] = []
     for step in range(25):
         logits = torch.randn(2, vocab, generator=torch.Generator().manual_seed(step))
-        if step == 10:   # re-added after a preemption: the stream continues
+        if step == 10:   # re-added after a preemption: nothing changes
             sampler.add_request("a", params, [0], ())
         a_row = step % 2                                           # "a" alternates rows
         req_ids = ["b", "a"] if a_row else ["a", "b"]
-        got = sampler(logits, req_ids, [[], []]).sampled[a_row].item()
+        got = sampler(logits, req_ids, [[], history] if a_row else [history, []]
+                      ).sampled[a_row].item()
         probs = torch.tensor(reference_probs(logits[a_row].tolist(), params))
-        q = torch.empty(vocab).exponential_(generator=reference).double()
+        q = torch.empty(vocab).exponential_(
+            generator=torch.Generator().manual_seed(draw_seed(seed, step))).double()
         assert got == int((probs / q).argmax()), step
+        history.append(got)
+
+
+def test_rows_of_one_request_sample_as_their_positions_would() -> None:
+    """A request's several rows in one call (speculative decoding's draft positions) give the
+    tokens that one row per step would, penalties and min_tokens included."""
+    vocab, steps = 30, 8
+    params = SamplingParams(temperature=0.8, seed=5, repetition_penalty=1.3, min_tokens=3,
+                            stop_token_ids=[2])
+    logits = torch.randn(steps, vocab, generator=torch.Generator().manual_seed(3)) * 2
+    one = make_sampler(vocab, {"a": params}, {"a": [1, 4]})
+    history: list[int] = []
+    for t in range(steps):
+        history.append(one(logits[t:t + 1], ["a"], [list(history)]).sampled.item())
+    many = make_sampler(vocab, {"a": params}, {"a": [1, 4]})
+    got = many(logits, ["a"] * steps, [history[:t] for t in range(steps)]).sampled.tolist()
+    assert got == history
+    assert 2 not in history[:3]
 
 
 @pytest.mark.parametrize("device", DEVICES)

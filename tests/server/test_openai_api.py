@@ -124,11 +124,11 @@ def test_n2_and_seed_reproducible(client: openai.OpenAI, oracle: LLM) -> None:
 
 
 def test_streamed_samples_that_finish_apart_each_finish_once(client: openai.OpenAI) -> None:
-    """n=3 samples that stop after 3, 2 and 24 tokens (seed 0): streamed, each sample's
+    """n=3 samples that stop after 3, 2 and 24 tokens (seed 14): streamed, each sample's
     finish_reason comes once, in its last chunk, and its text and logprobs equal the whole
     response's; usage counts every sample's tokens."""
     kwargs = dict(model=MODEL, messages=[{"role": "user", "content": "Say yes or no."}],
-                  max_tokens=24, temperature=1.0, n=3, seed=0, logprobs=True, top_logprobs=1)
+                  max_tokens=24, temperature=1.0, n=3, seed=14, logprobs=True, top_logprobs=1)
     whole = client.chat.completions.create(**kwargs)
     assert [c.finish_reason for c in whole.choices] == ["stop", "stop", "length"]
     chunks = list(client.chat.completions.create(**kwargs, stream=True,
