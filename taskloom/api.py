@@ -8,7 +8,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from taskloom.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig
+from taskloom.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
+                             SpeculativeConfig)
 from taskloom.engine.core import EngineCore
 from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.lora.registry import LoRARegistry
@@ -25,6 +26,16 @@ Conversation = list[dict]
 Adapter = str | LoRARequest | None
 
 
+def speculative_config_from(fields: Mapping[str, object]) -> SpeculativeConfig:
+    """A SpeculativeConfig from vLLM-style keys; ValueError naming an unknown key."""
+    known = set(SpeculativeConfig.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown speculative_config keys {', '.join(unknown)}; expected "
+                         f"some of {', '.join(sorted(known))}")
+    return SpeculativeConfig(**fields)  # type: ignore[arg-type]
+
+
 class LLM:
     """A model loaded with its engine, for offline generation.
 
@@ -36,6 +47,9 @@ class LLM:
     grouped by shared prefix (`prefix_aware_order`), so each group's prefix is computed once
     and stays cached while the group runs; outputs still come back in input order. With
     `async_scheduling`, each step is scheduled while the previous one runs on the device.
+    With `speculative_config` (a SpeculativeConfig, or its fields as a dict, as vLLM's
+    `speculative_config`), decoding requests also run draft tokens found by prompt lookup and
+    keep those the model agrees with: the same outputs, in fewer steps when text repeats.
 
     LoRA adapters (PEFT directories) are served when `loras` names some ({name: path}) or
     `enable_lora` is set: up to `max_loras` of them in one batch, ranks up to `max_lora_rank`,
@@ -55,7 +69,11 @@ class LLM:
                  async_scheduling: bool = False, shared_prefix_attention: bool = True,
                  enable_lora: bool = False, loras: Mapping[str, str] | None = None,
                  max_loras: int = 8, max_lora_rank: int = 16,
-                 max_cpu_loras: int | None = None) -> None:
+                 max_cpu_loras: int | None = None,
+                 speculative_config: SpeculativeConfig | Mapping[str, object] | None = None
+                 ) -> None:
+        if isinstance(speculative_config, Mapping):
+            speculative_config = speculative_config_from(speculative_config)
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
@@ -72,7 +90,8 @@ class LLM:
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       async_scheduling=async_scheduling),
             lora=LoRAConfig(enabled=enable_lora or bool(loras), max_loras=max_loras,
-                            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras))
+                            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras),
+            speculative=speculative_config)
         self.engine: EngineCore = build_engine(self.config)
         self.prefix_aware_order = prefix_aware_order
         self._ids = itertools.count()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import logging
 import os
 import signal
@@ -49,6 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action="store_false",
                    help="every decode attends to its whole context alone, even where "
                         "several share cached prefix blocks")
+    g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
+                        '(vLLM\'s keys; outputs are unchanged)')
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    type=_lora_arg, help="serve the PEFT adapter at PATH as NAME (repeatable)")
@@ -59,6 +64,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=16)
     g.add_argument("--max-cpu-loras", type=int, default=None,
                    help="adapters kept in host memory (default: 4 x --max-loras)")
+
+
+def _json_object(value: str) -> dict:
+    try:
+        obj = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {value!r}") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return obj
 
 
 def _lora_arg(value: str) -> tuple[str, str]:
@@ -118,7 +133,7 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
               prefix_aware_order=a.prefix_aware_order, async_scheduling=a.async_scheduling,
               shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
               loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-              max_cpu_loras=a.max_cpu_loras)
+              max_cpu_loras=a.max_cpu_loras, speculative_config=a.speculative_config)
     if _FREEZE_HEAP_AFTER_BUILD:
         gc.collect()
         gc.freeze()

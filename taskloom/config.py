@@ -122,11 +122,50 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
 
+SPECULATIVE_METHODS = ("ngram",)
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding: each step, a decoding request may also run up to
+    `num_speculative_tokens` draft tokens, and keeps those the model itself would have
+    produced (greedy and seeded outputs do not change; see `taskloom.engine.ngram`).
+
+    `method` "ngram" drafts by prompt lookup: the tokens that followed the latest earlier
+    occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down to
+    `prompt_lookup_min`. The keys are vLLM's `--speculative-config` keys.
+    """
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self) -> None:
+        if self.method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative method must be one of "
+                             f"{', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if self.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got "
+                             f"{self.num_speculative_tokens}")
+        if self.prompt_lookup_min < 1:
+            raise ValueError(f"prompt_lookup_min must be >= 1, got {self.prompt_lookup_min}")
+        if self.prompt_lookup_max < self.prompt_lookup_min:
+            raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= "
+                             f"prompt_lookup_min ({self.prompt_lookup_min})")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    """Everything the engine core needs."""
+    """Everything the engine core needs; `speculative` None decodes one token per step."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    speculative: SpeculativeConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.speculative is not None and self.scheduler.async_scheduling:
+            raise ValueError("speculative decoding does not run with async scheduling: a "
+                             "step's drafts depend on the tokens the step before accepted")

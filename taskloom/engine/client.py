@@ -36,6 +36,9 @@ class EngineStats:
     num_preemptions: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0     # of those, tokens whose KV was already cached
+    spec_decode_num_drafts: int = 0            # speculative decoding: steps with drafts
+    spec_decode_num_draft_tokens: int = 0      # draft tokens run
+    spec_decode_num_accepted_tokens: int = 0   # of those, kept
 
 
 class EngineDeadError(RuntimeError):
@@ -323,9 +326,11 @@ class AsyncEngineClient:
 
     def _publish_stats(self) -> None:
         sched = self.core.scheduler
-        cache = sched.kv.stats
+        cache, spec = sched.kv.stats, sched.spec_stats
         self.stats = EngineStats(sched.num_running, sched.num_waiting, sched.kv.usage,
-                                 sched.num_preemptions, cache.queries, cache.hits)
+                                 sched.num_preemptions, cache.queries, cache.hits,
+                                 spec.num_drafts, spec.num_draft_tokens,
+                                 spec.num_accepted_tokens)
 
     def _deliver(self, fn: Callable, arg: object) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -100,6 +100,7 @@ class _Seq:
     stop: StopStringMatcher
     completion: CompletionOutput
     changed: bool = False     # since the request's last output
+    num_processed: int = 0    # of the request's output tokens (a step may add several)
 
 
 @dataclass
@@ -286,7 +287,7 @@ class EngineCore:
         for rid, (first, entries) in out.prompt_logprobs.items():
             self._store_prompt_logprobs(rid, first, entries)
         for req in advanced:
-            self._process_token(req, out.logprobs.get(req.request_id))
+            self._process_tokens(req, out.logprobs.get(req.request_id))
         times.update += time.perf_counter() - t1
 
     def _load_adapters(self, sched: SchedulerOutput) -> SchedulerOutput:
@@ -336,30 +337,48 @@ class EngineCore:
             plp.extend([None] * (pos + 1 - len(plp)))
             plp[pos] = self._position_logprobs(lp)
 
-    def _process_token(self, req: Request, lp: Logprobs | None) -> None:
+    def _process_tokens(self, req: Request, lp: Logprobs | None) -> None:
+        """Output processing of the tokens the step gave the request: one, or with
+        speculative decoding several, each detokenized and matched against the stop strings
+        in turn; a stop string ends the request there and drops the tokens after it. `lp`
+        scores the step's last token (requests with logprobs get one token a step)."""
         parent, index = self._seq_owner[req.request_id]
         seq = parent.seqs[index]
+        out_ids = req.output_token_ids
+        last = len(out_ids) - 1
+        for i in range(seq.num_processed, last + 1):
+            if self._process_token(parent, index, req, out_ids[i], lp if i == last else None,
+                                   i == last and req.status.finished):
+                break
+        seq.num_processed = len(out_ids)
+
+    def _process_token(self, parent: _Parent, index: int, req: Request, token: int,
+                       lp: Logprobs | None, finished: bool) -> bool:
+        """One new token of the sequence (`finished`: the scheduler ended it there); whether
+        the sequence is now finished."""
+        seq = parent.seqs[index]
         comp = seq.completion
-        token = req.output_token_ids[-1]
         comp.token_ids.append(token)
         comp.token_ids_delta.append(token)
         if lp is not None and comp.logprobs is not None:
             comp.logprobs.append(self._position_logprobs(lp))
         matched = None
         if seq.detok is not None:
-            text, matched = self._detokenize(seq, token, req.status.finished)
+            text, matched = self._detokenize(seq, token, finished)
             comp.text += text
             comp.text_delta += text
         if matched is not None:
             self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             comp.finish_reason, comp.stop_reason = "stop", matched
-        elif req.status.finished:
+        elif finished:
             comp.finish_reason = req.status.value
             comp.stop_reason = req.stop_reason if req.stop_reason not in self.eos_token_ids \
                 else None
         parent.changed = seq.changed = True
         if comp.finish_reason is not None:
             parent.finished_seqs.add(index)
+            return True
+        return False
 
     @staticmethod
     def _detokenize(seq: _Seq, token: int, finished: bool) -> tuple[str, str | None]:

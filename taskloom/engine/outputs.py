@@ -5,6 +5,7 @@ ints and lists only, so the scheduler never sees a tensor and the runner never s
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from taskloom.lora.request import LoRARequest
@@ -45,6 +46,7 @@ class ScheduledSeq:
     sample: bool
     output_token_ids: list[int]
     num_prompt_tokens: int
+    draft_token_ids: Sequence[int] = ()
 
 
 @dataclass
@@ -74,7 +76,11 @@ class Logprobs:
 
 @dataclass
 class RunnerOutput:
+    """A step's results by request: the sampled token (for a request with drafts, the token
+    after the drafts it kept) and, with drafts, how many of them it kept."""
+
     sampled: dict[str, int] = field(default_factory=dict)
+    num_accepted: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
     # Prompt logprobs per request for this step's chunk: (first prompt position, entries).
     # Entry j scores prompt token at position first + j (position 0 has no logprob).

@@ -11,14 +11,24 @@ With LoRA adapters, the running requests may use at most `max_loras` distinct ad
 device slots). A waiting request whose adapter would exceed that is passed over, and requests
 behind it that fit are admitted; so that it does not starve, the running adapter with the
 fewest requests admits no more until it drains and frees its slot for the waiting one.
+
+With speculative decoding (a `proposer`), a decoding request's share may also carry draft
+tokens (`ScheduledSeq.draft_token_ids`), as many as the budget, its max_tokens and the model's
+context leave room for, when blocks for them are free: drafts never preempt anyone. The step
+computes them like any other tokens and samples at each of their positions; `update` keeps
+the drafts the model agreed with, then the token it sampled after them, and takes
+`num_computed_tokens` back past the rejected ones (their KV slots are simply written again).
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
+from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, NewRequestData, RunnerOutput,
                                      ScheduledSeq, SchedulerOutput)
 from taskloom.engine.request import Request, RequestStatus
@@ -26,15 +36,34 @@ from taskloom.engine.request import Request, RequestStatus
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far: steps of a request that carried drafts, the draft tokens
+    they carried, and those the model accepted (vLLM's spec_decode counters)."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens \
+            else 0.0
+
+
 class Scheduler:
     """Decides who runs each step and accounts for the KV blocks they hold."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 max_loras: int = 0) -> None:
+                 max_loras: int = 0, proposer: NgramProposer | None = None) -> None:
+        if proposer is not None and config.async_scheduling:
+            raise ValueError("speculative decoding does not run with async scheduling")
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
         self.max_loras = max_loras      # 0: adapters are not served
+        self.proposer = proposer
+        self.spec_stats = SpecDecodeStats()
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -79,9 +108,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
+        drafts: dict[str, list[int]] = {}
         preempted = False
         finishing = 0       # running requests whose last token is in flight
-        running, has_room = self.running, self.kv.has_room
+        running, has_room, proposer = self.running, self.kv.has_room, self.proposer
         i = 0
         while i < len(running) and budget > 0:
             req = running[i]
@@ -94,8 +124,13 @@ class Scheduler:
                        - req.num_computed_tokens)
             if num_new > budget:
                 num_new = budget
+            draft = (self._draft(req, budget - 1)
+                     if proposer is not None and num_new == 1 and req.output_token_ids else None)
+            if draft:       # its blocks are taken
+                drafts[req.request_id] = draft
+                num_new += len(draft)
             # most decodes: the table has room and no block fills, so nothing to allocate
-            if not has_room(req.request_id, req.num_computed_tokens + num_new):
+            elif not has_room(req.request_id, req.num_computed_tokens + num_new):
                 num_running = len(running)
                 ok = self._reserve(req, num_new)
                 preempted = preempted or len(running) < num_running
@@ -106,7 +141,24 @@ class Scheduler:
             i += 1
         if not preempted and self.waiting:
             budget = self._admit(scheduled, budget, finishing)
-        return self._build_output(scheduled, budget)
+        return self._build_output(scheduled, budget, drafts)
+
+    def _draft(self, req: Request, room: int) -> list[int]:
+        """Draft tokens for a decoding request: at most `room`, and no more than its
+        max_tokens and the model's context can still take along with the token sampled
+        after them; none unless the blocks for them are free (drafts preempt no one).
+        Requests that want logprobs decode one token a step."""
+        if req.params.logprobs is not None:
+            return []
+        num_tokens = req.num_tokens
+        limit = min(room, self.max_model_len - num_tokens - 1)
+        if req.params.max_tokens is not None:
+            limit = min(limit, req.params.max_tokens - len(req.output_token_ids) - 1)
+        assert self.proposer is not None
+        draft = self.proposer.propose(req, limit)
+        if draft and self.kv.allocate_slots(req, num_tokens + len(draft)) is None:
+            return []
+        return draft
 
     def _at_limit(self, req: Request) -> bool:
         """Whether the tokens in flight already take the request to max_tokens or the
@@ -186,7 +238,8 @@ class Scheduler:
         self.running.append(req)
         return num_new
 
-    def _build_output(self, scheduled: list[tuple[Request, int]], budget: int) -> SchedulerOutput:
+    def _build_output(self, scheduled: list[tuple[Request, int]], budget: int,
+                      drafts: dict[str, list[int]]) -> SchedulerOutput:
         new_requests, seqs = [], []
         seen, tables = self._seen_by_runner, self.kv.block_tables
         for req, num_new in scheduled:
@@ -200,8 +253,11 @@ class Scheduler:
             end = start + num_new
             known = num_prompt + len(out_ids)
             in_flight = req.num_output_placeholders
-            sample = end == known + in_flight       # it reaches the newest token
-            if num_new == 1 and sample and start >= num_prompt:
+            draft = drafts.get(rid, ()) if drafts else ()
+            sample = end == known + in_flight + len(draft)    # it reaches the newest token
+            if draft:
+                token_ids = [out_ids[-1], *draft]
+            elif num_new == 1 and sample and start >= num_prompt:
                 # a decode, most sequences of most steps: its input is the newest token, or,
                 # with async scheduling, the one the step in flight samples
                 token_ids = [out_ids[-1] if start < known else PLACEHOLDER_TOKEN_ID]
@@ -212,7 +268,7 @@ class Scheduler:
             if sample:
                 req.num_output_placeholders = in_flight + 1
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
-                                     num_prompt))
+                                     num_prompt, draft))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget)
@@ -226,6 +282,7 @@ class Scheduler:
         whole context, and a seeded request's random stream has moved past it."""
         advanced = []
         requests, sampled = self.requests, out.sampled
+        stop_status = self._stop_status
         for seq in sched.seqs:
             if not seq.sample:
                 continue
@@ -237,12 +294,34 @@ class Scheduler:
             token = sampled.get(seq.req_id)
             if token is None:
                 continue
-            req.output_token_ids.append(token)
-            status = self._stop_status(req, token)
-            if status is not None:
-                self._finish(req, status)
+            if seq.draft_token_ids:
+                self._accept(req, seq.draft_token_ids, out.num_accepted.get(seq.req_id, 0),
+                             token)
+            else:
+                req.output_token_ids.append(token)
+                status = stop_status(req, token)
+                if status is not None:
+                    self._finish(req, status)
             advanced.append(req)
         return advanced
+
+    def _accept(self, req: Request, draft: Sequence[int], accepted: int, token: int) -> None:
+        """Take in a speculative step's result: the first `accepted` drafts, then `token`,
+        each checked for a stop as a decode's token is; the rejected drafts' positions are
+        computed again later."""
+        if not 0 <= accepted <= len(draft):
+            raise ValueError(f"{req.request_id}: {accepted} of {len(draft)} drafts accepted")
+        stats = self.spec_stats
+        stats.num_drafts += 1
+        stats.num_draft_tokens += len(draft)
+        stats.num_accepted_tokens += accepted
+        req.num_computed_tokens -= len(draft) - accepted
+        for t in (*draft[:accepted], token):
+            req.output_token_ids.append(t)
+            status = self._stop_status(req, t)
+            if status is not None:
+                self._finish(req, status)
+                return
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         n_out = len(req.output_token_ids)
@@ -289,6 +368,8 @@ class Scheduler:
         req.status = status
         self.kv.free(req.request_id)
         self.kv.forget(req.request_id)
+        if self.proposer is not None:
+            self.proposer.remove(req.request_id)
         del self.requests[req.request_id]
         self.num_history_requests -= req.needs_output_history
         if req.request_id in self._seen_by_runner:

@@ -11,6 +11,7 @@ import torch
 from taskloom.config import EngineConfig
 from taskloom.engine.core import EngineCore
 from taskloom.engine.kv_cache import KVCacheManager
+from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.scheduler import Scheduler
 from taskloom.lora.manager import LoRAManager
 from taskloom.models.llama import LlamaForCausalLM
@@ -87,6 +88,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
                          config.model.shared_prefix_attention)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
                         config.cache.enable_prefix_caching)
+    proposer = None if config.speculative is None else NgramProposer(config.speculative)
     scheduler = Scheduler(config.scheduler, kv, max_model_len,
-                          config.lora.max_loras if config.lora.enabled else 0)
+                          config.lora.max_loras if config.lora.enabled else 0, proposer)
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)

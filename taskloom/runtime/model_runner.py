@@ -58,6 +58,9 @@ class _ReqState:
     logprobs: int | None
     prompt_logprobs: int | None
     lora: LoRARequest | None = None
+    # sampling reads the output so far (penalties, min_tokens): a draft position's row gets
+    # the drafts before it in its history
+    needs_history: bool = False
 
 
 @dataclass
@@ -71,7 +74,8 @@ class _Batch:
     seq_lens: np.ndarray          # [num_seqs] int64
     block_tables: np.ndarray      # [num_seqs, max_blocks] int32, padded with 0
     sample_rows: np.ndarray       # [num_sampled] int64: flat index of each sampled token
-    sample_seqs: list[ScheduledSeq]
+    sample_seqs: list[ScheduledSeq]   # the sequence of each sampled row (drafts: several)
+    has_drafts: bool
     seq_loras: list[LoRARequest | None] | None  # [num_seqs]; None: no adapters served
     # (flat index, row of the previous step's sampled tokens) of each placeholder input
     placeholders: list[tuple[int, int]]
@@ -81,6 +85,20 @@ class _Batch:
     def query_lens(self) -> list[int]:
         qsl = self.query_start_loc
         return [b - a for a, b in zip(qsl, qsl[1:])]
+
+
+def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
+                ) -> tuple[list[int], list[ScheduledSeq]]:
+    """The sampled rows (flat token indexes) and their sequences when some sequences carry
+    drafts: such a sequence samples at its newest token and at each draft."""
+    rows: list[int] = []
+    row_seqs: list[ScheduledSeq] = []
+    for i in sampled:
+        seq = seqs[i]
+        k = len(seq.draft_token_ids)
+        rows += range(qsl[i + 1] - 1 - k, qsl[i + 1])
+        row_seqs += [seq] * (k + 1)
+    return rows, row_seqs
 
 
 class PendingStep:
@@ -94,6 +112,8 @@ class PendingStep:
         self._ready = ready
         self.sampled_ids: list[str] = []                      # request of each sampled row
         self.sampled: torch.Tensor | None = None              # [num_sampled] int64, host
+        # speculative decoding: (request, its first sampled row, its drafts)
+        self.drafts: list[tuple[str, int, Sequence[int]]] = []
         self.logprobs: LogprobsTensors | None = None          # host
         self.logprobs_k: list[tuple[int, str, int]] = []      # (row, request, top-k asked)
         # (request, first prompt position scored, host logprobs, k)
@@ -104,7 +124,14 @@ class PendingStep:
             self._ready.synchronize()
         out = RunnerOutput()
         if self.sampled is not None:
-            out.sampled = dict(zip(self.sampled_ids, self.sampled.tolist()))
+            tokens = self.sampled.tolist()
+            out.sampled = dict(zip(self.sampled_ids, tokens))
+            for rid, first, draft in self.drafts:
+                kept = 0    # drafts are kept while the model sampled them too
+                while kept < len(draft) and tokens[first + kept] == draft[kept]:
+                    kept += 1
+                out.sampled[rid] = tokens[first + kept]
+                out.num_accepted[rid] = kept
         if self.logprobs is not None:
             for row, rid, k in self.logprobs_k:
                 out.logprobs[rid] = self.logprobs.to_list(row, k)
@@ -216,7 +243,8 @@ class ModelRunner:
         for new in sched.new_requests:
             p = new.params
             self._states[new.req_id] = _ReqState(new.prompt_token_ids, p.logprobs,
-                                                 p.prompt_logprobs, new.lora)
+                                                 p.prompt_logprobs, new.lora,
+                                                 p.min_tokens > 0 or p.penalized)
             if p.prompt_logprobs is not None:
                 self._prompt_logprob_ids.add(new.req_id)
             stop_ids = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
@@ -231,6 +259,7 @@ class ModelRunner:
         starts: list[int] = []
         qsl = [0]
         sampled: list[int] = []
+        num_sampled = 0
         placeholders: list[tuple[int, int]] = []
         for i, seq in enumerate(seqs):
             ids = seq.token_ids
@@ -241,6 +270,7 @@ class ModelRunner:
                 placeholders.append((len(input_ids) - 1, self._last_rows[seq.req_id]))
             if seq.sample:
                 sampled.append(i)
+                num_sampled += 1 + len(seq.draft_token_ids)
         n, num_tokens = len(seqs), len(input_ids)
         start = np.array(starts, dtype=np.int64)                    # [num_seqs]
         if num_tokens == n:     # decodes only: most steps
@@ -252,12 +282,17 @@ class ModelRunner:
             seq_lens, max_query_len = start + q_lens, int(q_lens.max())
         table = self._block_tables.table
         slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        if num_sampled == len(sampled):     # no drafts: the last token of each
+            sample_rows = [qsl[i + 1] - 1 for i in sampled]
+            sample_seqs = [seqs[i] for i in sampled]
+        else:
+            sample_rows, sample_seqs = _draft_rows(seqs, sampled, qsl)
         return _Batch(
             input_ids=np.array(input_ids, dtype=np.int64), positions=positions, slots=slots,
             query_start_loc=qsl, seq_lens=seq_lens,
             block_tables=self._block_tables.tables(rows, width),
-            sample_rows=np.array([qsl[i + 1] - 1 for i in sampled], dtype=np.int64),
-            sample_seqs=[seqs[i] for i in sampled],
+            sample_rows=np.array(sample_rows, dtype=np.int64), sample_seqs=sample_seqs,
+            has_drafts=num_sampled != len(sampled),
             seq_loras=None if self.lora is None else [self._states[s.req_id].lora
                                                       for s in seqs],
             placeholders=placeholders, max_query_len=max_query_len)
@@ -325,8 +360,14 @@ class ModelRunner:
             return
         rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
-        req_ids = [s.req_id for s in batch.sample_seqs]
-        result = self.sampler(logits, req_ids, [s.output_token_ids for s in batch.sample_seqs])
+        seqs = batch.sample_seqs
+        req_ids = [s.req_id for s in seqs]
+        # the output index each row samples: the token after the step's last (or j-th) one
+        index = [s.num_computed_tokens + len(s.token_ids) - s.num_prompt_tokens for s in seqs]
+        histories = [s.output_token_ids for s in seqs]
+        if batch.has_drafts:
+            self._draft_histories(seqs, index, histories, pending)
+        result = self.sampler(logits, req_ids, histories, index)
         self._last_sampled = result.sampled
         self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
         pending.sampled_ids = req_ids
@@ -336,6 +377,26 @@ class ModelRunner:
             states = self._states
             pending.logprobs_k = [(i, rid, k) for i, rid in enumerate(req_ids)
                                   if (k := states[rid].logprobs) is not None]
+
+    def _draft_histories(self, seqs: list[ScheduledSeq], index: list[int],
+                         histories: list[list[int]], pending: PendingStep) -> None:
+        """For a request's rows over its drafts (`_draft_rows`: the newest token's row, then
+        one per draft): each row's output index and, where sampling reads it, its history
+        with the drafts before it; the drafts go to `pending` to be checked."""
+        states = self._states
+        i = 0
+        while i < len(seqs):
+            seq = seqs[i]
+            draft = seq.draft_token_ids
+            if draft:
+                first = index[i] - len(draft)
+                pending.drafts.append((seq.req_id, i, draft))
+                for j in range(len(draft) + 1):
+                    index[i + j] = first + j
+                    if j and states[seq.req_id].needs_history:
+                        histories[i + j] = [*seq.output_token_ids, *draft[:j]]
+                i += len(draft)
+            i += 1
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
                          pending: PendingStep) -> None:

@@ -101,8 +101,9 @@ class _LoopSeries(Collector):
 
 
 class _PrefixCacheCollector(Collector):
-    """The engine's prefix-cache counters (prompt tokens looked up, and found cached); their
-    ratio is the hit rate: `rate(hits) / rate(queries)`."""
+    """The engine's cache counters: prefix-cache lookups (prompt tokens looked up, and found
+    cached; their ratio is the hit rate: `rate(hits) / rate(queries)`) and speculative
+    decoding's drafts."""
 
     def __init__(self, client: AsyncEngineClient) -> None:
         self.client = client
@@ -115,6 +116,16 @@ class _PrefixCacheCollector(Collector):
         yield CounterMetricFamily("taskloom_prefix_cache_hits",
                                   "Prompt tokens found in the prefix cache",
                                   value=stats.prefix_cache_hits)
+        # speculative decoding (vLLM's spec_decode counters); acceptance is
+        # rate(accepted_tokens) / rate(draft_tokens)
+        yield CounterMetricFamily("taskloom_spec_decode_num_drafts",
+                                  "Steps of a request that carried draft tokens",
+                                  value=stats.spec_decode_num_drafts)
+        yield CounterMetricFamily("taskloom_spec_decode_num_draft_tokens",
+                                  "Draft tokens run", value=stats.spec_decode_num_draft_tokens)
+        yield CounterMetricFamily("taskloom_spec_decode_num_accepted_tokens",
+                                  "Draft tokens the model accepted",
+                                  value=stats.spec_decode_num_accepted_tokens)
 
 
 @dataclass

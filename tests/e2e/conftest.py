@@ -13,6 +13,7 @@ def assert_pool_full(llm: LLM) -> None:
     assert not sched.has_unfinished and not llm.engine.has_unfinished
     assert sched.kv.num_free_blocks == sched.kv.num_blocks, "KV blocks leaked"
     assert not sched.kv.block_tables
+    assert sched.proposer is None or sched.proposer.num_requests == 0, "draft index leaked"
     llm.engine.step()       # an empty step tells the runner which requests finished last
     assert llm.engine.runner.num_requests == 0, "the runner kept finished requests' state"
 
@@ -26,6 +27,7 @@ def llm() -> Iterator[LLM]:
 @pytest.fixture(autouse=True)
 def _pool_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm"):
+    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm",
+                 "spec_llm", "tiny_spec_llm"):
         if name in request.fixturenames:
             assert_pool_full(request.getfixturevalue(name))
