@@ -129,6 +129,24 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "of it); what was timed is kept")
     kn.add_argument("--output-json", default=None, help="also write the result to this file")
     kn.set_defaults(func=_run_kernels)
+    sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup) against the same "
+                                       "engine without it, on text that repeats its prompt")
+    add_engine_args(sp)
+    sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    sp.add_argument("--output-len", type=int, default=128,
+                    help="new tokens at most per request (requests also end at EOS)")
+    sp.add_argument("--temperature", type=float, default=0.0)
+    sp.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature)")
+    sp.add_argument("--prompts-file", default=None, metavar="JSONL",
+                    help='your own prompts, a {"prompt": ...} or {"messages": [...]} per line '
+                         "(default: built-in code editing of standard-library functions)")
+    sp.add_argument("--repeats", type=int, default=2,
+                    help="alternating runs with and without drafts; each keeps its fastest")
+    sp.add_argument("--peer", choices=["hf"], default=None,
+                    help="also HF generate with its prompt lookup (greedy, batch 1)")
+    sp.add_argument("--peer-num-prompts", type=int, default=4, metavar="N")
+    sp.add_argument("--output-json", default=None, help="also write the result to this file")
+    sp.set_defaults(func=_run_spec)
     sm = kinds.add_parser("summary", help="a line per result of a results file (JSON lines), "
                                           "and speedups between results of one workload")
     sm.add_argument("results", help="a file of benchmark JSON lines, e.g. run_gpu.sh's")
@@ -190,6 +208,14 @@ def _run_serve(a: argparse.Namespace) -> int:
               f"p90 {p['p90_ms']:9.1f}  p99 {p['p99_ms']:9.1f}")
     print(f"{result['completed']}/{result['num_prompts']} requests in {result['duration_s']} s: "
           f"{result['output_tokens_per_s']} output tok/s")
+    return _emit(result, a.output_json)
+
+
+def _run_spec(a: argparse.Namespace) -> int:
+    from taskloom.bench.spec import run_spec
+    from taskloom.bench.summary import result_lines
+    result = run_spec(a)
+    print("\n".join(result_lines(result)))
     return _emit(result, a.output_json)
 
 

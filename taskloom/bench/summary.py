@@ -143,6 +143,8 @@ def result_lines(r: dict) -> list[str]:
         return [f"lora {r['num_prompts']}x{r['input_len']}/{r['output_len']}, base "
                 f"{r['base']['output_tokens_per_s']:.0f} out tok/s: " + ", ".join(
                     f"{x['num_loras']} adapters {x['ratio_vs_base']}x" for x in r["results"])]
+    if kind == "spec":
+        return _spec_lines(r)
     if kind == "serve":
         # tokens a chunk: above 1 when the server fell behind the engine (OutputStream)
         per_chunk = (f", {r['tokens_per_chunk']} tokens a chunk"
@@ -151,6 +153,27 @@ def result_lines(r: dict) -> list[str]:
                 f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
                 f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
     return [f"{kind}: (no summary for this kind)"]
+
+
+def _spec_lines(r: dict) -> list[str]:
+    c = r["speculative_config"]
+    lines = []
+    for x in r["results"]:
+        base, spec = x["base"], x["spec"]
+        same = "same outputs" if x["outputs_identical"] else "OUTPUTS DIFFER"
+        lines.append(
+            f"spec {c['method']} k={c['num_speculative_tokens']} {r['workload']} batch "
+            f"{x['batch_size']}: {spec['output_tokens_per_s']:.1f} vs "
+            f"{base['output_tokens_per_s']:.1f} out tok/s without drafts = {x['speedup']}x, "
+            f"acceptance {spec['acceptance_rate']}, {spec['accepted_per_draft']} accepted "
+            f"per draft, {same}")
+    if "peer" in r:
+        p = r["peer"]
+        lines.append(f"spec batch 1 vs {p['name']} on {p['num_prompts']} prompts: "
+                     f"{r['peer_taskloom']['output_tokens_per_s']:.1f} vs "
+                     f"{p['output_tokens_per_s']:.1f} out tok/s = {r['ratio_vs_peer']}x"
+                     f"{'' if p['outputs_identical'] else ', OUTPUTS DIFFER'}")
+    return lines
 
 
 _SETTINGS = {"prefix_caching": "prefix caching on vs off",

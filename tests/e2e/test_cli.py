@@ -22,6 +22,10 @@ def test_generate_streams_the_greedy_completion(llm: LLM) -> None:
     proc = run(["generate", prompt, "--max-tokens", "20", "--temperature", "0"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == expected.outputs[0].text + "\n"
+    proc = run(["generate", prompt, "--max-tokens", "20", "--temperature", "0",
+                "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == expected.outputs[0].text + "\n"
 
 
 def test_chat_repl_multi_turn_reset_and_exit(llm: LLM) -> None:
@@ -43,6 +47,11 @@ def test_bad_flags_give_a_clear_error_and_exit_code() -> None:
     assert "top_p must be in (0, 1], got 0.0" in proc.stderr
     proc = run(["generate", "hi", "--model", "/no/such/model.gguf"])
     assert proc.returncode == 2 and "/no/such/model.gguf" in proc.stderr
+    proc = run(["generate", "hi", "--speculative-config", "{num_speculative_tokens: 3}"])
+    assert proc.returncode == 2 and "--speculative-config: not JSON" in proc.stderr
+    proc = run(["generate", "hi", "--speculative-config", '{"num_speculative_tokens": 0}'])
+    assert proc.returncode == 2
+    assert "num_speculative_tokens must be >= 1, got 0" in proc.stderr
 
 
 _FREEZE_PROBE = """

@@ -37,8 +37,8 @@ def spec_llm() -> Iterator[LLM]:
 
 @pytest.fixture(scope="module")
 def tiny_spec_llm() -> Iterator[LLM]:
-    """A pool of 24 blocks of 16: a few requests at once, the rest preempted."""
-    yield LLM(max_num_seqs=8, num_blocks=24, speculative_config=SPEC)
+    """A pool of 16 blocks of 16: a request or two at once, the rest preempted."""
+    yield LLM(max_num_seqs=8, num_blocks=16, speculative_config=SPEC)
 
 
 def completions(llm: LLM) -> list[list[tuple]]:
@@ -66,9 +66,9 @@ def test_logprobs_requests_keep_their_logprobs(llm: LLM, spec_llm: LLM) -> None:
 
 
 def test_under_preemption(llm: LLM, tiny_spec_llm: LLM) -> None:
-    params = [SamplingParams(max_tokens=80, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=80, temperature=0.9, seed=7, ignore_eos=True)] * 4
-    convs = [REPEAT] * 8
+    params = [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=64, temperature=0.9, seed=7, ignore_eos=True)] * 2
+    convs = [REPEAT] * 4
     want = [o.outputs[0].token_ids for o in llm.chat(convs, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in tiny_spec_llm.chat(convs, params, use_tqdm=False)]
     assert got == want

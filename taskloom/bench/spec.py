@@ -1,0 +1,208 @@
+"""`taskloom bench spec`: speculative decoding by prompt lookup against the same engine without
+it, in the same run, on text whose answers repeat their prompts.
+
+Prompt lookup pays only where the output repeats the input, so random token ids (the other
+benchmarks' workload) would measure nothing: the built-in workload is code editing, each
+prompt a function from Python's standard library with the request to return it with type hints
+added and nothing else changed (offline, deterministic, and the task prompt lookup is known
+for). `--prompts-file` takes a JSONL file of your own (`{"prompt": "..."}` or
+`{"messages": [...]}` per line) instead. Prompts go through the model's chat template.
+
+Per batch size B, B requests run at once with and without drafts, alternately `--repeats`
+times, each keeping its fastest run; the line reports output tokens/s of both, the speedup,
+the acceptance rate, the tokens a step gave each request, and whether the outputs were the
+same (they must be: greedy and seeded outputs do not depend on the drafts). `--peer hf` also
+runs HF transformers `generate` with its own prompt lookup (`prompt_lookup_num_tokens`; batch
+1 only in HF) on the first `--peer-num-prompts` prompts, for a ratio against taskloom with
+drafts on the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+from taskloom.bench.common import build_llm, release_device_memory, run_info
+from taskloom.config import SpeculativeConfig
+from taskloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Modules whose plain functions make the built-in code-editing prompts.
+_SOURCE_MODULES = ("textwrap", "shlex", "difflib", "heapq", "bisect", "fnmatch", "colorsys",
+                   "calendar", "statistics", "string", "glob", "json.decoder")
+_TASK = ("Rewrite this Python function with type hints added to its signature. Change "
+         "nothing else, and answer with the whole function only.\n\n```python\n{}```")
+
+
+def stdlib_functions(min_lines: int = 6, max_lines: int = 30) -> Iterator[str]:
+    """Sources of the standard library's plain functions of `min_lines` to `max_lines`
+    lines, in a fixed order."""
+    for name in _SOURCE_MODULES:
+        module = importlib.import_module(name)
+        for _, fn in sorted(inspect.getmembers(module, inspect.isfunction)):
+            if fn.__module__ != module.__name__:
+                continue
+            try:
+                src = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            if min_lines <= src.count("\n") <= max_lines:
+                yield src
+
+
+def builtin_conversations(num: int) -> list[list[dict]]:
+    sources = list(stdlib_functions())
+    if not sources:
+        raise ValueError("found no standard-library sources for the built-in workload; "
+                         "give --prompts-file")
+    return [[{"role": "user", "content": _TASK.format(sources[i % len(sources)])}]
+            for i in range(num)]
+
+
+def file_conversations(path: str) -> list[list[dict]]:
+    """The conversations of a JSONL file: `{"prompt": str}` or `{"messages": [...]}` lines."""
+    convs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if isinstance(row.get("messages"), list):
+                convs.append(row["messages"])
+            elif isinstance(row.get("prompt"), str):
+                convs.append([{"role": "user", "content": row["prompt"]}])
+            else:
+                raise ValueError(f"{path}:{n}: expected a \"prompt\" string or a "
+                                 f"\"messages\" list")
+    if not convs:
+        raise ValueError(f"{path} holds no prompts")
+    return convs
+
+
+def _timed(llm, prompts: list[list[int]], params: SamplingParams, drafts: bool) -> dict:
+    """One run of the prompts at once, with or without drafts (the engine's proposer is
+    set aside for the run without: same engine, same pool, same everything else)."""
+    sched = llm.engine.scheduler
+    proposer, stats, steps = sched.proposer, sched.spec_stats, llm.engine.step_times.steps
+    drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
+    num_drafts = stats.num_drafts
+    sched.proposer = proposer if drafts else None
+    try:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+    finally:
+        sched.proposer = proposer
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    row = {"elapsed_s": round(elapsed, 3), "output_tokens": n_out,
+           "output_tokens_per_s": round(n_out / elapsed, 2),
+           "steps": llm.engine.step_times.steps - steps,
+           "token_ids": [o.outputs[0].token_ids for o in outs]}
+    if drafts:
+        d, acc = stats.num_draft_tokens - drafted, stats.num_accepted_tokens - accepted
+        row.update(draft_tokens=d, accepted_tokens=acc,
+                   acceptance_rate=round(acc / d, 3) if d else 0.0,
+                   accepted_per_draft=round(acc / max(stats.num_drafts - num_drafts, 1), 2))
+    return row
+
+
+def _best(runs: list[dict]) -> dict:
+    return min(runs, key=lambda r: r["elapsed_s"])
+
+
+def run_spec(a: argparse.Namespace) -> dict:
+    if a.speculative_config is None:
+        a.speculative_config = {"method": "ngram", "num_speculative_tokens": 4}
+    a.max_num_seqs = max(a.max_num_seqs, max(a.batch_sizes))
+    llm, startup_s = build_llm(a)
+    convs = (file_conversations(a.prompts_file) if a.prompts_file
+             else builtin_conversations(max(a.batch_sizes)))
+    prompts = [llm.encode_chat(c) for c in convs]
+    params = SamplingParams(max_tokens=a.output_len, temperature=a.temperature, seed=a.seed)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)     # warm-up
+    results = []
+    for b in a.batch_sizes:
+        batch = [prompts[i % len(prompts)] for i in range(b)]
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        for _ in range(a.repeats):
+            for drafts in (False, True):
+                runs[drafts].append(_timed(llm, batch, params, drafts))
+        base, spec = _best(runs[False]), _best(runs[True])
+        same = all(r["token_ids"] == base["token_ids"] for r in runs[False] + runs[True])
+        for r in (base, spec):
+            del r["token_ids"]
+        results.append({"batch_size": b, "base": base, "spec": spec,
+                        "speedup": round(spec["output_tokens_per_s"]
+                                         / base["output_tokens_per_s"], 3),
+                        "outputs_identical": same})
+    spec_config = llm.config.speculative
+    assert spec_config is not None
+    result = {"bench": "spec", "model": a.model or "embedded:SmolLM2-135M-Instruct",
+              "dtype": a.dtype, "workload": a.prompts_file or "builtin:code-edit",
+              "num_prompts": len(prompts), "output_len": a.output_len,
+              "temperature": a.temperature, "speculative_config": vars_of(spec_config),
+              "repeats": a.repeats, "startup_s": startup_s, "results": results,
+              **run_info(a.device)}
+    if a.peer == "hf":
+        peer_prompts = prompts[:a.peer_num_prompts]
+        ours = _one_at_a_time(llm, peer_prompts, a.output_len)
+        del llm
+        release_device_memory(a.device)
+        peer = _hf_prompt_lookup(a, peer_prompts, spec_config)
+        peer["outputs_identical"] = peer.pop("token_ids") == ours.pop("token_ids")
+        result.update(peer=peer, peer_taskloom=ours,
+                      ratio_vs_peer=round(ours["output_tokens_per_s"]
+                                          / peer["output_tokens_per_s"], 3))
+    return result
+
+
+def _one_at_a_time(llm, prompts: list[list[int]], output_len: int) -> dict:
+    """taskloom with drafts on each prompt alone, greedy: what the HF peer runs."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0)
+    token_ids, elapsed = [], 0.0
+    for p in prompts:
+        start = time.perf_counter()
+        (out,) = llm.generate([p], params, use_tqdm=False)
+        elapsed += time.perf_counter() - start
+        token_ids.append(out.outputs[0].token_ids)
+    n_out = sum(map(len, token_ids))
+    return {"num_prompts": len(prompts), "elapsed_s": round(elapsed, 3),
+            "output_tokens_per_s": round(n_out / elapsed, 2), "token_ids": token_ids}
+
+
+def _hf_prompt_lookup(a: argparse.Namespace, prompts: list[list[int]],
+                      config: SpeculativeConfig) -> dict:
+    """HF `generate` with its prompt lookup (greedy, batch 1: all HF supports), each prompt
+    alone, up to `a.output_len` new tokens or the model's end of sequence."""
+    import torch
+
+    from taskloom.bench.peers import load_hf_model
+    model = load_hf_model(a)
+    gen = dict(do_sample=False, max_new_tokens=a.output_len,
+               prompt_lookup_num_tokens=config.num_speculative_tokens,
+               max_matching_ngram_size=config.prompt_lookup_max)
+    token_ids, elapsed = [], 0.0
+    with torch.inference_mode():
+        for i, p in enumerate(prompts):
+            ids = torch.tensor([p], device=a.device)
+            mask = torch.ones_like(ids)
+            if i == 0:      # warm-up
+                model.generate(input_ids=ids, attention_mask=mask, **{**gen,
+                                                                       "max_new_tokens": 4})
+            start = time.perf_counter()
+            out = model.generate(input_ids=ids, attention_mask=mask, **gen)
+            elapsed += time.perf_counter() - start
+            token_ids.append(out[0, ids.shape[1]:].tolist())
+    n_out = sum(map(len, token_ids))
+    return {"name": "hf-transformers-generate-prompt-lookup", "num_prompts": len(prompts),
+            "elapsed_s": round(elapsed, 3), "output_tokens_per_s": round(n_out / elapsed, 2),
+            "token_ids": token_ids}
+
+
+def vars_of(config: SpeculativeConfig) -> dict:
+    return {k: getattr(config, k) for k in config.__dataclass_fields__}

@@ -1,0 +1,55 @@
+"""`taskloom bench spec` end to end on the embedded model: the built-in code-editing workload
+and a prompts file, drafts on against off in one run with the same outputs, the HF prompt
+lookup peer, and the summary's lines."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from taskloom.bench.spec import builtin_conversations, file_conversations
+from taskloom.bench.summary import result_lines
+from taskloom.cli import main
+
+
+def test_builtin_workload_is_code_to_edit() -> None:
+    convs = builtin_conversations(40)
+    assert len(convs) == 40 and len({c[0]["content"] for c in convs}) > 20
+    assert all("```python\ndef " in c[0]["content"] for c in convs)
+
+
+def test_prompts_file_lines(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Repeat: a b c"}\n\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    assert file_conversations(str(path)) == [
+        [{"role": "user", "content": "Repeat: a b c"}], [{"role": "user", "content": "hi"}]]
+    path.write_text('{"text": "x"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:1: expected a \"prompt\" string"):
+        file_conversations(str(path))
+
+
+def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "result.json"
+    rc = main(["bench", "spec", "--batch-sizes", "1", "2", "--output-len", "16",
+               "--repeats", "1", "--peer", "hf", "--peer-num-prompts", "1",
+               "--speculative-config", '{"num_speculative_tokens": 3}',
+               "--output-json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(printed[-1])
+    assert result == json.loads(out.read_text())
+    assert result["speculative_config"]["num_speculative_tokens"] == 3
+    assert [r["batch_size"] for r in result["results"]] == [1, 2]
+    for r in result["results"]:
+        assert r["outputs_identical"]
+        assert r["spec"]["output_tokens"] == r["base"]["output_tokens"]
+        assert r["spec"]["steps"] < r["base"]["steps"]
+        assert 0 < r["spec"]["accepted_tokens"] <= r["spec"]["draft_tokens"]
+    assert result["peer"]["outputs_identical"]
+    assert result["ratio_vs_peer"] == pytest.approx(
+        result["peer_taskloom"]["output_tokens_per_s"]
+        / result["peer"]["output_tokens_per_s"], rel=1e-2)
+    lines = result_lines(result)
+    assert printed[:-1][-len(lines):] == lines and "same outputs" in lines[0]
