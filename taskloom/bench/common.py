@@ -82,6 +82,14 @@ def build_llm(a: argparse.Namespace) -> tuple[LLM, float]:
     return llm, round(time.perf_counter() - start, 2)
 
 
+def speculative_fields(llm: LLM) -> dict | None:
+    """The engine's speculative decoding settings as a result records them (None: off)."""
+    config = llm.config.speculative
+    if config is None:
+        return None
+    return {k: getattr(config, k) for k in config.__dataclass_fields__}
+
+
 def trace_path(a: argparse.Namespace, name: str) -> str | None:
     """Where to keep a profiled window's Chrome trace (`--profile-dir`), or None."""
     import os

@@ -152,6 +152,9 @@ def _batch_prompts(a: argparse.Namespace, batch_size: int, vocab: int) -> list[l
 
 
 def run_latency(a: argparse.Namespace) -> dict:
+    if a.speculative_config is not None:
+        raise ValueError("bench latency times one token per decode step (its bandwidth is "
+                         "per token); measure speculative decoding with bench spec")
     llama_cpp_tool = None
     if a.peer == "llama.cpp":      # refused before the run, not after it
         from taskloom.bench.llama_cpp import check_llama_cpp_peer

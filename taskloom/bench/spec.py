@@ -26,7 +26,8 @@ import logging
 import time
 from collections.abc import Iterator
 
-from taskloom.bench.common import build_llm, release_device_memory, run_info
+from taskloom.bench.common import (build_llm, release_device_memory, run_info,
+                                   speculative_fields)
 from taskloom.config import SpeculativeConfig
 from taskloom.sampling_params import SamplingParams
 
@@ -145,7 +146,7 @@ def run_spec(a: argparse.Namespace) -> dict:
     result = {"bench": "spec", "model": a.model or "embedded:SmolLM2-135M-Instruct",
               "dtype": a.dtype, "workload": a.prompts_file or "builtin:code-edit",
               "num_prompts": len(prompts), "output_len": a.output_len,
-              "temperature": a.temperature, "speculative_config": vars_of(spec_config),
+              "temperature": a.temperature, "speculative_config": speculative_fields(llm),
               "repeats": a.repeats, "startup_s": startup_s, "results": results,
               **run_info(a.device)}
     if a.peer == "hf":
@@ -203,6 +204,3 @@ def _hf_prompt_lookup(a: argparse.Namespace, prompts: list[list[int]],
             "elapsed_s": round(elapsed, 3), "output_tokens_per_s": round(n_out / elapsed, 2),
             "token_ids": token_ids}
 
-
-def vars_of(config: SpeculativeConfig) -> dict:
-    return {k: getattr(config, k) for k in config.__dataclass_fields__}

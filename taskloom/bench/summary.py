@@ -41,6 +41,9 @@ def _workload(r: dict) -> str:
 
 def _throughput_line(r: dict) -> str:
     flags = [flag for key, flag in _FLAGS.items() if _setting(r, key) != _DEFAULTS[key]]
+    if r.get("speculative_config"):
+        flags.append(f"spec k={r['speculative_config']['num_speculative_tokens']} "
+                     f"(acceptance {r['spec_acceptance_rate']})")
     startup = f" (startup {r['startup_s']} s)" if "startup_s" in r else ""
     line = (f"throughput {_workload(r)}{' ' + ','.join(flags) if flags else ''}: "
             f"{r['output_tokens_per_s']:.0f} out tok/s, {r['total_tokens_per_s']:.0f} total, "

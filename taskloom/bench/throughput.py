@@ -15,7 +15,7 @@ import random
 import time
 
 from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
-                                   trace_path)
+                                   speculative_fields, trace_path)
 from taskloom.bench.profile import profile_steps
 from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.outputs import OutputKind
@@ -60,8 +60,9 @@ def run_throughput(a: argparse.Namespace) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=a.output_len, ignore_eos=True)
     llm.generate(warmup_prompts(llm.engine.vocab_size, a.dataset_seed),
                  SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)
-    cache = llm.engine.scheduler.kv.stats
+    cache, spec = llm.engine.scheduler.kv.stats, llm.engine.scheduler.spec_stats
     queries0, hits0 = cache.queries, cache.hits
+    drafted0, accepted0 = spec.num_draft_tokens, spec.num_accepted_tokens
     times0 = dataclasses.replace(llm.engine.step_times)
     start = time.perf_counter()
     n_in, n_out = _run_turns(llm, prompts, params, a.turns, a.user_len or a.input_len,
@@ -78,6 +79,9 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "async_scheduling": a.async_scheduling,
         "shared_prefix_attention": a.shared_prefix_attention,
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
+        "speculative_config": speculative_fields(llm),
+        "spec_acceptance_rate": _rate(spec.num_accepted_tokens - accepted0,
+                                      spec.num_draft_tokens - drafted0),
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,
         "startup_s": startup_s, "elapsed_s": round(elapsed, 3),
         "requests_per_s": round(len(prompts) * a.turns / elapsed, 3),
@@ -103,6 +107,10 @@ def run_throughput(a: argparse.Namespace) -> dict:
         result["ratio_vs_peer"] = round(ours["output_tokens_per_s"]
                                         / peer["output_tokens_per_s"], 3)
     return result
+
+
+def _rate(part: int, whole: int) -> float:
+    return round(part / whole, 4) if whole else 0.0
 
 
 def _profile_run(a: argparse.Namespace, llm, params: SamplingParams) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from taskloom.bench.summary import result_lines
 from taskloom.cli import main
 
 TINY_LLAMA = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=1024,
@@ -174,3 +175,21 @@ def test_summary_pairs_runs_of_one_workload(tmp_path: Path,
                         f"{off['elapsed_s'] / on['elapsed_s']:.2f}x "
                         f"({off['elapsed_s']} s -> {on['elapsed_s']} s)")
     assert len(lines) == 4
+
+
+def test_throughput_records_speculation_and_latency_refuses_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A random tiny model's greedy output soon repeats itself, so its drafts get accepted;
+    the latency bench, whose bandwidth is per decode step, sends speculation to bench spec."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    spec = ["--speculative-config", '{"num_speculative_tokens": 3}']
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--num-prompts", "4", "--input-len", "16", "--output-len", "48", *spec]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3,
+                                            "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+    assert 0 < result["spec_acceptance_rate"] <= 1
+    assert "spec k=3 (acceptance" in result_lines(result)[0]
+    assert main(["bench", "latency", "--random-weights", "--model", str(config), *spec]) == 2
+    assert "measure speculative decoding with bench spec" in capsys.readouterr().err
