@@ -47,13 +47,16 @@ def _hf_greedy(path: str, prompts: list[list[int]], dtype: torch.dtype, new: int
     return outs
 
 
-def _ours(path: str, prompts: list[list[int]], dtype: str, new: int) -> list[list[int]]:
+def _ours(path: str, prompts: list[list[int]], dtype: str, new: int,
+          speculative_config: dict | None = None) -> list[list[int]]:
     llm = LLM(path, device="cuda", dtype=dtype, skip_tokenizer_init=True, num_blocks=256,
-              max_model_len=256)
+              max_model_len=256, speculative_config=speculative_config)
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True),
                         use_tqdm=False)
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.num_blocks
+    if speculative_config is not None:
+        assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -62,6 +65,17 @@ def test_fp32_greedy_identical_to_hf(tiny_dir: tuple[str, str]) -> None:
     prompts = random_prompts(256, seed=1)
     assert _ours(path, prompts, "float32", NEW_TOKENS) == \
         _hf_greedy(path, prompts, torch.float32, NEW_TOKENS), case
+
+
+def test_fp32_greedy_with_speculative_decoding_identical_to_hf(tmp_path: os.PathLike) -> None:
+    """Prompt-lookup drafts on the GPU: steps with drafts run eagerly through the Triton
+    extend attention, decode-only steps replay CUDA graphs, and the tokens are HF's. The
+    prompts repeat themselves, so drafts are found and accepted."""
+    path = str(tmp_path)
+    build_tiny_hf("llama-llama3-gqa").save_pretrained(path, safe_serialization=True)
+    prompts = [p + p for p in random_prompts(256, seed=2)]
+    assert _ours(path, prompts, "float32", NEW_TOKENS, {"num_speculative_tokens": 4}) == \
+        _hf_greedy(path, prompts, torch.float32, NEW_TOKENS)
 
 
 def _agreement(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
