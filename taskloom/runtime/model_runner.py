@@ -101,6 +101,36 @@ def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
     return rows, row_seqs
 
 
+def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray,
+                   qsl: list[int]) -> tuple[np.ndarray, list[int], np.ndarray,
+                                            list[ScheduledSeq]]:
+    """The step's attention sequences when some scheduled sequences carry drafts: each of
+    those becomes one single-query sequence per token (its newest, then each draft), query j
+    attending to the context up to and including itself, as a decode does. A step of decodes
+    with drafts is then a decode step (batched decode attention, a CUDA graph that fits),
+    whose keys and values are all in the cache before any layer's attention reads them.
+    Returns their block-table rows, query start offsets, context lengths, and the scheduled
+    sequence of each."""
+    att_rows: list[int] = []
+    att_qsl = [0]
+    att_lens: list[int] = []
+    owners: list[ScheduledSeq] = []
+    for i, seq in enumerate(seqs):
+        if seq.draft_token_ids:
+            n = qsl[i + 1] - qsl[i]
+            att_rows += [rows[i]] * n
+            att_qsl += range(qsl[i] + 1, qsl[i + 1] + 1)
+            att_lens += range(start[i] + 1, start[i] + n + 1)
+            owners += [seq] * n
+        else:
+            att_rows.append(rows[i])
+            att_qsl.append(qsl[i + 1])
+            att_lens.append(start[i] + qsl[i + 1] - qsl[i])
+            owners.append(seq)
+    return (np.array(att_rows, dtype=rows.dtype), att_qsl, np.array(att_lens, dtype=np.int64),
+            owners)
+
+
 class PendingStep:
     """A submitted step: its sampled tokens and logprobs are on their way to the host.
 
@@ -179,6 +209,10 @@ class ModelRunner:
         self._block_tables = BlockTables(-(-max_model_len // block_size))
         self.prepare_s = 0.0    # host time in `_prepare`, summed (see engine.core.StepTimes)
         self.graphs: DecodeGraphs | None = None
+        # Whether a step of decodes with drafts attends as one decode per token (one graph
+        # replay on a GPU); on a CPU each drafted sequence attends as one short prefill
+        # chunk, which gathers its context once rather than once per token.
+        self.split_drafted = bool(graph_sizes)
         # The last submitted step's sampled tokens [num_sampled] (on the device) and the row
         # of each request in it: where the next step's placeholder inputs come from.
         self._last_sampled: torch.Tensor | None = None
@@ -282,11 +316,15 @@ class ModelRunner:
             seq_lens, max_query_len = start + q_lens, int(q_lens.max())
         table = self._block_tables.table
         slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        owners: Sequence[ScheduledSeq] = seqs
         if num_sampled == len(sampled):     # no drafts: the last token of each
             sample_rows = [qsl[i + 1] - 1 for i in sampled]
             sample_seqs = [seqs[i] for i in sampled]
         else:
             sample_rows, sample_seqs = _draft_rows(seqs, sampled, qsl)
+            if self.split_drafted and num_sampled == num_tokens:    # decodes only
+                rows, qsl, seq_lens, owners = _split_drafted(seqs, rows, start, qsl)
+                max_query_len = 1
         return _Batch(
             input_ids=np.array(input_ids, dtype=np.int64), positions=positions, slots=slots,
             query_start_loc=qsl, seq_lens=seq_lens,
@@ -294,7 +332,7 @@ class ModelRunner:
             sample_rows=np.array(sample_rows, dtype=np.int64), sample_seqs=sample_seqs,
             has_drafts=num_sampled != len(sampled),
             seq_loras=None if self.lora is None else [self._states[s.req_id].lora
-                                                      for s in seqs],
+                                                      for s in owners],
             placeholders=placeholders, max_query_len=max_query_len)
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
@@ -403,15 +441,17 @@ class ModelRunner:
         """Score prompt tokens 1..P-1 from the hidden states of positions 0..P-2 in this chunk."""
         if not self._prompt_logprob_ids:
             return
-        qsl = batch.query_start_loc
-        for i, seq in enumerate(seqs):
+        first = 0       # the sequence's first token in the flat batch
+        for seq in seqs:
             state = self._states[seq.req_id]
             k = state.prompt_logprobs
             start = seq.num_computed_tokens
             end = min(start + len(seq.token_ids), seq.num_prompt_tokens - 1)
+            first += len(seq.token_ids)
             if k is None or end <= start:
                 continue
-            rows = torch.arange(qsl[i], qsl[i] + end - start, device=self.device)
+            row0 = first - len(seq.token_ids)
+            rows = torch.arange(row0, row0 + end - start, device=self.device)
             logits = self.model.compute_logits(hidden[rows])      # [end - start, vocab]
             targets = to_device(state.prompt_token_ids[start + 1:end + 1], torch.int64,
                                 self.device)

@@ -54,6 +54,18 @@ def test_outputs_are_those_without_speculation(llm: LLM, spec_llm: LLM) -> None:
     assert stats.num_accepted_tokens - before > 20
 
 
+def test_drafts_attended_as_one_decode_per_token(llm: LLM, spec_llm: LLM) -> None:
+    """How a GPU runner with CUDA graphs runs a step of decodes with drafts (each token a
+    decode of its own, so that the step replays a graph): the same outputs on the CPU."""
+    runner = spec_llm.engine.runner
+    split_before = runner.split_drafted
+    runner.split_drafted = True
+    try:
+        assert completions(spec_llm) == completions(llm)
+    finally:
+        runner.split_drafted = split_before
+
+
 def test_logprobs_requests_keep_their_logprobs(llm: LLM, spec_llm: LLM) -> None:
     params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
     (want,), (got,) = llm.chat(REPEAT, params, use_tqdm=False), \
