@@ -52,7 +52,9 @@ def num_kv_blocks(config: EngineConfig, model: LlamaForCausalLM, max_model_len: 
 def cuda_graph_sizes(config: EngineConfig, model: LlamaForCausalLM) -> tuple[int, ...]:
     """Batch sizes to capture decode CUDA graphs for: none on the CPU, with `enforce_eager`,
     or when the model runs the torch reference ops (their attention plans on host copies of
-    the metadata); else `cuda_graph_sizes`, or buckets up to `max_num_seqs`."""
+    the metadata); else `cuda_graph_sizes`, or buckets up to `max_num_seqs` (with
+    speculative decoding, up to `max_num_seqs` decodes of 1 + num_speculative_tokens tokens
+    each: a step of decodes with drafts replays a graph of one row per token)."""
     if torch.device(config.model.device).type != "cuda" or config.model.enforce_eager:
         return ()
     if model.ops is TORCH_OPS:
@@ -60,8 +62,13 @@ def cuda_graph_sizes(config: EngineConfig, model: LlamaForCausalLM) -> tuple[int
                        "attention reads the step from the host; every step runs eagerly")
         return ()
     sizes = config.model.cuda_graph_sizes
-    return tuple(sorted(set(sizes))) if sizes else default_capture_sizes(
-        config.scheduler.max_num_seqs)
+    if sizes:
+        return tuple(sorted(set(sizes)))
+    rows = config.scheduler.max_num_seqs
+    if config.speculative is not None:
+        rows = min(rows * (1 + config.speculative.num_speculative_tokens),
+                   config.scheduler.max_num_batched_tokens)
+    return default_capture_sizes(rows)
 
 
 def build_engine(config: EngineConfig) -> EngineCore:

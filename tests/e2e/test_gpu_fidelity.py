@@ -51,12 +51,19 @@ def _ours(path: str, prompts: list[list[int]], dtype: str, new: int,
           speculative_config: dict | None = None) -> list[list[int]]:
     llm = LLM(path, device="cuda", dtype=dtype, skip_tokenizer_init=True, num_blocks=256,
               max_model_len=256, speculative_config=speculative_config)
+    graphs = llm.engine.runner.graphs
+    replays: list[int] = []
+    if graphs is not None:
+        run = graphs.run
+        graphs.run = lambda *args: replays.append(len(args[3])) or run(*args)  # seq_lens
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new, ignore_eos=True),
                         use_tqdm=False)
     kv = llm.engine.scheduler.kv
     assert kv.num_free_blocks == kv.num_blocks
     if speculative_config is not None:
         assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
+        # steps of decodes with drafts replayed graphs of one row per token
+        assert replays and max(replays) > len(prompts), replays
     return [o.outputs[0].token_ids for o in outs]
 
 
@@ -68,9 +75,10 @@ def test_fp32_greedy_identical_to_hf(tiny_dir: tuple[str, str]) -> None:
 
 
 def test_fp32_greedy_with_speculative_decoding_identical_to_hf(tmp_path: os.PathLike) -> None:
-    """Prompt-lookup drafts on the GPU: steps with drafts run eagerly through the Triton
-    extend attention, decode-only steps replay CUDA graphs, and the tokens are HF's. The
-    prompts repeat themselves, so drafts are found and accepted."""
+    """Prompt-lookup drafts on the GPU: a step of decodes with drafts replays a CUDA graph
+    of one row per token (steps with prefill chunks run eagerly, the drafted sequences
+    through the Triton extend attention), and the tokens are HF's. The prompts repeat
+    themselves, so drafts are found and accepted."""
     path = str(tmp_path)
     build_tiny_hf("llama-llama3-gqa").save_pretrained(path, safe_serialization=True)
     prompts = [p + p for p in random_prompts(256, seed=2)]
