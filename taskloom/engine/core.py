@@ -345,18 +345,21 @@ class EngineCore:
         parent, index = self._seq_owner[req.request_id]
         seq = parent.seqs[index]
         out_ids = req.output_token_ids
-        last = len(out_ids) - 1
-        for i in range(seq.num_processed, last + 1):
-            if self._process_token(parent, index, req, out_ids[i], lp if i == last else None,
-                                   i == last and req.status.finished):
-                break
-        seq.num_processed = len(out_ids)
+        n = len(out_ids)
+        first, seq.num_processed = seq.num_processed, n
+        if first == n - 1:      # one token: every step without drafts
+            self._process_token(parent, index, seq, req, out_ids[-1], lp, req.status.finished)
+            return
+        for i in range(first, n):
+            last = i == n - 1
+            if self._process_token(parent, index, seq, req, out_ids[i], lp if last else None,
+                                   last and req.status.finished):
+                return
 
-    def _process_token(self, parent: _Parent, index: int, req: Request, token: int,
-                       lp: Logprobs | None, finished: bool) -> bool:
+    def _process_token(self, parent: _Parent, index: int, seq: _Seq, req: Request,
+                       token: int, lp: Logprobs | None, finished: bool) -> bool:
         """One new token of the sequence (`finished`: the scheduler ended it there); whether
         the sequence is now finished."""
-        seq = parent.seqs[index]
         comp = seq.completion
         comp.token_ids.append(token)
         comp.token_ids_delta.append(token)
