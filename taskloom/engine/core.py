@@ -287,7 +287,8 @@ class EngineCore:
         for rid, (first, entries) in out.prompt_logprobs.items():
             self._store_prompt_logprobs(rid, first, entries)
         for req in advanced:
-            self._process_tokens(req, out.logprobs.get(req.request_id))
+            rid = req.request_id
+            self._process_tokens(req, out.logprobs.get(rid), out.draft_logprobs.get(rid))
         times.update += time.perf_counter() - t1
 
     def _load_adapters(self, sched: SchedulerOutput) -> SchedulerOutput:
@@ -337,11 +338,12 @@ class EngineCore:
             plp.extend([None] * (pos + 1 - len(plp)))
             plp[pos] = self._position_logprobs(lp)
 
-    def _process_tokens(self, req: Request, lp: Logprobs | None) -> None:
+    def _process_tokens(self, req: Request, lp: Logprobs | None,
+                        draft_lps: list[Logprobs] | None = None) -> None:
         """Output processing of the tokens the step gave the request: one, or with
         speculative decoding several, each detokenized and matched against the stop strings
         in turn; a stop string ends the request there and drops the tokens after it. `lp`
-        scores the step's last token (requests with logprobs get one token a step)."""
+        scores the token sampled last, `draft_lps` the kept drafts before it."""
         parent, index = self._seq_owner[req.request_id]
         seq = parent.seqs[index]
         out_ids = req.output_token_ids
@@ -350,9 +352,11 @@ class EngineCore:
         if first == n - 1:      # one token: every step without drafts
             self._process_token(parent, index, seq, req, out_ids[-1], lp, req.status.finished)
             return
+        draft_lps = draft_lps or []
         for i in range(first, n):
-            last = i == n - 1
-            if self._process_token(parent, index, seq, req, out_ids[i], lp if last else None,
+            t, last = i - first, i == n - 1
+            if self._process_token(parent, index, seq, req, out_ids[i],
+                                   draft_lps[t] if t < len(draft_lps) else lp,
                                    last and req.status.finished):
                 return
 

@@ -77,11 +77,13 @@ class Logprobs:
 @dataclass
 class RunnerOutput:
     """A step's results by request: the sampled token (for a request with drafts, the token
-    after the drafts it kept) and, with drafts, how many of them it kept."""
+    after the drafts it kept) and, with drafts, how many of them it kept; for requests that
+    asked for logprobs, those of the sampled token and of each kept draft."""
 
     sampled: dict[str, int] = field(default_factory=dict)
     num_accepted: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, Logprobs] = field(default_factory=dict)
+    logprobs: dict[str, Logprobs] = field(default_factory=dict)     # of the sampled token
+    draft_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # of kept drafts
     # Prompt logprobs per request for this step's chunk: (first prompt position, entries).
     # Entry j scores prompt token at position first + j (position 0 has no logprob).
     prompt_logprobs: dict[str, tuple[int, list[Logprobs]]] = field(default_factory=dict)

@@ -146,10 +146,7 @@ class Scheduler:
     def _draft(self, req: Request, room: int) -> list[int]:
         """Draft tokens for a decoding request: at most `room`, and no more than its
         max_tokens and the model's context can still take along with the token sampled
-        after them; none unless the blocks for them are free (drafts preempt no one).
-        Requests that want logprobs decode one token a step."""
-        if req.params.logprobs is not None:
-            return []
+        after them; none unless the blocks for them are free (drafts preempt no one)."""
         num_tokens = req.num_tokens
         limit = min(room, self.max_model_len - num_tokens - 1)
         if req.params.max_tokens is not None:

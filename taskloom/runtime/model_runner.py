@@ -163,12 +163,28 @@ class PendingStep:
                 out.sampled[rid] = tokens[first + kept]
                 out.num_accepted[rid] = kept
         if self.logprobs is not None:
-            for row, rid, k in self.logprobs_k:
-                out.logprobs[rid] = self.logprobs.to_list(row, k)
+            lp = self.logprobs
+            for row, rid, k in self.logprobs_k:     # a request's last row is its token's
+                out.logprobs[rid] = lp.to_list(row, k)
+            if self.drafts:
+                self._draft_logprobs(out)
         for rid, first, lp, k in self.prompt_logprobs:
             entries: list[Logprobs] = [lp.to_list(j, k) for j in range(lp.token_ids.shape[0])]
             out.prompt_logprobs[rid] = (first, entries)
         return out
+
+    def _draft_logprobs(self, out: RunnerOutput) -> None:
+        """The logprobs of a drafted request's tokens: its kept drafts' rows, then the row
+        of the token sampled after them."""
+        assert self.logprobs is not None
+        asked = {rid: k for _, rid, k in self.logprobs_k}
+        for rid, first, _ in self.drafts:
+            k = asked.get(rid)
+            if k is not None:
+                kept = out.num_accepted[rid]
+                out.draft_logprobs[rid] = [self.logprobs.to_list(first + j, k)
+                                           for j in range(kept)]
+                out.logprobs[rid] = self.logprobs.to_list(first + kept, k)
 
 
 # A decode step whose groups would save reading at least this much KV runs eagerly with

@@ -67,10 +67,15 @@ def test_drafts_attended_as_one_decode_per_token(llm: LLM, spec_llm: LLM) -> Non
 
 
 def test_logprobs_requests_keep_their_logprobs(llm: LLM, spec_llm: LLM) -> None:
-    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    """Each token of a step with drafts gets the logprobs of its own position."""
+    params = SamplingParams(max_tokens=32, temperature=0, logprobs=3)
+    stats = spec_llm.engine.scheduler.spec_stats
+    before = stats.num_accepted_tokens
     (want,), (got,) = llm.chat(REPEAT, params, use_tqdm=False), \
         spec_llm.chat(REPEAT, params, use_tqdm=False)
+    assert stats.num_accepted_tokens - before > 10
     assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert len(got.outputs[0].logprobs) == len(want.outputs[0].logprobs) == 32
     for a, b in zip(got.outputs[0].logprobs, want.outputs[0].logprobs):
         assert a.keys() == b.keys()
         assert [v.logprob for v in a.values()] == pytest.approx(

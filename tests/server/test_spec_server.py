@@ -66,3 +66,23 @@ def test_streamed_and_whole_completions_match_the_engine_without_drafts(
     assert 0 < accepted <= after["num_draft_tokens"] - before["num_draft_tokens"]
     wait_idle(spec_server_llm)
     assert spec_server_llm.engine.scheduler.proposer.num_requests == 0
+
+
+def test_streamed_logprobs_with_drafts(spec_server: ServerThread, spec_server_llm: LLM,
+                                       oracle: LLM) -> None:
+    """A chunk of several tokens carries a logprob entry for each, as without drafts."""
+    client = openai.OpenAI(base_url=spec_server.base_url + "/v1", api_key="unused",
+                           max_retries=0, timeout=120)
+    want = oracle.chat(MESSAGES, SamplingParams(max_tokens=32, temperature=0, logprobs=2),
+                       use_tqdm=False)[0].outputs[0]
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=32, temperature=0, stream=True,
+        logprobs=True, top_logprobs=2))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert len(entries) == len(want.token_ids)
+    for got, pos in zip(entries, want.logprobs):
+        assert got.logprob == pytest.approx(max(v.logprob for v in pos.values()), abs=1e-4)
+        assert [t.logprob for t in got.top_logprobs] == pytest.approx(
+            sorted((v.logprob for v in pos.values()), reverse=True)[:2], abs=1e-4)
+    wait_idle(spec_server_llm)

@@ -196,8 +196,8 @@ def test_drafts_never_preempt() -> None:
     assert_pool_full(s)
 
 
-def test_requests_with_logprobs_decode_one_token_a_step() -> None:
+def test_requests_with_logprobs_get_drafts_too() -> None:
     s = spec_scheduler()
     s.add_request(request(PROMPT, logprobs=1))
     run(s, {"r": 3})
-    assert s.schedule().seqs[0].draft_token_ids == ()
+    assert s.schedule().seqs[0].draft_token_ids == [4, 5, 6, 1]
