@@ -457,16 +457,15 @@ class ModelRunner:
         """Score prompt tokens 1..P-1 from the hidden states of positions 0..P-2 in this chunk."""
         if not self._prompt_logprob_ids:
             return
-        first = 0       # the sequence's first token in the flat batch
+        offset = 0      # where the next sequence's tokens start in the flat batch
         for seq in seqs:
+            row0, offset = offset, offset + len(seq.token_ids)
             state = self._states[seq.req_id]
             k = state.prompt_logprobs
             start = seq.num_computed_tokens
             end = min(start + len(seq.token_ids), seq.num_prompt_tokens - 1)
-            first += len(seq.token_ids)
             if k is None or end <= start:
                 continue
-            row0 = first - len(seq.token_ids)
             rows = torch.arange(row0, row0 + end - start, device=self.device)
             logits = self.model.compute_logits(hidden[rows])      # [end - start, vocab]
             targets = to_device(state.prompt_token_ids[start + 1:end + 1], torch.int64,
