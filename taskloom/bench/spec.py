@@ -9,12 +9,15 @@ for). `--prompts-file` takes a JSONL file of your own (`{"prompt": "..."}` or
 `{"messages": [...]}` per line) instead. Prompts go through the model's chat template.
 
 Per batch size B, B requests run at once with and without drafts, alternately `--repeats`
-times, each keeping its fastest run; the line reports output tokens/s of both, the speedup,
-the acceptance rate, the tokens a step gave each request, and whether the outputs were the
-same (they must be: greedy and seeded outputs do not depend on the drafts). `--peer hf` also
-runs HF transformers `generate` with its own prompt lookup (`prompt_lookup_num_tokens`; batch
-1 only in HF) on the first `--peer-num-prompts` prompts, for a ratio against taskloom with
-drafts on the same prompts.
+times, each keeping its fastest run, after a warm-up that puts their prompts in the prefix
+cache (every timed run then prefills nothing, and the runs compare their decoding). The line
+reports output tokens/s of both, the speedup, the acceptance rate, the tokens a draft had
+accepted, and whether the outputs were the same (they must be: greedy and seeded outputs do
+not depend on the drafts). `--peer hf` also runs HF transformers `generate` with its own
+prompt lookup (`prompt_lookup_num_tokens`; batch 1 only in HF) on the first
+`--peer-num-prompts` prompts, for a ratio against taskloom with drafts on the same prompts
+(each prompt alone in both, taskloom's run first, before any of them is in its prefix cache,
+since HF computes every prompt whole).
 """
 from __future__ import annotations
 
@@ -116,7 +119,28 @@ def _best(runs: list[dict]) -> dict:
     return min(runs, key=lambda r: r["elapsed_s"])
 
 
+def _compare(llm, batch: list[list[int]], params: SamplingParams, repeats: int) -> dict:
+    """The batch with and without drafts, alternately `repeats` times, each its fastest."""
+    # the prompts go into the prefix cache first, so that every timed run does the same
+    # prefill work (none to speak of) and the runs compare their decoding
+    llm.generate(batch, SamplingParams(max_tokens=1), use_tqdm=False)
+    runs: dict[bool, list[dict]] = {False: [], True: []}
+    for _ in range(repeats):
+        for drafts in (False, True):
+            runs[drafts].append(_timed(llm, batch, params, drafts))
+    base, spec = _best(runs[False]), _best(runs[True])
+    same = all(r["token_ids"] == base["token_ids"] for r in runs[False] + runs[True])
+    for r in (base, spec):
+        del r["token_ids"]
+    return {"batch_size": len(batch), "base": base, "spec": spec,
+            "speedup": round(spec["output_tokens_per_s"] / base["output_tokens_per_s"], 3),
+            "outputs_identical": same}
+
+
 def run_spec(a: argparse.Namespace) -> dict:
+    if a.random_weights:
+        raise ValueError("bench spec runs text workloads, which need the model's tokenizer "
+                         "and real weights; --random-weights has neither")
     if a.speculative_config is None:
         a.speculative_config = {"method": "ngram", "num_speculative_tokens": 4}
     a.max_num_seqs = max(a.max_num_seqs, max(a.batch_sizes))
@@ -125,22 +149,13 @@ def run_spec(a: argparse.Namespace) -> dict:
              else builtin_conversations(max(a.batch_sizes)))
     prompts = [llm.encode_chat(c) for c in convs]
     params = SamplingParams(max_tokens=a.output_len, temperature=a.temperature, seed=a.seed)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)     # warm-up
-    results = []
-    for b in a.batch_sizes:
-        batch = [prompts[i % len(prompts)] for i in range(b)]
-        runs: dict[bool, list[dict]] = {False: [], True: []}
-        for _ in range(a.repeats):
-            for drafts in (False, True):
-                runs[drafts].append(_timed(llm, batch, params, drafts))
-        base, spec = _best(runs[False]), _best(runs[True])
-        same = all(r["token_ids"] == base["token_ids"] for r in runs[False] + runs[True])
-        for r in (base, spec):
-            del r["token_ids"]
-        results.append({"batch_size": b, "base": base, "spec": spec,
-                        "speedup": round(spec["output_tokens_per_s"]
-                                         / base["output_tokens_per_s"], 3),
-                        "outputs_identical": same})
+    warm_up = llm.encode_chat([{"role": "user", "content": "Say hello."}])
+    llm.generate([warm_up], SamplingParams(max_tokens=4), use_tqdm=False)
+    # the HF peer's comparison first, while no prompt of the workload is cached
+    ours = (_one_at_a_time(llm, prompts[:a.peer_num_prompts], a.output_len)
+            if a.peer == "hf" else None)
+    results = [_compare(llm, [prompts[i % len(prompts)] for i in range(b)], params,
+                        a.repeats) for b in a.batch_sizes]
     spec_config = llm.config.speculative
     assert spec_config is not None
     result = {"bench": "spec", "model": a.model or "embedded:SmolLM2-135M-Instruct",
@@ -149,12 +164,10 @@ def run_spec(a: argparse.Namespace) -> dict:
               "temperature": a.temperature, "speculative_config": speculative_fields(llm),
               "repeats": a.repeats, "startup_s": startup_s, "results": results,
               **run_info(a.device)}
-    if a.peer == "hf":
-        peer_prompts = prompts[:a.peer_num_prompts]
-        ours = _one_at_a_time(llm, peer_prompts, a.output_len)
+    if ours is not None:
         del llm
         release_device_memory(a.device)
-        peer = _hf_prompt_lookup(a, peer_prompts, spec_config)
+        peer = _hf_prompt_lookup(a, prompts[:a.peer_num_prompts], spec_config)
         peer["outputs_identical"] = peer.pop("token_ids") == ours.pop("token_ids")
         result.update(peer=peer, peer_taskloom=ours,
                       ratio_vs_peer=round(ours["output_tokens_per_s"]
