@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from taskloom.bench import peers
 from taskloom.bench.spec import builtin_conversations, file_conversations
 from taskloom.bench.summary import result_lines
 from taskloom.cli import main
+from tests.models.hf_smollm import load_hf_smollm
 
 
 def test_builtin_workload_is_code_to_edit() -> None:
@@ -30,7 +32,13 @@ def test_prompts_file_lines(tmp_path: Path) -> None:
         file_conversations(str(path))
 
 
-def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peer is HF transformers on the embedded file's weights, read through the test
+    suite's shared reading of it (tests/models/hf_smollm.py: HF's GGUF reader takes 20 s,
+    which the fidelity tests pay once for everyone) rather than a reading of its own."""
+    monkeypatch.setattr(peers, "load_hf_model",
+                        lambda a, attn_implementation=None: load_hf_smollm())
     out = tmp_path / "result.json"
     rc = main(["bench", "spec", "--batch-sizes", "1", "2", "--output-len", "16",
                "--repeats", "1", "--peer", "hf", "--peer-num-prompts", "1",
