@@ -273,10 +273,10 @@ class Scheduler:
     # ----- results ---------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
         """Give the scheduled requests this step's sampled tokens (their computed tokens were
-        counted when the step was scheduled); return those that got one (finished ones
+        counted when the step was scheduled); return those that got any (finished ones
         included, with their status set and blocks freed). A request preempted since the
         step was scheduled (async scheduling) keeps its token: it was sampled from its
-        whole context, and a seeded request's random stream has moved past it."""
+        whole context. With drafts, a request gets the drafts it kept and one token more."""
         advanced = []
         requests, sampled = self.requests, out.sampled
         stop_status = self._stop_status

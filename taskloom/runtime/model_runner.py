@@ -2,7 +2,7 @@
 
 It owns the KV-cache tensors (one `[2, num_blocks, block_size, num_kv_heads, head_dim]` per
 layer) and the per-request sampling state, which lives from a request's first step until the
-scheduler reports it finished (so a preempted request keeps its seeded generator). On CUDA,
+scheduler reports it finished (a preempted request keeps it). On CUDA,
 decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`);
 other steps, and every step on the CPU, run the model eagerly. With LoRA adapters
 (`taskloom.lora.manager`), the batch's adapters are put in device slots before each forward.

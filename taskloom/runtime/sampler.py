@@ -292,8 +292,8 @@ class _BatchParams:
 class Sampler:
     """Samples one token per row with each row's own SamplingParams, in batched tensor ops.
 
-    The runner registers each request with `add_request` (again after a preemption: the
-    request keeps its random stream), drops it with `remove_request` when it finishes or is
+    The runner registers each request with `add_request` (again after a preemption, which
+    changes nothing: a seeded draw depends on the seed and the position), drops it with `remove_request` when it finishes or is
     aborted, and calls the sampler once per step on the logits of the sampling rows.
     """
 
