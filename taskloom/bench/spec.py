@@ -141,6 +141,9 @@ def run_spec(a: argparse.Namespace) -> dict:
     if a.random_weights:
         raise ValueError("bench spec runs text workloads, which need the model's tokenizer "
                          "and real weights; --random-weights has neither")
+    if a.temperature > 0 and a.seed is None:
+        raise ValueError("--temperature above 0 needs --seed: runs with and without drafts "
+                         "give the same tokens only for the same seed")
     if a.speculative_config is None:
         a.speculative_config = {"method": "ngram", "num_speculative_tokens": 4}
     a.max_num_seqs = max(a.max_num_seqs, max(a.batch_sizes))

@@ -56,7 +56,7 @@ class ServerMetrics:
                 ("taskloom_num_preemptions", "Preemptions since start",
                  lambda: client.stats.num_preemptions)):
             Gauge(name, doc, registry=r).set_function(fn)
-        r.register(_PrefixCacheCollector(client))
+        r.register(_EngineCountersCollector(client))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -100,7 +100,7 @@ class _LoopSeries(Collector):
         yield itl
 
 
-class _PrefixCacheCollector(Collector):
+class _EngineCountersCollector(Collector):
     """The engine's cache counters: prefix-cache lookups (prompt tokens looked up, and found
     cached; their ratio is the hit rate: `rate(hits) / rate(queries)`) and speculative
     decoding's drafts."""

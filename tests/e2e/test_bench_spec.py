@@ -32,6 +32,13 @@ def test_prompts_file_lines(tmp_path: Path) -> None:
         file_conversations(str(path))
 
 
+def test_spec_bench_refuses_what_it_cannot_compare(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "spec", "--random-weights", "--model", "smollm2-135m"]) == 2
+    assert "--random-weights has neither" in capsys.readouterr().err
+    assert main(["bench", "spec", "--temperature", "0.7"]) == 2
+    assert "--temperature above 0 needs --seed" in capsys.readouterr().err
+
+
 def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The peer is HF transformers on the embedded file's weights, read through the test
