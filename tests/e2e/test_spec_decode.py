@@ -47,21 +47,29 @@ def completions(llm: LLM) -> list[list[tuple]]:
             for o in outs]
 
 
-def test_outputs_are_those_without_speculation(llm: LLM, spec_llm: LLM) -> None:
+@pytest.fixture(scope="module")
+def without_drafts(llm: LLM) -> list[list[tuple]]:
+    """The cases' completions by the engine without speculation."""
+    return completions(llm)
+
+
+def test_outputs_are_those_without_speculation(spec_llm: LLM,
+                                               without_drafts: list[list[tuple]]) -> None:
     stats = spec_llm.engine.scheduler.spec_stats
     before = stats.num_accepted_tokens
-    assert completions(spec_llm) == completions(llm)
+    assert completions(spec_llm) == without_drafts
     assert stats.num_accepted_tokens - before > 20
 
 
-def test_drafts_attended_as_one_decode_per_token(llm: LLM, spec_llm: LLM) -> None:
+def test_drafts_attended_as_one_decode_per_token(spec_llm: LLM,
+                                                without_drafts: list[list[tuple]]) -> None:
     """How a GPU runner with CUDA graphs runs a step of decodes with drafts (each token a
     decode of its own, so that the step replays a graph): the same outputs on the CPU."""
     runner = spec_llm.engine.runner
     split_before = runner.split_drafted
     runner.split_drafted = True
     try:
-        assert completions(spec_llm) == completions(llm)
+        assert completions(spec_llm) == without_drafts
     finally:
         runner.split_drafted = split_before
 
