@@ -93,6 +93,11 @@ class SamplingParams:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
 
+    @property
+    def reads_output(self) -> bool:
+        """Whether sampling reads the tokens generated so far (penalties, min_tokens)."""
+        return self.min_tokens > 0 or self.penalized
+
 
 def _check(ok: bool, message: str, value: object) -> None:
     """Raise InvalidParameter if not ok; `message` starts with the parameter's name."""

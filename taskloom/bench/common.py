@@ -3,6 +3,7 @@ builds its engine (timed: `startup_s`), and what benchmarks that run a peer afte
 one process share."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import logging
@@ -85,9 +86,7 @@ def build_llm(a: argparse.Namespace) -> tuple[LLM, float]:
 def speculative_fields(llm: LLM) -> dict | None:
     """The engine's speculative decoding settings as a result records them (None: off)."""
     config = llm.config.speculative
-    if config is None:
-        return None
-    return {k: getattr(config, k) for k in config.__dataclass_fields__}
+    return None if config is None else dataclasses.asdict(config)
 
 
 def trace_path(a: argparse.Namespace, name: str) -> str | None:

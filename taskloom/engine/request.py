@@ -89,7 +89,7 @@ class Request:
     def needs_output_history(self) -> bool:
         """Whether sampling reads the tokens generated so far (penalties, min_tokens): such
         a request's steps cannot be scheduled before the previous one's tokens are known."""
-        return self.params.min_tokens > 0 or self.params.penalized
+        return self.params.reads_output
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""

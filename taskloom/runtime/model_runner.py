@@ -75,7 +75,8 @@ class _Batch:
     block_tables: np.ndarray      # [num_seqs, max_blocks] int32, padded with 0
     sample_rows: np.ndarray       # [num_sampled] int64: flat index of each sampled token
     sample_seqs: list[ScheduledSeq]   # the sequence of each sampled row (drafts: several)
-    has_drafts: bool
+    sample_index: list[int]       # [num_sampled]: the output token number each row samples
+    drafts: list[tuple[str, int, Sequence[int]]]  # (request, its first sampled row, drafts)
     seq_loras: list[LoRARequest | None] | None  # [num_seqs]; None: no adapters served
     # (flat index, row of the previous step's sampled tokens) of each placeholder input
     placeholders: list[tuple[int, int]]
@@ -88,17 +89,26 @@ class _Batch:
 
 
 def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
-                ) -> tuple[list[int], list[ScheduledSeq]]:
-    """The sampled rows (flat token indexes) and their sequences when some sequences carry
-    drafts: such a sequence samples at its newest token and at each draft."""
+                ) -> tuple[list[int], list[ScheduledSeq], list[int],
+                           list[tuple[str, int, Sequence[int]]]]:
+    """The sampled rows when some sequences carry drafts: such a sequence samples at its
+    newest token and at each draft. Returns the rows (flat token indexes), the sequence and
+    the output token number of each, and (request, first row, drafts) of every drafted one."""
     rows: list[int] = []
     row_seqs: list[ScheduledSeq] = []
+    index: list[int] = []
+    drafts: list[tuple[str, int, Sequence[int]]] = []
     for i in sampled:
         seq = seqs[i]
-        k = len(seq.draft_token_ids)
+        draft = seq.draft_token_ids
+        k = len(draft)
+        if k:
+            drafts.append((seq.req_id, len(rows), draft))
         rows += range(qsl[i + 1] - 1 - k, qsl[i + 1])
         row_seqs += [seq] * (k + 1)
-    return rows, row_seqs
+        first = seq.num_computed_tokens + len(seq.token_ids) - k - seq.num_prompt_tokens
+        index += range(first, first + k + 1)
+    return rows, row_seqs, index, drafts
 
 
 def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray,
@@ -293,8 +303,7 @@ class ModelRunner:
         for new in sched.new_requests:
             p = new.params
             self._states[new.req_id] = _ReqState(new.prompt_token_ids, p.logprobs,
-                                                 p.prompt_logprobs, new.lora,
-                                                 p.min_tokens > 0 or p.penalized)
+                                                 p.prompt_logprobs, new.lora, p.reads_output)
             if p.prompt_logprobs is not None:
                 self._prompt_logprob_ids.add(new.req_id)
             stop_ids = tuple(p.stop_token_ids) + (() if p.ignore_eos else self.eos_token_ids)
@@ -333,11 +342,15 @@ class ModelRunner:
         table = self._block_tables.table
         slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
         owners: Sequence[ScheduledSeq] = seqs
+        drafts: list[tuple[str, int, Sequence[int]]] = []
         if num_sampled == len(sampled):     # no drafts: the last token of each
             sample_rows = [qsl[i + 1] - 1 for i in sampled]
             sample_seqs = [seqs[i] for i in sampled]
+            # the output token number each samples: the one after the step's last token
+            sample_index = [s.num_computed_tokens + len(s.token_ids) - s.num_prompt_tokens
+                            for s in sample_seqs]
         else:
-            sample_rows, sample_seqs = _draft_rows(seqs, sampled, qsl)
+            sample_rows, sample_seqs, sample_index, drafts = _draft_rows(seqs, sampled, qsl)
             if self.split_drafted and num_sampled == num_tokens:    # decodes only
                 rows, qsl, seq_lens, owners = _split_drafted(seqs, rows, start, qsl)
                 max_query_len = 1
@@ -346,7 +359,7 @@ class ModelRunner:
             query_start_loc=qsl, seq_lens=seq_lens,
             block_tables=self._block_tables.tables(rows, width),
             sample_rows=np.array(sample_rows, dtype=np.int64), sample_seqs=sample_seqs,
-            has_drafts=num_sampled != len(sampled),
+            sample_index=sample_index, drafts=drafts,
             seq_loras=None if self.lora is None else [self._states[s.req_id].lora
                                                       for s in owners],
             placeholders=placeholders, max_query_len=max_query_len)
@@ -416,12 +429,14 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         seqs = batch.sample_seqs
         req_ids = [s.req_id for s in seqs]
-        # the output index each row samples: the token after the step's last (or j-th) one
-        index = [s.num_computed_tokens + len(s.token_ids) - s.num_prompt_tokens for s in seqs]
         histories = [s.output_token_ids for s in seqs]
-        if batch.has_drafts:
-            self._draft_histories(seqs, index, histories, pending)
-        result = self.sampler(logits, req_ids, histories, index)
+        for rid, first, draft in batch.drafts:
+            if self._states[rid].needs_history:     # each row sees the drafts before it
+                out_ids = seqs[first].output_token_ids
+                for j in range(1, len(draft) + 1):
+                    histories[first + j] = [*out_ids, *draft[:j]]
+        pending.drafts = batch.drafts
+        result = self.sampler(logits, req_ids, histories, batch.sample_index)
         self._last_sampled = result.sampled
         self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
         pending.sampled_ids = req_ids
@@ -431,26 +446,6 @@ class ModelRunner:
             states = self._states
             pending.logprobs_k = [(i, rid, k) for i, rid in enumerate(req_ids)
                                   if (k := states[rid].logprobs) is not None]
-
-    def _draft_histories(self, seqs: list[ScheduledSeq], index: list[int],
-                         histories: list[list[int]], pending: PendingStep) -> None:
-        """For a request's rows over its drafts (`_draft_rows`: the newest token's row, then
-        one per draft): each row's output index and, where sampling reads it, its history
-        with the drafts before it; the drafts go to `pending` to be checked."""
-        states = self._states
-        i = 0
-        while i < len(seqs):
-            seq = seqs[i]
-            draft = seq.draft_token_ids
-            if draft:
-                first = index[i] - len(draft)
-                pending.drafts.append((seq.req_id, i, draft))
-                for j in range(len(draft) + 1):
-                    index[i + j] = first + j
-                    if j and states[seq.req_id].needs_history:
-                        histories[i + j] = [*seq.output_token_ids, *draft[:j]]
-                i += len(draft)
-            i += 1
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
                          pending: PendingStep) -> None:
