@@ -50,6 +50,10 @@ class LLM:
     With `speculative_config` (a SpeculativeConfig, or its fields as a dict, as vLLM's
     `speculative_config`), decoding requests also run draft tokens found by prompt lookup and
     keep those the model agrees with: the same outputs, in fewer steps when text repeats.
+    With `sliding_window` (KV compression; default: the model's own window, as Mistral
+    v0.1's), each token attends to the last `sliding_window` positions and to the first
+    `num_sink_tokens` (attention sinks), and a request holds about that much KV however
+    long it grows.
 
     LoRA adapters (PEFT directories) are served when `loras` names some ({name: path}) or
     `enable_lora` is set: up to `max_loras` of them in one batch, ranks up to `max_lora_rank`,
@@ -70,8 +74,8 @@ class LLM:
                  enable_lora: bool = False, loras: Mapping[str, str] | None = None,
                  max_loras: int = 8, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None,
-                 speculative_config: SpeculativeConfig | Mapping[str, object] | None = None
-                 ) -> None:
+                 speculative_config: SpeculativeConfig | Mapping[str, object] | None = None,
+                 sliding_window: int | None = None, num_sink_tokens: int = 0) -> None:
         if isinstance(speculative_config, Mapping):
             speculative_config = speculative_config_from(speculative_config)
         self.config = EngineConfig(
@@ -85,7 +89,8 @@ class LLM:
             cache=CacheConfig(block_size=block_size, kv_cache_memory_gb=kv_cache_memory_gb,
                               gpu_memory_utilization=gpu_memory_utilization,
                               num_blocks=num_blocks,
-                              enable_prefix_caching=enable_prefix_caching),
+                              enable_prefix_caching=enable_prefix_caching,
+                              sliding_window=sliding_window, num_sink_tokens=num_sink_tokens),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       async_scheduling=async_scheduling),

@@ -50,6 +50,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    action="store_false",
                    help="every decode attends to its whole context alone, even where "
                         "several share cached prefix blocks")
+    g.add_argument("--sliding-window", type=int, default=None, metavar="N",
+                   help="KV compression: each token attends to the last N positions (and the "
+                        "sinks); blocks behind every window go back to the pool (default: "
+                        "the model's own window, if any)")
+    g.add_argument("--attention-sinks", dest="num_sink_tokens", type=int, default=0,
+                   metavar="N", help="with --sliding-window, the first N tokens stay "
+                                     "visible to every query (StreamingLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
@@ -133,7 +140,8 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
               prefix_aware_order=a.prefix_aware_order, async_scheduling=a.async_scheduling,
               shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
               loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
-              max_cpu_loras=a.max_cpu_loras, speculative_config=a.speculative_config)
+              max_cpu_loras=a.max_cpu_loras, speculative_config=a.speculative_config,
+              sliding_window=a.sliding_window, num_sink_tokens=a.num_sink_tokens)
     if _FREEZE_HEAP_AFTER_BUILD:
         gc.collect()
         gc.freeze()

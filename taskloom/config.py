@@ -67,6 +67,12 @@ class CacheConfig:
     num_blocks: int | None = None
     # Reuse the KV of cached full blocks for any request whose tokens start the same way.
     enable_prefix_caching: bool = True
+    # KV compression by a sliding window (see AttentionWindow): each query attends to the
+    # last `sliding_window` positions, and to the first `num_sink_tokens` (attention sinks,
+    # StreamingLLM); blocks no later query can see go back to the pool. None: the model's
+    # own window (Mistral's `sliding_window`), if it has one.
+    sliding_window: int | None = None
+    num_sink_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -78,6 +84,53 @@ class CacheConfig:
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {self.num_blocks}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+        if self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+
+
+@dataclass(frozen=True)
+class AttentionWindow:
+    """Which keys a query sees besides causality: the query at position q attends to the
+    keys at positions q - size + 1 .. q (its own included, as Mistral's `sliding_window`
+    counts) and to positions 0 .. num_sink_tokens - 1 (attention sinks: StreamingLLM keeps
+    the first few tokens, whose keys soak up attention that has nowhere else to go).
+
+    The masks are exact per position, so a token's keys and values depend only on the tokens
+    before it, whatever the chunking or the batch: prefix caching, preemption by recompute
+    and speculative decoding stay exact. Positions are never shifted: a sequence still ends
+    at the model's context length, and what the window buys is memory (a request holds about
+    `num_sink_tokens + size` tokens of KV however long it grows) and attention reads.
+    """
+
+    size: int
+    num_sink_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"sliding window size must be >= 1, got {self.size}")
+        if self.num_sink_tokens < 0:
+            raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+
+    def first_visible(self, position: int) -> int:
+        """The first key position after the sinks that the query at `position` sees."""
+        return max(0, position - self.size + 1)
+
+
+def resolve_window(cache: CacheConfig, model_window: int | None,
+                   max_model_len: int) -> AttentionWindow | None:
+    """The engine's attention window: the cache config's `sliding_window`, else the model's
+    own; None where neither is set, or where the window holds the whole context."""
+    size = cache.sliding_window if cache.sliding_window is not None else model_window
+    if size is None:
+        if cache.num_sink_tokens:
+            raise ValueError(f"num_sink_tokens ({cache.num_sink_tokens}) needs a sliding "
+                             "window: set sliding_window too")
+        return None
+    if size >= max_model_len:
+        return None
+    return AttentionWindow(size, cache.num_sink_tokens)
 
 
 @dataclass(frozen=True)

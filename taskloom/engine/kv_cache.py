@@ -14,6 +14,12 @@ blocks takes them over (ref count + 1) and computes only the rest. A cached free
 evicted, least recently freed first, only when the pool hands it out again. Blocks are named
 as soon as they are scheduled to be filled: every layer writes the whole step's keys and values
 before any attention reads them, so a request admitted in the same step may already share them.
+
+Sliding window (KV compression): with an `AttentionWindow`, a request's blocks that lie
+wholly between its attention sinks and the window of its next query are given back to the
+pool as it advances; its table keeps their places as NULL_BLOCK, so block i still holds
+positions i * block_size onwards. Their KV is untouched (a token's KV depends only on the
+tokens before it), so they stay named in the prefix cache until reused.
 """
 from __future__ import annotations
 
@@ -22,9 +28,13 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from taskloom.config import AttentionWindow
 from taskloom.engine.request import Request
 
 BlockHash = bytes
+# A block-table entry whose block went back to the pool: it lay wholly outside every later
+# query's sliding window (see KVCacheManager.release_outside_window). Nothing reads it.
+NULL_BLOCK = -1
 
 
 def hash_block(parent: BlockHash | None, token_ids: list[int], extra_key: str | None = None
@@ -119,14 +129,17 @@ class PrefixCacheStats:
 class KVCacheManager:
     """Block tables of the running requests over one `BlockPool`, with prefix caching."""
 
-    def __init__(self, num_blocks: int, block_size: int,
-                 enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: AttentionWindow | None = None) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks)
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
         self.block_tables: dict[str, list[int]] = {}
         self._hashes: dict[str, list[BlockHash]] = {}    # per request: its full blocks' chain
         self._num_cached: dict[str, int] = {}           # per request: blocks named so far
+        self._released: dict[str, int] = {}             # per request: blocks released up to
+        self._sink_blocks = 0 if window is None else -(-window.num_sink_tokens // block_size)
         self.stats = PrefixCacheStats()
 
     @property
@@ -144,6 +157,16 @@ class KVCacheManager:
 
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
+
+    def peak_blocks(self, num_tokens: int, max_step_tokens: int) -> int:
+        """The most blocks a request of `num_tokens` tokens in all holds at once, computing
+        at most `max_step_tokens` of them a step: all of them, or with a sliding window its
+        sinks' blocks and those spanning its window and one step."""
+        need = self.blocks_for(num_tokens)
+        if self.window is None:
+            return need
+        span = -(-(self.window.size - 1 + max_step_tokens) // self.block_size) + 1
+        return min(need, self._sink_blocks + span)
 
     # ----- prefix cache ------------------------------------------------------------------------
     def find_cached_prefix(self, req: Request) -> list[int]:
@@ -219,15 +242,38 @@ class KVCacheManager:
             return
         chain = self._block_hashes(req, full)
         for i in range(start, full):
-            self.pool.cache(table[i], chain[i])
+            if table[i] != NULL_BLOCK:
+                self.pool.cache(table[i], chain[i])
         self._num_cached[req.request_id] = full
+
+    def release_outside_window(self, req_id: str, num_computed_tokens: int) -> int:
+        """Give back the request's blocks that no query from position `num_computed_tokens`
+        on can see (none without a window): those after its sinks' blocks and wholly before
+        that query's window. Returns how many went back.
+
+        Safe however far the scheduler has run ahead: a step already submitted reads them
+        before any later step, the only kind that can be handed them, writes them."""
+        window, table = self.window, self.block_tables.get(req_id)
+        if window is None or table is None:
+            return 0
+        end = window.first_visible(num_computed_tokens) // self.block_size
+        start = self._released.get(req_id, self._sink_blocks)
+        if end <= start:
+            return 0
+        blocks = table[start:end]
+        table[start:end] = [NULL_BLOCK] * (end - start)     # in place: the runner holds it
+        self.pool.free(blocks[::-1])
+        self._released[req_id] = end
+        return end - start
 
     def free(self, req_id: str) -> None:
         """Give back every block of the request (no-op for a request holding none)."""
         table = self.block_tables.pop(req_id, None)
         self._num_cached.pop(req_id, None)
+        released = self._released.pop(req_id, 0)
         if table:
-            self.pool.free(table[::-1])
+            self.pool.free([b for b in reversed(table) if b != NULL_BLOCK] if released
+                           else table[::-1])
 
     def free_uncomputed(self, req_id: str, num_computed_tokens: int) -> None:
         """Give back the blocks of a request taken out of a step before it ran: the blocks

@@ -86,12 +86,14 @@ class Scheduler:
                 f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens leave "
                 f"room for one generated token")
         total = min(num_prompt_tokens + (max_tokens or self.max_model_len), self.max_model_len)
-        need = self.kv.blocks_for(total)
+        need = self.kv.peak_blocks(total, self.config.max_num_batched_tokens)
         if need > self.kv.num_blocks:
+            within = "" if self.kv.window is None else ", within its sliding window"
             raise ValueError(
-                f"request needs up to {total} tokens of KV cache ({need} blocks of "
-                f"{self.kv.block_size}) but the whole pool has {self.kv.num_blocks} blocks; "
-                f"lower max_tokens or give the KV cache more memory")
+                f"request of up to {total} tokens needs {need} blocks of {self.kv.block_size} "
+                f"tokens of KV cache at once{within}, but the whole pool has "
+                f"{self.kv.num_blocks} blocks; lower max_tokens or give the KV cache more "
+                f"memory")
 
     def add_request(self, req: Request) -> None:
         if req.request_id in self.requests:
@@ -300,7 +302,17 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
             advanced.append(req)
+        if self.kv.window is not None:
+            self._release_outside_windows(sched)
         return advanced
+
+    def _release_outside_windows(self, sched: SchedulerOutput) -> None:
+        """Give the pool back the blocks the scheduled requests' next queries cannot see."""
+        requests, release = self.requests, self.kv.release_outside_window
+        for seq in sched.seqs:
+            req = requests.get(seq.req_id)
+            if req is not None and not req.status.finished:
+                release(seq.req_id, req.num_computed_tokens)
 
     def _accept(self, req: Request, draft: Sequence[int], accepted: int, token: int) -> None:
         """Take in a speculative step's result: the first `accepted` drafts, then `token`,

@@ -51,6 +51,9 @@ class ArchConfig:
     # llama.cpp's per-frequency RoPE divisors (a GGUF `rope_freqs` tensor, how it stores
     # Llama-3 scaling): inv_freq[i] / rope_freq_factors[i]. Exclusive with rope_scaling.
     rope_freq_factors: tuple[float, ...] | None = None
+    # Every layer attends to the last `sliding_window` positions only (Mistral v0.1's 4096;
+    # Qwen2/Qwen3 with use_sliding_window on all layers). None: full causal attention.
+    sliding_window: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -103,7 +106,34 @@ class ArchConfig:
             qk_norm=model_type == "qwen3",
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
+            sliding_window=_sliding_window(cfg, model_type),
         )
+
+
+def _sliding_window(cfg: dict[str, Any], model_type: str) -> int | None:
+    """The window every layer attends through, as Hugging Face reads the config: Mistral's
+    `sliding_window` (4096 where the key is missing, HF's default), Qwen's only with
+    `use_sliding_window`, for the layers from `max_window_layers` on (or as `layer_types`
+    says). A window on some layers only is refused, not run as full attention."""
+    if model_type == "mistral":
+        return cfg.get("sliding_window", 4096)
+    if model_type not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window"):
+        return None
+    window = cfg.get("sliding_window", 4096)
+    if window is None:
+        return None
+    num_layers = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if i >= cfg.get("max_window_layers", 28) else "full_attention"
+        for i in range(num_layers)]
+    sliding = sum(t == "sliding_attention" for t in types)
+    if sliding == 0:
+        return None
+    if sliding != len(types):
+        raise ValueError(f"this {model_type} config slides its attention window on {sliding} "
+                         f"of {len(types)} layers; taskloom runs a window on every layer or "
+                         "on none")
+    return int(window)
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:

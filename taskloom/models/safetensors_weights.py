@@ -7,7 +7,6 @@ a time, so loading never holds a second copy of the model.
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -16,8 +15,6 @@ import torch
 from safetensors import safe_open
 
 from taskloom.models.arch import ArchConfig
-
-logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,16 +31,9 @@ class SafetensorsCheckpoint:
     def arch_config(self) -> ArchConfig:
         """ArchConfig from config.json (see `ArchConfig.from_hf_dict`)."""
         try:
-            arch = ArchConfig.from_hf_dict(self.config)
+            return ArchConfig.from_hf_dict(self.config)
         except KeyError as e:
             raise ValueError(f"{self.directory}/config.json lacks {e.args[0]!r}") from None
-        window = self.config.get("sliding_window")
-        if (window is not None and self.config.get("use_sliding_window", True)
-                and window < arch.max_position_embeddings):
-            logger.warning("%s: sliding_window=%d is not implemented; taskloom attends over the "
-                           "full context, which differs beyond %d tokens",
-                           self.directory, window, window)
-        return arch
 
     def weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Every tensor as (HF name, tensor in its stored dtype), one at a time."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from taskloom.config import AttentionWindow
 from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.shared_prefix import shared_prefix_groups
 
@@ -61,7 +62,8 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
     qsl = meta.query_start_loc_cpu
     for i in plan.prefill_seqs:
         out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
-                                             meta.block_tables[i], meta.seq_lens_cpu[i], scale)
+                                             meta.block_tables[i], meta.seq_lens_cpu[i], scale,
+                                             meta.window)
     return out
 
 
@@ -92,39 +94,52 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
     groups = meta.shared_prefix_groups
-    if groups is None:
+    if groups is None:      # a window's masks differ per query: no prefix is shared whole
         groups = (shared_prefix_groups(meta.block_tables.cpu().numpy(), meta.seq_lens_cpu,
-                                       decodes, meta.block_size) if len(decodes) > 1 else [])
+                                       decodes, meta.block_size)
+                  if len(decodes) > 1 and meta.window is None else [])
     grouped = {i for g in groups for i in g.rows}
     alone = [i for i in decodes if i not in grouped]
     shared = [_shared_plan(meta, list(g.rows), g.num_blocks, device, dtype) for g in groups]
     if not alone:
         return _RefPlan(prefills, None, None, None, shared)
-    rows, slots, mask = _context_slots(meta, alone, [0] * len(alone), device, dtype)
+    rows, slots, mask = _context_slots(meta, alone, *_window_ranges(meta, alone), device, dtype)
     return _RefPlan(prefills, rows, slots, mask, shared, meta.workspace)
 
 
-def _context_slots(meta: AttentionMetadata, seqs: list[int], starts: list[int],
-                   device: torch.device, dtype: torch.dtype
+def _context_slots(meta: AttentionMetadata, seqs: list[int], heads: list[int],
+                   starts: list[int], device: torch.device, dtype: torch.dtype
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For decodes `seqs`, each attending to its context from position `starts[i]` on: their
-    rows, the cache slots of those positions [b, max_len] and the additive padding mask."""
+    """For decodes `seqs`, each attending to positions 0 .. heads[i] - 1 and then to its
+    context from position `starts[i]` on: their rows, the cache slots of those positions
+    [b, max_len] and the additive padding mask."""
     bs = meta.block_size
-    lens = [meta.seq_lens_cpu[i] - s for i, s in zip(seqs, starts)]
+    lens = [h + meta.seq_lens_cpu[i] - s for i, h, s in zip(seqs, heads, starts)]
     max_len = max(lens)
-    ends = [s + n for s, n in zip(starts, lens)]
     idx = torch.tensor(seqs, device=device)
-    tables = meta.block_tables[idx, :-(-max(ends) // bs)].long()       # [b, max_blocks]
-    positions = torch.tensor(starts, device=device)[:, None] + torch.arange(
-        max_len, device=device)                                        # [b, max_len]
-    lens_t = torch.tensor(lens, device=device)
-    valid = torch.arange(max_len, device=device)[None, :] < lens_t[:, None]  # [b, max_len]
+    tables = meta.block_tables[idx, :-(-max(meta.seq_lens_cpu[i] for i in seqs) // bs)].long()
+    j = torch.arange(max_len, device=device)[None, :]                  # [1, max_len]
+    heads_t = torch.tensor(heads, device=device)[:, None]              # [b, 1]
+    positions = torch.where(j < heads_t, j, torch.tensor(starts, device=device)[:, None]
+                            + j - heads_t)                             # [b, max_len]
+    valid = j < torch.tensor(lens, device=device)[:, None]             # [b, max_len]
     positions = torch.where(valid, positions, 0)
     slots = tables.gather(1, positions // bs) * bs + positions % bs    # [b, max_len]
+    slots = torch.where(valid, slots, 0)    # padding reads slot 0, not a released block
     mask = torch.zeros(valid.shape, dtype=dtype, device=device)
     mask.masked_fill_(~valid, float("-inf"))
     rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=device)
     return rows, slots, mask[:, None, None, :]
+
+
+def _window_ranges(meta: AttentionMetadata, seqs: list[int]) -> tuple[list[int], list[int]]:
+    """Of each decode in `seqs`: how many sink positions it sees before its window, and
+    where its window starts (all 0: no window)."""
+    w = meta.window
+    if w is None:
+        return [0] * len(seqs), [0] * len(seqs)
+    starts = [w.first_visible(meta.seq_lens_cpu[i] - 1) for i in seqs]
+    return [min(w.num_sink_tokens, s) for s in starts], starts
 
 
 def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
@@ -132,13 +147,16 @@ def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
     bs = meta.block_size
     first = meta.block_tables[seqs[0], :num_blocks].long()             # [p / bs]
     prefix = (first[:, None] * bs + torch.arange(bs, device=device)).flatten()  # [p]
-    rows, slots, mask = _context_slots(meta, seqs, [num_blocks * bs] * len(seqs), device,
-                                       dtype)
+    if meta.window is not None:
+        raise ValueError("shared-prefix attention does not run with a sliding window")
+    rows, slots, mask = _context_slots(meta, seqs, [0] * len(seqs), [num_blocks * bs] * len(seqs),
+                                       device, dtype)
     return _SharedPrefix(rows, prefix, slots, mask)
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                seq_len: int, scale: float) -> torch.Tensor:
+                seq_len: int, scale: float, window: AttentionWindow | None = None
+                ) -> torch.Tensor:
     """One sequence's queries (the last q_len positions of its context), causal.
 
     The inputs are 4-D (a batch of one): on the CPU only 4-D inputs reach PyTorch's flash
@@ -146,12 +164,42 @@ def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tens
     for a 2,048-token chunk. A chunk with no cached prefix needs no mask: `is_causal` is
     exactly its mask, and the kernel then skips the blocks above the diagonal."""
     q_len = q.shape[0]                                     # q: [q_len, num_heads, head_dim]
+    if window is not None:
+        return _attend_one_windowed(q, kv_cache, block_table, seq_len, scale, window)
     k, v = gather_context(kv_cache, block_table, seq_len)  # [seq_len, num_kv_heads, head_dim]
     mask = None
     if q_len != seq_len:
         # Query j sits at position seq_len - q_len + j and sees keys 0 .. that position.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]
+    return _sdpa(q, k, v, mask, scale)
+
+
+def _attend_one_windowed(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                         seq_len: int, scale: float, window: AttentionWindow) -> torch.Tensor:
+    """`_attend_one` within a sliding window: only the sink positions before the first
+    query's window and the positions from that window on are read (those before may sit in
+    blocks given back to the pool), then each query is masked to its own window."""
+    q_len = q.shape[0]
+    first = window.first_visible(seq_len - q_len)
+    sinks = min(window.num_sink_tokens, first)
+    dev = q.device
+    k_pos = torch.cat([torch.arange(sinks, device=dev),
+                       torch.arange(first, seq_len, device=dev)])       # [n]
+    bs = kv_cache.shape[2]
+    slots = block_table[k_pos // bs].long() * bs + k_pos % bs           # [n]
+    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    k, v = flat[0, slots], flat[1, slots]                 # [n, num_kv_heads, head_dim]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=dev)[:, None]  # [q_len, 1]
+    mask = (k_pos[None, :] <= q_pos) & ((k_pos[None, :] < window.num_sink_tokens)
+                                        | (k_pos[None, :] > q_pos - window.size))
+    return _sdpa(q, k, v, mask, scale)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+          scale: float) -> torch.Tensor:
+    """q [q_len, heads, d] against k, v [n, kv_heads, d] (mask [q_len, n] bool, or None:
+    causal); returns [q_len, heads, d]."""
     o = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=mask is None, scale=scale,

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from taskloom.config import AttentionWindow
 from taskloom.runtime.shared_prefix import PrefixGroup
 
 
@@ -45,7 +46,9 @@ class AttentionMetadata:
 
     Sequence i owns query tokens `query_start_loc[i]:query_start_loc[i+1]` of the flat batch;
     after this step it has `seq_lens[i]` tokens of context in the cache, so its queries sit at
-    positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` and attend causally.
+    positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` and attend causally (within
+    `window`, when set: a key outside every remaining query's window may sit in a block the
+    pool has taken back, so no implementation reads one).
 
     In a captured CUDA graph the tensors are static buffers refilled before each replay, and
     the host fields describe the capture (decode-only, `max_seq_len` = the model's context
@@ -61,6 +64,8 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     block_size: int
+    # Sliding window and attention sinks (KV compression; a Mistral's own window), or None.
+    window: AttentionWindow | None = None
     # Splits of the Triton decode kernel. None: chosen per step from `max_seq_len`. A CUDA graph
     # fixes it at capture, since a replayed step's grid cannot follow its sequence lengths.
     decode_num_splits: int | None = None

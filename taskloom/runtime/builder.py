@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from taskloom.config import EngineConfig
+from taskloom.config import EngineConfig, resolve_window
 from taskloom.engine.core import EngineCore
 from taskloom.engine.kv_cache import KVCacheManager
 from taskloom.engine.ngram import NgramProposer
@@ -90,11 +90,15 @@ def build_engine(config: EngineConfig) -> EngineCore:
     num_blocks = num_kv_blocks(config, loaded.model, max_model_len, graph_sizes)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d", num_blocks,
                 config.cache.block_size, num_blocks * config.cache.block_size, max_model_len)
+    window = resolve_window(config.cache, arch.sliding_window, max_model_len)
+    if window is not None:
+        logger.info("sliding window of %d tokens, %d attention sinks", window.size,
+                    window.num_sink_tokens)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes, lora,
-                         config.model.shared_prefix_attention)
+                         config.model.shared_prefix_attention, window)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
-                        config.cache.enable_prefix_caching)
+                        config.cache.enable_prefix_caching, window)
     proposer = None if config.speculative is None else NgramProposer(config.speculative)
     scheduler = Scheduler(config.scheduler, kv, max_model_len,
                           config.lora.max_loras if config.lora.enabled else 0, proposer)

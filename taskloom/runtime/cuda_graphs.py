@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from taskloom.config import AttentionWindow
 from taskloom.lora.layers import LoRAState
 from taskloom.lora.metadata import LoRAMetadata
 from taskloom.runtime.attention import AttentionMetadata
@@ -84,8 +85,8 @@ class DecodeInputs:
         self._host_tables = torch.zeros(max_size * max_blocks_per_seq, dtype=torch.int32,
                                         pin_memory=pinned)
 
-    def metadata(self, size: int, block_size: int, max_model_len: int,
-                 num_splits: int) -> AttentionMetadata:
+    def metadata(self, size: int, block_size: int, max_model_len: int, num_splits: int,
+                 window: AttentionWindow | None = None) -> AttentionMetadata:
         """The metadata a graph of `size` rows is captured with: views of the static buffers,
         and host fields that hold for every decode step (one query token, at most
         `max_model_len` tokens of context)."""
@@ -94,7 +95,7 @@ class DecodeInputs:
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
             query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[max_model_len] * size,
             max_query_len=1, max_seq_len=max_model_len, block_size=block_size,
-            decode_num_splits=num_splits)
+            window=window, decode_num_splits=num_splits)
 
     def lora_metadata(self, size: int) -> LoRAMetadata:
         """LoRA metadata a graph of `size` rows is captured with: one segment per row, each
@@ -138,7 +139,8 @@ class DecodeGraphs:
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], sizes: Sequence[int],
                  hidden_size: int, block_size: int, max_model_len: int,
-                 lora_state: LoRAState | None = None) -> None:
+                 lora_state: LoRAState | None = None,
+                 window: AttentionWindow | None = None) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError(f"CUDA graph sizes must be batch sizes >= 1, got {list(sizes)}")
         self.model = model
@@ -146,6 +148,7 @@ class DecodeGraphs:
         self.sizes = tuple(sorted(set(sizes)))
         self.block_size = block_size
         self.max_model_len = max_model_len
+        self.window = window
         self.device = kv_caches[0].device
         self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), self.device)
         self.hidden = torch.empty(self.sizes[-1], hidden_size, dtype=kv_caches[0].dtype,
@@ -174,8 +177,11 @@ class DecodeGraphs:
         pool = torch.cuda.graph_pool_handle()
         num_kv_heads = self.kv_caches[0].shape[3]
         for size in reversed(self.sizes):
-            splits = decode_num_splits(size, num_kv_heads, self.max_model_len)
-            meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits)
+            attended = self.max_model_len if self.window is None else min(
+                self.max_model_len, self.window.size + self.window.num_sink_tokens)
+            splits = decode_num_splits(size, num_kv_heads, attended)
+            meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits,
+                                        self.window)
             if self.lora_state is not None:
                 self.lora_state.meta = self.inputs.lora_metadata(size)
             self._forward(size, meta)

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from taskloom.config import AttentionWindow
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutput,
                                      SchedulerOutput, ScheduledSeq)
 from taskloom.lora.manager import LoRAManager
@@ -209,14 +210,16 @@ class ModelRunner:
 
     With `graph_sizes` (CUDA only), decode-only steps of up to the largest size replay CUDA
     graphs captured here, once the KV cache is allocated; `max_model_len` (the longest
-    sequence) bounds their block tables and fixes their decode-attention splits.
+    sequence) bounds their block tables and fixes their decode-attention splits. With
+    `window`, every query attends within its sliding window and to the attention sinks
+    (the block tables then hold NULL_BLOCK where the pool took a block back).
     """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...],
                  max_model_len: int, graph_sizes: Sequence[int] = (),
-                 lora: LoRAManager | None = None, shared_prefix_attention: bool = True
-                 ) -> None:
+                 lora: LoRAManager | None = None, shared_prefix_attention: bool = True,
+                 window: AttentionWindow | None = None) -> None:
         self.model = model
         self.arch = arch
         self.block_size = block_size
@@ -229,7 +232,9 @@ class ModelRunner:
         self._states: dict[str, _ReqState] = {}
         self._prompt_logprob_ids: set[str] = set()    # requests that asked for them
         self.lora = lora
-        self.shared_prefix_attention = shared_prefix_attention
+        self.window = window
+        # a window's masks differ per query, so no prefix is attended whole by a group
+        self.shared_prefix_attention = shared_prefix_attention and window is None
         self._workspace = Workspace()   # scratch the attention keeps across eager steps
         self._kv_bytes_per_token = arch.kv_bytes_per_token(dtype.itemsize)
         self._block_tables = BlockTables(-(-max_model_len // block_size))
@@ -248,7 +253,7 @@ class ModelRunner:
                 raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
             self.graphs = DecodeGraphs(model, self.kv_caches, graph_sizes, arch.hidden_size,
                                        block_size, max_model_len,
-                                       None if lora is None else lora.state)
+                                       None if lora is None else lora.state, window)
             self.graphs.capture()
 
     @property
@@ -386,7 +391,8 @@ class ModelRunner:
             block_tables=to_device(batch.block_tables, torch.int32, dev),
             query_start_loc_cpu=batch.query_start_loc, seq_lens_cpu=seq_lens,
             max_query_len=batch.max_query_len, max_seq_len=max(seq_lens),
-            block_size=self.block_size, shared_prefix_groups=groups, workspace=self._workspace)
+            block_size=self.block_size, window=self.window, shared_prefix_groups=groups,
+            workspace=self._workspace)
         input_ids = to_device(batch.input_ids, torch.int64, dev)
         fill = self._fill_placeholders(batch)
         if fill is not None:

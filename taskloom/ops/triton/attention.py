@@ -26,14 +26,15 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     """Causal attention of every query token over its sequence's cached context.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Keys and values of this
-    step's tokens must already be in the cache (see `write_kv_cache`).
+    step's tokens must already be in the cache (see `write_kv_cache`). With `meta.window`,
+    within each query's sliding window and the sinks.
     """
     if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
         return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                       meta.max_seq_len, meta.decode_num_splits,
-                                      _shared_prefix(meta, query, kv_cache))
+                                      _shared_prefix(meta, query, kv_cache), meta.window)
     return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, scale, meta.max_query_len)
+                                  meta.block_tables, scale, meta.max_query_len, meta.window)
 
 
 def _shared_prefix(meta: AttentionMetadata, query: torch.Tensor,

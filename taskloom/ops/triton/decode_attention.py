@@ -36,8 +36,10 @@ from taskloom.ops.triton.paged_kv import (
     attend_key_range,
     check_paged_inputs,
     dot_precision,
+    fold_key_range,
     partial_result,
 )
+from taskloom.config import AttentionWindow
 from taskloom.runtime.shared_prefix import PrefixGroup
 from taskloom.runtime.transfer import to_device
 
@@ -63,13 +65,16 @@ def _decode_split_kernel(
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_FIRST: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        WINDOW: tl.constexpr, SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    # With a shared prefix the splits cover the sequence's own tokens after it.
+    # With a shared prefix the splits cover the sequence's own tokens after it; with a
+    # sliding window, the window of the query (at seq_len - 1), split 0 adding the sinks.
     first = tl.load(first_ptr + seq) if HAS_FIRST else 0
+    if WINDOW > 0:
+        first = tl.maximum(seq_len - WINDOW, 0)
     split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = first + split * split_len
     end = tl.minimum(start + split_len, seq_len)
@@ -79,9 +84,15 @@ def _decode_split_kernel(
     q_mask = (rows < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + d[None, :],
                 mask=q_mask, other=0.0)                                   # [BLOCK_H, BLOCK_D]
-    m, l, acc = attend_key_range(q, k_cache_ptr, v_cache_ptr, block_tables_ptr + seq * stride_bt,
-                                 start, end, kv_head, qk_scale, stride_kb, stride_kt, stride_kh,
-                                 BLOCK_H, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    table_ptr = block_tables_ptr + seq * stride_bt
+    m, l, acc = attend_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head,
+                                 qk_scale, stride_kb, stride_kt, stride_kh, BLOCK_H, HEAD_DIM,
+                                 BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    if SINKS > 0:
+        sinks_end = tl.where(split == 0, tl.minimum(first, SINKS), 0)
+        m, l, acc = fold_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, 0, sinks_end,
+                                   kv_head, qk_scale, stride_kb, stride_kt, stride_kh, m, l,
+                                   acc, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
     # An empty split (start >= end) gives output 0 with weight exp2(-inf) == 0.
     out, lse = partial_result(m, l, acc)                                  # [BLOCK_H, BLOCK_D]
     out_offs = seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + d[None, :]
@@ -201,7 +212,8 @@ def shared_prefix_plan(groups: Sequence[PrefixGroup], seq_lens: Sequence[int],
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int, num_splits: int | None = None,
-                           shared: SharedPrefixPlan | None = None) -> torch.Tensor:
+                           shared: SharedPrefixPlan | None = None,
+                           window: AttentionWindow | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32;
@@ -210,28 +222,33 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     works for any lengths, the splits a short sequence does not reach being empty. With
     `shared`, the members of each group attend to their shared prefix together (its keys
     read once per tile of members, not once per member) and the splits cover what follows
-    it; the two are merged by log-sum-exp. Returns [num_seqs, num_heads, head_dim] in
-    query's dtype.
+    it; the two are merged by log-sum-exp. With `window`, each query attends to its sliding
+    window and the sinks, and no other key is read (the splits cover the window). Returns
+    [num_seqs, num_heads, head_dim] in query's dtype.
     """
     check_paged_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape
     if shared is not None:
+        if window is not None:
+            raise ValueError("shared-prefix attention does not run with a sliding window")
         return _decode_with_shared_prefix(query, kv_cache, block_tables, seq_lens, scale,
                                           shared)
     if num_splits is None:
-        num_splits = decode_num_splits(num_seqs, kv_cache.shape[3], max_seq_len)
+        attended = max_seq_len if window is None else min(max_seq_len, window.size)
+        num_splits = decode_num_splits(num_seqs, kv_cache.shape[3], attended)
     out = torch.empty_like(query)                        # [num_seqs, num_heads, head_dim]
     if num_seqs == 0:
         return out
     if num_splits == 1:
         _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, out.unsqueeze(2),
-                           None)
+                           None, window=window)
         return out
     partial = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                           device=query.device)           # [num_seqs, num_heads, splits, d]
     lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                       device=query.device)               # [num_seqs, num_heads, splits]
-    _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse)
+    _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse,
+                       window=window)
     _reduce(partial, lse, out)
     return out
 
@@ -283,7 +300,8 @@ def _reduce(partial: torch.Tensor, lse: torch.Tensor, out: torch.Tensor) -> None
 def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                        seq_lens: torch.Tensor, scale: float, partial: torch.Tensor,
                        lse: torch.Tensor | None, num_splits: int | None = None,
-                       first: torch.Tensor | None = None) -> None:
+                       first: torch.Tensor | None = None,
+                       window: AttentionWindow | None = None) -> None:
     """First pass into `partial` [num_seqs, num_heads, slots, head_dim] and, with several
     slots, each split's base-2 log-sum-exp into `lse` [num_seqs, num_heads, slots]: the
     context (from `first[i]` on, if given) in `num_splits` splits (default: every slot)."""
@@ -300,5 +318,7 @@ def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         NUM_SPLITS=num_splits, NUM_SLOTS=partial.shape[2], HAS_FIRST=first is not None,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=DECODE_TILES.keys_per_tile(head_dim), DOT_PRECISION=dot_precision(query.dtype),
-        **DECODE_TILES.launch_options())
+        BLOCK_N=DECODE_TILES.keys_per_tile(head_dim),
+        WINDOW=0 if window is None else window.size,
+        SINKS=0 if window is None else window.num_sink_tokens,
+        DOT_PRECISION=dot_precision(query.dtype), **DECODE_TILES.launch_options())

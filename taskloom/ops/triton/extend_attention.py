@@ -2,7 +2,8 @@
 sequence's cached prefix plus the chunk itself, all sequences in one launch.
 
 Query j of sequence i sits at position `seq_len_i - q_len_i + j` and attends keys 0 .. that
-position. One program takes a block of `BLOCK_Q` consecutive query tokens of one sequence and
+position (with a sliding window, those within it and the attention sinks; the other keys are
+never read, since their blocks may be back in the pool). One program takes a block of `BLOCK_Q` consecutive query tokens of one sequence and
 all query heads of one kv head, laid out as `BLOCK_Q * group` rows (row r: token r // group,
 head r % group), so each key/value tile is loaded once per GQA group. Single-token queries
 (decodes) are just chunks of length 1, so a mixed batch runs through this kernel as well.
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from taskloom.config import AttentionWindow
 from taskloom.ops.triton.paged_kv import (
     LOG2E,
     TileConfig,
@@ -27,13 +29,39 @@ EXTEND_TILES = TileConfig()   # read at each launch (see TileConfig)
 
 
 @triton.jit
+def _extend_tiles(q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, q_pos, kv_head, qk_scale,
+                  stride_kb, stride_kt, stride_kh, m, l, acc,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Fold keys [lo, hi) into the rows' online softmax, each row (query position q_pos)
+    seeing the keys up to itself, within its window (WINDOW > 0) or among the sinks."""
+    d = tl.arange(0, BLOCK_D)
+    for n0 in range(lo, hi, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        valid = idx < hi                                                  # [BLOCK_N]
+        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
+                                stride_kh, BLOCK_SIZE)
+        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        visible = valid[None, :] & (idx[None, :] <= q_pos[:, None])       # [BLOCK_M, BLOCK_N]
+        if WINDOW > 0:
+            visible = visible & ((idx[None, :] > q_pos[:, None] - WINDOW)
+                                 | (idx[None, :] < SINKS))
+        m, l, acc = online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
+    return m, l, acc
+
+
+@triton.jit
 def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
         block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_bt, stride_ot, stride_oh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     q_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -52,23 +80,26 @@ def _extend_kernel(
     q_offs = (q_start + tok)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :]
     q = tl.load(q_ptr + q_offs, mask=q_mask, other=0.0)                   # [BLOCK_M, BLOCK_D]
     q_pos = prefix + tok                                                  # [BLOCK_M]
-    # Key 0 is visible to every row, so each row's max is finite after the first tile.
     kv_end = tl.minimum(seq_len, prefix + (q_block + 1) * BLOCK_Q)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_ptr = block_tables_ptr + seq * stride_bt
-    for n0 in range(0, kv_end, BLOCK_N):
-        idx = n0 + tl.arange(0, BLOCK_N)
-        valid = idx < kv_end                                              # [BLOCK_N]
-        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
-                                stride_kh, BLOCK_SIZE)
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        visible = valid[None, :] & (idx[None, :] <= q_pos[:, None])       # [BLOCK_M, BLOCK_N]
-        m, l, acc = online_softmax_step(q, k, v, visible, m, l, acc, qk_scale, DOT_PRECISION)
-    out = acc / l[:, None]                                                # [BLOCK_M, BLOCK_D]
+    lo = 0
+    if WINDOW > 0:
+        # Keys before the block's first query's window are read only as sinks: the pool may
+        # have taken back the blocks between.
+        lo = tl.maximum(prefix + q_block * BLOCK_Q - WINDOW + 1, 0)
+        m, l, acc = _extend_tiles(q, k_cache_ptr, v_cache_ptr, table_ptr, 0,
+                                  tl.minimum(SINKS, lo), q_pos, kv_head, qk_scale, stride_kb,
+                                  stride_kt, stride_kh, m, l, acc, HEAD_DIM, BLOCK_SIZE,
+                                  BLOCK_D, BLOCK_N, WINDOW, SINKS, DOT_PRECISION)
+    m, l, acc = _extend_tiles(q, k_cache_ptr, v_cache_ptr, table_ptr, lo, kv_end, q_pos,
+                              kv_head, qk_scale, stride_kb, stride_kt, stride_kh, m, l, acc,
+                              HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, WINDOW, SINKS,
+                              DOT_PRECISION)
+    # Every valid row sees at least its own key, so l > 0 there.
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]                          # [BLOCK_M, BLOCK_D]
     out_offs = (q_start + tok)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -76,14 +107,17 @@ def _extend_kernel(
 def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float,
-                           max_query_len: int) -> torch.Tensor:
+                           max_query_len: int, window: AttentionWindow | None = None
+                           ) -> torch.Tensor:
     """Causal attention of each sequence's query chunk over its cached context.
 
     query: [num_tokens, num_heads, head_dim], sequence i owning rows
     `query_start_loc[i]:query_start_loc[i+1]` ([num_seqs + 1] int32); seq_lens: [num_seqs]
     int32, each counting the chunk itself; block_tables: [num_seqs, max_blocks] int32;
     `max_query_len` (a host int) sizes the grid. The chunk's keys and values must already be
-    in the cache. Returns [num_tokens, num_heads, head_dim] in query's dtype.
+    in the cache. With `window`, each query attends within its sliding window and to the
+    sinks, and no other key is read. Returns [num_tokens, num_heads, head_dim] in query's
+    dtype.
     """
     check_paged_inputs(query, kv_cache)
     num_tokens, num_heads, head_dim = query.shape
@@ -102,6 +136,8 @@ def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_N=EXTEND_TILES.keys_per_tile(head_dim), DOT_PRECISION=dot_precision(query.dtype),
-        **EXTEND_TILES.launch_options())
+        BLOCK_N=EXTEND_TILES.keys_per_tile(head_dim),
+        WINDOW=0 if window is None else window.size,
+        SINKS=0 if window is None else window.num_sink_tokens,
+        DOT_PRECISION=dot_precision(query.dtype), **EXTEND_TILES.launch_options())
     return out

@@ -56,32 +56,28 @@ def online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
     """Fold one tile of keys/values into the running max `m`, sum `l` and output `acc`.
 
     q: [M, D]; k, v: [N, D]; visible: [M, N] bool; m, l: [M] float32 (base-2 logits);
-    acc: [M, D] float32. Every row must see at least one key in the first tile it is given,
-    so that `m` is finite from then on.
+    acc: [M, D] float32. A row that has seen no visible key yet keeps m == -inf, l == 0.
     """
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
     s = tl.where(visible, s, float("-inf"))
     m_new = tl.maximum(m, tl.max(s, 1))                                   # [M]
-    p = tl.exp2(s - m_new[:, None])                                       # [M, N]
-    alpha = tl.exp2(m - m_new)                                            # [M]
+    m_ref = tl.where(m_new > float("-inf"), m_new, 0.0)   # -inf - -inf would be NaN
+    p = tl.exp2(s - m_ref[:, None])                                       # [M, N]
+    alpha = tl.exp2(m - m_ref)                                            # [M]
     l = l * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l, acc
 
 
 @triton.jit
-def attend_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, qk_scale,
-                     stride_block, stride_token, stride_head, M: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Queries `q` [M, BLOCK_D] (all of kv head `kv_head`) against the keys and values at
-    positions [start, end) of the sequence whose block-table row `table_ptr` points at: the
-    online softmax's running max, sum and output (m, l, acc) after them; l == 0 where the
-    range is empty."""
+def fold_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, qk_scale,
+                   stride_block, stride_token, stride_head, m, l, acc,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold the keys and values at positions [start, end) of the sequence whose block-table
+    row `table_ptr` points at into the online softmax (m, l, acc) of queries `q` [M, BLOCK_D]
+    (all of kv head `kv_head`); positions outside the range are never read."""
     d = tl.arange(0, BLOCK_D)
-    m = tl.full([M], float("-inf"), tl.float32)
-    l = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, BLOCK_D], tl.float32)
     for n0 in range(start, end, BLOCK_N):
         idx = n0 + tl.arange(0, BLOCK_N)
         valid = idx < end                                                 # [BLOCK_N]
@@ -93,6 +89,23 @@ def attend_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head
         m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                         DOT_PRECISION)
     return m, l, acc
+
+
+@triton.jit
+def attend_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, qk_scale,
+                     stride_block, stride_token, stride_head, M: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Queries `q` [M, BLOCK_D] (all of kv head `kv_head`) against the keys and values at
+    positions [start, end) of the sequence whose block-table row `table_ptr` points at: the
+    online softmax's running max, sum and output (m, l, acc) after them; l == 0 where the
+    range is empty."""
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, BLOCK_D], tl.float32)
+    return fold_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head,
+                          qk_scale, stride_block, stride_token, stride_head, m, l, acc,
+                          HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
 
 
 @triton.jit
