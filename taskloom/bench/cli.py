@@ -129,6 +129,20 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "of it); what was timed is kept")
     kn.add_argument("--output-json", default=None, help="also write the result to this file")
     kn.set_defaults(func=_run_kernels)
+    wi = kinds.add_parser("window", help="KV compression: perplexity and KV memory of "
+                                         "sliding windows with sinks vs full attention")
+    add_engine_args(wi)
+    wi.add_argument("--windows", type=int, nargs="+", default=[256],
+                    help="sliding-window sizes to score")
+    wi.add_argument("--sinks", type=int, nargs="+", default=[0, 4],
+                    help="attention-sink counts to score each window with")
+    wi.add_argument("--context-len", type=int, default=2048, help="tokens per passage")
+    wi.add_argument("--num-texts", type=int, default=4, help="passages, scored in one batch")
+    wi.add_argument("--text-file", default=None, metavar="FILE",
+                    help="a UTF-8 text to cut the passages from (default: Python's "
+                         "reference documentation, pydoc_data.topics)")
+    wi.add_argument("--output-json", default=None, help="also write the result to this file")
+    wi.set_defaults(func=_run_window)
     sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup) against the same "
                                        "engine without it, on text that repeats its prompt")
     add_engine_args(sp)
@@ -208,6 +222,17 @@ def _run_serve(a: argparse.Namespace) -> int:
               f"p90 {p['p90_ms']:9.1f}  p99 {p['p99_ms']:9.1f}")
     print(f"{result['completed']}/{result['num_prompts']} requests in {result['duration_s']} s: "
           f"{result['output_tokens_per_s']} output tok/s")
+    return _emit(result, a.output_json)
+
+
+def _run_window(a: argparse.Namespace) -> int:
+    from taskloom.bench.window import run_window
+    if a.random_weights:
+        raise ValueError("bench window scores real text: it needs real weights and a "
+                         "tokenizer, not --random-weights")
+    from taskloom.bench.summary import result_lines
+    result = run_window(a)
+    print("\n".join(result_lines(result)))
     return _emit(result, a.output_json)
 
 

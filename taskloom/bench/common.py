@@ -89,6 +89,13 @@ def speculative_fields(llm: LLM) -> dict | None:
     return None if config is None else dataclasses.asdict(config)
 
 
+def window_fields(llm: LLM) -> dict | None:
+    """The engine's sliding window as a result records it (None: full attention): the
+    cache config's, or the model's own."""
+    window = llm.engine.scheduler.kv.window
+    return None if window is None else dataclasses.asdict(window)
+
+
 def trace_path(a: argparse.Namespace, name: str) -> str | None:
     """Where to keep a profiled window's Chrome trace (`--profile-dir`), or None."""
     import os

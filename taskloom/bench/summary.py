@@ -44,6 +44,9 @@ def _throughput_line(r: dict) -> str:
     if r.get("speculative_config"):
         flags.append(f"spec k={r['speculative_config']['num_speculative_tokens']} "
                      f"(acceptance {r['spec_acceptance_rate']})")
+    if r.get("sliding_window"):
+        w = r["sliding_window"]
+        flags.append(f"window {w['size']}+{w['num_sink_tokens']} sinks")
     startup = f" (startup {r['startup_s']} s)" if "startup_s" in r else ""
     line = (f"throughput {_workload(r)}{' ' + ','.join(flags) if flags else ''}: "
             f"{r['output_tokens_per_s']:.0f} out tok/s, {r['total_tokens_per_s']:.0f} total, "
@@ -148,6 +151,8 @@ def result_lines(r: dict) -> list[str]:
                     f"{x['num_loras']} adapters {x['ratio_vs_base']}x" for x in r["results"])]
     if kind == "spec":
         return _spec_lines(r)
+    if kind == "window":
+        return _window_lines(r)
     if kind == "serve":
         # tokens a chunk: above 1 when the server fell behind the engine (OutputStream)
         per_chunk = (f", {r['tokens_per_chunk']} tokens a chunk"
@@ -156,6 +161,20 @@ def result_lines(r: dict) -> list[str]:
                 f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
                 f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
     return [f"{kind}: (no summary for this kind)"]
+
+
+def _window_lines(r: dict) -> list[str]:
+    full = r["results"][0]
+    lines = []
+    for x in r["results"]:
+        name = "full attention" if x["window"] is None else \
+            f"window {x['window']}, {x['sinks']} sinks"
+        lines.append(
+            f"window {r['num_texts']}x{r['context_len']} {name}: perplexity "
+            f"{x['perplexity']:.3f} (past the window {x['perplexity_past_window']:.3f}), "
+            f"{x['max_kv_blocks']} KV blocks ({x['max_kv_blocks'] / full['max_kv_blocks']:.2f}x "
+            f"full), {x['prompt_tokens_per_s']:.0f} prompt tok/s")
+    return lines
 
 
 def _spec_lines(r: dict) -> list[str]:

@@ -15,7 +15,7 @@ import random
 import time
 
 from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
-                                   speculative_fields, trace_path)
+                                   speculative_fields, trace_path, window_fields)
 from taskloom.bench.profile import profile_steps
 from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.outputs import OutputKind
@@ -79,7 +79,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
         "async_scheduling": a.async_scheduling,
         "shared_prefix_attention": a.shared_prefix_attention,
         "prefix_cache_hit_rate": round(hits / queries, 4) if queries else 0.0,
-        "speculative_config": speculative_fields(llm),
+        "speculative_config": speculative_fields(llm), "sliding_window": window_fields(llm),
         "spec_acceptance_rate": _rate(spec.num_accepted_tokens - accepted0,
                                       spec.num_draft_tokens - drafted0),
         "max_num_seqs": a.max_num_seqs, "max_num_batched_tokens": a.max_num_batched_tokens,

@@ -61,6 +61,7 @@ class BlockPool:
         self._ref_cnt = [0] * num_blocks
         self._hash: list[BlockHash | None] = [None] * num_blocks
         self.cached: dict[BlockHash, int] = {}
+        self.max_used = 0   # the most blocks held at once (benchmarks reset it)
 
     @property
     def num_free_blocks(self) -> int:
@@ -75,6 +76,7 @@ class BlockPool:
         for b in blocks:
             self._ref_cnt[b] = 1
             self.uncache(b)
+        self.max_used = max(self.max_used, self.num_blocks - len(self._free))
         return blocks
 
     def touch(self, blocks: list[int]) -> None:
@@ -83,6 +85,7 @@ class BlockPool:
             if self._ref_cnt[b] == 0:
                 del self._free[b]
             self._ref_cnt[b] += 1
+        self.max_used = max(self.max_used, self.num_blocks - len(self._free))
 
     def free(self, blocks: list[int]) -> None:
         """Drop one reference to each block; blocks nobody holds go to the end of the queue

@@ -193,3 +193,18 @@ def test_throughput_records_speculation_and_latency_refuses_it(
     assert "spec k=3 (acceptance" in result_lines(result)[0]
     assert main(["bench", "latency", "--random-weights", "--model", str(config), *spec]) == 2
     assert "measure speculative decoding with bench spec" in capsys.readouterr().err
+
+
+def test_throughput_records_the_sliding_window(tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(TINY_LLAMA))
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--num-prompts", "4", "--input-len", "40", "--output-len", "40",
+                 "--sliding-window", "24", "--attention-sinks", "4", "--block-size", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["sliding_window"] == {"size": 24, "num_sink_tokens": 4}
+    assert "window 24+4 sinks" in result_lines(result)[0]
+    assert main(["bench", "throughput", "--random-weights", "--model", str(config),
+                 "--attention-sinks", "4"]) == 2
+    assert "num_sink_tokens (4) needs a sliding window" in capsys.readouterr().err

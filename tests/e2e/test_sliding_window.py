@@ -44,9 +44,10 @@ def hf_greedy(hf: transformers.PreTrainedModel, prompt: list[int],
     """Greedy tokens from full forwards, no KV cache: with `window`, under its mask passed
     to HF as a 4-D attention mask; without, HF's own masks (Mistral's sliding window)."""
     ids = list(prompt)
+    dev = hf.device
     for _ in range(NEW_TOKENS):
-        x = torch.tensor([ids])
-        mask = None if window is None else windowed_mask(len(ids), window)
+        x = torch.tensor([ids], device=dev)
+        mask = None if window is None else windowed_mask(len(ids), window).to(dev)
         logits = hf(x, attention_mask=mask, use_cache=False).logits[0, -1]
         ids.append(int(logits.argmax()))
     return ids[len(prompt):]
@@ -127,6 +128,36 @@ def test_llama_with_sinks_and_speculative_decoding_matches_hf(
                       speculative_config={"num_speculative_tokens": 3}):
         assert greedy(llm, batch) == expected
         assert llm.engine.scheduler.spec_stats.num_draft_tokens > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["mistral", "llama-sinks"])
+def test_windowed_engine_on_cuda_matches_hf_there(case: str, tmp_path: Path) -> None:
+    """Triton kernels and CUDA graphs (decode steps replay them) under the window, in fp32,
+    against HF on the same device; a pool smaller than the contexts."""
+    if case == "mistral":
+        overrides = {"head_dim": 16, "sliding_window": WINDOW,
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}
+        torch.manual_seed(0)
+        hf = transformers.MistralForCausalLM(
+            transformers.MistralConfig(**{**TINY, **overrides})).eval()
+        window, kw = None, {}
+    else:
+        hf = build_tiny_hf("llama-llama3-gqa", seed=2)
+        window = AttentionWindow(WINDOW, SINKS)
+        kw = {"sliding_window": WINDOW, "num_sink_tokens": SINKS}
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    batch = prompts(TINY["vocab_size"])
+    expected = [hf_greedy(hf.cuda(), p, window) for p in batch]
+    for llm in engine(str(tmp_path), device="cuda", num_blocks=24, max_model_len=256, **kw):
+        graphs = llm.engine.runner.graphs
+        assert graphs is not None
+        replays: list[int] = []
+        run = graphs.run
+        graphs.run = lambda *args: replays.append(1) or run(*args)
+        assert greedy(llm, batch) == expected
+        assert replays
 
 
 def test_sinks_without_a_window_are_refused(llama: tuple[str, list[list[int]]]) -> None:

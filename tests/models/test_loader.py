@@ -411,3 +411,31 @@ def test_random_weights_needs_a_shape_and_max_model_len_fits() -> None:
     with pytest.raises(ValueError, match=r"max_model_len \(9000\) exceeds the model's "
                                          r"max_position_embeddings \(8192\)"):
         load_model(ModelConfig(model="smollm2-135m", random_weights=True, max_model_len=9000))
+
+
+@pytest.mark.parametrize("overrides,window", [
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, 4096),  # HF default
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+      "sliding_window": None}, None),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"],
+      "sliding_window": 1024}, 1024),
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "sliding_window": 512},
+     None),                                           # use_sliding_window is off
+    ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "sliding_window": 512,
+      "use_sliding_window": True, "max_window_layers": 0}, 512),
+    ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "sliding_window": 512,
+      "use_sliding_window": True, "layer_types": ["full_attention"] * 2}, None),
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "sliding_window": 64},
+     None),                                           # Llama has none
+])
+def test_sliding_window_is_read_as_hf_reads_it(overrides: dict, window: int | None) -> None:
+    cfg = {**shape_config("smollm2-135m"), "num_hidden_layers": 2, **overrides}
+    assert ArchConfig.from_hf_dict(cfg).sliding_window == window
+
+
+def test_a_window_on_some_layers_only_is_refused() -> None:
+    cfg = {**shape_config("smollm2-135m"), "model_type": "qwen2", "num_hidden_layers": 4,
+           "architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True,
+           "sliding_window": 512, "max_window_layers": 2}
+    with pytest.raises(ValueError, match="on 2 of 4 layers"):
+        ArchConfig.from_hf_dict(cfg)

@@ -39,6 +39,7 @@ from triton.runtime.jit import KernelInterface
 
 from taskloom.lora.metadata import LoRAMetadata, build_lora_metadata
 from taskloom.models.arch import ArchConfig
+from taskloom.config import AttentionWindow
 from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.ops.backend import Ops, triton_ops
 from taskloom.ops.rotary import RotaryEmbedding
@@ -149,7 +150,8 @@ def describe(kernel: Any) -> Launch:
 def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
     """Call every op the way a model of `arch` calls it: prefill chunks, a mixed step, decode
     steps with few and many sequences (one split and several), a CUDA-graph decode (fixed
-    splits) and decodes sharing a prefix, and multi-LoRA on fused qkv, o, gate_up and down."""
+    splits), each of those under a sliding window with sinks, decodes sharing a prefix, and
+    multi-LoRA on fused qkv, o, gate_up and down."""
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
     hidden, inter = arch.hidden_size, arch.intermediate_size
@@ -183,6 +185,8 @@ def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
         if max(query_lens) == 1:                         # as captured in a CUDA graph
             meta.decode_num_splits = 16
             ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
+        meta.window, meta.decode_num_splits = AttentionWindow(1024, 4), None  # KV compression
+        ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
     # 64 decodes sharing a 2,000-token prefix, attending to it together (an eager step)
     tables = [list(range(125)) + [125 + i] for i in range(64)]
     meta, _ = make_metadata(tables, [2000 + i % 16 for i in range(64)], [1] * 64, BLOCK_SIZE,
