@@ -18,9 +18,10 @@ import time
 import torch
 
 from taskloom.bench.common import (add_profile, build_llm, release_device_memory, run_info,
-                                   significant, trace_path)
+                                   significant, trace_path, window_fields)
 from taskloom.bench.profile import profile_steps
 from taskloom.bench.throughput import make_prompts, warmup_prompts
+from taskloom.config import AttentionWindow
 from taskloom.sampling_params import SamplingParams
 
 
@@ -74,6 +75,18 @@ def prefill_flops(model: torch.nn.Module, arch, batch: int, input_len: int) -> f
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def attended_context(window: AttentionWindow | None, input_len: int, output_len: int) -> float:
+    """The mean context a decode step's attention reads per sequence: half-way through the
+    output, or under a sliding window, the mean over the steps of what the window and its
+    sinks let each one see."""
+    if window is None:
+        return input_len + output_len / 2
+    steps = range(input_len + 1, input_len + output_len)     # context of each decode step
+    seen = [window.size + min(window.num_sink_tokens, n - window.size)
+            if n > window.size else n for n in steps]
+    return sum(seen) / max(len(seen), 1)
 
 
 def decode_bytes_per_step(model: torch.nn.Module, kv_bytes_per_token: int, batch: int,
@@ -175,7 +188,8 @@ def run_latency(a: argparse.Namespace) -> dict:
         step_ms = llm.engine.step_times.since(times0).per_step_ms()
         steps = a.output_len - 1
         per_step = decode_bytes_per_step(llm.engine.runner.model, kv_per_token, b,
-                                         a.input_len + a.output_len / 2)
+                                         attended_context(runner.window, a.input_len,
+                                                          a.output_len))
         achieved = per_step * steps / decode_s
         flops = prefill_flops(runner.model, runner.arch, b, a.input_len) / prefill_s
         rows.append({
@@ -190,6 +204,7 @@ def run_latency(a: argparse.Namespace) -> dict:
     result = {"bench": "latency", "model": a.model or "embedded:SmolLM2-135M-Instruct",
               "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
+              "sliding_window": window_fields(llm),
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),
               "matmul_tflops": significant(peak_flops / 1e12),
               "startup_s": startup_s, "results": rows, **run_info(a.device)}

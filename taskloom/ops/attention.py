@@ -10,6 +10,11 @@ together, as Hydragen does: its keys and values are gathered once and all the gr
 are multiplied against them in one matmul; each sequence then attends to its own suffix, and
 the two partial softmaxes are merged by their log-sum-exp. A step of 64 decodes sharing a
 2,000-token prompt reads the prompt's KV once per layer instead of 64 times.
+
+Under a sliding window (`AttentionMetadata.window`: KV compression, or a Mistral's own) each
+query sees the keys within its window and the attention sinks; only those positions are
+gathered, since the blocks before a sequence's window may be back in the pool (their table
+entries are then NULL_BLOCK). No prefix is shared whole under a window, so the groups are off.
 """
 from __future__ import annotations
 

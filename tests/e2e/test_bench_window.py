@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from taskloom.bench.latency import attended_context
 from taskloom.bench.summary import result_lines
 from taskloom.bench.window import builtin_text, passages
 from taskloom.cli import main
+from taskloom.config import AttentionWindow
 
 
 def test_window_bench_scores_every_setting_and_the_window_holds_less(
@@ -43,3 +45,11 @@ def test_passages_and_refusals(capsys: pytest.CaptureFixture) -> None:
     assert "needs real weights" in capsys.readouterr().err
     assert main(["bench", "window", "--windows", "4096"]) == 2
     assert "--windows must lie in [1, --context-len)" in capsys.readouterr().err
+
+
+def test_latency_counts_the_keys_a_window_lets_a_decode_read() -> None:
+    assert attended_context(None, 128, 256) == 256.0     # half-way through the output
+    # contexts 129..383: a window of 100 and 4 sinks reads 104 keys at every step
+    assert attended_context(AttentionWindow(100, 4), 128, 256) == 104.0
+    # contexts 3..5 under a window of 4 and 4 sinks: 3, 4, then 4 + 1 sink
+    assert attended_context(AttentionWindow(4, 4), 2, 4) == (3 + 4 + 5) / 3
