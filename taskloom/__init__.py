@@ -1,6 +1,6 @@
 """taskloom: an LLM serving engine for multi-task workloads.
 
-`from taskloom import LLM, SamplingParams`. `LLM` is imported lazily so that the pure-Python
+`from taskloom import LLM, SamplingParams, StructuredOutputs`. `LLM` is imported lazily so that the pure-Python
 parts (engine, sampling parameters) can be used without importing torch.
 """
 from __future__ import annotations
@@ -8,12 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from taskloom.outputs import CompletionOutput, RequestOutput
-from taskloom.sampling_params import SamplingParams
+from taskloom.sampling_params import SamplingParams, StructuredOutputs
 
 if TYPE_CHECKING:
     from taskloom.api import LLM
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"
 
 

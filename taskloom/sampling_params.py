@@ -19,12 +19,49 @@ class InvalidParameter(ValueError):
 
 
 @dataclass
+class StructuredOutputs:
+    """A constraint on the completion's text (vLLM's `structured_outputs`); exactly one is
+    set: `json`, a JSON schema (a dict or its JSON text) the completion must be an instance
+    of; `json_object`, any JSON object; `regex`, a regular expression it must match whole;
+    `choice`, the strings it must be one of; `grammar`, a Lark grammar (llguidance's
+    dialect). The engine masks, before every sample, the tokens that would break it."""
+
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "json_object", "regex", "choice", "grammar")
+                 if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise InvalidParameter("structured_outputs",
+                                   "structured_outputs needs exactly one of json, "
+                                   f"json_object, regex, choice, grammar; got {given or 'none'}")
+        if self.choice is not None and (
+                not self.choice or not all(isinstance(c, str) and c for c in self.choice)):
+            raise InvalidParameter("structured_outputs", "structured_outputs.choice must be "
+                                   f"a list of non-empty strings, got {self.choice!r}")
+        if not isinstance(self.json, (dict, str, type(None))):
+            raise InvalidParameter("structured_outputs", "structured_outputs.json must be a "
+                                   f"JSON schema (an object or its text), got {self.json!r}")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "json_object", "regex", "choice", "grammar"."""
+        return next(k for k in ("json", "json_object", "regex", "choice", "grammar")
+                    if getattr(self, k) not in (None, False))
+
+
+@dataclass
 class SamplingParams:
     """Per-request sampling and stopping parameters (the OpenAI set plus the usual extensions).
 
     temperature 0 means greedy. top_k 0 (or -1) disables top-k. logprobs / prompt_logprobs ask
     for the log-probabilities of the chosen token plus that many top alternatives (0 to 20).
     A `seed` makes the request's samples reproducible whatever else shares the batch.
+    `structured_outputs` holds the completion to a JSON schema, a regex, a choice or a grammar.
     """
 
     n: int = 1
@@ -45,6 +82,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputs | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -53,6 +91,8 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = structured_outputs_from(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -82,6 +122,9 @@ class SamplingParams:
                "stop_token_ids must be non-negative integers", self.stop_token_ids)
         _check(self.seed is None or isinstance(self.seed, int), "seed must be an integer",
                self.seed)
+        _check(self.structured_outputs is None or self.min_tokens == 0,
+               "min_tokens must be 0 with structured_outputs (the grammar decides where the "
+               "output may end)", self.min_tokens)
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +140,16 @@ class SamplingParams:
     def reads_output(self) -> bool:
         """Whether sampling reads the tokens generated so far (penalties, min_tokens)."""
         return self.min_tokens > 0 or self.penalized
+
+
+def structured_outputs_from(fields: dict) -> StructuredOutputs:
+    """StructuredOutputs from its fields as a dict; InvalidParameter naming an unknown key."""
+    known = set(StructuredOutputs.__dataclass_fields__)
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise InvalidParameter("structured_outputs", f"unknown structured_outputs keys "
+                               f"{', '.join(unknown)}; expected one of {', '.join(sorted(known))}")
+    return StructuredOutputs(**fields)
 
 
 def _check(ok: bool, message: str, value: object) -> None:

@@ -22,6 +22,7 @@ from typing import Protocol
 from taskloom.engine.outputs import Logprobs, RunnerOutput, SchedulerOutput
 from taskloom.engine.request import Request, RequestStatus
 from taskloom.engine.scheduler import Scheduler
+from taskloom.engine.structured import Grammar, GrammarCompiler
 from taskloom.lora.request import LoRARequest
 from taskloom.outputs import (CompletionOutput, Logprob, OutputKind, PositionLogprobs,
                               RequestOutput)
@@ -132,6 +133,7 @@ class EngineCore:
         self.async_scheduling = scheduler.config.async_scheduling
         # async scheduling: the step submitted last, running while the next is scheduled
         self._in_flight: tuple[SchedulerOutput, PendingStep] | None = None
+        self._grammars: GrammarCompiler | None = None    # built at the first structured one
 
     # ----- requests --------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -151,6 +153,8 @@ class EngineCore:
         if lora is not None and not self.scheduler.max_loras:
             raise ValueError(f"adapter {lora.name!r} requested, but this engine was started "
                              f"without LoRA support (enable_lora / --enable-lora)")
+        grammars = [self._grammar(params) for _ in range(params.n)] \
+            if params.structured_outputs is not None else None
         parent = _Parent(request_id, prompt, list(prompt_token_ids), [],
                          [None] if params.prompt_logprobs is not None else None,
                          kind=output_kind)
@@ -158,6 +162,8 @@ class EngineCore:
             seq_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(seq_id, prompt_token_ids, self._child_params(params, i),
                           self.eos_token_ids, lora=lora)
+            if grammars is not None:
+                req.grammar = grammars[i]
             parent.seqs.append(_Seq(
                 req,
                 None if self.tokenizer is None else IncrementalDetokenizer(
@@ -177,6 +183,17 @@ class EngineCore:
         if bad is not None:
             raise ValueError(f"prompt token id {bad!r} is out of range: the vocabulary has "
                              f"{self.vocab_size} tokens (ids 0 to {self.vocab_size - 1})")
+
+    def _grammar(self, params: SamplingParams) -> Grammar:
+        """A fresh grammar for a structured request; ValueError naming what is wrong."""
+        assert params.structured_outputs is not None
+        if self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer, and this model has none "
+                             "(random weights)")
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size,
+                                             self.eos_token_ids)
+        return self._grammars.compile(params.structured_outputs)
 
     @staticmethod
     def _child_params(params: SamplingParams, i: int) -> SamplingParams:

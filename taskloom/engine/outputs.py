@@ -36,7 +36,9 @@ class ScheduledSeq:
     sequence's newest token and the runner samples the next one. `output_token_ids` is the
     live list of generated tokens (for penalties and min_tokens), shared, not copied. With
     async scheduling the last of `token_ids` may be PLACEHOLDER_TOKEN_ID: the token the
-    previous step (still in flight) samples for this sequence.
+    previous step (still in flight) samples for this sequence. `allowed_token_bitmask` (a
+    structured output's, taskloom.engine.structured) holds the tokens it may sample: bit i
+    of little-endian int32 word w allows token 32 * w + i.
     """
 
     req_id: str
@@ -47,6 +49,7 @@ class ScheduledSeq:
     output_token_ids: list[int]
     num_prompt_tokens: int
     draft_token_ids: Sequence[int] = ()
+    allowed_token_bitmask: bytes | None = None
 
 
 @dataclass

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from taskloom.lora.request import LoRARequest
 from taskloom.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from taskloom.engine.structured import Grammar
 
 
 class RequestStatus(enum.Enum):
@@ -60,6 +64,9 @@ class Request:
         # tokens (another adapter, another tenant) must not share blocks.
         self.cache_salt = cache_salt
         self.lora = lora
+        # Structured outputs: the constraint's state (taskloom.engine.structured.Grammar),
+        # given by the engine core at admission; None: unconstrained.
+        self.grammar: Grammar | None = None
 
     @property
     def lora_id(self) -> int | None:
@@ -87,9 +94,10 @@ class Request:
 
     @property
     def needs_output_history(self) -> bool:
-        """Whether sampling reads the tokens generated so far (penalties, min_tokens): such
-        a request's steps cannot be scheduled before the previous one's tokens are known."""
-        return self.params.reads_output
+        """Whether sampling reads the tokens generated so far (penalties, min_tokens, a
+        structured output's grammar): such a request's steps cannot be scheduled before the
+        previous one's tokens are known."""
+        return self.params.reads_output or self.params.structured_outputs is not None
 
     def token_ids_slice(self, start: int, end: int) -> list[int]:
         """Token ids at positions [start, end) of prompt + output."""

