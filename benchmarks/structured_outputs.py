@@ -1,0 +1,80 @@
+"""What structured outputs cost: the same chat requests (the embedded model, greedy) with a
+JSON schema and without, alternately in one process, `--batch` at a time. Prints a JSON line:
+per run, output tokens/s, how many outputs parse as JSON and how many max_tokens cut, and
+the engine's mean milliseconds per step by phase (`schedule`
+includes computing every constrained request's mask, `execute` applying it), the best of
+`--repeats`; and the host milliseconds a mask took per constrained sequence (the schedule
+phase's growth over the unconstrained run, per constrained sequence a step).
+
+    python benchmarks/structured_outputs.py --batch 16 --max-tokens 96
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+from taskloom import LLM, SamplingParams, StructuredOutputs
+from taskloom.bench.common import run_info
+
+SCHEMA = {"type": "object", "additionalProperties": False,
+          "properties": {"name": {"type": "string", "maxLength": 24},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "email": {"type": "string", "maxLength": 40},
+                         "tags": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                  "maxItems": 4}},
+          "required": ["name", "age", "email", "tags"]}
+TOPICS = ["a chef", "a pilot", "a student", "a painter", "a nurse", "a farmer", "a coder",
+          "a singer"]
+
+
+def run(llm: LLM, batch: int, max_tokens: int, structured: bool) -> dict:
+    convs = [[{"role": "user", "content": f"Describe {TOPICS[i % len(TOPICS)]} number {i} as "
+               "JSON with name, age, email and tags."}] for i in range(batch)]
+    so = StructuredOutputs(json=SCHEMA) if structured else None
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs=so)
+    times0 = dataclasses.replace(llm.engine.step_times)
+    start = time.perf_counter()
+    outs = llm.chat(convs, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    n_out = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    valid = 0
+    for o in outs:
+        try:
+            valid += isinstance(json.loads(o.outputs[0].text), dict)
+        except json.JSONDecodeError:
+            pass
+    cut = sum(o.outputs[0].finish_reason == "length" for o in outs)
+    return {"structured": structured, "output_tokens": n_out, "elapsed_s": round(elapsed, 3),
+            "output_tokens_per_s": round(n_out / elapsed, 2), "valid_json": valid,
+            "cut_at_max_tokens": cut,
+            "step_ms": llm.engine.step_times.since(times0).per_step_ms()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--repeats", type=int, default=2)
+    a = p.parse_args()
+    llm = LLM(max_num_seqs=a.batch, kv_cache_memory_gb=0.5)
+    run(llm, 2, 8, True)                       # warm-up, and the grammar tokenizer's build
+    best: dict[bool, dict] = {}
+    for _ in range(a.repeats):
+        for structured in (False, True):
+            r = run(llm, a.batch, a.max_tokens, structured)
+            if structured not in best or r["output_tokens_per_s"] > \
+                    best[structured]["output_tokens_per_s"]:
+                best[structured] = r
+    plain, constrained = best[False], best[True]
+    steps = constrained["step_ms"]
+    mask_ms = (steps["schedule"] - plain["step_ms"]["schedule"]) / max(steps["seqs_per_step"], 1)
+    print(json.dumps({"bench": "structured_outputs", "batch": a.batch,
+                      "max_tokens": a.max_tokens, "unconstrained": plain,
+                      "json_schema": constrained,
+                      "mask_ms_per_sequence_step": round(mask_ms, 4), **run_info("cpu")}))
+
+
+if __name__ == "__main__":
+    main()
