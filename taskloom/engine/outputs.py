@@ -38,7 +38,8 @@ class ScheduledSeq:
     async scheduling the last of `token_ids` may be PLACEHOLDER_TOKEN_ID: the token the
     previous step (still in flight) samples for this sequence. `allowed_token_bitmask` (a
     structured output's, taskloom.engine.structured) holds the tokens it may sample: bit i
-    of little-endian int32 word w allows token 32 * w + i.
+    of little-endian int32 word w allows token 32 * w + i; with drafts, one such mask per
+    sampled position, one after another.
     """
 
     req_id: str

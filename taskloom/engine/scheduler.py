@@ -126,9 +126,8 @@ class Scheduler:
                        - req.num_computed_tokens)
             if num_new > budget:
                 num_new = budget
-            # (no drafts under a grammar: each draft position would need its own mask)
-            draft = (self._draft(req, budget - 1) if proposer is not None and num_new == 1
-                     and req.output_token_ids and req.grammar is None else None)
+            draft = (self._draft(req, budget - 1)
+                     if proposer is not None and num_new == 1 and req.output_token_ids else None)
             if draft:       # its blocks are taken
                 drafts[req.request_id] = draft
                 num_new += len(draft)
@@ -156,6 +155,8 @@ class Scheduler:
             limit = min(limit, req.params.max_tokens - len(req.output_token_ids) - 1)
         assert self.proposer is not None
         draft = self.proposer.propose(req, limit)
+        if draft and req.grammar is not None:      # only what its structured output allows
+            draft = draft[:req.grammar.valid_prefix(draft)]
         if draft and self.kv.allocate_slots(req, num_tokens + len(draft)) is None:
             return []
         return draft
@@ -267,9 +268,11 @@ class Scheduler:
             req.num_computed_tokens = end       # computed once this step has run
             if sample:
                 req.num_output_placeholders = in_flight + 1
+            mask = None
+            if sample and req.grammar is not None:    # one a position with drafts
+                mask = req.grammar.bitmasks_along(draft) if draft else req.grammar.bitmask()
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
-                                     num_prompt, draft,
-                                     req.grammar.bitmask() if sample and req.grammar else None))
+                                     num_prompt, draft, mask))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget)
@@ -301,10 +304,10 @@ class Scheduler:
             else:
                 req.output_token_ids.append(token)
                 status = stop_status(req, token)
+                if status is None and req.grammar is not None:
+                    status = self._grammar_status(req, token)
                 if status is not None:
                     self._finish(req, status)
-                elif req.grammar is not None:
-                    self._advance_grammar(req, token)
             advanced.append(req)
         if self.kv.window is not None:
             self._release_outside_windows(sched)
@@ -332,22 +335,23 @@ class Scheduler:
         for t in (*draft[:accepted], token):
             req.output_token_ids.append(t)
             status = self._stop_status(req, t)
+            if status is None and req.grammar is not None:
+                status = self._grammar_status(req, t)
             if status is not None:
                 self._finish(req, status)
                 return
 
-    def _advance_grammar(self, req: Request, token: int) -> None:
-        """Feed a structured output's grammar its request's new token; the request ends once
-        the grammar can take nothing more (a token it forbids, which its masks rule out,
-        ends it with an error)."""
+    def _grammar_status(self, req: Request, token: int) -> RequestStatus | None:
+        """Feed a structured output's grammar its request's new token: how the request ends
+        if it does, once the grammar can take nothing more (a token it forbids, which its
+        masks rule out, ends it with an error)."""
         grammar = req.grammar
         assert grammar is not None
         if not grammar.accept(token):
             logger.error("%s: token %d broke its structured output: %s", req.request_id,
                          token, grammar.error)
-            self._finish(req, RequestStatus.FINISHED_ERROR)
-        elif grammar.done:
-            self._finish(req, RequestStatus.FINISHED_STOPPED)
+            return RequestStatus.FINISHED_ERROR
+        return RequestStatus.FINISHED_STOPPED if grammar.done else None
 
     def _stop_status(self, req: Request, token: int) -> RequestStatus | None:
         n_out = len(req.output_token_ids)

@@ -8,7 +8,9 @@ the tokens allowed next: one bit per vocabulary entry, 32 to an int32 word. Each
 a `Grammar`; the scheduler asks it for the mask of every step that samples for the request,
 the runner applies the mask to that request's logits, and the scheduler's update feeds each
 new token back into the grammar. A completion ends when the grammar can take nothing but the
-end of the text (finish_reason "stop"), or at the usual limits.
+end of the text (finish_reason "stop"), or at the usual limits. With speculative decoding, a
+request's drafts are cut to those the grammar takes, and its step carries one mask per
+position (the grammar consumes the drafts, then rolls them back).
 
 Pure Python (llguidance is a Rust extension with no torch dependency), imported only when a
 request asks for structured output.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from taskloom.sampling_params import InvalidParameter, StructuredOutputs
@@ -35,6 +38,23 @@ class Grammar:
         """The allowed next tokens: `num_words` little-endian int32 words, bit i of word w
         allowing token 32 * w + i."""
         return self._matcher.compute_bitmask()[:4 * self._num_words]
+
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many of `token_ids`, in order, the grammar would take from here."""
+        return self._matcher.validate_tokens(list(token_ids))
+
+    def bitmasks_along(self, token_ids: Sequence[int]) -> bytes:
+        """The masks at each position of a speculative step: here, then after each of
+        `token_ids` (drafts the grammar takes: see `valid_prefix`), one after another; the
+        grammar is left where it was."""
+        parts = [self.bitmask()]
+        for t in token_ids:
+            if not self._matcher.consume_token(t):
+                raise RuntimeError(f"draft token {t} breaks the grammar: "
+                                   f"{self._matcher.get_error()}")
+            parts.append(self.bitmask())
+        self._matcher.rollback(len(token_ids))
+        return b"".join(parts)
 
     def accept(self, token_id: int) -> bool:
         """Take the request's next token; False if the grammar forbids it (it then stays in

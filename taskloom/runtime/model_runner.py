@@ -113,6 +113,22 @@ def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
     return rows, row_seqs, index, drafts
 
 
+def _row_bitmasks(row_seqs: list[ScheduledSeq]) -> list[tuple[int, bytes]]:
+    """(row, mask) of every sampled row whose sequence has a structured output's masks: a
+    drafted sequence's rows (consecutive) take its masks in order, one a position."""
+    out: list[tuple[int, bytes]] = []
+    prev: ScheduledSeq | None = None
+    j = 0
+    for r, seq in enumerate(row_seqs):
+        j = j + 1 if seq is prev else 0
+        prev = seq
+        mask = seq.allowed_token_bitmask
+        if mask is not None:
+            width = len(mask) // (1 + len(seq.draft_token_ids))
+            out.append((r, mask[j * width:(j + 1) * width]))
+    return out
+
+
 def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray,
                    qsl: list[int]) -> tuple[np.ndarray, list[int], np.ndarray,
                                             list[ScheduledSeq]]:
@@ -435,8 +451,7 @@ class ModelRunner:
         rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         seqs = batch.sample_seqs
-        masked = [(i, s.allowed_token_bitmask) for i, s in enumerate(seqs)
-                  if s.allowed_token_bitmask is not None]
+        masked = _row_bitmasks(seqs)
         if masked:      # structured outputs: only the tokens their grammars allow
             apply_token_bitmask(logits, *zip(*masked))
         req_ids = [s.req_id for s in seqs]

@@ -1,7 +1,8 @@
 """Structured outputs with the embedded model: completions held to a JSON schema, any JSON
 object, a regex, a choice and a Lark grammar, greedy and sampled, alone and batched with
-unconstrained requests (whose outputs do not change), with async scheduling and speculative
-decoding on; bad constraints refused alone; the pool full after each."""
+unconstrained requests (whose outputs do not change), with async scheduling and with
+speculative decoding (the drafts cut to what each grammar takes, a mask per position): the
+same outputs; bad constraints refused alone; the pool full after each."""
 from __future__ import annotations
 
 import json
@@ -106,6 +107,8 @@ def test_async_scheduling_and_speculative_decoding_give_the_same_outputs(
     batch = cases()
     outs = llm.chat([m for m, _ in batch], [p for _, p in batch], use_tqdm=False)
     assert texts(outs) == expected
+    if engine == "speculative":     # the grammars' requests drafted too, with a mask each
+        assert llm.engine.scheduler.spec_stats.num_accepted_tokens > 0
     assert_pool_full(llm)
 
 

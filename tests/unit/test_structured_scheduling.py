@@ -1,7 +1,7 @@
 """Structured outputs on the host: the parameters' checks, and the scheduler's part (each
 sampling step carries the request's mask, every new token reaches its grammar, the request
-ends when the grammar is done, no drafts under a grammar). No torch and no llguidance: a
-hand-made grammar plays its part."""
+ends when the grammar is done, drafts are cut to what the grammar takes and carry a mask per
+position). No torch and no llguidance: a hand-made grammar plays its part."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +22,16 @@ class ScriptedGrammar:
         self.script, self.taken = script, []
 
     def bitmask(self) -> bytes:
-        return f"mask{len(self.taken)}".encode()
+        return f"m{len(self.taken):03d}".encode()
+
+    def valid_prefix(self, tokens: list[int]) -> int:
+        rest = self.script[len(self.taken):]
+        return next((i for i, t in enumerate(tokens) if i >= len(rest) or rest[i] != t),
+                    len(tokens))
+
+    def bitmasks_along(self, tokens: list[int]) -> bytes:
+        n = len(self.taken)
+        return b"".join(f"m{n + i:03d}".encode() for i in range(len(tokens) + 1))
 
     def accept(self, token: int) -> bool:
         ok = len(self.taken) < len(self.script) and token == self.script[len(self.taken)]
@@ -59,7 +68,7 @@ def test_each_step_carries_the_mask_and_the_grammar_gets_every_token() -> None:
         out = s.schedule()
         masks.append(out.seqs[0].allowed_token_bitmask)
         s.update(out, RunnerOutput(sampled={"a": token}))
-    assert masks == [b"mask0", b"mask1", b"mask2"]
+    assert masks == [b"m000", b"m001", b"m002"]
     assert a.output_token_ids == [7, 8, 9] and a.status == RequestStatus.FINISHED_STOPPED
     assert s.kv.num_free_blocks == s.kv.num_blocks
 
@@ -81,19 +90,22 @@ def test_eos_and_max_tokens_still_end_a_constrained_request() -> None:
     assert a.status == RequestStatus.FINISHED_STOPPED and a.grammar.taken == []
 
 
-def test_unconstrained_requests_carry_no_mask_and_constrained_ones_no_drafts() -> None:
+def test_drafts_are_cut_to_what_the_grammar_takes_with_a_mask_per_position() -> None:
     spec = NgramProposer(SpeculativeConfig(num_speculative_tokens=3, prompt_lookup_min=2,
                                            prompt_lookup_max=2))
     s = scheduler(spec)
-    a = constrained("a", [3, 1, 2, 3, 1])
+    a = constrained("a", [3, 1, 2, 9])
     b = Request("b", [1, 2, 3, 1, 2, 3, 1, 2], SamplingParams(max_tokens=8), eos_token_ids=(0,))
     s.add_request(a)
     s.add_request(b)
     s.update(s.schedule(), RunnerOutput(sampled={"a": 3, "b": 3}))
-    out = s.schedule()                 # both decode; the prompt repeats, so b drafts
+    out = s.schedule()      # both propose 1, 2, 3 (after "2, 3" came "1, 2, 3")
     seqs = {q.req_id: q for q in out.seqs}
-    assert seqs["a"].draft_token_ids == () and seqs["a"].allowed_token_bitmask == b"mask1"
-    assert seqs["b"].draft_token_ids and seqs["b"].allowed_token_bitmask is None
+    assert seqs["b"].draft_token_ids == [1, 2, 3] and seqs["b"].allowed_token_bitmask is None
+    assert seqs["a"].draft_token_ids == [1, 2]           # the grammar wants 9 after 1, 2
+    assert seqs["a"].allowed_token_bitmask == b"m001m002m003"
+    s.update(out, RunnerOutput(sampled={"a": 9, "b": 5}, num_accepted={"a": 2, "b": 0}))
+    assert a.output_token_ids == [3, 1, 2, 9] and a.status == RequestStatus.FINISHED_STOPPED
     assert a.needs_output_history and not b.needs_output_history
 
 
