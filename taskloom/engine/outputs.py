@@ -59,6 +59,7 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq]
     finished_req_ids: list[str]   # gone since the last step: the runner drops their state
     num_scheduled_tokens: int
+    has_bitmasks: bool = False    # some sequence carries a structured output's masks
 
     @property
     def is_empty(self) -> bool:

@@ -243,6 +243,7 @@ class Scheduler:
                       drafts: dict[str, list[int]]) -> SchedulerOutput:
         new_requests, seqs = [], []
         seen, tables = self._seen_by_runner, self.kv.block_tables
+        has_bitmasks = False
         for req, num_new in scheduled:
             rid = req.request_id
             if rid not in seen:
@@ -271,11 +272,12 @@ class Scheduler:
             mask = None
             if sample and req.grammar is not None:    # one a position with drafts
                 mask = req.grammar.bitmasks_along(draft) if draft else req.grammar.bitmask()
+                has_bitmasks = True
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
                                      num_prompt, draft, mask))
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(new_requests, seqs, finished,
-                               self.config.max_num_batched_tokens - budget)
+                               self.config.max_num_batched_tokens - budget, has_bitmasks)
 
     # ----- results ---------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
@@ -381,7 +383,7 @@ class Scheduler:
         seqs = [q for q in sched.seqs if q.req_id not in req_ids]
         return SchedulerOutput([n for n in sched.new_requests if n.req_id not in req_ids],
                                seqs, sched.finished_req_ids,
-                               sum(len(q.token_ids) for q in seqs))
+                               sum(len(q.token_ids) for q in seqs), sched.has_bitmasks)
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """Finish (stop string, abort) requests wherever they are; unknown ids are ignored."""

@@ -83,6 +83,7 @@ class _Batch:
     # (flat index, row of the previous step's sampled tokens) of each placeholder input
     placeholders: list[tuple[int, int]]
     max_query_len: int
+    has_bitmasks: bool = False    # structured outputs: some sampled row has a mask
 
     @property
     def query_lens(self) -> list[int]:
@@ -289,6 +290,7 @@ class ModelRunner:
             return PendingStep()
         t0 = time.perf_counter()
         batch = self._prepare(sched.seqs)
+        batch.has_bitmasks = sched.has_bitmasks
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(batch)                            # [num_tokens, hidden]
         cuda = self.device.type == "cuda"
@@ -451,7 +453,7 @@ class ModelRunner:
         rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         seqs = batch.sample_seqs
-        masked = _row_bitmasks(seqs)
+        masked = _row_bitmasks(seqs) if batch.has_bitmasks else None
         if masked:      # structured outputs: only the tokens their grammars allow
             apply_token_bitmask(logits, *zip(*masked))
         req_ids = [s.req_id for s in seqs]

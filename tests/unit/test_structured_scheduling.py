@@ -66,6 +66,7 @@ def test_each_step_carries_the_mask_and_the_grammar_gets_every_token() -> None:
     masks = []
     for token in (7, 8, 9):
         out = s.schedule()
+        assert out.has_bitmasks
         masks.append(out.seqs[0].allowed_token_bitmask)
         s.update(out, RunnerOutput(sampled={"a": token}))
     assert masks == [b"m000", b"m001", b"m002"]

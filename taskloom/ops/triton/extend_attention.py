@@ -20,7 +20,7 @@ from taskloom.ops.triton.paged_kv import (
     TileConfig,
     check_paged_inputs,
     dot_precision,
-    kv_token_offsets,
+    load_kv_tile,
     online_softmax_step,
 )
 
@@ -36,15 +36,11 @@ def _extend_tiles(q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, q_pos, kv_head
                   DOT_PRECISION: tl.constexpr):
     """Fold keys [lo, hi) into the rows' online softmax, each row (query position q_pos)
     seeing the keys up to itself, within its window (WINDOW > 0) or among the sinks."""
-    d = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         idx = n0 + tl.arange(0, BLOCK_N)
         valid = idx < hi                                                  # [BLOCK_N]
-        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_kb, stride_kt,
-                                stride_kh, BLOCK_SIZE)
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, idx, valid, kv_head,
+                            stride_kb, stride_kt, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_D)
         visible = valid[None, :] & (idx[None, :] <= q_pos[:, None])       # [BLOCK_M, BLOCK_N]
         if WINDOW > 0:
             visible = visible & ((idx[None, :] > q_pos[:, None] - WINDOW)

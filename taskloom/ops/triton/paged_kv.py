@@ -51,6 +51,21 @@ def kv_token_offsets(table_ptr, idx, valid, kv_head, stride_block, stride_token,
 
 
 @triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, idx, valid, kv_head, stride_block,
+                 stride_token, stride_head, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+    """Keys and values [BLOCK_N, BLOCK_D] of one sequence's tokens `idx` (those not `valid`
+    are not read, and load as 0) for kv head `kv_head`."""
+    d = tl.arange(0, BLOCK_D)
+    offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_block, stride_token,
+                            stride_head, BLOCK_SIZE)
+    kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
+    k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    return k, v
+
+
+@triton.jit
 def online_softmax_step(q, k, v, visible, m, l, acc, qk_scale,
                         DOT_PRECISION: tl.constexpr):
     """Fold one tile of keys/values into the running max `m`, sum `l` and output `acc`.
@@ -77,15 +92,12 @@ def fold_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, start, end, kv_head, 
     """Fold the keys and values at positions [start, end) of the sequence whose block-table
     row `table_ptr` points at into the online softmax (m, l, acc) of queries `q` [M, BLOCK_D]
     (all of kv head `kv_head`); positions outside the range are never read."""
-    d = tl.arange(0, BLOCK_D)
     for n0 in range(start, end, BLOCK_N):
         idx = n0 + tl.arange(0, BLOCK_N)
         valid = idx < end                                                 # [BLOCK_N]
-        offs = kv_token_offsets(table_ptr, idx, valid, kv_head, stride_block, stride_token,
-                                stride_head, BLOCK_SIZE)
-        kv_mask = valid[:, None] & (d < HEAD_DIM)[None, :]
-        k = tl.load(k_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + offs[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, idx, valid, kv_head,
+                            stride_block, stride_token, stride_head, HEAD_DIM, BLOCK_SIZE,
+                            BLOCK_D)
         m, l, acc = online_softmax_step(q, k, v, valid[None, :], m, l, acc, qk_scale,
                                         DOT_PRECISION)
     return m, l, acc
