@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -154,17 +155,19 @@ class LLM:
     def chat(self, messages: Conversation | Sequence[Conversation],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             lora: Adapter | Sequence[Adapter] = None) -> list[RequestOutput]:
-        """Answer one conversation or a list of them, rendered with the model's chat template."""
+             lora: Adapter | Sequence[Adapter] = None,
+             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+        """Answer one conversation or a list of them, rendered with the model's chat template
+        (which shows the model `tools`, OpenAI-style function definitions, if given)."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        encoded = [self.encode_chat(c, add_generation_prompt) for c in convs]
+        encoded = [self.encode_chat(c, add_generation_prompt, tools) for c in convs]
         return self._run(encoded, [None] * len(convs), sampling_params, use_tqdm, lora)
 
-    def encode_chat(self, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: Conversation, add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of a conversation rendered with the chat template (the template itself
         places BOS where the model wants it, so no special tokens are added)."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt, tools)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                lora: Adapter = None) -> Iterator[RequestOutput]:

@@ -21,6 +21,7 @@ from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, S
                                      make_params)
 from taskloom.server.streaming import (Encoded, Envelope, collect, completion_tokens,
                                       sse_response, usage)
+from taskloom.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
@@ -48,10 +49,11 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{param} must be >= 1, got {max_tokens}", param)
+    plan = plan_tools(body)
     params = make_params(body.sampling_params, max_tokens=max_tokens,
-                         logprobs=body.num_logprobs)
+                         logprobs=body.num_logprobs, tool_constraint=plan.structured)
     try:
-        ids = ctx.tokenizer_or_error().encode_chat(body.conversation())
+        ids = ctx.tokenizer_or_error().encode_chat(body.conversation(), tools=plan.tools)
     except (TemplateError, ValueError) as e:
         raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
     ctx.check_length(len(ids), max_tokens, "messages")
@@ -61,9 +63,10 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
 def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompletionRequest,
               out: RequestOutput) -> dict[str, Any]:
     """The JSON body of a whole (non-streamed) chat completion from its finished output."""
+    plan = plan_tools(body)
     choices = [{
         "index": c.index,
-        "message": {"role": "assistant", "content": c.text},
+        "message": _message(plan, c.text),
         "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
         if body.logprobs else None,
         "finish_reason": c.finish_reason,
@@ -81,9 +84,10 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
     envelope = Envelope({"id": job.id, "object": "chat.completion.chunk",
                          "created": job.created, "model": job.ctx.response_model(body.model)},
                         body.include_usage)
+    plan = plan_tools(body)
+    calls = _StreamedCalls(plan, body.n)
     for index in range(body.n):
-        first = envelope.chunk([_choice(index, {"role": "assistant", "content": ""}, None,
-                                        None)])
+        first = envelope.chunk([_choice(index, calls.opening(), None, None)])
         if body.return_token_ids:
             first["prompt_token_ids"] = job.prompt_token_ids[0]
         yield first
@@ -94,14 +98,55 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
                 lp = chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
             if c.text or c.finish_reason or (lp and lp["content"]) or (
                     body.return_token_ids and c.token_ids):
-                choice = _choice(c.index, {"content": c.text} if c.text else {}, lp,
-                                 c.finish_reason)
+                delta = calls.delta(c.index, c.text, c.finish_reason is not None) \
+                    if plan.calls_tools else ({"content": c.text} if c.text else {})
+                if not (delta or c.finish_reason or (lp and lp["content"])
+                        or body.return_token_ids):
+                    continue        # "required" calls held back until their JSON closes
+                choice = _choice(c.index, delta, lp, c.finish_reason)
                 if body.return_token_ids:
                     choice["token_ids"] = c.token_ids
                 yield envelope.encode([choice])
     if body.include_usage:
         yield {**envelope.chunk([]),
                "usage": usage(job.num_prompt_tokens, job.num_output_tokens)}
+
+
+class _StreamedCalls:
+    """The deltas of streamed tool calls: a named function's call opens in the first chunk
+    and its arguments follow as the completion's text arrives; "required" calls (a JSON list
+    until it closes) come whole when the completion ends."""
+
+    def __init__(self, plan: ToolPlan, n: int) -> None:
+        self.plan = plan
+        self.buffers = [""] * n
+
+    def opening(self) -> dict[str, Any]:
+        if self.plan.named is not None:
+            return {"role": "assistant", "content": None, "tool_calls": [{
+                "index": 0, "id": new_call_id(), "type": "function",
+                "function": {"name": self.plan.named, "arguments": ""}}]}
+        return {"role": "assistant", "content": None if self.plan.required else ""}
+
+    def delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
+        if self.plan.named is not None:
+            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} \
+                if text else {}
+        self.buffers[index] += text
+        if not finished:
+            return {}
+        calls = tool_calls(self.plan, self.buffers[index])
+        if calls is None:          # cut short before its JSON closed: the text as it is
+            return {"content": self.buffers[index]}
+        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+
+
+def _message(plan: ToolPlan, text: str) -> dict[str, Any]:
+    """A whole completion's message: its tool calls, where it makes some, else its text."""
+    calls = tool_calls(plan, text) if plan.calls_tools else None
+    if calls is None:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": None, "tool_calls": calls}
 
 
 def _choice(index: int, delta: dict, logprobs: dict | None, finish: str | None

@@ -14,6 +14,7 @@ rules live in one place. Unknown fields are ignored, as OpenAI-compatible server
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -140,8 +141,17 @@ class _SamplingFields(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        prompt_logprobs: int | None = None) -> SamplingParams:
-        """SamplingParams for one prompt; raises ValueError naming a bad value."""
+                        prompt_logprobs: int | None = None,
+                        tool_constraint: StructuredOutputs | None = None) -> SamplingParams:
+        """SamplingParams for one prompt; raises ValueError naming a bad value.
+        `tool_constraint` is what a chat's tool_choice holds the output to."""
+        structured = self.structured()
+        if tool_constraint is not None:
+            if structured is not None:
+                raise InvalidParameter("tool_choice", "tool_choice \"required\" or a named "
+                                       "function cannot be combined with another structured "
+                                       "output (response_format, structured_outputs, guided_*)")
+            structured = tool_constraint
         return SamplingParams(
             n=self.n, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0,
@@ -150,7 +160,7 @@ class _SamplingFields(_Body):
             seed=self.seed, max_tokens=max_tokens, min_tokens=self.min_tokens,
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             ignore_eos=self.ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            structured_outputs=self.structured())
+            structured_outputs=structured)
 
 
 class CompletionRequest(_SamplingFields):
@@ -176,10 +186,34 @@ class TextPart(_Body):
     text: StrictStr
 
 
+class FunctionCall(_Body):
+    name: StrictStr
+    arguments: StrictStr
+
+
+class ToolCall(_Body):
+    """A call the assistant made, in a conversation sent back with its result."""
+
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def for_template(self) -> dict[str, Any]:
+        """As chat templates expect it: arguments as an object where they parse as one."""
+        try:
+            arguments: Any = json.loads(self.function.arguments)
+        except json.JSONDecodeError:
+            arguments = self.function.arguments
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": arguments}}
+
+
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -187,6 +221,37 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as the chat template reads it (developer is OpenAI's new system)."""
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text()}
+        if self.tool_calls:     # content "" rather than null: templates read it as text
+            message["tool_calls"] = [c.for_template() for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    strict: StrictBool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(_Body):
+    name: StrictStr
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -197,11 +262,13 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
-    def conversation(self) -> list[dict[str, str]]:
-        """Messages as the chat template expects them (developer is OpenAI's new system)."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in self.messages]
+    def conversation(self) -> list[dict[str, Any]]:
+        """Messages as the chat template expects them."""
+        return [m.for_template() for m in self.messages]
 
     @property
     def max_output_tokens(self) -> int | None:

@@ -220,10 +220,12 @@ class Tokenizer:
                                      tools=tools, documents=documents)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
-                    add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a rendered conversation. The template writes any BOS itself, so none
-        is added (as transformers' `apply_chat_template(tokenize=True)`)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt),
+                    add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of a rendered conversation (with `tools` shown to the model, if given).
+        The template writes any BOS itself, so none is added (as transformers'
+        `apply_chat_template(tokenize=True)`)."""
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools),
                            add_special_tokens=False)
 
 
