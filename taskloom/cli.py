@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from taskloom.sampling_params import SamplingParams
+from taskloom.server.tool_parsers import TOOL_CALL_PARSERS
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -211,7 +212,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     name = a.served_model_name or default_model_name(a)
     config = uvicorn_config(llm.engine, name, a.host, a.port, a.api_key, a.max_queue,
                             a.shutdown_timeout,
-                            loras=llm.loras if llm.config.lora.enabled else None)
+                            loras=llm.loras if llm.config.lora.enabled else None,
+                            tool_call_parser=a.tool_call_parser)
     url = f"http://{a.host}:{a.port}"
     print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
           f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)
@@ -232,6 +234,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="the model name clients send (default: the model's file name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                   help='find the tool calls the model writes in its own format, for '
+                        'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3)')
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

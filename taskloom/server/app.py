@@ -27,18 +27,22 @@ from taskloom.server.metrics import ServerMetrics
 from taskloom.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                      LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 from taskloom.server.serving import ServingContext
+from taskloom.server.tool_parsers import tool_call_parser_named
 
 
 def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
-              max_queue: int | None = None, loras: LoRARegistry | None = None) -> FastAPI:
+              max_queue: int | None = None, loras: LoRARegistry | None = None,
+              tool_call_parser: str | None = None) -> FastAPI:
     """An app serving `core` under `model_name`. `api_key` guards /v1/*; `max_queue` bounds
     the sequences waiting for admission (429 beyond it); `loras` names the adapters requests
-    may pick by `model` (None: the engine serves no adapters)."""
+    may pick by `model` (None: the engine serves no adapters); `tool_call_parser` (a name in
+    TOOL_CALL_PARSERS) finds the calls the model writes for tool_choice "auto"."""
     client = AsyncEngineClient(core)
     ctx = ServingContext(tokenizer=core.tokenizer, model_name=model_name,
                          max_model_len=core.scheduler.max_model_len, vocab_size=core.vocab_size,
                          client=client, metrics=ServerMetrics(client, model_name),
-                         max_queue=max_queue, loras=loras)
+                         max_queue=max_queue, loras=loras,
+                         tool_call_parser=tool_call_parser_named(tool_call_parser))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -49,7 +49,7 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"{param} must be >= 1, got {max_tokens}", param)
-    plan = plan_tools(body)
+    plan = plan_tools(body, ctx.tool_call_parser)
     params = make_params(body.sampling_params, max_tokens=max_tokens,
                          logprobs=body.num_logprobs, tool_constraint=plan.structured)
     try:
@@ -63,14 +63,16 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
 def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompletionRequest,
               out: RequestOutput) -> dict[str, Any]:
     """The JSON body of a whole (non-streamed) chat completion from its finished output."""
-    plan = plan_tools(body)
-    choices = [{
-        "index": c.index,
-        "message": _message(plan, c.text),
-        "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
-        if body.logprobs else None,
-        "finish_reason": c.finish_reason,
-        **({"token_ids": c.token_ids} if body.return_token_ids else {})} for c in out.outputs]
+    plan = plan_tools(body, ctx.tool_call_parser)
+    choices = []
+    for c in out.outputs:
+        message, finish = _message(plan, c.text, c.finish_reason)
+        choices.append({
+            "index": c.index, "message": message,
+            "logprobs": chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
+            if body.logprobs else None,
+            "finish_reason": finish,
+            **({"token_ids": c.token_ids} if body.return_token_ids else {})})
     response = {"id": response_id, "object": "chat.completion", "created": created,
                 "model": ctx.response_model(body.model), "choices": choices,
                 "usage": usage(len(out.prompt_token_ids), completion_tokens([out]))}
@@ -84,7 +86,7 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
     envelope = Envelope({"id": job.id, "object": "chat.completion.chunk",
                          "created": job.created, "model": job.ctx.response_model(body.model)},
                         body.include_usage)
-    plan = plan_tools(body)
+    plan = plan_tools(body, job.ctx.tool_call_parser)
     calls = _StreamedCalls(plan, body.n)
     for index in range(body.n):
         first = envelope.chunk([_choice(index, calls.opening(), None, None)])
@@ -98,12 +100,14 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
                 lp = chat_logprobs(c.logprobs, c.token_ids, body.num_logprobs or 0)
             if c.text or c.finish_reason or (lp and lp["content"]) or (
                     body.return_token_ids and c.token_ids):
-                delta = calls.delta(c.index, c.text, c.finish_reason is not None) \
-                    if plan.calls_tools else ({"content": c.text} if c.text else {})
-                if not (delta or c.finish_reason or (lp and lp["content"])
-                        or body.return_token_ids):
-                    continue        # "required" calls held back until their JSON closes
-                choice = _choice(c.index, delta, lp, c.finish_reason)
+                finish = c.finish_reason
+                if plan.calls_tools:
+                    delta, finish = calls.delta(c.index, c.text, finish)
+                else:
+                    delta = {"content": c.text} if c.text else {}
+                if not (delta or finish or (lp and lp["content"]) or body.return_token_ids):
+                    continue        # held back: calls not closed yet, or maybe a call's tag
+                choice = _choice(c.index, delta, lp, finish)
                 if body.return_token_ids:
                     choice["token_ids"] = c.token_ids
                 yield envelope.encode([choice])
@@ -113,13 +117,15 @@ async def _chunks(job: EngineJob, body: ChatCompletionRequest
 
 
 class _StreamedCalls:
-    """The deltas of streamed tool calls: a named function's call opens in the first chunk
+    """The deltas of streamed tool calls. A named function's call opens in the first chunk
     and its arguments follow as the completion's text arrives; "required" calls (a JSON list
-    until it closes) come whole when the completion ends."""
+    until it closes) come whole when the completion ends; with "auto", the text streams up
+    to where a call's opening tag may start, and the calls come whole at the end."""
 
     def __init__(self, plan: ToolPlan, n: int) -> None:
         self.plan = plan
         self.buffers = [""] * n
+        self.sent = [0] * n     # "auto": the characters of text already streamed
 
     def opening(self) -> dict[str, Any]:
         if self.plan.named is not None:
@@ -128,25 +134,46 @@ class _StreamedCalls:
                 "function": {"name": self.plan.named, "arguments": ""}}]}
         return {"role": "assistant", "content": None if self.plan.required else ""}
 
-    def delta(self, index: int, text: str, finished: bool) -> dict[str, Any]:
-        if self.plan.named is not None:
-            return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} \
-                if text else {}
+    def delta(self, index: int, text: str, finish: str | None
+              ) -> tuple[dict[str, Any], str | None]:
+        """A choice's delta for its new text, and its finish reason."""
+        plan = self.plan
+        if plan.named is not None:
+            args = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+            return (args if text else {}), finish
         self.buffers[index] += text
-        if not finished:
-            return {}
-        calls = tool_calls(self.plan, self.buffers[index])
-        if calls is None:          # cut short before its JSON closed: the text as it is
-            return {"content": self.buffers[index]}
-        return {"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}
+        buffer = self.buffers[index]
+        if finish is None:
+            if plan.parser is None:
+                return {}, None
+            safe = plan.parser.safe_prefix(buffer)
+            delta = {"content": buffer[self.sent[index]:safe]} if safe > self.sent[index] \
+                else {}
+            self.sent[index] = max(self.sent[index], safe)
+            return delta, None
+        content, calls = tool_calls(plan, buffer)
+        if calls is None:       # no calls, or cut short before they closed: the text
+            rest = buffer[self.sent[index]:]
+            return ({"content": rest} if rest else {}), finish
+        delta: dict[str, Any] = {"tool_calls": [{"index": i, **call}
+                                                for i, call in enumerate(calls)]}
+        if plan.parser is None:
+            return delta, finish
+        before = buffer[self.sent[index]:plan.parser.safe_prefix(buffer)]
+        if before:      # the text before the calls that no chunk has carried yet
+            delta["content"] = before
+        return delta, "tool_calls"
 
 
-def _message(plan: ToolPlan, text: str) -> dict[str, Any]:
-    """A whole completion's message: its tool calls, where it makes some, else its text."""
-    calls = tool_calls(plan, text) if plan.calls_tools else None
+def _message(plan: ToolPlan, text: str, finish: str | None
+             ) -> tuple[dict[str, Any], str | None]:
+    """A whole completion's message (its tool calls, where it makes some, else its text)
+    and finish reason ("tool_calls" where the model chose to call: "auto")."""
+    content, calls = tool_calls(plan, text) if plan.calls_tools else (text, None)
     if calls is None:
-        return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": None, "tool_calls": calls}
+        return {"role": "assistant", "content": text}, finish
+    return ({"role": "assistant", "content": content, "tool_calls": calls},
+            "tool_calls" if plan.parser is not None else finish)
 
 
 def _choice(index: int, delta: dict, logprobs: dict | None, finish: str | None

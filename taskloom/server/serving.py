@@ -26,6 +26,7 @@ from taskloom.sampling_params import InvalidParameter, SamplingParams
 from taskloom.server.errors import APIError, bad_request
 from taskloom.server.metrics import RequestTimer, ServerMetrics
 from taskloom.server.protocol import MergedAdapters
+from taskloom.server.tool_parsers import ToolCallParser
 from taskloom.tokenizer.tokenizer import Tokenizer
 
 
@@ -40,6 +41,8 @@ class ModelContext:
     max_model_len: int
     vocab_size: int
     loras: LoRARegistry | None = field(default=None, kw_only=True)  # None: no LoRA support
+    # finds the calls a model writes for tool_choice "auto" (None: "auto" is refused)
+    tool_call_parser: ToolCallParser | None = field(default=None, kw_only=True)
 
     def check_length(self, num_prompt_tokens: int, max_tokens: int | None, param: str) -> None:
         """Reject what the model's context cannot hold, with the token counts."""

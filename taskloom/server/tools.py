@@ -8,12 +8,14 @@ format. `tool_choice` then decides what the completion is:
 - "required": the completion is held to a JSON array of one or more
   `{"name": <a tool>, "parameters": <its arguments>}` (one only without
   `parallel_tool_calls`), and comes back as those tool calls;
-- "none": the model answers in text; "auto", OpenAI's default when tools are given, needs a
-  parser of the model's own tool-call format, which taskloom does not have: it is refused
-  with a 400 that says what to send instead (as vLLM refuses it without a tool-call parser).
+- "auto", OpenAI's default when tools are given: the model decides, writing any calls in
+  its own format, which a parser of that format (`--tool-call-parser`,
+  taskloom.server.tool_parsers) finds; a completion with calls has finish_reason
+  "tool_calls". Without a parser, "auto" is refused with a 400 that says what to send
+  instead (as vLLM refuses it without one);
+- "none": the model answers in text.
 
-This is what vLLM does for named and required tool choice; a finished call has
-finish_reason "stop", as there.
+This is what vLLM does; a named or required call has finish_reason "stop", as there.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any
 from taskloom.sampling_params import StructuredOutputs
 from taskloom.server.errors import bad_request
 from taskloom.server.protocol import ChatCompletionRequest, NamedToolChoice
+from taskloom.server.tool_parsers import ToolCallParser
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -37,14 +40,16 @@ class ToolPlan:
     structured: StructuredOutputs | None    # the constraint on the completion
     named: str | None = None                # the function every completion calls
     required: bool = False                  # the completion is a list of calls
+    parser: ToolCallParser | None = None    # "auto": finds the calls in the text
 
     @property
     def calls_tools(self) -> bool:
-        return self.named is not None or self.required
+        return self.named is not None or self.required or self.parser is not None
 
 
-def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
-    """The body's tool plan; a 400 APIError for a choice that cannot be served."""
+def plan_tools(body: ChatCompletionRequest, parser: ToolCallParser | None = None) -> ToolPlan:
+    """The body's tool plan (`parser`: the server's, for "auto"); a 400 APIError for a
+    choice that cannot be served."""
     tools = body.tools or []
     choice = body.tool_choice
     if not tools:
@@ -54,6 +59,8 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     rendered = [t.model_dump(exclude_none=True) for t in tools]
     if choice == "none":
         return ToolPlan(rendered, None)
+    if (choice is None or choice == "auto") and parser is not None:
+        return ToolPlan(rendered, None, parser=parser)
     if choice is None or choice == "auto":
         raise bad_request('tool_choice "auto" (the default with tools) needs a parser of the '
                           "model's own tool-call format, which taskloom does not have: send "
@@ -74,9 +81,20 @@ def plan_tools(body: ChatCompletionRequest) -> ToolPlan:
     return ToolPlan(rendered, StructuredOutputs(json=calls), required=True)
 
 
-def tool_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
-    """The OpenAI tool calls a finished completion makes (None: it makes none, or it was cut
-    short before its JSON closed, and stays text)."""
+def tool_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
+    """A finished completion's text and the OpenAI tool calls it makes: (its text, None)
+    where it makes none, or was cut short before its JSON closed; (None, calls) for named
+    and required calls; ("auto") the text written before the calls, and the calls."""
+    if plan.parser is not None:
+        parsed = plan.parser.parse(text)
+        if not parsed.calls:
+            return text, None
+        return parsed.content, [_call(name, args) for name, args in parsed.calls]
+    calls = _forced_calls(plan, text)
+    return (text, None) if calls is None else (None, calls)
+
+
+def _forced_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     if plan.named is not None:
         try:
             json.loads(text)

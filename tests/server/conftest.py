@@ -18,7 +18,8 @@ def start_server(llm: LLM, **kwargs: object) -> ServerThread:
     config = uvicorn_config(llm.engine, MODEL, "127.0.0.1", free_port(),
                             kwargs.get("api_key"), kwargs.get("max_queue"),  # type: ignore[arg-type]
                             shutdown_grace=5, log_level="warning",
-                            loras=kwargs.get("loras"))  # type: ignore[arg-type]
+                            loras=kwargs.get("loras"),  # type: ignore[arg-type]
+                            tool_call_parser=kwargs.get("tool_call_parser"))  # type: ignore[arg-type]
     return ServerThread(config).start()
 
 

@@ -2,17 +2,19 @@
 "required" hold the completion to the calls' JSON and come back as tool_calls, whole and
 streamed, equal to what the engine gives for the same constraint on the same prompt (the
 tools rendered by the chat template); a conversation carrying calls and their results is
-taken; "auto" and other unservable choices are 400s naming tool_choice."""
+taken; "auto" finds the calls with the hermes parser, and without a parser it and other
+unservable choices are 400s naming tool_choice."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import openai
 import pytest
 
 from taskloom import LLM
 from taskloom.sampling_params import SamplingParams, StructuredOutputs
-from tests.server.conftest import MODEL
+from tests.server.conftest import MODEL, start_server, wait_idle
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 20},
@@ -95,3 +97,40 @@ def test_unservable_tool_choices_are_400s(client: openai.OpenAI, extra: dict,
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4,
                                        extra_body=extra)
     assert e.value.body["param"] == "tool_choice" and message in e.value.body["message"]
+
+
+# The model writes this when a regex holds it to the format (the embedded model has no tool
+# training): the hermes parser must find the call after the text, whole and streamed.
+HERMES_TEXT = (r'Let me check\.\n<tool_call>\n\{"name": "get_weather", "arguments": '
+               r'\{"city": "Paris", "unit": "C"\}\}\n</tool_call>')
+
+
+@pytest.fixture(scope="module")
+def hermes_client() -> Iterator[openai.OpenAI]:
+    llm = LLM(max_num_seqs=4, kv_cache_memory_gb=0.1)
+    st = start_server(llm, tool_call_parser="hermes")
+    yield openai.OpenAI(base_url=st.base_url + "/v1", api_key="unused", max_retries=0,
+                        timeout=120)
+    st.stop()
+    wait_idle(llm)
+
+
+def test_auto_with_the_hermes_parser_finds_the_calls(hermes_client: openai.OpenAI) -> None:
+    kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "temperature": 0,
+          "max_tokens": 64, "extra_body": {"guided_regex": HERMES_TEXT}}
+    r = hermes_client.chat.completions.create(**kw)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check."
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris", "unit": "C"}
+    chunks = [c.choices[0] for c in hermes_client.chat.completions.create(**kw, stream=True)
+              if c.choices]
+    text = "".join(c.delta.content or "" for c in chunks)
+    calls = [t for c in chunks for t in c.delta.tool_calls or []]
+    assert text == "Let me check.\n" and chunks[-1].finish_reason == "tool_calls"
+    assert [(t.function.name, t.function.arguments) for t in calls] == \
+        [("get_weather", call.function.arguments)]
+    plain = hermes_client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                                  temperature=0, max_tokens=12)
+    assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
