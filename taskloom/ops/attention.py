@@ -149,11 +149,11 @@ def _window_ranges(meta: AttentionMetadata, seqs: list[int]) -> tuple[list[int],
 
 def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
                  device: torch.device, dtype: torch.dtype) -> _SharedPrefix:
+    if meta.window is not None:
+        raise ValueError("shared-prefix attention does not run with a sliding window")
     bs = meta.block_size
     first = meta.block_tables[seqs[0], :num_blocks].long()             # [p / bs]
     prefix = (first[:, None] * bs + torch.arange(bs, device=device)).flatten()  # [p]
-    if meta.window is not None:
-        raise ValueError("shared-prefix attention does not run with a sliding window")
     rows, slots, mask = _context_slots(meta, seqs, [0] * len(seqs), [num_blocks * bs] * len(seqs),
                                        device, dtype)
     return _SharedPrefix(rows, prefix, slots, mask)

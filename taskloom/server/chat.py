@@ -146,7 +146,7 @@ class _StreamedCalls:
         if finish is None:
             if plan.parser is None:
                 return {}, None
-            safe = plan.parser.safe_prefix(buffer)
+            safe = plan.parser.safe_prefix(buffer, self.sent[index])
             delta = {"content": buffer[self.sent[index]:safe]} if safe > self.sent[index] \
                 else {}
             self.sent[index] = max(self.sent[index], safe)
@@ -159,7 +159,7 @@ class _StreamedCalls:
                                                 for i, call in enumerate(calls)]}
         if plan.parser is None:
             return delta, finish
-        before = buffer[self.sent[index]:plan.parser.safe_prefix(buffer)]
+        before = buffer[self.sent[index]:plan.parser.safe_prefix(buffer, self.sent[index])]
         if before:      # the text before the calls that no chunk has carried yet
             delta["content"] = before
         return delta, "tool_calls"

@@ -54,11 +54,12 @@ class ToolCallParser:
     opening_tag: str
     parse: Callable[[str], ParsedCalls]
 
-    def safe_prefix(self, text: str) -> int:
+    def safe_prefix(self, text: str, known: int = 0) -> int:
         """How much of a partial completion is text for sure: all of it before a call's
         opening tag, less any tail that could be the start of one (held back while
-        streaming)."""
-        start = text.find(self.opening_tag)
+        streaming). `known`: a length already found safe, so no tag starts before it (a
+        stream's search then reads only the new text)."""
+        start = text.find(self.opening_tag, known)
         if start >= 0:
             return start
         for n in range(min(len(self.opening_tag) - 1, len(text)), 0, -1):

@@ -33,6 +33,7 @@ def test_streaming_holds_back_a_possible_tag() -> None:
     assert HERMES.safe_prefix("Hello <tool") == 6          # "<tool" may open a call
     assert HERMES.safe_prefix("Hello <toolbox") == 14
     assert HERMES.safe_prefix("Hi <tool_call>{") == 3
+    assert HERMES.safe_prefix("Hi <tool_call>{", 3) == 3     # searched from what was safe
     assert tool_call_parser_named(None) is None
     with pytest.raises(ValueError, match="unknown tool-call parser 'x'; expected one of hermes"):
         tool_call_parser_named("x")
