@@ -1,15 +1,38 @@
 """One shared, cached `gguf.GGUFReader` per file.
 
-Opening a GGUF file parses every metadata field up front (for a 49k-token vocabulary that is
-seconds of Python), and both the weight loader and the tokenizer need the same file: they
-open it through `open_gguf`, which parses it once per process. Torch-free.
+Opening a GGUF file parses every metadata field up front, and both the weight loader and the
+tokenizer need the same file: they open it through `open_gguf`, which parses it once per
+process. Torch-free.
+
+The reader slices its `np.memmap` once per value, twice per string: for a 49k-token vocabulary
+and its merges that is 200k slices, and each slice of a memmap pays numpy's memmap
+bookkeeping (`__array_finalize__`, `__getitem__`), 5 s of the embedded model's 6 s start on
+2 cores. `_Reader` slices a plain ndarray view of the same mapping instead: the same bytes,
+the same zero-copy arrays (tensor data still points into the file), a third of the time.
 """
 from __future__ import annotations
 
 import functools
 import os
+from typing import Any
 
+import numpy as np
 from gguf import GGUFReader
+
+
+class _Reader(GGUFReader):
+    """GGUFReader whose values are sliced from a plain-ndarray view of its memmap."""
+
+    def _get(self, offset: int, dtype: Any, count: int = 1,
+             override_order: str | None = None) -> np.ndarray:
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        dt = np.dtype(dtype)
+        count = int(count)
+        arr = plain[offset:offset + dt.itemsize * count].view(dt)[:count]
+        return arr.view(dt.newbyteorder(self.byte_order if override_order is None
+                                        else override_order))
 
 
 def open_gguf(path: str) -> GGUFReader:
@@ -28,4 +51,4 @@ def open_gguf(path: str) -> GGUFReader:
 
 @functools.lru_cache(maxsize=4)
 def _open(path: str, mtime_ns: int, size: int) -> GGUFReader:
-    return GGUFReader(path)
+    return _Reader(path)
