@@ -1,9 +1,10 @@
-"""The `taskloom` command: generate | chat | serve | batch | bench.
+"""The `taskloom` command: generate | chat | serve | batch | train-medusa | bench.
 
 `generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
 that streams (/reset, /exit); `serve` runs the OpenAI-compatible server with its chat page;
-`batch` answers a file of OpenAI batch requests into an output file, resumably; `bench` runs
-the benchmarks and prints a JSON line last.
+`batch` answers a file of OpenAI batch requests into an output file, resumably;
+`train-medusa` trains Medusa draft heads for the model on its own answers; `bench` runs the
+benchmarks and prints a JSON line last.
 """
 from __future__ import annotations
 
@@ -60,8 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                                      "visible to every query (StreamingLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '
-                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
-                        '(vLLM\'s keys; outputs are unchanged)')
+                        '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', or by '
+                        'Medusa heads, \'{"method": "medusa", "model": DIR, '
+                        '"num_speculative_tokens": 3}\' (vLLM\'s keys; outputs are '
+                        'unchanged)')
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    type=_lora_arg, help="serve the PEFT adapter at PATH as NAME (repeatable)")
@@ -305,6 +308,47 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def cmd_train_medusa(a: argparse.Namespace) -> int:
+    from taskloom.models.medusa_train import MedusaTrainConfig, read_prompts, train_medusa
+    cfg = MedusaTrainConfig(num_heads=a.num_heads, num_layers=a.num_layers,
+                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
+                            batch_tokens=a.batch_tokens, seed=a.seed)
+    llm = make_llm(a)
+    if a.prompts_file:
+        prompts = read_prompts(a.prompts_file, llm)
+    else:
+        from taskloom.bench.spec import topic_conversations
+        prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
+    print(json.dumps(train_medusa(llm, prompts[:a.num_prompts], cfg, a.output)))
+    return 0
+
+
+def add_train_medusa_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train-medusa", help="train Medusa draft heads for a model on its own answers",
+        description="Self-distillation (Medusa-1): the model answers the prompts greedily, "
+                    "and heads learn to guess its next tokens from its last hidden state, the "
+                    "model frozen. The heads (vLLM's Medusa layout, using the model's own lm "
+                    "head) serve as --speculative-config '{\"method\": \"medusa\", "
+                    "\"model\": OUTPUT}'.")
+    p.add_argument("--output", required=True, help="directory to write the heads to")
+    p.add_argument("--prompts-file", default=None, metavar="JSONL",
+                   help='prompts to answer, a {"prompt": ...}, {"messages": [...]} or '
+                        '{"prompt_token_ids": [...]} per line (default: built-in questions '
+                        "on Python's reference topics, the training half)")
+    p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts only")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length per prompt")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--batch-tokens", type=int, default=128,
+                   help="training positions per optimizer step")
+    p.add_argument("--seed", type=int, default=0)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_train_medusa)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taskloom", description=__doc__.split("\n")[0])
     parser.add_argument("--log-level", default="WARNING")
@@ -324,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     add_serve_parser(sub)
     add_batch_parser(sub)
+    add_train_medusa_parser(sub)
     from taskloom.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser

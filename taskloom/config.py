@@ -176,7 +176,7 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
 
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "medusa")
 
 
 @dataclass(frozen=True)
@@ -187,13 +187,16 @@ class SpeculativeConfig:
 
     `method` "ngram" drafts by prompt lookup: the tokens that followed the latest earlier
     occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down to
-    `prompt_lookup_min`. The keys are vLLM's `--speculative-config` keys.
+    `prompt_lookup_min`. "medusa" drafts with the Medusa heads at `model` (a directory; see
+    taskloom.models.medusa), which guess the next tokens from the model's own last hidden
+    state. The keys are vLLM's `--speculative-config` keys.
     """
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -207,6 +210,12 @@ class SpeculativeConfig:
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= "
                              f"prompt_lookup_min ({self.prompt_lookup_min})")
+        if self.method == "medusa" and not self.model:
+            raise ValueError('speculative method "medusa" needs "model": the directory of '
+                             "the Medusa heads")
+        if self.method == "ngram" and self.model is not None:
+            raise ValueError('speculative method "ngram" takes no "model" (prompt lookup '
+                             "drafts from the sequence itself)")
 
 
 @dataclass(frozen=True)

@@ -143,17 +143,21 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "reference documentation, pydoc_data.topics)")
     wi.add_argument("--output-json", default=None, help="also write the result to this file")
     wi.set_defaults(func=_run_window)
-    sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup) against the same "
-                                       "engine without it, on text that repeats its prompt")
+    sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup or Medusa heads) "
+                                       "against the same engine without it")
     add_engine_args(sp)
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     sp.add_argument("--output-len", type=int, default=128,
                     help="new tokens at most per request (requests also end at EOS)")
     sp.add_argument("--temperature", type=float, default=0.0)
     sp.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature)")
+    sp.add_argument("--workload", choices=["code-edit", "topics"], default="code-edit",
+                    help="built-in prompts: code editing of standard-library functions (their "
+                         "answers repeat the prompt), or questions on Python's reference "
+                         "topics, the held-out half of train-medusa's default")
     sp.add_argument("--prompts-file", default=None, metavar="JSONL",
                     help='your own prompts, a {"prompt": ...} or {"messages": [...]} per line '
-                         "(default: built-in code editing of standard-library functions)")
+                         "(instead of --workload)")
     sp.add_argument("--repeats", type=int, default=2,
                     help="alternating runs with and without drafts; each keeps its fastest")
     sp.add_argument("--peer", choices=["hf"], default=None,

@@ -1,5 +1,5 @@
-"""`taskloom bench spec`: speculative decoding by prompt lookup against the same engine without
-it, in the same run, on text whose answers repeat their prompts.
+"""`taskloom bench spec`: speculative decoding (prompt lookup, or Medusa heads) against the
+same engine without it, in the same run.
 
 Prompt lookup pays only where the output repeats the input, so random token ids (the other
 benchmarks' workload) would measure nothing: the built-in workload is code editing, each
@@ -57,6 +57,27 @@ def stdlib_functions(min_lines: int = 6, max_lines: int = 30) -> Iterator[str]:
                 continue
             if min_lines <= src.count("\n") <= max_lines:
                 yield src
+
+
+_TOPIC_TASKS = ("Explain {} in Python in a few sentences.",
+                "Give a short example of {} in Python and explain it.",
+                "What should a beginner know about {} in Python?",
+                "Write a short tutorial paragraph about {} in Python.")
+
+
+def topic_conversations(split: str) -> list[list[dict]]:
+    """Open-ended questions on the topics of Python's reference documentation (offline:
+    `pydoc_data.topics`), four per topic: answers that do not repeat their prompts, where
+    prompt lookup finds little and learned drafts (Medusa heads) must guess. Every fifth
+    topic is held out: split "eval" has those, "train" the others (train-medusa's default)."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    from pydoc_data.topics import topics
+    names = [name.replace("-", " ") for name in sorted(topics)]
+    held_out = split == "eval"
+    return [[{"role": "user", "content": task.format(name)}]
+            for i, name in enumerate(names) if (i % 5 == 0) == held_out
+            for task in _TOPIC_TASKS]
 
 
 def builtin_conversations(num: int) -> list[list[dict]]:
@@ -146,10 +167,18 @@ def run_spec(a: argparse.Namespace) -> dict:
                          "give the same tokens only for the same seed")
     if a.speculative_config is None:
         a.speculative_config = {"method": "ngram", "num_speculative_tokens": 4}
+    if a.peer == "hf" and a.speculative_config.get("method") == "medusa":
+        raise ValueError("--peer hf runs HF's prompt lookup, which is not Medusa (HF "
+                         "transformers has no Medusa decoding); the run without drafts in "
+                         "the same engine is the comparison")
     a.max_num_seqs = max(a.max_num_seqs, max(a.batch_sizes))
     llm, startup_s = build_llm(a)
-    convs = (file_conversations(a.prompts_file) if a.prompts_file
-             else builtin_conversations(max(a.batch_sizes)))
+    if a.prompts_file:
+        convs, workload = file_conversations(a.prompts_file), a.prompts_file
+    elif a.workload == "topics":
+        convs, workload = topic_conversations("eval"), "builtin:topics-eval"
+    else:
+        convs, workload = builtin_conversations(max(a.batch_sizes)), "builtin:code-edit"
     prompts = [llm.encode_chat(c) for c in convs]
     params = SamplingParams(max_tokens=a.output_len, temperature=a.temperature, seed=a.seed)
     warm_up = llm.encode_chat([{"role": "user", "content": "Say hello."}])
@@ -162,7 +191,7 @@ def run_spec(a: argparse.Namespace) -> dict:
     spec_config = llm.config.speculative
     assert spec_config is not None
     result = {"bench": "spec", "model": a.model or "embedded:SmolLM2-135M-Instruct",
-              "dtype": a.dtype, "workload": a.prompts_file or "builtin:code-edit",
+              "dtype": a.dtype, "workload": workload,
               "num_prompts": len(prompts), "output_len": a.output_len,
               "temperature": a.temperature, "speculative_config": speculative_fields(llm),
               "repeats": a.repeats, "startup_s": startup_s, "results": results,

@@ -60,6 +60,9 @@ class SchedulerOutput:
     finished_req_ids: list[str]   # gone since the last step: the runner drops their state
     num_scheduled_tokens: int
     has_bitmasks: bool = False    # some sequence carries a structured output's masks
+    # Medusa: the runner returns, for each sampled sequence, this many guesses of the tokens
+    # after the step's (RunnerOutput.draft_token_ids); 0: none asked
+    num_model_drafts: int = 0
 
     @property
     def is_empty(self) -> bool:
@@ -89,6 +92,9 @@ class RunnerOutput:
     num_accepted: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)     # of the sampled token
     draft_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # of kept drafts
+    # With SchedulerOutput.num_model_drafts: the model's guesses of each request's next
+    # tokens, after those it got in this step (drafts for its next step)
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # Prompt logprobs per request for this step's chunk: (first prompt position, entries).
     # Entry j scores prompt token at position first + j (position 0 has no logprob).
     prompt_logprobs: dict[str, tuple[int, list[Logprobs]]] = field(default_factory=dict)

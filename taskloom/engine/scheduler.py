@@ -18,6 +18,9 @@ context leave room for, when blocks for them are free: drafts never preempt anyo
 computes them like any other tokens and samples at each of their positions; `update` keeps
 the drafts the model agreed with, then the token it sampled after them, and takes
 `num_computed_tokens` back past the rejected ones (their KV slots are simply written again).
+The drafts come from prompt lookup (taskloom.engine.ngram) or from the model itself (Medusa
+heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses of the
+tokens after the step's (`SchedulerOutput.num_model_drafts`), and the next step carries them.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
+from taskloom.engine.model_drafts import ModelDraftProposer
 from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, NewRequestData, RunnerOutput,
                                      ScheduledSeq, SchedulerOutput)
@@ -55,7 +59,8 @@ class Scheduler:
     """Decides who runs each step and accounts for the KV blocks they hold."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 max_loras: int = 0, proposer: NgramProposer | None = None) -> None:
+                 max_loras: int = 0,
+                 proposer: NgramProposer | ModelDraftProposer | None = None) -> None:
         if proposer is not None and config.async_scheduling:
             raise ValueError("speculative decoding does not run with async scheduling")
         self.config = config
@@ -276,8 +281,11 @@ class Scheduler:
             seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
                                      num_prompt, draft, mask))
         finished, self._finished_ids = self._finished_ids, []
+        proposer = self.proposer
+        guesses = proposer.k if isinstance(proposer, ModelDraftProposer) else 0
         return SchedulerOutput(new_requests, seqs, finished,
-                               self.config.max_num_batched_tokens - budget, has_bitmasks)
+                               self.config.max_num_batched_tokens - budget, has_bitmasks,
+                               guesses)
 
     # ----- results ---------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:
@@ -311,6 +319,10 @@ class Scheduler:
                 if status is not None:
                     self._finish(req, status)
             advanced.append(req)
+            guess = out.draft_token_ids.get(seq.req_id) if out.draft_token_ids else None
+            if guess is not None and not req.status.finished and \
+                    isinstance(self.proposer, ModelDraftProposer):
+                self.proposer.record(req, guess)
         if self.kv.window is not None:
             self._release_outside_windows(sched)
         return advanced

@@ -219,8 +219,11 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()              # [n, vocab]
+        return F.linear(hidden, self.lm_head_weight()).float()   # [n, vocab]
+
+    def lm_head_weight(self) -> torch.Tensor:
+        """The lm head [vocab, hidden]: the input embedding when they are tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into place; raise ValueError on an unexpected name, a wrong

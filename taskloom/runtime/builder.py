@@ -8,14 +8,16 @@ import logging
 
 import torch
 
-from taskloom.config import EngineConfig, resolve_window
+from taskloom.config import EngineConfig, SpeculativeConfig, resolve_window
 from taskloom.engine.core import EngineCore
 from taskloom.engine.kv_cache import KVCacheManager
+from taskloom.engine.model_drafts import ModelDraftProposer
 from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.scheduler import Scheduler
 from taskloom.lora.manager import LoRAManager
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
+from taskloom.models.medusa import MedusaHeads, load_medusa
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.runtime.cuda_graphs import default_capture_sizes
 from taskloom.runtime.memory import kv_cache_bytes, profile_memory
@@ -86,6 +88,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
     lora = None
     if config.lora.enabled:     # before sizing the KV pool: the slots take device memory
         lora = LoRAManager(loaded.model, arch, config.lora, loaded.model.ops, device)
+    # Medusa heads take device memory too; they are checked before the pool is sized
+    drafter = _load_drafter(config.speculative, loaded.model, dtype, device)
     graph_sizes = cuda_graph_sizes(config, loaded.model)
     num_blocks = num_kv_blocks(config, loaded.model, max_model_len, graph_sizes)
     logger.info("KV cache: %d blocks of %d tokens (%d tokens), max_model_len %d", num_blocks,
@@ -96,10 +100,27 @@ def build_engine(config: EngineConfig) -> EngineCore:
                     window.num_sink_tokens)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes, lora,
-                         config.model.shared_prefix_attention, window)
+                         config.model.shared_prefix_attention, window, drafter)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
                         config.cache.enable_prefix_caching, window)
-    proposer = None if config.speculative is None else NgramProposer(config.speculative)
+    spec = config.speculative
+    proposer = (None if spec is None else ModelDraftProposer(spec) if drafter is not None
+                else NgramProposer(spec))
     scheduler = Scheduler(config.scheduler, kv, max_model_len,
                           config.lora.max_loras if config.lora.enabled else 0, proposer)
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)
+
+
+def _load_drafter(spec: SpeculativeConfig | None, model: LlamaForCausalLM, dtype: torch.dtype,
+                  device: torch.device) -> MedusaHeads | None:
+    """The Medusa heads `spec` names, checked against the model and the draft count."""
+    if spec is None or spec.method != "medusa":
+        return None
+    assert spec.model is not None
+    heads = load_medusa(spec.model, model.config, model.lm_head_weight(), dtype, device)
+    if spec.num_speculative_tokens > heads.num_heads:
+        raise ValueError(f"num_speculative_tokens {spec.num_speculative_tokens} is more than "
+                         f"the {heads.num_heads} heads of the Medusa checkpoint {spec.model}")
+    logger.info("Medusa drafts: %d of the %d heads at %s", spec.num_speculative_tokens,
+                heads.num_heads, spec.model)
+    return heads

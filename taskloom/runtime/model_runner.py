@@ -36,6 +36,7 @@ from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutpu
 from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
+from taskloom.models.medusa import MedusaHeads
 from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
@@ -177,6 +178,9 @@ class PendingStep:
         self.logprobs_k: list[tuple[int, str, int]] = []      # (row, request, top-k asked)
         # (request, first prompt position scored, host logprobs, k)
         self.prompt_logprobs: list[tuple[str, int, LogprobsTensors, int]] = []
+        # Medusa: the heads' guesses [num_requests, k] (host) and the request of each row
+        self.guess_ids: list[str] = []
+        self.guesses: torch.Tensor | None = None
 
     def result(self) -> RunnerOutput:
         if self._ready is not None:
@@ -200,6 +204,8 @@ class PendingStep:
         for rid, first, lp, k in self.prompt_logprobs:
             entries: list[Logprobs] = [lp.to_list(j, k) for j in range(lp.token_ids.shape[0])]
             out.prompt_logprobs[rid] = (first, entries)
+        if self.guesses is not None:
+            out.draft_token_ids = dict(zip(self.guess_ids, self.guesses.tolist()))
         return out
 
     def _draft_logprobs(self, out: RunnerOutput) -> None:
@@ -230,15 +236,19 @@ class ModelRunner:
     graphs captured here, once the KV cache is allocated; `max_model_len` (the longest
     sequence) bounds their block tables and fixes their decode-attention splits. With
     `window`, every query attends within its sliding window and to the attention sinks
-    (the block tables then hold NULL_BLOCK where the pool took a block back).
+    (the block tables then hold NULL_BLOCK where the pool took a block back). With `drafter`
+    (Medusa heads), a step that asks for guesses (SchedulerOutput.num_model_drafts) returns
+    the heads' drafts for each sampled request's next step.
     """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
                  dtype: torch.dtype, device: torch.device, eos_token_ids: tuple[int, ...],
                  max_model_len: int, graph_sizes: Sequence[int] = (),
                  lora: LoRAManager | None = None, shared_prefix_attention: bool = True,
-                 window: AttentionWindow | None = None) -> None:
+                 window: AttentionWindow | None = None,
+                 drafter: MedusaHeads | None = None) -> None:
         self.model = model
+        self.drafter = drafter
         self.arch = arch
         self.block_size = block_size
         self.device = device
@@ -295,7 +305,9 @@ class ModelRunner:
         hidden = self._forward(batch)                            # [num_tokens, hidden]
         cuda = self.device.type == "cuda"
         pending = PendingStep(torch.cuda.Event() if cuda else None)
-        self._sample(hidden, batch, pending)
+        rows = self._sample(hidden, batch, pending)
+        if sched.num_model_drafts and rows is not None:
+            self._guess_drafts(hidden, rows, batch, pending, sched.num_model_drafts)
         self._prompt_logprobs(hidden, batch, sched.seqs, pending)
         if pending._ready is not None:
             pending._ready.record()
@@ -444,12 +456,14 @@ class ModelRunner:
         values = self._last_sampled.index_select(0, to_device(src, torch.int64, self.device))
         return lambda input_ids: input_ids.index_copy_(0, dst_t, values)
 
-    def _sample(self, hidden: torch.Tensor, batch: _Batch, pending: PendingStep) -> None:
+    def _sample(self, hidden: torch.Tensor, batch: _Batch, pending: PendingStep
+                ) -> torch.Tensor | None:
         """Sample the batch's sampling rows; start copying the tokens (and logprobs) to the
-        host, and keep the device tokens for the next step's placeholders."""
+        host, and keep the device tokens for the next step's placeholders. Returns the rows
+        sampled (flat token indexes on the device), None if none."""
         if not len(batch.sample_rows):
             self._last_sampled, self._last_rows = None, {}
-            return
+            return None
         rows = to_device(batch.sample_rows, torch.int64, self.device)
         logits = self.model.compute_logits(hidden[rows])          # [num_sampled, vocab]
         seqs = batch.sample_seqs
@@ -474,6 +488,31 @@ class ModelRunner:
             states = self._states
             pending.logprobs_k = [(i, rid, k) for i, rid in enumerate(req_ids)
                                   if (k := states[rid].logprobs) is not None]
+        return rows
+
+    def _guess_drafts(self, hidden: torch.Tensor, rows: torch.Tensor, batch: _Batch,
+                      pending: PendingStep, k: int) -> None:
+        """Medusa: each sampled request's drafts for its next step, the heads read at its
+        last accepted position (its newest token's, or its last kept draft's), which the
+        sampled tokens decide: found on the device, so nothing waits for them here."""
+        assert self.drafter is not None, "the scheduler asked for guesses without heads"
+        seqs, dev = batch.sample_seqs, self.device
+        firsts = [r for r, seq in enumerate(seqs) if r == 0 or seq is not seqs[r - 1]]
+        at = to_device(firsts, torch.int64, dev)                        # [num_requests]
+        if batch.drafts:
+            width = max(len(d) for _, _, d in batch.drafts)
+            padded = np.full((len(firsts), width), -1, dtype=np.int64)  # -1 matches nothing
+            index = {first: i for i, first in enumerate(firsts)}
+            for _, first, draft in batch.drafts:
+                padded[index[first], :len(draft)] = draft
+            sampled = self._last_sampled                                 # [num_sampled]
+            assert sampled is not None
+            ahead = (at[:, None] + torch.arange(width, device=dev)).clamp_(max=len(seqs) - 1)
+            agree = sampled[ahead] == to_device(padded, torch.int64, dev)  # [requests, width]
+            at = at + agree.long().cumprod(dim=1).sum(dim=1)             # + drafts kept
+        guesses = self.drafter.propose(hidden[rows[at]], k)              # [num_requests, k]
+        pending.guess_ids = [seqs[r].req_id for r in firsts]
+        pending.guesses = to_host(guesses)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: _Batch, seqs: list[ScheduledSeq],
                          pending: PendingStep) -> None:

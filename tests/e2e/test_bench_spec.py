@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from taskloom.bench import peers
-from taskloom.bench.spec import builtin_conversations, file_conversations
+from taskloom.bench.spec import builtin_conversations, file_conversations, topic_conversations
 from taskloom.bench.summary import result_lines
 from taskloom.cli import main
 from tests.models.hf_smollm import load_hf_smollm
@@ -19,6 +19,15 @@ def test_builtin_workload_is_code_to_edit() -> None:
     convs = builtin_conversations(40)
     assert len(convs) == 40 and len({c[0]["content"] for c in convs}) > 20
     assert all("```python\ndef " in c[0]["content"] for c in convs)
+
+
+def test_topic_workload_holds_out_every_fifth_topic() -> None:
+    train, held_out = topic_conversations("train"), topic_conversations("eval")
+    assert len(train) + len(held_out) == 4 * 79 and len(held_out) == 4 * 16
+    texts = {c[0]["content"] for c in train}
+    assert len(texts) == len(train) and not texts & {c[0]["content"] for c in held_out}
+    with pytest.raises(ValueError, match="split must be"):
+        topic_conversations("test")
 
 
 def test_prompts_file_lines(tmp_path: Path) -> None:
@@ -37,6 +46,9 @@ def test_spec_bench_refuses_what_it_cannot_compare(capsys: pytest.CaptureFixture
     assert "--random-weights has neither" in capsys.readouterr().err
     assert main(["bench", "spec", "--temperature", "0.7"]) == 2
     assert "--temperature above 0 needs --seed" in capsys.readouterr().err
+    assert main(["bench", "spec", "--peer", "hf", "--speculative-config",
+                 '{"method": "medusa", "model": "/heads"}']) == 2
+    assert "HF transformers has no Medusa decoding" in capsys.readouterr().err
 
 
 def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture,

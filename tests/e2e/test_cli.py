@@ -17,11 +17,10 @@ def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
 
 
 def test_generate_streams_the_greedy_completion(llm: LLM) -> None:
+    """One process (each start loads the model again): with drafts, whose outputs are the
+    plain greedy ones, so the flags of both reach the engine."""
     prompt = "The three primary colors are"
     expected = llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=20))[0]
-    proc = run(["generate", prompt, "--max-tokens", "20", "--temperature", "0"])
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == expected.outputs[0].text + "\n"
     proc = run(["generate", prompt, "--max-tokens", "20", "--temperature", "0",
                 "--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}'])
     assert proc.returncode == 0, proc.stderr

@@ -1,0 +1,258 @@
+"""Medusa draft heads (Cai et al., "Medusa", 2024): the model proposes its own drafts.
+
+Head k (k = 1..K) reads the base model's final hidden state at a position p (after the last
+norm, where the base's lm_head reads it) and guesses the token at p + 1 + k, one past what the
+base predicts: a stack of residual blocks `x = x + SiLU(W x + b)`, then an lm head to the
+vocabulary. The top-1 guess of every head is the chain of drafts for the next step, which the
+base model verifies as any drafts (taskloom.engine.scheduler), so outputs do not change;
+how many of them it accepts is what the heads buy.
+
+Checkpoints are directories with a config.json and safetensors, in either layout:
+
+- vLLM's (`"architectures": ["MedusaModel"]`): config `num_heads`, `num_hidden_layers`,
+  `hidden_size`, `vocab_size`, optional `medusa_fc_bias` and `original_lm_head`; tensors
+  `blocks.{i}.layers.{j}.weight` (and `.bias`), `lm_heads.{i}.weight`, optionally under a
+  `medusa_heads.` prefix. With `original_lm_head`, one lm head (`lm_heads.0.weight`) serves
+  every head, and a checkpoint without it means the base model's own lm_head (what
+  taskloom's trained heads, taskloom.models.medusa_train, write: they train with it frozen).
+- FasterDecoding's (the paper's code): config `medusa_num_heads`, `medusa_num_layers`; file
+  `medusa_lm_head.safetensors` with `{i}.{j}.linear.weight` / `.bias` for the blocks and
+  `{i}.{num_layers}.weight` for head i's lm head.
+
+The blocks of all heads are stacked so that each layer of them is one batched matmul.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from taskloom.models.arch import ArchConfig
+
+VLLM_FILE = "model.safetensors"
+FASTER_DECODING_FILE = "medusa_lm_head.safetensors"
+
+_VLLM_BLOCK = re.compile(r"^(?:medusa_heads\.)?blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)$")
+_VLLM_LM = re.compile(r"^(?:medusa_heads\.)?lm_heads\.(\d+)\.weight$")
+_FD = re.compile(r"^(\d+)\.(\d+)\.(?:linear\.)?(weight|bias)$")
+# The most logits `MedusaHeads.propose` holds at once (64 Mi: 128 MiB in bf16)
+PROPOSE_MAX_LOGITS = 1 << 26
+
+
+@dataclass(frozen=True)
+class MedusaConfig:
+    """The heads' shape. `num_lm_heads`: K (one per head), 1 (shared), or 0 (the base
+    model's lm_head)."""
+
+    num_heads: int
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    bias: bool = True
+    num_lm_heads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_heads < 1:
+            raise ValueError(f"a Medusa checkpoint needs num_heads >= 1, got {self.num_heads}")
+        if self.num_layers < 0:
+            raise ValueError(f"Medusa num_layers must be >= 0, got {self.num_layers}")
+        if self.num_lm_heads not in (0, 1, self.num_heads):
+            raise ValueError(f"a Medusa checkpoint has {self.num_lm_heads} lm heads; expected "
+                             f"0, 1 or one per head ({self.num_heads})")
+
+
+class MedusaHeads(nn.Module):
+    """K draft heads over a base model's final hidden states; `propose` gives their top-1
+    tokens. `base_lm_head` is the base model's lm head weight [vocab, hidden], used when the
+    checkpoint carries none."""
+
+    def __init__(self, config: MedusaConfig, base_lm_head: torch.Tensor,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.config = config
+        k, n, h = config.num_heads, config.num_layers, config.hidden_size
+        self.weight = nn.Parameter(torch.zeros(n, k, h, h, dtype=dtype, device=device),
+                                   requires_grad=False)              # [layers, K, out, in]
+        self.bias = (nn.Parameter(torch.zeros(n, k, 1, h, dtype=dtype, device=device),
+                                  requires_grad=False) if config.bias else None)
+        self.lm_heads = (nn.Parameter(torch.empty(config.num_lm_heads, config.vocab_size, h,
+                                                  dtype=dtype, device=device),
+                                      requires_grad=False)
+                         if config.num_lm_heads else None)           # [1 or K, vocab, hidden]
+        self.base_lm_head = base_lm_head                             # [vocab, hidden]
+
+    @property
+    def num_heads(self) -> int:
+        return self.config.num_heads
+
+    def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The heads' states: [n, hidden] -> [K, n, hidden]."""
+        x = hidden.unsqueeze(0).expand(self.config.num_heads, -1, -1)   # [K, n, hidden]
+        for layer in range(self.config.num_layers):
+            w = self.weight[layer].transpose(1, 2)                       # [K, in, out]
+            y = (torch.bmm(x, w) if self.bias is None
+                 else torch.baddbmm(self.bias[layer], x, w))             # [K, n, hidden]
+            x = x + F.silu(y)
+        return x
+
+    def lm_weight(self, head: int) -> torch.Tensor:
+        """Head `head`'s lm head [vocab, hidden]."""
+        if self.lm_heads is None:
+            return self.base_lm_head
+        return self.lm_heads[head if self.lm_heads.shape[0] > 1 else 0]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float logits of every head: [n, hidden] -> [K, n, vocab] (training and tests;
+        `propose` never holds them all)."""
+        x = self.hidden(hidden)
+        return torch.stack([F.linear(x[i], self.lm_weight(i)).float()
+                            for i in range(self.config.num_heads)])
+
+    def propose(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Each row's drafts from the first `num_tokens` heads: [n, hidden] -> [n, num_tokens]
+        int64. Heads that share one lm head go through it in one matmul (its weight read
+        once, which is what a small batch's step pays for), unless their logits together
+        would pass PROPOSE_MAX_LOGITS; else one head's logits [n, vocab] at a time."""
+        x = self.hidden(hidden)[:num_tokens]                             # [k, n, hidden]
+        k, n = x.shape[0], x.shape[1]
+        shared = self.lm_heads is None or self.lm_heads.shape[0] == 1
+        if shared and k * n * self.config.vocab_size <= PROPOSE_MAX_LOGITS:
+            logits = F.linear(x.reshape(k * n, -1), self.lm_weight(0))   # [k * n, vocab]
+            return logits.argmax(-1).view(k, n).T                        # [n, k]
+        out = [F.linear(x[i], self.lm_weight(i)).argmax(-1) for i in range(k)]
+        return torch.stack(out, dim=1)                                   # [n, k]
+
+
+def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: bool = True
+                       ) -> MedusaConfig:
+    """The heads' shape from a checkpoint's config.json, checked against the base model;
+    `has_lm_heads`: whether its weights include any lm head."""
+    if "medusa_num_heads" in config:     # FasterDecoding's
+        heads, layers = config["medusa_num_heads"], config.get("medusa_num_layers", 1)
+        hidden, vocab, bias = arch.hidden_size, arch.vocab_size, True
+        lm_heads = heads
+    elif "num_heads" in config:          # vLLM's
+        heads, layers = config["num_heads"], config.get("num_hidden_layers", 1)
+        hidden = config.get("hidden_size", arch.hidden_size)
+        vocab = config.get("vocab_size", arch.vocab_size)
+        bias = bool(config.get("medusa_fc_bias", False))
+        shared = bool(config.get("original_lm_head"))
+        lm_heads = heads if not shared else 1 if has_lm_heads else 0
+        truncated = config.get("truncated_vocab_size")
+        if truncated is not None and truncated != vocab:
+            raise ValueError(f"{path}: Medusa heads over a truncated vocabulary "
+                             f"(truncated_vocab_size {truncated}) are not supported")
+    else:
+        raise ValueError(f"{path}/config.json is not a Medusa config: expected "
+                         "'num_heads' (vLLM's layout) or 'medusa_num_heads' (FasterDecoding's)")
+    if hidden != arch.hidden_size or vocab != arch.vocab_size:
+        raise ValueError(f"{path}: Medusa heads of hidden size {hidden} and vocabulary {vocab} "
+                         f"do not fit the model (hidden size {arch.hidden_size}, vocabulary "
+                         f"{arch.vocab_size})")
+    return MedusaConfig(int(heads), int(layers), hidden, vocab, bias, lm_heads)
+
+
+def _tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    with safe_open(path, framework="pt") as handle:
+        for name in handle.keys():
+            yield name, handle.get_tensor(name)
+
+
+def _place(heads: MedusaHeads, name: str, tensor: torch.Tensor, fd_layout: bool
+           ) -> tuple[str, int, int] | None:
+    """Copy one checkpoint tensor into the stacked parameters; its (kind, head, layer), or
+    None for a name this layout does not have."""
+    cfg = heads.config
+    m = (_FD if fd_layout else _VLLM_BLOCK).match(name)
+    if m:
+        head, layer, kind = int(m[1]), int(m[2]), m[3]
+        if fd_layout and layer == cfg.num_layers and kind == "weight":     # head's lm head
+            kind, layer = "lm_head", 0
+    else:
+        m = None if fd_layout else _VLLM_LM.match(name)
+        if m is None:
+            return None
+        head, layer, kind = int(m[1]), 0, "lm_head"
+    if head >= cfg.num_heads or layer >= max(cfg.num_layers, 1):
+        return None
+    if kind == "lm_head":
+        if heads.lm_heads is None or head >= heads.lm_heads.shape[0]:
+            return None
+        dst = heads.lm_heads[head]
+    elif kind == "weight":
+        dst = heads.weight[layer, head]
+    else:
+        if heads.bias is None:
+            return None
+        dst = heads.bias[layer, head, 0]
+    if tuple(tensor.shape) != tuple(dst.shape):
+        raise ValueError(f"Medusa tensor {name} has shape {tuple(tensor.shape)}, expected "
+                         f"{tuple(dst.shape)}")
+    dst.copy_(tensor)
+    return kind, head, layer
+
+
+def load_medusa(path: str, arch: ArchConfig, base_lm_head: torch.Tensor, dtype: torch.dtype,
+                device: torch.device) -> MedusaHeads:
+    """Medusa heads from a checkpoint directory (either layout) for a base model of `arch`;
+    ValueError on anything missing, unexpected or misshapen."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"Medusa heads: {path} has no config.json")
+    fd_layout = os.path.isfile(os.path.join(path, FASTER_DECODING_FILE))
+    weights = os.path.join(path, FASTER_DECODING_FILE if fd_layout else VLLM_FILE)
+    if not os.path.isfile(weights):
+        raise ValueError(f"Medusa heads: {path} has no {VLLM_FILE} or {FASTER_DECODING_FILE}")
+    with safe_open(weights, framework="pt") as handle:
+        has_lm_heads = any(_VLLM_LM.match(name) for name in handle.keys())
+    with open(config_path, encoding="utf-8") as f:
+        cfg = medusa_config_from(json.load(f), arch, path, has_lm_heads)
+    heads = MedusaHeads(cfg, base_lm_head, dtype, device)
+    seen: set[tuple[str, int, int]] = set()
+    with torch.no_grad():
+        for name, tensor in _tensors(weights):
+            placed = _place(heads, name, tensor, fd_layout)
+            if placed is None:
+                raise ValueError(f"Medusa heads: unexpected tensor {name!r} in {weights}")
+            seen.add(placed)
+    want = {("weight", h, n) for h in range(cfg.num_heads) for n in range(cfg.num_layers)}
+    if cfg.bias:
+        want |= {("bias", h, n) for h in range(cfg.num_heads) for n in range(cfg.num_layers)}
+    want |= {("lm_head", h, 0) for h in range(cfg.num_lm_heads)}
+    if missing := sorted(want - seen):
+        kind, head, layer = missing[0]
+        raise ValueError(f"Medusa heads: {weights} lacks {len(missing)} tensors, e.g. head "
+                         f"{head}'s {kind} of layer {layer}")
+    return heads
+
+
+def save_medusa(heads: MedusaHeads, path: str) -> None:
+    """Write heads in vLLM's layout (their lm heads only if they have their own)."""
+    cfg = heads.config
+    os.makedirs(path, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(cfg.num_layers):
+        for head in range(cfg.num_heads):
+            prefix = f"blocks.{head}.layers.{layer}"
+            tensors[f"{prefix}.weight"] = heads.weight[layer, head].detach().contiguous()
+            if heads.bias is not None:
+                tensors[f"{prefix}.bias"] = heads.bias[layer, head, 0].detach().contiguous()
+    if heads.lm_heads is not None:
+        for i in range(heads.lm_heads.shape[0]):
+            tensors[f"lm_heads.{i}.weight"] = heads.lm_heads[i].detach().contiguous()
+    save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, VLLM_FILE))
+    config = {"architectures": ["MedusaModel"], "model_type": "medusa",
+              "num_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
+              "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+              "medusa_fc_bias": cfg.bias,
+              "original_lm_head": cfg.num_lm_heads != cfg.num_heads}
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)

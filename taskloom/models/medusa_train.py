@@ -1,0 +1,235 @@
+"""Train Medusa heads for a model by self-distillation: `taskloom train-medusa`.
+
+Medusa-1 (Cai et al., 2024) trains only the heads, the base model frozen; the paper's
+self-distillation recipe trains them on the base model's own answers, so that what the heads
+learn to guess is what the base will in fact generate. Here:
+
+1. the engine answers the training prompts greedily (`max_tokens` each, batched);
+2. one forward per few sequences gives the base model's final hidden states of every
+   prompt-and-answer (through a private paged KV cache, as the runner would);
+3. head k learns, at every answer position p (and the prompt's last), the token at
+   p + 1 + k, by cross-entropy weighted `decay ** k` (the paper's 0.8), with AdamW; the heads'
+   blocks start at zero, i.e. every head starts as the base's next-token guess, and they
+   use the base model's lm_head, frozen (nothing of it is saved: see taskloom.models.medusa).
+
+Heads that guess the base's greedy continuation pay for greedy decoding most; sampled
+outputs are unchanged by them too (drafts are verified), only accepted less often.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from taskloom.models.llama import LlamaForCausalLM
+from taskloom.models.medusa import MedusaConfig, MedusaHeads
+from taskloom.runtime.attention import AttentionMetadata
+from taskloom.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MedusaTrainConfig:
+    """How heads are trained: Medusa-1's recipe (AdamW, cosine schedule, loss weights
+    0.8 ** k), with steps and rates that fit the embedded model on a CPU in minutes."""
+
+    num_heads: int = 4
+    num_layers: int = 1
+    max_tokens: int = 128          # answer length per prompt
+    epochs: int = 3
+    lr: float = 3e-3
+    batch_tokens: int = 128        # training positions per optimizer step
+    decay: float = 0.8             # head k's loss weight: decay ** k
+    weight_decay: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_heads", "max_tokens", "epochs", "batch_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def self_distill(llm, prompts: Sequence[list[int]], max_tokens: int
+                 ) -> list[tuple[list[int], int]]:
+    """The base model's greedy answers: (prompt + answer token ids, prompt length) each."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    outs = llm.generate(list(prompts), params, use_tqdm=False)
+    return [(list(p) + list(o.outputs[0].token_ids), len(p)) for p, o in zip(prompts, outs)]
+
+
+@torch.inference_mode()
+def final_hidden_states(model: LlamaForCausalLM, seqs: Sequence[list[int]], block_size: int,
+                        max_batch_tokens: int = 4096) -> list[torch.Tensor]:
+    """The model's final hidden states [len, hidden] of each sequence (on the host, float32):
+    a few sequences a forward, each prefilled whole into a private KV cache."""
+    param = model.model.embed_tokens.weight
+    arch, out = model.config, []
+    i = 0
+    while i < len(seqs):
+        batch = [seqs[i]]
+        while (i + len(batch) < len(seqs)
+               and sum(map(len, batch)) + len(seqs[i + len(batch)]) <= max_batch_tokens):
+            batch.append(seqs[i + len(batch)])
+        i += len(batch)
+        tables, next_block = [], 0
+        for s in batch:
+            n = -(-len(s) // block_size)
+            tables.append(list(range(next_block, next_block + n)))
+            next_block += n
+        shape = (2, next_block, block_size, arch.num_key_value_heads, arch.head_dim)
+        caches = [torch.zeros(shape, dtype=param.dtype, device=param.device)
+                  for _ in range(arch.num_hidden_layers)]
+        meta, positions = _prefill_metadata(tables, [len(s) for s in batch], block_size,
+                                            param.device)
+        ids = torch.tensor([t for s in batch for t in s], device=param.device)
+        hidden = model(ids, positions, caches, meta)                 # [tokens, hidden]
+        out += [h.float().cpu() for h in hidden.split([len(s) for s in batch])]
+    return out
+
+
+def _prefill_metadata(tables: list[list[int]], lens: list[int], block_size: int,
+                      device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
+    """Metadata and positions for whole prompts of `lens` tokens, none cached."""
+    slots, positions, starts = [], [], [0]
+    for table, n in zip(tables, lens):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(n)]
+        positions += range(n)
+        starts.append(starts[-1] + n)
+    width = max(map(len, tables))
+    padded = [t + [0] * (width - len(t)) for t in tables]
+    meta = AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
+        query_start_loc_cpu=starts, seq_lens_cpu=list(lens), max_query_len=max(lens),
+        max_seq_len=max(lens), block_size=block_size)
+    return meta, torch.tensor(positions, dtype=torch.int64, device=device)
+
+
+def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torch.Tensor],
+                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs [n, hidden] and targets [n, num_heads] (-100 where past the end): the hidden
+    state at each answer position p (and the prompt's last) and the tokens p + 2 .. p + 1 + K."""
+    xs, ys = [], []
+    for (ids, prompt_len), h in zip(seqs, hiddens):
+        first, end = prompt_len - 1, len(ids) - 3      # p + 2 must exist
+        if end < first:
+            continue
+        tokens = torch.tensor(ids)
+        idx = torch.arange(first, end + 1)                              # [m]
+        offsets = idx[:, None] + torch.arange(2, num_heads + 2)         # [m, K]
+        target = torch.full(offsets.shape, -100, dtype=torch.int64)
+        ok = offsets < len(ids)
+        target[ok] = tokens[offsets[ok]]
+        xs.append(h[idx])
+        ys.append(target)
+    if not xs:
+        raise ValueError("no training positions: every answer is shorter than 2 tokens")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
+                cfg: MedusaTrainConfig) -> tuple[MedusaHeads, list[dict]]:
+    """Heads fitted to (x, y) (see `training_pairs`), in float32 on the host; and a log line
+    per epoch: loss and top-1 accuracy of each head."""
+    arch = model.config
+    lm = model.lm_head_weight().detach().float().cpu()                  # [vocab, hidden]
+    mcfg = MedusaConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
+                        bias=True, num_lm_heads=0)
+    heads = MedusaHeads(mcfg, lm, torch.float32, torch.device("cpu"))
+    params = [heads.weight, heads.bias]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    weights = [cfg.decay ** k for k in range(1, cfg.num_heads + 1)]
+    steps_per_epoch = math.ceil(len(x) / cfg.batch_tokens)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
+    log = []
+    for epoch in range(cfg.epochs):
+        start = time.perf_counter()
+        order = torch.randperm(len(x), generator=gen)
+        loss_sum = [0.0] * cfg.num_heads
+        hits, counts = [0] * cfg.num_heads, [0] * cfg.num_heads
+        for b in range(steps_per_epoch):
+            rows = order[b * cfg.batch_tokens:(b + 1) * cfg.batch_tokens]
+            states = heads.hidden(x[rows])                              # [K, B, hidden]
+            loss = torch.zeros(())
+            for k in range(cfg.num_heads):
+                logits = F.linear(states[k], lm)                         # [B, vocab]
+                target = y[rows, k]
+                head_loss = F.cross_entropy(logits, target, ignore_index=-100)
+                loss = loss + weights[k] * head_loss
+                valid = target != -100
+                hits[k] += int((logits.argmax(-1)[valid] == target[valid]).sum())
+                counts[k] += int(valid.sum())
+                loss_sum[k] += float(head_loss.detach()) * int(valid.sum())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - start, 1),
+                 "loss": [round(s / max(c, 1), 4) for s, c in zip(loss_sum, counts)],
+                 "top1": [round(h / max(c, 1), 4) for h, c in zip(hits, counts)]}
+        logger.info("medusa epoch %d: %s", epoch + 1, entry)
+        log.append(entry)
+    for p in params:
+        p.requires_grad_(False)
+    return heads, log
+
+
+def read_prompts(path: str, llm) -> list[list[int]]:
+    """Token ids of a JSONL file's prompts: `{"prompt": str}` or `{"messages": [...]}` (through
+    the chat template), or `{"prompt_token_ids": [...]}` (a model without a tokenizer)."""
+    import json
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            if isinstance(row.get("prompt_token_ids"), list):
+                prompts.append([int(t) for t in row["prompt_token_ids"]])
+            elif isinstance(row.get("messages"), list):
+                prompts.append(llm.encode_chat(row["messages"]))
+            elif isinstance(row.get("prompt"), str):
+                prompts.append(llm.encode_chat([{"role": "user", "content": row["prompt"]}]))
+            else:
+                raise ValueError(f"{path}:{n}: expected \"prompt\", \"messages\" or "
+                                 f"\"prompt_token_ids\"")
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts")
+    return prompts
+
+
+def train_medusa(llm, prompts: Sequence[list[int]], cfg: MedusaTrainConfig, output: str
+                 ) -> dict:
+    """Self-distil heads for the LLM's model from its answers to `prompts`, save them at
+    `output` (vLLM's layout, taskloom.models.medusa) and return what was done, timed."""
+    from taskloom.models.medusa import save_medusa
+    runner = llm.engine.runner
+    start = time.perf_counter()
+    seqs = self_distill(llm, prompts, cfg.max_tokens)
+    generated = time.perf_counter()
+    hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
+    x, y = training_pairs(seqs, hiddens, cfg.num_heads)
+    encoded = time.perf_counter()
+    heads, log = train_heads(runner.model, x, y, cfg)
+    save_medusa(heads, output)
+    return {"output": output, "num_prompts": len(prompts), "num_positions": len(x),
+            "answer_tokens": sum(len(s) - n for s, n in seqs),
+            "generate_s": round(generated - start, 1),
+            "hidden_states_s": round(encoded - generated, 1),
+            "train_s": round(time.perf_counter() - encoded, 1), "epochs": log,
+            "config": {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}}
