@@ -319,7 +319,9 @@ def cmd_train_medusa(a: argparse.Namespace) -> int:
     else:
         from taskloom.bench.spec import topic_conversations
         prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
-    print(json.dumps(train_medusa(llm, prompts[:a.num_prompts], cfg, a.output)))
+    from taskloom.bench.common import run_info
+    result = train_medusa(llm, prompts[:a.num_prompts], cfg, a.output)
+    print(json.dumps({"train": "medusa", **result, **run_info(a.device)}))
     return 0
 
 
