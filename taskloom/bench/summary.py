@@ -160,6 +160,12 @@ def result_lines(r: dict) -> list[str]:
         return [f"serve {r['completed']}/{r['num_prompts']} at rate {r['request_rate']}: "
                 f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
                 f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
+    if r.get("train") == "medusa":
+        last = r["epochs"][-1]
+        return [f"train medusa {r['config']['num_heads']} heads on {r['num_prompts']} prompts' "
+                f"answers ({r['num_positions']} positions), {last['epoch']} epochs: top-1 "
+                f"{', '.join(map(str, last['top1']))} on the training answers, in "
+                f"{r['generate_s'] + r['hidden_states_s'] + r['train_s']:.0f} s"]
     return [f"{kind}: (no summary for this kind)"]
 
 
@@ -188,7 +194,7 @@ def _spec_lines(r: dict) -> list[str]:
             f"{x['batch_size']}: {spec['output_tokens_per_s']:.1f} vs "
             f"{base['output_tokens_per_s']:.1f} out tok/s without drafts = {x['speedup']}x, "
             f"acceptance {spec['acceptance_rate']}, {spec['accepted_per_draft']} accepted "
-            f"per draft, {same}")
+            f"per draft, {base['steps']} -> {spec['steps']} steps, {same}")
     if "peer" in r:
         p = r["peer"]
         lines.append(f"spec batch 1 vs {p['name']} on {p['num_prompts']} prompts: "

@@ -158,3 +158,22 @@ def test_kernels_lines_name_each_op_and_the_sweeps_best() -> None:
         "  sweep decode_attention (batch 256, context 2048, splits 2; 20 of 27 settings timed): "
         "best block_n 128, num_warps 8: 560.0 us, 1.25x the default's 700.0 us",
         "  sweep extend_attention (8 x 1024 tokens): no setting ran"]
+
+
+def test_medusa_training_and_its_spec_run() -> None:
+    train = {"train": "medusa", "num_prompts": 252, "num_positions": 29303, "generate_s": 134.0,
+             "hidden_states_s": 53.7, "train_s": 196.0, "config": {"num_heads": 3},
+             "epochs": [{"epoch": 1, "top1": [0.37, 0.22, 0.15]},
+                        {"epoch": 3, "top1": [0.7043, 0.5386, 0.4329]}]}
+    assert result_lines(train) == [
+        "train medusa 3 heads on 252 prompts' answers (29303 positions), 3 epochs: top-1 "
+        "0.7043, 0.5386, 0.4329 on the training answers, in 384 s"]
+    spec = {"bench": "spec", "workload": "builtin:topics-eval",
+            "speculative_config": {"method": "medusa", "num_speculative_tokens": 3},
+            "results": [{"batch_size": 1, "speedup": 0.917, "outputs_identical": True,
+                         "base": {"output_tokens_per_s": 22.8, "steps": 128},
+                         "spec": {"output_tokens_per_s": 20.9, "steps": 81,
+                                  "acceptance_rate": 0.198, "accepted_per_draft": 0.59}}]}
+    assert result_lines(spec) == [
+        "spec medusa k=3 builtin:topics-eval batch 1: 20.9 vs 22.8 out tok/s without drafts "
+        "= 0.917x, acceptance 0.198, 0.59 accepted per draft, 128 -> 81 steps, same outputs"]
