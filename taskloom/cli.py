@@ -239,7 +239,8 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
-                        'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3)')
+                        'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3; llama3_json: '
+                        'Llama 3.1-3.3; mistral: Mistral)')
     add_engine_args(p)
     p.set_defaults(func=cmd_serve)
 

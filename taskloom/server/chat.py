@@ -6,6 +6,8 @@ HTTP request: the offline batch job answers its lines with them too.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -52,6 +54,8 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
     plan = plan_tools(body, ctx.tool_call_parser)
     params = make_params(body.sampling_params, max_tokens=max_tokens,
                          logprobs=body.num_logprobs, tool_constraint=plan.structured)
+    if plan.parser is not None and plan.parser.special_tokens:   # its tag is one
+        params = dataclasses.replace(params, skip_special_tokens=False)
     try:
         ids = ctx.tokenizer_or_error().encode_chat(body.conversation(), tools=plan.tools)
     except (TemplateError, ValueError) as e:

@@ -20,14 +20,14 @@ This is what vLLM does; a named or required call has finish_reason "stop", as th
 from __future__ import annotations
 
 import json
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from taskloom.sampling_params import StructuredOutputs
 from taskloom.server.errors import bad_request
 from taskloom.server.protocol import ChatCompletionRequest, NamedToolChoice
-from taskloom.server.tool_parsers import ToolCallParser
+from taskloom.server.tool_parsers import ToolCallParser, openai_call_id
 
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -89,7 +89,8 @@ def tool_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict[str, An
         parsed = plan.parser.parse(text)
         if not parsed.calls:
             return text, None
-        return parsed.content, [_call(name, args) for name, args in parsed.calls]
+        return parsed.content, [_call(name, args, plan.parser.call_id)
+                                for name, args in parsed.calls]
     calls = _forced_calls(plan, text)
     return (text, None) if calls is None else (None, calls)
 
@@ -110,10 +111,10 @@ def _forced_calls(plan: ToolPlan, text: str) -> list[dict[str, Any]] | None:
     return [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
 
 
-def _call(name: str, arguments: str) -> dict[str, Any]:
-    return {"id": new_call_id(), "type": "function",
+def _call(name: str, arguments: str, new_id: Callable[[], str] = openai_call_id
+          ) -> dict[str, Any]:
+    return {"id": new_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}
 
 
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
+new_call_id = openai_call_id

@@ -134,3 +134,49 @@ def test_auto_with_the_hermes_parser_finds_the_calls(hermes_client: openai.OpenA
     plain = hermes_client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
                                                   temperature=0, max_tokens=12)
     assert plain.choices[0].message.tool_calls is None and plain.choices[0].message.content
+
+
+# Llama 3's format, forced the same way: the completion is the call, nothing before it.
+LLAMA3_TEXT = (r'\{"name": "get_weather", "parameters": \{"city": "Paris", "unit": "C"\}\}')
+
+
+def test_auto_with_the_llama3_json_parser_streams_nothing_but_the_call() -> None:
+    llm = LLM(max_num_seqs=4, kv_cache_memory_gb=0.1)
+    st = start_server(llm, tool_call_parser="llama3_json")
+    try:
+        client = openai.OpenAI(base_url=st.base_url + "/v1", api_key="unused", max_retries=0,
+                               timeout=120)
+        kw = {"model": MODEL, "messages": ASK, "tools": TOOLS, "temperature": 0,
+              "max_tokens": 64, "extra_body": {"guided_regex": LLAMA3_TEXT}}
+        choice = client.chat.completions.create(**kw).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        [call] = choice.message.tool_calls
+        assert (call.function.name, json.loads(call.function.arguments)) == \
+            ("get_weather", {"city": "Paris", "unit": "C"})
+        chunks = [c.choices[0] for c in client.chat.completions.create(**kw, stream=True)
+                  if c.choices]
+        assert not "".join(c.delta.content or "" for c in chunks)   # held back, then a call
+        calls = [t for c in chunks for t in c.delta.tool_calls or []]
+        assert [(t.function.name, t.function.arguments) for t in calls] == \
+            [("get_weather", call.function.arguments)]
+        assert chunks[-1].finish_reason == "tool_calls"
+        plain = client.chat.completions.create(model=MODEL, messages=ASK, tools=TOOLS,
+                                               temperature=0, max_tokens=12, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in plain if c.choices)
+        assert text and not text.lstrip().startswith("{")
+    finally:
+        st.stop()
+        wait_idle(llm)
+
+
+def test_a_parser_whose_tag_is_a_special_token_keeps_special_tokens(server_llm: LLM) -> None:
+    """Mistral's [TOOL_CALLS] is a special token: "auto" requests keep them in their text."""
+    from taskloom.server.chat import prepare_chat
+    from taskloom.server.protocol import ChatCompletionRequest
+    from taskloom.server.serving import ModelContext
+    from taskloom.server.tool_parsers import TOOL_CALL_PARSERS
+    body = ChatCompletionRequest(model=MODEL, messages=ASK, tools=TOOLS)
+    for name, skips in (("mistral", False), ("hermes", True), ("llama3_json", True)):
+        ctx = ModelContext(server_llm.tokenizer, MODEL, 2048, 49152,
+                           tool_call_parser=TOOL_CALL_PARSERS[name])
+        assert prepare_chat(ctx, body).params.skip_special_tokens is skips
