@@ -64,6 +64,7 @@ from taskloom.server.errors import APIError, bad_request, validation_message
 from taskloom.server.protocol import ChatCompletionRequest, CompletionRequest
 from taskloom.server.serving import (ModelContext, PreparedRequest, new_response_id, refused,
                                      request_failed)
+from taskloom.server.tool_parsers import ToolCallParser
 
 if TYPE_CHECKING:
     from taskloom.api import LLM
@@ -309,11 +310,13 @@ class BatchJob:
         self._stop.set()
 
     def run(self, llm: LLM, model_name: str, max_in_flight: int | None = None,
-            progress: bool = True) -> BatchSummary:
+            progress: bool = True, tool_call_parser: ToolCallParser | None = None
+            ) -> BatchSummary:
         """Answer every line not in OUTPUT yet with `llm`, naming the model `model_name` in the
         responses. At most `max_in_flight` sequences (default 4 x max_num_seqs) are in the
-        engine at once. A progress bar goes to stderr unless `progress` is false. A job runs
-        once: it lets go of OUTPUT when it returns."""
+        engine at once. A progress bar goes to stderr unless `progress` is false. With
+        `tool_call_parser`, chat lines may leave tool_choice "auto", as with the server's
+        `--tool-call-parser`. A job runs once: it lets go of OUTPUT when it returns."""
         if self._lock is None:
             raise RuntimeError("this batch job has run (or was closed): make a new BatchJob")
         window = 4 * llm.config.scheduler.max_num_seqs if max_in_flight is None \
@@ -324,7 +327,7 @@ class BatchJob:
         output = _Output(self.output_path, self.fsync_interval)
         bar = tqdm(total=self.total, initial=min(self._resume.records, self.total), unit="req",
                    desc="batch", disable=not progress, mininterval=0.5, dynamic_ncols=True)
-        run = _Run(llm, model_name, self._resume, self.summary, output, bar)
+        run = _Run(llm, model_name, self._resume, self.summary, output, bar, tool_call_parser)
         lines = _input_lines(self.input_path)
         try:
             self.summary.interrupted = not run.loop(lines, window, self._stop)
@@ -342,13 +345,14 @@ class _Run:
     """The state of one run: parse and check lines, admit them, write what finishes."""
 
     def __init__(self, llm: LLM, model_name: str, resume: _Resume, summary: BatchSummary,
-                 output: _Output, bar: tqdm) -> None:
+                 output: _Output, bar: tqdm, tool_call_parser: ToolCallParser | None) -> None:
         self.engine = llm.engine
         self.llm = llm
         self.prefix_order = llm.prefix_aware_order
         self.ctx = ModelContext(self.engine.tokenizer, model_name,
                                 self.engine.scheduler.max_model_len, self.engine.vocab_size,
-                                loras=llm.loras if llm.config.lora.enabled else None)
+                                loras=llm.loras if llm.config.lora.enabled else None,
+                                tool_call_parser=tool_call_parser)
         self.resume, self.summary, self.output, self.bar = resume, summary, output, bar
         self.staged: list[_Staged] = []                  # checked, not admitted; next last
         self.pending: dict[str, tuple[_Job, int]] = {}   # engine request id -> (job, prompt)

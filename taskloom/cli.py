@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from taskloom.sampling_params import SamplingParams
-from taskloom.server.tool_parsers import TOOL_CALL_PARSERS
+from taskloom.server.tool_parsers import TOOL_CALL_PARSERS, tool_call_parser_named
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -274,7 +274,8 @@ def cmd_batch(a: argparse.Namespace) -> int:
 
     with _stop_on_signals(stop):
         try:
-            job.run(make_llm(a), a.served_model_name or default_model_name(a), a.max_in_flight)
+            job.run(make_llm(a), a.served_model_name or default_model_name(a), a.max_in_flight,
+                    tool_call_parser=tool_call_parser_named(a.tool_call_parser))
         except KeyboardInterrupt:               # a second Ctrl-C: run() cleaned up already
             job.summary.interrupted = True
     s = job.summary
@@ -305,6 +306,9 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                         "name)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="sequences in the engine at once (default: 4 x --max-num-seqs)")
+    p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
+                   help='find the tool calls the model writes in its own format, for '
+                        'tool_choice "auto", as serve does')
     add_engine_args(p)
     p.set_defaults(func=cmd_batch)
 

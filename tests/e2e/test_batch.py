@@ -21,6 +21,7 @@ from taskloom.server.chat import chat_body, prepare_chat
 from taskloom.server.completions import completion_body, prepare_completion
 from taskloom.server.protocol import ChatCompletionRequest, CompletionRequest
 from taskloom.server.serving import ModelContext
+from taskloom.server.tool_parsers import TOOL_CALL_PARSERS
 from tests.e2e.conftest import assert_pool_full
 
 NAME = "smol-batch"
@@ -345,3 +346,26 @@ def test_a_second_run_on_the_same_output_is_refused_while_one_runs(
     rerun = BatchJob(str(tmp_path / "in.jsonl"), str(out))
     assert rerun.run(llm, NAME, progress=False).skipped == 3
     assert len(read_output(out)) == 3
+
+
+def test_tool_choice_auto_with_a_parser(llm: LLM, tmp_path: Path) -> None:
+    """As the server with --tool-call-parser: the calls the model writes come back as
+    tool_calls; without a parser, the same line is a 400 naming tool_choice."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    body = {"model": NAME, "max_tokens": 48, "temperature": 0, "tools": tools,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "guided_regex": r'<tool_call>\{"name": "get_weather", "arguments": '
+                            r'\{"city": "Paris"\}\}</tool_call>'}
+    write_input(tmp_path / "in.jsonl", [request("auto", CHAT, body)])
+    for parser, out in ((TOOL_CALL_PARSERS["hermes"], "with.jsonl"), (None, "without.jsonl")):
+        BatchJob(str(tmp_path / "in.jsonl"), str(tmp_path / out)).run(
+            llm, NAME, progress=False, tool_call_parser=parser)
+    (with_parser,) = read_output(tmp_path / "with.jsonl")
+    choice = with_parser["response"]["body"]["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    (without,) = read_output(tmp_path / "without.jsonl")
+    assert without["response"]["status_code"] == 400
+    assert without["response"]["body"]["error"]["param"] == "tool_choice"
