@@ -89,21 +89,28 @@ def builtin_conversations(num: int) -> list[list[dict]]:
             for i in range(num)]
 
 
+def jsonl_rows(path: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line of a JSONL file."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: expected a JSON object")
+                yield n, row
+
+
 def file_conversations(path: str) -> list[list[dict]]:
     """The conversations of a JSONL file: `{"prompt": str}` or `{"messages": [...]}` lines."""
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if isinstance(row.get("messages"), list):
-                convs.append(row["messages"])
-            elif isinstance(row.get("prompt"), str):
-                convs.append([{"role": "user", "content": row["prompt"]}])
-            else:
-                raise ValueError(f"{path}:{n}: expected a \"prompt\" string or a "
-                                 f"\"messages\" list")
+    for n, row in jsonl_rows(path):
+        if isinstance(row.get("messages"), list):
+            convs.append(row["messages"])
+        elif isinstance(row.get("prompt"), str):
+            convs.append([{"role": "user", "content": row["prompt"]}])
+        else:
+            raise ValueError(f"{path}:{n}: expected a \"prompt\" string or a "
+                             f"\"messages\" list")
     if not convs:
         raise ValueError(f"{path} holds no prompts")
     return convs

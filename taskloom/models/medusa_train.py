@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.medusa import MedusaConfig, MedusaHeads
-from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.attention import flat_batch_metadata
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -89,32 +89,13 @@ def final_hidden_states(model: LlamaForCausalLM, seqs: Sequence[list[int]], bloc
         shape = (2, next_block, block_size, arch.num_key_value_heads, arch.head_dim)
         caches = [torch.zeros(shape, dtype=param.dtype, device=param.device)
                   for _ in range(arch.num_hidden_layers)]
-        meta, positions = _prefill_metadata(tables, [len(s) for s in batch], block_size,
-                                            param.device)
+        meta, positions = flat_batch_metadata(tables, [0] * len(batch),
+                                              [len(s) for s in batch], block_size,
+                                              param.device)
         ids = torch.tensor([t for s in batch for t in s], device=param.device)
         hidden = model(ids, positions, caches, meta)                 # [tokens, hidden]
         out += [h.float().cpu() for h in hidden.split([len(s) for s in batch])]
     return out
-
-
-def _prefill_metadata(tables: list[list[int]], lens: list[int], block_size: int,
-                      device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
-    """Metadata and positions for whole prompts of `lens` tokens, none cached."""
-    slots, positions, starts = [], [], [0]
-    for table, n in zip(tables, lens):
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(n)]
-        positions += range(n)
-        starts.append(starts[-1] + n)
-    width = max(map(len, tables))
-    padded = [t + [0] * (width - len(t)) for t in tables]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        query_start_loc_cpu=starts, seq_lens_cpu=list(lens), max_query_len=max(lens),
-        max_seq_len=max(lens), block_size=block_size)
-    return meta, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
 def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torch.Tensor],
@@ -192,22 +173,18 @@ def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
 def read_prompts(path: str, llm) -> list[list[int]]:
     """Token ids of a JSONL file's prompts: `{"prompt": str}` or `{"messages": [...]}` (through
     the chat template), or `{"prompt_token_ids": [...]}` (a model without a tokenizer)."""
-    import json
+    from taskloom.bench.spec import jsonl_rows
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            if isinstance(row.get("prompt_token_ids"), list):
-                prompts.append([int(t) for t in row["prompt_token_ids"]])
-            elif isinstance(row.get("messages"), list):
-                prompts.append(llm.encode_chat(row["messages"]))
-            elif isinstance(row.get("prompt"), str):
-                prompts.append(llm.encode_chat([{"role": "user", "content": row["prompt"]}]))
-            else:
-                raise ValueError(f"{path}:{n}: expected \"prompt\", \"messages\" or "
-                                 f"\"prompt_token_ids\"")
+    for n, row in jsonl_rows(path):
+        if isinstance(row.get("prompt_token_ids"), list):
+            prompts.append([int(t) for t in row["prompt_token_ids"]])
+        elif isinstance(row.get("messages"), list):
+            prompts.append(llm.encode_chat(row["messages"]))
+        elif isinstance(row.get("prompt"), str):
+            prompts.append(llm.encode_chat([{"role": "user", "content": row["prompt"]}]))
+        else:
+            raise ValueError(f"{path}:{n}: expected \"prompt\", \"messages\" or "
+                             f"\"prompt_token_ids\"")
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts

@@ -11,30 +11,14 @@ import torch
 
 from taskloom.models.arch import ArchConfig
 from taskloom.models.llama import LlamaForCausalLM
-from taskloom.runtime.attention import AttentionMetadata
+from taskloom.runtime.attention import AttentionMetadata, flat_batch_metadata
 
 
 def make_metadata(block_tables: list[list[int]], num_cached: list[int], query_lens: list[int],
                   block_size: int, device: torch.device) -> tuple[AttentionMetadata, torch.Tensor]:
     """Metadata and positions for sequences that have `num_cached[i]` tokens in the cache and
     `query_lens[i]` new ones in this step, laid out one after another in the flat batch."""
-    slots, positions, starts = [], [], [0]
-    for table, cached, q_len in zip(block_tables, num_cached, query_lens):
-        for pos in range(cached, cached + q_len):
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
-            positions.append(pos)
-        starts.append(starts[-1] + q_len)
-    seq_lens = [c + q for c, q in zip(num_cached, query_lens)]
-    width = max(len(t) for t in block_tables)
-    padded = [t + [0] * (width - len(t)) for t in block_tables]
-    meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(padded, dtype=torch.int32, device=device),
-        query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
-        max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=block_size)
-    return meta, torch.tensor(positions, dtype=torch.int64, device=device)
+    return flat_batch_metadata(block_tables, num_cached, query_lens, block_size, device)
 
 
 def new_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
