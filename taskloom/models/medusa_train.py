@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,52 +122,65 @@ def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torc
 
 def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
                 cfg: MedusaTrainConfig) -> tuple[MedusaHeads, list[dict]]:
-    """Heads fitted to (x, y) (see `training_pairs`), in float32 on the host; and a log line
-    per epoch: loss and top-1 accuracy of each head."""
+    """Heads fitted to (x, y) (see `training_pairs`), in float32 on the model's device (x and
+    y stay on the host, a batch at a time goes over); and a log entry per epoch: loss and
+    top-1 accuracy of each head."""
     arch = model.config
-    lm = model.lm_head_weight().detach().float().cpu()                  # [vocab, hidden]
+    lm = model.lm_head_weight().detach().float()                        # [vocab, hidden]
     mcfg = MedusaConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
                         bias=True, num_lm_heads=0)
-    heads = MedusaHeads(mcfg, lm, torch.float32, torch.device("cpu"))
+    heads = MedusaHeads(mcfg, lm, torch.float32, lm.device)
     params = [heads.weight, heads.bias]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = math.ceil(len(x) / cfg.batch_tokens)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    weights = [cfg.decay ** k for k in range(1, cfg.num_heads + 1)]
-    steps_per_epoch = math.ceil(len(x) / cfg.batch_tokens)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps_per_epoch)
     log = []
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
         order = torch.randperm(len(x), generator=gen)
-        loss_sum = [0.0] * cfg.num_heads
-        hits, counts = [0] * cfg.num_heads, [0] * cfg.num_heads
-        for b in range(steps_per_epoch):
-            rows = order[b * cfg.batch_tokens:(b + 1) * cfg.batch_tokens]
-            states = heads.hidden(x[rows])                              # [K, B, hidden]
-            loss = torch.zeros(())
-            for k in range(cfg.num_heads):
-                logits = F.linear(states[k], lm)                         # [B, vocab]
-                target = y[rows, k]
-                head_loss = F.cross_entropy(logits, target, ignore_index=-100)
-                loss = loss + weights[k] * head_loss
-                valid = target != -100
-                hits[k] += int((logits.argmax(-1)[valid] == target[valid]).sum())
-                counts[k] += int(valid.sum())
-                loss_sum[k] += float(head_loss.detach()) * int(valid.sum())
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
+        batches = (order[b * cfg.batch_tokens:(b + 1) * cfg.batch_tokens] for b in range(steps))
+        loss, top1 = _epoch(heads, x, y, batches, opt, sched, cfg.decay)
         entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - start, 1),
-                 "loss": [round(s / max(c, 1), 4) for s, c in zip(loss_sum, counts)],
-                 "top1": [round(h / max(c, 1), 4) for h, c in zip(hits, counts)]}
+                 "loss": loss, "top1": top1}
         logger.info("medusa epoch %d: %s", epoch + 1, entry)
         log.append(entry)
     for p in params:
         p.requires_grad_(False)
     return heads, log
+
+
+def _epoch(heads: MedusaHeads, x: torch.Tensor, y: torch.Tensor,
+           batches: Iterator[torch.Tensor], opt: torch.optim.Optimizer,
+           sched: torch.optim.lr_scheduler.LRScheduler, decay: float
+           ) -> tuple[list[float], list[float]]:
+    """One pass over the batches (row indexes of x and y); each head's mean loss and top-1
+    accuracy over the positions it had a target at. A head's loss is a sum over its targets
+    divided by their count, so a batch where it has none adds nothing (not a NaN)."""
+    k, device = heads.num_heads, heads.weight.device
+    weights = [decay ** i for i in range(1, k + 1)]
+    sums = torch.zeros(3, k, device=device)          # loss sum, hits, targets, per head
+    for rows in batches:
+        states = heads.hidden(x[rows].to(device))                       # [K, B, hidden]
+        target = y[rows].to(device)                                     # [B, K]
+        loss = torch.zeros((), device=device)
+        for i in range(k):
+            logits = F.linear(states[i], heads.lm_weight(i))            # [B, vocab]
+            valid = target[:, i] != -100
+            n = valid.sum()
+            total = F.cross_entropy(logits, target[:, i], ignore_index=-100, reduction="sum")
+            loss = loss + weights[i] * total / n.clamp(min=1)
+            sums[:, i] += torch.stack([total.detach(), (logits.argmax(-1) == target[:, i])
+                                       .logical_and(valid).sum(), n])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    total, hits, counts = sums.tolist()
+    return ([round(t / max(c, 1), 4) for t, c in zip(total, counts)],
+            [round(h / max(c, 1), 4) for h, c in zip(hits, counts)])
 
 
 def read_prompts(path: str, llm) -> list[list[int]]:
