@@ -395,7 +395,8 @@ class Scheduler:
         seqs = [q for q in sched.seqs if q.req_id not in req_ids]
         return SchedulerOutput([n for n in sched.new_requests if n.req_id not in req_ids],
                                seqs, sched.finished_req_ids,
-                               sum(len(q.token_ids) for q in seqs), sched.has_bitmasks)
+                               sum(len(q.token_ids) for q in seqs), sched.has_bitmasks,
+                               sched.num_model_drafts)
 
     def finish_requests(self, req_ids: list[str], status: RequestStatus) -> None:
         """Finish (stop string, abort) requests wherever they are; unknown ids are ignored."""

@@ -106,6 +106,20 @@ def test_a_preempted_request_is_computed_again_before_it_drafts() -> None:
     assert list(s.schedule().seqs[0].draft_token_ids) == [61, 62, 63]
 
 
+def test_a_step_that_loses_requests_still_asks_for_guesses() -> None:
+    """An adapter that could not be loaded takes its requests out of the step; the others
+    still get their guesses."""
+    s = scheduler()
+    a, b = request("a"), request("b")
+    s.add_request(a)
+    s.add_request(b)
+    out = s.fail_scheduled(s.schedule(), {"b"})
+    assert [q.req_id for q in out.seqs] == ["a"] and out.num_model_drafts == 3
+    s.update(out, RunnerOutput(sampled={"a": 50}, draft_token_ids={"a": [1, 2, 3]}))
+    assert b.status is RequestStatus.FINISHED_ERROR
+    assert list(s.schedule().seqs[0].draft_token_ids) == [1, 2, 3]
+
+
 def test_only_a_model_proposer_asks_the_runner_for_guesses() -> None:
     ngram = scheduler(proposer=NgramProposer(SpeculativeConfig(num_speculative_tokens=3)))
     ngram.add_request(request("a"))
