@@ -4,10 +4,9 @@ process, `--batch` at a time; with `--speculative-tokens K`, also the constraine
 an engine with prompt-lookup drafts (an extraction copies its source: the drafts it finds are
 cut to what the grammar takes). Prints a JSON line:
 per run, output tokens/s, how many outputs parse as JSON and how many max_tokens cut, and
-the engine's mean milliseconds per step by phase (`schedule`
-includes computing every constrained request's mask, `execute` applying it), the best of
-`--repeats`; and the host milliseconds a mask took per constrained sequence (the schedule
-phase's growth over the unconstrained run, per constrained sequence a step).
+the engine's mean milliseconds per step by phase (`masks`: the host computing the
+constrained requests' masks, within `execute`, which also applies them), the best of
+`--repeats`; and the host milliseconds a mask took per constrained sequence a step.
 
     python benchmarks/structured_outputs.py --batch 16 --max-tokens 96
 """
@@ -82,7 +81,7 @@ def main() -> None:
                 best[structured] = r
     plain, constrained = best[False], best[True]
     steps = constrained["step_ms"]
-    mask_ms = (steps["schedule"] - plain["step_ms"]["schedule"]) / max(steps["seqs_per_step"], 1)
+    mask_ms = steps["masks"] / max(steps["seqs_per_step"], 1)
     result = {"bench": "structured_outputs", "batch": a.batch, "max_tokens": a.max_tokens,
               "unconstrained": plain, "json_schema": constrained,
               "mask_ms_per_sequence_step": round(mask_ms, 4)}

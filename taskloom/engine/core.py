@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,7 +44,8 @@ class PendingStep(Protocol):
 class Runner(Protocol):
     prepare_s: float    # host time spent flattening steps into batches, in all
 
-    def submit(self, sched: SchedulerOutput) -> PendingStep: ...
+    def submit(self, sched: SchedulerOutput,
+               before_sampling: Callable[[], None] | None = None) -> PendingStep: ...
 
     def add_lora(self, lora: LoRARequest) -> None: ...
 
@@ -62,8 +64,10 @@ class StepTimes:
     counted in `execute`; on a CPU the work is done before the wait). `update` is the
     scheduler taking the tokens plus per-token output processing (detokenizing, stop strings);
     `outputs` builds the step's RequestOutputs. With async scheduling the host-only phases
-    overlap the device's work, and `wait` is what is left of the device's time. `tokens`
-    and `seqs` count what the steps scheduled, the shape of the batches behind the times."""
+    overlap the device's work, and `wait` is what is left of the device's time. `masks` is
+    the host computing structured outputs' masks (counted in `execute`: the runner has it
+    done once the forward is queued, so on a GPU it overlaps the forward). `tokens` and
+    `seqs` count what the steps scheduled, the shape of the batches behind the times."""
 
     steps: int = 0
     tokens: int = 0
@@ -74,6 +78,7 @@ class StepTimes:
     wait: float = 0.0
     update: float = 0.0
     outputs: float = 0.0
+    masks: float = 0.0
 
     def since(self, earlier: "StepTimes") -> "StepTimes":
         """The times of the steps run after `earlier` (a copy taken then)."""
@@ -85,7 +90,8 @@ class StepTimes:
         mean tokens and sequences a step scheduled."""
         n = max(self.steps, 1)
         ms = {k: round(1000 * getattr(self, k) / n, 3)
-              for k in ("schedule", "prepare", "execute", "wait", "update", "outputs")}
+              for k in ("schedule", "prepare", "execute", "wait", "update", "outputs",
+                        "masks")}
         host = self.schedule + self.prepare + self.update + self.outputs
         return {"steps": self.steps, **ms, "host_only": round(1000 * host / n, 3),
                 "tokens_per_step": round(self.tokens / n, 1),
@@ -286,10 +292,15 @@ class EngineCore:
         requests whose state the runner drops)."""
         times, prepared = self.step_times, self.runner.prepare_s
         t0 = time.perf_counter()
-        pending = self.runner.submit(sched)
+        pending = self.runner.submit(sched, self._fill_masks if sched.has_bitmasks else None)
         times.execute += time.perf_counter() - t0
         times.prepare += self.runner.prepare_s - prepared
         return pending
+
+    def _fill_masks(self) -> None:
+        t0 = time.perf_counter()
+        self.scheduler.fill_bitmasks()
+        self.step_times.masks += time.perf_counter() - t0
 
     def _take(self, sched: SchedulerOutput, pending: PendingStep) -> None:
         """Wait for a submitted step's results and take them in: the scheduler's update, then

@@ -28,6 +28,7 @@ import logging
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from taskloom.config import SchedulerConfig
 from taskloom.engine.kv_cache import KVCacheManager
@@ -36,6 +37,9 @@ from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, NewRequestData, RunnerOutput,
                                      ScheduledSeq, SchedulerOutput)
 from taskloom.engine.request import Request, RequestStatus
+
+if TYPE_CHECKING:
+    from taskloom.engine.structured import Grammar
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +82,9 @@ class Scheduler:
         # Unfinished requests whose sampling reads their generated tokens on the host
         # (Request.needs_output_history): while any is here, steps do not overlap.
         self.num_history_requests = 0
+        # (sequence, its grammar, its drafts) of the last step's constrained sequences, whose
+        # masks fill_bitmasks computes
+        self._mask_jobs: list[tuple[ScheduledSeq, Grammar, Sequence[int]]] = []
 
     # ----- admission -------------------------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int | None) -> None:
@@ -274,18 +281,29 @@ class Scheduler:
             req.num_computed_tokens = end       # computed once this step has run
             if sample:
                 req.num_output_placeholders = in_flight + 1
-            mask = None
-            if sample and req.grammar is not None:    # one a position with drafts
-                mask = req.grammar.bitmasks_along(draft) if draft else req.grammar.bitmask()
+            seq = ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids, num_prompt,
+                               draft)
+            if sample and req.grammar is not None:    # its mask comes with fill_bitmasks
+                self._mask_jobs.append((seq, req.grammar, draft))
                 has_bitmasks = True
-            seqs.append(ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids,
-                                     num_prompt, draft, mask))
+            seqs.append(seq)
         finished, self._finished_ids = self._finished_ids, []
         proposer = self.proposer
         guesses = proposer.k if isinstance(proposer, ModelDraftProposer) else 0
         return SchedulerOutput(new_requests, seqs, finished,
                                self.config.max_num_batched_tokens - budget, has_bitmasks,
                                guesses)
+
+    def fill_bitmasks(self) -> None:
+        """Put the structured outputs' masks on the sequences of the step just scheduled
+        (`SchedulerOutput.has_bitmasks`): one for a sequence's next token, or one a position
+        with drafts. The runner calls this once the step's forward is on its way (see
+        ModelRunner.submit), so that on a GPU the grammars work while the model does; nothing
+        changes a grammar between a step's schedule and its sampling."""
+        jobs, self._mask_jobs = self._mask_jobs, []
+        for seq, grammar, draft in jobs:
+            seq.allowed_token_bitmask = (grammar.bitmasks_along(draft) if draft
+                                         else grammar.bitmask())
 
     # ----- results ---------------------------------------------------------------------------
     def update(self, sched: SchedulerOutput, out: RunnerOutput) -> list[Request]:

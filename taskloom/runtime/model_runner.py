@@ -293,8 +293,12 @@ class ModelRunner:
         return len(self._states)
 
     @torch.inference_mode()
-    def submit(self, sched: SchedulerOutput) -> PendingStep:
-        """Queue the step's forward and sampling; the results come with `result()`."""
+    def submit(self, sched: SchedulerOutput,
+               before_sampling: Callable[[], None] | None = None) -> PendingStep:
+        """Queue the step's forward and sampling; the results come with `result()`.
+        `before_sampling` runs once the forward is queued, before anything reads what it
+        fills: the step's structured-output masks (Scheduler.fill_bitmasks), computed on the
+        host while a GPU runs the forward."""
         self._update_states(sched)
         if sched.is_empty:
             return PendingStep()
@@ -303,6 +307,8 @@ class ModelRunner:
         batch.has_bitmasks = sched.has_bitmasks
         self.prepare_s += time.perf_counter() - t0
         hidden = self._forward(batch)                            # [num_tokens, hidden]
+        if before_sampling is not None:
+            before_sampling()
         cuda = self.device.type == "cuda"
         pending = PendingStep(torch.cuda.Event() if cuda else None)
         rows = self._sample(hidden, batch, pending)

@@ -5,6 +5,8 @@ speculative decoding (the drafts cut to what each grammar takes, a mask per posi
 same outputs; bad constraints refused alone; the pool full after each."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 import pytest
@@ -90,10 +92,15 @@ def test_every_constraint_is_obeyed_and_alone_equals_batched(
 def test_unconstrained_requests_in_the_batch_are_unchanged(llm: LLM,
                                                            expected: list[list[str]]) -> None:
     plain = (ASK_PERSON, SamplingParams(max_tokens=40, temperature=0))
+    before = dataclasses.replace(llm.engine.step_times)
     alone = texts(llm.chat(plain[0], plain[1], use_tqdm=False))
+    assert llm.engine.step_times.since(before).masks == 0
     batch = [plain, *cases(), plain]
+    before = dataclasses.replace(llm.engine.step_times)
     outs = llm.chat([m for m, _ in batch], [p for _, p in batch], use_tqdm=False)
+    times = llm.engine.step_times.since(before)
     assert texts(outs) == [alone[0], *expected, alone[0]]
+    assert 0 < times.masks < times.execute      # the masks came within the runner's part
     assert not alone[0][0].startswith("{")         # the constraint is what made the JSON
     assert_pool_full(llm)
 

@@ -1,7 +1,7 @@
 """Structured outputs on the host: the parameters' checks, and the scheduler's part (each
-sampling step carries the request's mask, every new token reaches its grammar, the request
-ends when the grammar is done, drafts are cut to what the grammar takes and carry a mask per
-position). No torch and no llguidance: a hand-made grammar plays its part."""
+sampling step carries the request's mask once fill_bitmasks has run, every new token reaches
+its grammar, the request ends when the grammar is done, drafts are cut to what the grammar
+takes and carry a mask per position). No torch and no llguidance: a hand-made grammar plays its part."""
 from __future__ import annotations
 
 import pytest
@@ -66,7 +66,8 @@ def test_each_step_carries_the_mask_and_the_grammar_gets_every_token() -> None:
     masks = []
     for token in (7, 8, 9):
         out = s.schedule()
-        assert out.has_bitmasks
+        assert out.has_bitmasks and out.seqs[0].allowed_token_bitmask is None
+        s.fill_bitmasks()       # what the runner calls once the forward is queued
         masks.append(out.seqs[0].allowed_token_bitmask)
         s.update(out, RunnerOutput(sampled={"a": token}))
     assert masks == [b"m000", b"m001", b"m002"]
@@ -101,6 +102,7 @@ def test_drafts_are_cut_to_what_the_grammar_takes_with_a_mask_per_position() -> 
     s.add_request(b)
     s.update(s.schedule(), RunnerOutput(sampled={"a": 3, "b": 3}))
     out = s.schedule()      # both propose 1, 2, 3 (after "2, 3" came "1, 2, 3")
+    s.fill_bitmasks()
     seqs = {q.req_id: q for q in out.seqs}
     assert seqs["b"].draft_token_ids == [1, 2, 3] and seqs["b"].allowed_token_bitmask is None
     assert seqs["a"].draft_token_ids == [1, 2]           # the grammar wants 9 after 1, 2
