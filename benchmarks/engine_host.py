@@ -23,6 +23,7 @@ import gc
 import json
 import sys
 import time
+from collections.abc import Callable
 
 from taskloom.bench.common import run_info
 from taskloom.config import SchedulerConfig
@@ -55,7 +56,10 @@ class TextRunner:
         self.stream = stream
         self.k = 0
 
-    def submit(self, sched: SchedulerOutput) -> _Done:
+    def submit(self, sched: SchedulerOutput,
+               before_sampling: Callable[[], None] | None = None) -> _Done:
+        if before_sampling is not None:     # as the model runner does, before it samples
+            before_sampling()
         out = RunnerOutput()
         for seq in sched.seqs:
             if seq.sample:
