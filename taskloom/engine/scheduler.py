@@ -82,8 +82,8 @@ class Scheduler:
         # Unfinished requests whose sampling reads their generated tokens on the host
         # (Request.needs_output_history): while any is here, steps do not overlap.
         self.num_history_requests = 0
-        # (sequence, its grammar, its drafts) of the last step's constrained sequences, whose
-        # masks fill_bitmasks computes
+        # (sequence, its grammar, its drafts) of the latest step's constrained sequences,
+        # whose masks fill_bitmasks computes
         self._mask_jobs: list[tuple[ScheduledSeq, Grammar, Sequence[int]]] = []
 
     # ----- admission -------------------------------------------------------------------------
@@ -256,6 +256,7 @@ class Scheduler:
         new_requests, seqs = [], []
         seen, tables = self._seen_by_runner, self.kv.block_tables
         has_bitmasks = False
+        self._mask_jobs = []    # the last step's are filled, or its sequences left it
         for req, num_new in scheduled:
             rid = req.request_id
             if rid not in seen:
