@@ -93,13 +93,15 @@ class MedusaHeads(nn.Module):
     def num_heads(self) -> int:
         return self.config.num_heads
 
-    def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The heads' states: [n, hidden] -> [K, n, hidden]."""
-        x = hidden.unsqueeze(0).expand(self.config.num_heads, -1, -1)   # [K, n, hidden]
+    def hidden(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """The states of the first `num_heads` heads (all by default):
+        [n, hidden] -> [num_heads, n, hidden]."""
+        k = self.config.num_heads if num_heads is None else num_heads
+        x = hidden.unsqueeze(0).expand(k, -1, -1)                        # [k, n, hidden]
         for layer in range(self.config.num_layers):
-            w = self.weight[layer].transpose(1, 2)                       # [K, in, out]
+            w = self.weight[layer, :k].transpose(1, 2)                   # [k, in, out]
             y = (torch.bmm(x, w) if self.bias is None
-                 else torch.baddbmm(self.bias[layer], x, w))             # [K, n, hidden]
+                 else torch.baddbmm(self.bias[layer, :k], x, w))         # [k, n, hidden]
             x = x + F.silu(y)
         return x
 
@@ -121,7 +123,7 @@ class MedusaHeads(nn.Module):
         int64. Heads that share one lm head go through it in one matmul (its weight read
         once, which is what a small batch's step pays for), unless their logits together
         would pass PROPOSE_MAX_LOGITS; else one head's logits [n, vocab] at a time."""
-        x = self.hidden(hidden)[:num_tokens]                             # [k, n, hidden]
+        x = self.hidden(hidden, num_tokens)                              # [k, n, hidden]
         k, n = x.shape[0], x.shape[1]
         shared = self.lm_heads is None or self.lm_heads.shape[0] == 1
         if shared and k * n * self.config.vocab_size <= PROPOSE_MAX_LOGITS:

@@ -23,7 +23,8 @@ from taskloom.server.serving import (EngineJob, ModelContext, PreparedRequest, S
                                      make_params)
 from taskloom.server.streaming import (Encoded, Envelope, collect, completion_tokens,
                                       sse_response, usage)
-from taskloom.server.tools import ToolPlan, new_call_id, plan_tools, tool_calls
+from taskloom.server.tool_parsers import openai_call_id
+from taskloom.server.tools import ToolPlan, plan_tools, tool_calls
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest,
@@ -134,7 +135,7 @@ class _StreamedCalls:
     def opening(self) -> dict[str, Any]:
         if self.plan.named is not None:
             return {"role": "assistant", "content": None, "tool_calls": [{
-                "index": 0, "id": new_call_id(), "type": "function",
+                "index": 0, "id": openai_call_id(), "type": "function",
                 "function": {"name": self.plan.named, "arguments": ""}}]}
         return {"role": "assistant", "content": None if self.plan.required else ""}
 

@@ -115,6 +115,3 @@ def _call(name: str, arguments: str, new_id: Callable[[], str] = openai_call_id
           ) -> dict[str, Any]:
     return {"id": new_id(), "type": "function",
             "function": {"name": name, "arguments": arguments}}
-
-
-new_call_id = openai_call_id
