@@ -73,6 +73,10 @@ class CacheConfig:
     # own window (Mistral's `sliding_window`), if it has one.
     sliding_window: int | None = None
     num_sink_tokens: int = 0
+    # KV compression of long prompts by SnapKV (see SnapKVConfig): once a prompt longer than
+    # its budget is computed, each layer's KV heads keep only the positions its last tokens
+    # attended to most, and the rest of the prompt's blocks go back to the pool.
+    snapkv: SnapKVConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -88,6 +92,51 @@ class CacheConfig:
             raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
         if self.num_sink_tokens < 0:
             raise ValueError(f"num_sink_tokens must be >= 0, got {self.num_sink_tokens}")
+        if self.snapkv is not None and (self.sliding_window is not None
+                                        or self.num_sink_tokens):
+            raise ValueError("snapkv does not run with a sliding window or attention sinks: "
+                             "choose one KV compression")
+
+
+@dataclass(frozen=True)
+class SnapKVConfig:
+    """KV compression of long prompts by SnapKV (Li et al., 2024).
+
+    A prompt of more than `budget` tokens is computed whole, with full attention; then, in
+    each layer, the attention of its last `window_size` tokens (the observation window: the
+    instruction or question that ends most prompts) over the positions before them is summed
+    over the window, averaged over the query heads of each KV head (GQA), smoothed by a
+    `kernel_size` pooling (`pooling`: "avg" or "max") so that the neighbours of a chosen
+    position come along, and each KV head keeps its `budget - window_size` best positions
+    plus the window itself. Different heads keep different positions; the generated tokens
+    then attend to those `budget` entries and to each other, at their true positions.
+
+    A request holds about `budget` tokens of prompt KV however long its prompt was, and its
+    decode steps read that much. Prompts of at most `budget` tokens are not touched. The
+    choice depends on the whole prompt, so a compressed request's KV is its own: its prompt
+    blocks stay in the prefix cache (their KV was computed in full) but what it computes
+    after compression is never shared.
+    """
+
+    budget: int
+    window_size: int = 32
+    kernel_size: int = 5
+    pooling: str = "avg"
+
+    def __post_init__(self) -> None:
+        if self.window_size < 1:
+            raise ValueError(f"snapkv window_size must be >= 1, got {self.window_size}")
+        if self.budget <= self.window_size:
+            raise ValueError(f"snapkv budget ({self.budget}) must exceed its window_size "
+                             f"({self.window_size}): the window is kept whole, within it")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ValueError(f"snapkv kernel_size must be odd and >= 1, got {self.kernel_size}")
+        if self.pooling not in ("avg", "max"):
+            raise ValueError(f"snapkv pooling must be 'avg' or 'max', got {self.pooling!r}")
+
+    def compresses(self, num_prompt_tokens: int) -> bool:
+        """Whether a prompt of this many tokens is compressed."""
+        return num_prompt_tokens > self.budget
 
 
 @dataclass(frozen=True)
@@ -130,6 +179,8 @@ def resolve_window(cache: CacheConfig, model_window: int | None,
         return None
     if size >= max_model_len:
         return None
+    if cache.snapkv is not None:
+        raise ValueError(f"snapkv does not run with the model's own sliding window ({size})")
     return AttentionWindow(size, cache.num_sink_tokens)
 
 
@@ -232,3 +283,9 @@ class EngineConfig:
         if self.speculative is not None and self.scheduler.async_scheduling:
             raise ValueError("speculative decoding does not run with async scheduling: a "
                              "step's drafts depend on the tokens the step before accepted")
+        snapkv = self.cache.snapkv
+        if snapkv is not None and snapkv.window_size > self.scheduler.max_num_batched_tokens:
+            raise ValueError(
+                f"snapkv window_size ({snapkv.window_size}) exceeds max_num_batched_tokens "
+                f"({self.scheduler.max_num_batched_tokens}): a prompt's last chunk must hold "
+                f"the whole observation window")

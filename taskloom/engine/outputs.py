@@ -28,6 +28,19 @@ class NewRequestData:
 
 
 @dataclass
+class KVCompression:
+    """SnapKV for a sequence whose step computes the end of its prompt (`num_prompt_tokens`
+    long): once the step's attention has run, each layer writes the KV entries each head
+    keeps (the prompt's best positions, then its observation window) to positions
+    `first_position .. num_prompt_tokens - 1` of the fresh blocks `block_ids`, which stand
+    for block indices `first_position // block_size` onwards."""
+
+    num_prompt_tokens: int
+    first_position: int
+    block_ids: list[int]
+
+
+@dataclass
 class ScheduledSeq:
     """One sequence's share of this step.
 
@@ -39,7 +52,9 @@ class ScheduledSeq:
     previous step (still in flight) samples for this sequence. `allowed_token_bitmask` (a
     structured output's, taskloom.engine.structured) holds the tokens it may sample: bit i
     of little-endian int32 word w allows token 32 * w + i; with drafts, one such mask per
-    sampled position, one after another.
+    sampled position, one after another. A sequence whose prompt SnapKV compressed holds KV
+    from position `kv_start` on only (its block table is NULL_BLOCK before); one whose step
+    compresses it carries `compress`.
     """
 
     req_id: str
@@ -51,6 +66,8 @@ class ScheduledSeq:
     num_prompt_tokens: int
     draft_token_ids: Sequence[int] = ()
     allowed_token_bitmask: bytes | None = None
+    kv_start: int = 0
+    compress: KVCompression | None = None
 
 
 @dataclass

@@ -21,6 +21,11 @@ the drafts the model agreed with, then the token it sampled after them, and take
 The drafts come from prompt lookup (taskloom.engine.ngram) or from the model itself (Medusa
 heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses of the
 tokens after the step's (`SchedulerOutput.num_model_drafts`), and the next step carries them.
+
+With SnapKV (`KVCacheManager.snapkv`), a prompt it compresses is chunked so that its last
+chunk ends with the prompt and holds its whole observation window: that step carries the
+compression (`ScheduledSeq.compress`), and the next schedule puts the kept entries in the
+request's table (`KVCacheManager.apply_compressions`) before anything else is allocated.
 """
 from __future__ import annotations
 
@@ -98,7 +103,7 @@ class Scheduler:
                 f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens leave "
                 f"room for one generated token")
         total = min(num_prompt_tokens + (max_tokens or self.max_model_len), self.max_model_len)
-        need = self.kv.peak_blocks(total, self.config.max_num_batched_tokens)
+        need = self.kv.peak_blocks(total, self.config.max_num_batched_tokens, num_prompt_tokens)
         if need > self.kv.num_blocks:
             within = "" if self.kv.window is None else ", within its sliding window"
             raise ValueError(
@@ -120,6 +125,7 @@ class Scheduler:
 
     # ----- scheduling ------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
+        self.kv.apply_compressions()    # the steps that compressed prompts are submitted
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
         drafts: dict[str, list[int]] = {}
@@ -138,6 +144,11 @@ class Scheduler:
                        - req.num_computed_tokens)
             if num_new > budget:
                 num_new = budget
+            if self.kv.snapkv is not None:
+                num_new = self._snapkv_chunk(req, req.num_computed_tokens, num_new)
+                if num_new <= 0:
+                    i += 1      # its prompt's last chunk does not fit this step's budget
+                    continue
             draft = (self._draft(req, budget - 1)
                      if proposer is not None and num_new == 1 and req.output_token_ids else None)
             if draft:       # its blocks are taken
@@ -242,6 +253,10 @@ class Scheduler:
         hits = self.kv.find_cached_prefix(req)
         num_cached = len(hits) * self.kv.block_size
         num_new = min(req.num_tokens - num_cached, budget)
+        if self.kv.snapkv is not None:
+            num_new = self._snapkv_chunk(req, num_cached, num_new)
+            if num_new <= 0:
+                return None     # its prompt's last chunk does not fit this step's budget
         if self.kv.allocate_slots(req, num_cached + num_new, hits) is None:
             return None
         self.kv.stats.queries += req.num_tokens
@@ -251,10 +266,24 @@ class Scheduler:
         self.running.append(req)
         return num_new
 
+    def _snapkv_chunk(self, req: Request, start: int, num_new: int) -> int:
+        """How much of `num_new` tokens from `start` a request's step may compute under
+        SnapKV: a prompt it compresses ends its chunk, and that chunk holds the prompt's
+        whole observation window (no chunk ends inside it). At most 0: none this step."""
+        snapkv = self.kv.snapkv
+        num_prompt = len(req.prompt_token_ids)
+        if snapkv is None or start >= num_prompt or not snapkv.compresses(num_prompt):
+            return num_new
+        end = min(start + num_new, num_prompt)
+        if end < num_prompt and num_prompt - end < snapkv.window_size:
+            end = num_prompt - snapkv.window_size
+        return end - start
+
     def _build_output(self, scheduled: list[tuple[Request, int]], budget: int,
                       drafts: dict[str, list[int]]) -> SchedulerOutput:
         new_requests, seqs = [], []
-        seen, tables = self._seen_by_runner, self.kv.block_tables
+        kv = self.kv
+        seen, tables = self._seen_by_runner, kv.block_tables
         has_bitmasks = False
         self._mask_jobs = []    # the last step's are filled, or its sequences left it
         for req, num_new in scheduled:
@@ -284,6 +313,9 @@ class Scheduler:
                 req.num_output_placeholders = in_flight + 1
             seq = ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids, num_prompt,
                                draft)
+            if kv.snapkv is not None:
+                seq.kv_start = kv.kv_start(rid)
+                seq.compress = kv.pending_compression(rid)
             if sample and req.grammar is not None:    # its mask comes with fill_bitmasks
                 self._mask_jobs.append((seq, req.grammar, draft))
                 has_bitmasks = True
