@@ -10,7 +10,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from taskloom.config import (CacheConfig, EngineConfig, LoRAConfig, ModelConfig, SchedulerConfig,
-                             SpeculativeConfig)
+                             SnapKVConfig, SpeculativeConfig)
 from taskloom.engine.core import EngineCore
 from taskloom.engine.prefix_order import prefix_grouped_order
 from taskloom.lora.registry import LoRARegistry
@@ -54,7 +54,10 @@ class LLM:
     With `sliding_window` (KV compression; default: the model's own window, as Mistral
     v0.1's), each token attends to the last `sliding_window` positions and to the first
     `num_sink_tokens` (attention sinks), and a request holds about that much KV however
-    long it grows.
+    long it grows. With `snapkv` (KV compression of long prompts: a SnapKVConfig, its
+    fields as a dict, or just its budget), a prompt longer than the budget keeps, in each
+    layer and KV head, only the budget's worth of positions its last tokens attended to
+    most, and its request holds that much prompt KV.
 
     LoRA adapters (PEFT directories) are served when `loras` names some ({name: path}) or
     `enable_lora` is set: up to `max_loras` of them in one batch, ranks up to `max_lora_rank`,
@@ -76,9 +79,14 @@ class LLM:
                  max_loras: int = 8, max_lora_rank: int = 16,
                  max_cpu_loras: int | None = None,
                  speculative_config: SpeculativeConfig | Mapping[str, object] | None = None,
-                 sliding_window: int | None = None, num_sink_tokens: int = 0) -> None:
+                 sliding_window: int | None = None, num_sink_tokens: int = 0,
+                 snapkv: SnapKVConfig | Mapping[str, object] | int | None = None) -> None:
         if isinstance(speculative_config, Mapping):
             speculative_config = speculative_config_from(speculative_config)
+        if isinstance(snapkv, Mapping):
+            snapkv = SnapKVConfig(**snapkv)     # type: ignore[arg-type]
+        elif isinstance(snapkv, int):
+            snapkv = SnapKVConfig(snapkv)
         self.config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, device=device,
                               random_weights=random_weights, seed=seed,
@@ -91,7 +99,8 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization,
                               num_blocks=num_blocks,
                               enable_prefix_caching=enable_prefix_caching,
-                              sliding_window=sliding_window, num_sink_tokens=num_sink_tokens),
+                              sliding_window=sliding_window, num_sink_tokens=num_sink_tokens,
+                              snapkv=snapkv),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_num_batched_tokens=max_num_batched_tokens,
                                       async_scheduling=async_scheduling),

@@ -18,6 +18,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
+from taskloom.config import SnapKVConfig
 from taskloom.sampling_params import SamplingParams
 from taskloom.server.tool_parsers import TOOL_CALL_PARSERS, tool_call_parser_named
 
@@ -59,6 +60,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-sinks", dest="num_sink_tokens", type=int, default=0,
                    metavar="N", help="with --sliding-window, the first N tokens stay "
                                      "visible to every query (StreamingLLM)")
+    g.add_argument("--snapkv-budget", type=int, default=None, metavar="N",
+                   help="KV compression of long prompts (SnapKV): a prompt of more than N "
+                        "tokens keeps, per layer and KV head, the N positions its last "
+                        "tokens attend to most (its observation window included)")
+    g.add_argument("--snapkv-window", type=int, default=32, metavar="N",
+                   help="with --snapkv-budget: the prompt's last N tokens vote and are kept")
+    g.add_argument("--snapkv-kernel-size", type=int, default=5, metavar="N",
+                   help="with --snapkv-budget: pooling width over the votes (odd)")
+    g.add_argument("--snapkv-pooling", choices=("avg", "max"), default="avg",
+                   help="with --snapkv-budget: how the votes are pooled")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', or by '
@@ -145,11 +156,21 @@ def make_llm(a: argparse.Namespace):  # -> taskloom.api.LLM (imported late: it l
               shared_prefix_attention=a.shared_prefix_attention, enable_lora=a.enable_lora,
               loras=dict(a.lora), max_loras=a.max_loras, max_lora_rank=a.max_lora_rank,
               max_cpu_loras=a.max_cpu_loras, speculative_config=a.speculative_config,
-              sliding_window=a.sliding_window, num_sink_tokens=a.num_sink_tokens)
+              sliding_window=a.sliding_window, num_sink_tokens=a.num_sink_tokens,
+              snapkv=snapkv_config(a))
     if _FREEZE_HEAP_AFTER_BUILD:
         gc.collect()
         gc.freeze()
     return llm
+
+
+def snapkv_config(a: argparse.Namespace) -> SnapKVConfig | None:
+    """The SnapKV settings of the command line (None without --snapkv-budget)."""
+    budget = getattr(a, "snapkv_budget", None)
+    if budget is None:
+        return None
+    return SnapKVConfig(budget, window_size=a.snapkv_window, kernel_size=a.snapkv_kernel_size,
+                        pooling=a.snapkv_pooling)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:

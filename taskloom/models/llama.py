@@ -23,6 +23,7 @@ from torch import nn
 from taskloom.models.arch import ArchConfig
 from taskloom.models.weights import default_weight_loader, set_weight_attrs, sharded_weight_loader
 from taskloom.ops.backend import TORCH_OPS, Ops
+from taskloom.ops.kv_compress import snapkv_compress
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.attention import AttentionMetadata
 
@@ -109,6 +110,8 @@ class LlamaAttention(nn.Module):
         # the rotated keys go straight to the cache with the values (one launch on the GPU)
         q = rotary.to_cache(positions, q, k, v, kv_cache, meta.slot_mapping)
         out = self.ops.paged_attention(q, kv_cache, meta, self.scale)  # [n, num_heads, head_dim]
+        for plan in meta.kv_compressions:   # prompts this step ends, compressed (SnapKV)
+            snapkv_compress(q, kv_cache, plan, self.scale)
         return self.o_proj(out.reshape(n, self.q_size))      # [n, hidden]
 
 

@@ -15,6 +15,9 @@ Under a sliding window (`AttentionMetadata.window`: KV compression, or a Mistral
 query sees the keys within its window and the attention sinks; only those positions are
 gathered, since the blocks before a sequence's window may be back in the pool (their table
 entries are then NULL_BLOCK). No prefix is shared whole under a window, so the groups are off.
+
+A sequence whose prompt SnapKV compressed (`AttentionMetadata.kv_starts`) reads its context
+from its kv_start on only, and is attended alone, never in a group.
 """
 from __future__ import annotations
 
@@ -65,10 +68,11 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
     for group in plan.shared:
         _decode_shared_prefix(query, kv_cache, group, scale, out)
     qsl = meta.query_start_loc_cpu
+    starts = meta.kv_starts_cpu
     for i in plan.prefill_seqs:
         out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
                                              meta.block_tables[i], meta.seq_lens_cpu[i], scale,
-                                             meta.window)
+                                             meta.window, starts[i] if starts else 0)
     return out
 
 
@@ -100,9 +104,11 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
     groups = meta.shared_prefix_groups
     if groups is None:      # a window's masks differ per query: no prefix is shared whole
+        starts = meta.kv_starts_cpu
+        whole = [i for i in decodes if not starts[i]] if starts else decodes
         groups = (shared_prefix_groups(meta.block_tables.cpu().numpy(), meta.seq_lens_cpu,
-                                       decodes, meta.block_size)
-                  if len(decodes) > 1 and meta.window is None else [])
+                                       whole, meta.block_size)
+                  if len(whole) > 1 and meta.window is None else [])
     grouped = {i for g in groups for i in g.rows}
     alone = [i for i in decodes if i not in grouped]
     shared = [_shared_plan(meta, list(g.rows), g.num_blocks, device, dtype) for g in groups]
@@ -139,10 +145,11 @@ def _context_slots(meta: AttentionMetadata, seqs: list[int], heads: list[int],
 
 def _window_ranges(meta: AttentionMetadata, seqs: list[int]) -> tuple[list[int], list[int]]:
     """Of each decode in `seqs`: how many sink positions it sees before its window, and
-    where its window starts (all 0: no window)."""
+    where its window starts (no window: 0 sinks, from its kv_start)."""
     w = meta.window
     if w is None:
-        return [0] * len(seqs), [0] * len(seqs)
+        starts = meta.kv_starts_cpu
+        return [0] * len(seqs), [starts[i] for i in seqs] if starts else [0] * len(seqs)
     starts = [w.first_visible(meta.seq_lens_cpu[i] - 1) for i in seqs]
     return [min(w.num_sink_tokens, s) for s in starts], starts
 
@@ -160,17 +167,20 @@ def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
 
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
-                seq_len: int, scale: float, window: AttentionWindow | None = None
-                ) -> torch.Tensor:
+                seq_len: int, scale: float, window: AttentionWindow | None = None,
+                kv_start: int = 0) -> torch.Tensor:
     """One sequence's queries (the last q_len positions of its context), causal.
 
     The inputs are 4-D (a batch of one): on the CPU only 4-D inputs reach PyTorch's flash
     attention kernel, 3-D ones its math path, which materialises the scores and was 5x slower
     for a 2,048-token chunk. A chunk with no cached prefix needs no mask: `is_causal` is
-    exactly its mask, and the kernel then skips the blocks above the diagonal."""
+    exactly its mask, and the kernel then skips the blocks above the diagonal. From
+    `kv_start` on only, where given (SnapKV)."""
     q_len = q.shape[0]                                     # q: [q_len, num_heads, head_dim]
     if window is not None:
         return _attend_one_windowed(q, kv_cache, block_table, seq_len, scale, window)
+    if kv_start:
+        return _attend_one_from(q, kv_cache, block_table, seq_len, scale, kv_start)
     k, v = gather_context(kv_cache, block_table, seq_len)  # [seq_len, num_kv_heads, head_dim]
     mask = None
     if q_len != seq_len:
@@ -199,6 +209,21 @@ def _attend_one_windowed(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     mask = (k_pos[None, :] <= q_pos) & ((k_pos[None, :] < window.num_sink_tokens)
                                         | (k_pos[None, :] > q_pos - window.size))
     return _sdpa(q, k, v, mask, scale)
+
+
+def _attend_one_from(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     seq_len: int, scale: float, kv_start: int) -> torch.Tensor:
+    """`_attend_one` over the cache slots of positions `kv_start .. seq_len - 1` (a
+    compressed prompt's kept entries, then what followed), causal by slot."""
+    q_len = q.shape[0]
+    dev = q.device
+    k_pos = torch.arange(kv_start, seq_len, device=dev)                 # [n]
+    bs = kv_cache.shape[2]
+    slots = block_table[k_pos // bs].long() * bs + k_pos % bs           # [n]
+    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    k, v = flat[0, slots], flat[1, slots]                 # [n, num_kv_heads, head_dim]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=dev)[:, None]  # [q_len, 1]
+    return _sdpa(q, k, v, k_pos[None, :] <= q_pos, scale)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

@@ -6,7 +6,7 @@ read each sequence's whole context back through its block table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,7 +48,9 @@ class AttentionMetadata:
     after this step it has `seq_lens[i]` tokens of context in the cache, so its queries sit at
     positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` and attend causally (within
     `window`, when set: a key outside every remaining query's window may sit in a block the
-    pool has taken back, so no implementation reads one).
+    pool has taken back, so no implementation reads one), from position `kv_starts[i]` on
+    where set (SnapKV: the cache slots of positions kv_starts[i] .. L - 1 hold the entries
+    kept of a prompt of L tokens, all of which every later query sees).
 
     In a captured CUDA graph the tensors are static buffers refilled before each replay, and
     the host fields describe the capture (decode-only, `max_seq_len` = the model's context
@@ -75,6 +77,13 @@ class AttentionMetadata:
     shared_prefix_groups: list[PrefixGroup] | None = None
     # Scratch buffers kept across steps (the runner's), or None: allocate per call.
     workspace: Workspace | None = None
+    # SnapKV: sequence i holds KV from position kv_starts[i] on (its prompt was compressed;
+    # the entries there are the kept ones) and attends to nothing before; None: all 0.
+    kv_starts: torch.Tensor | None = None     # [num_seqs] int32
+    kv_starts_cpu: list[int] | None = None
+    # SnapKV: the prompts this step compresses once each layer has attended
+    # (taskloom.ops.kv_compress.SnapKVPlan); empty for none.
+    kv_compressions: list[Any] = field(default_factory=list)
     # Derived once per step by the attention implementation and shared by all layers.
     ref_plan: Any = None
     kernel_plan: Any = None

@@ -100,9 +100,15 @@ def build_engine(config: EngineConfig) -> EngineCore:
                     window.num_sink_tokens)
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes, lora,
-                         config.model.shared_prefix_attention, window, drafter)
+                         config.model.shared_prefix_attention, window, drafter,
+                         config.cache.snapkv)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
-                        config.cache.enable_prefix_caching, window)
+                        config.cache.enable_prefix_caching, window, config.cache.snapkv)
+    if config.cache.snapkv is not None:
+        s = config.cache.snapkv
+        logger.info("SnapKV: prompts of more than %d tokens keep %d entries a KV head "
+                    "(window %d, %s pooling of %d)", s.budget, s.budget, s.window_size,
+                    s.pooling, s.kernel_size)
     spec = config.speculative
     proposer = (None if spec is None else ModelDraftProposer(spec) if drafter is not None
                 else NgramProposer(spec))

@@ -12,7 +12,8 @@ eagerly after the replay.
 
 With LoRA adapters, each row's adapter slot is one more static buffer (-1: none), and the
 graphs are captured with every row treated as a one-token LoRA segment, so a replay serves
-any mix of adapters already in their slots.
+any mix of adapters already in their slots. With SnapKV (`kv_starts`), where each row's KV
+starts is one more (0: the whole context).
 
 Steps with a prefill chunk, or more sequences than the largest bucket, run eagerly. Capture
 needs kernels that never read the step from the host: the Triton ops (the torch reference
@@ -81,21 +82,35 @@ class DecodeInputs:
                                            pin_memory=pinned)
         self._host_tokens = torch.zeros(3, max_size, dtype=torch.int64, pin_memory=pinned)
         self._host_seq_lens = torch.ones(max_size, dtype=torch.int32, pin_memory=pinned)
+        self.kv_starts = torch.zeros(max_size, dtype=torch.int32, device=device)  # [max_size]
+        self._host_kv_starts = torch.zeros(max_size, dtype=torch.int32, pin_memory=pinned)
         # Flat: a step's [size, width] tables are staged contiguously.
         self._host_tables = torch.zeros(max_size * max_blocks_per_seq, dtype=torch.int32,
                                         pin_memory=pinned)
 
     def metadata(self, size: int, block_size: int, max_model_len: int, num_splits: int,
-                 window: AttentionWindow | None = None) -> AttentionMetadata:
+                 window: AttentionWindow | None = None, kv_starts: bool = False
+                 ) -> AttentionMetadata:
         """The metadata a graph of `size` rows is captured with: views of the static buffers,
         and host fields that hold for every decode step (one query token, at most
-        `max_model_len` tokens of context)."""
-        return AttentionMetadata(
+        `max_model_len` tokens of context; with `kv_starts`, the rows' kv_starts read from
+        their buffer)."""
+        meta = AttentionMetadata(
             slot_mapping=self.tokens[2, :size], query_start_loc=self.query_start_loc[:size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
             query_start_loc_cpu=list(range(size + 1)), seq_lens_cpu=[max_model_len] * size,
             max_query_len=1, max_seq_len=max_model_len, block_size=block_size,
             window=window, decode_num_splits=num_splits)
+        if kv_starts:
+            meta.kv_starts, meta.kv_starts_cpu = self.kv_starts[:size], [0] * size
+        return meta
+
+    def load_kv_starts(self, kv_starts: IntArray | None, n: int) -> None:
+        """Stage one decode step's kv_starts (None: all 0; padding rows: 0)."""
+        host = self._host_kv_starts.numpy()                  # [max_size]
+        host[:n] = 0 if kv_starts is None else kv_starts
+        host[n:] = 0
+        self.kv_starts.copy_(self._host_kv_starts, non_blocking=self.non_blocking)
 
     def lora_metadata(self, size: int) -> LoRAMetadata:
         """LoRA metadata a graph of `size` rows is captured with: one segment per row, each
@@ -140,7 +155,7 @@ class DecodeGraphs:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], sizes: Sequence[int],
                  hidden_size: int, block_size: int, max_model_len: int,
                  lora_state: LoRAState | None = None,
-                 window: AttentionWindow | None = None) -> None:
+                 window: AttentionWindow | None = None, kv_starts: bool = False) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError(f"CUDA graph sizes must be batch sizes >= 1, got {list(sizes)}")
         self.model = model
@@ -149,6 +164,7 @@ class DecodeGraphs:
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.window = window
+        self.kv_starts = kv_starts      # rows may start their KV past 0 (SnapKV)
         self.device = kv_caches[0].device
         self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), self.device)
         self.hidden = torch.empty(self.sizes[-1], hidden_size, dtype=kv_caches[0].dtype,
@@ -181,7 +197,7 @@ class DecodeGraphs:
                 self.max_model_len, self.window.size + self.window.num_sink_tokens)
             splits = decode_num_splits(size, num_kv_heads, attended)
             meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits,
-                                        self.window)
+                                        self.window, self.kv_starts)
             if self.lora_state is not None:
                 self.lora_state.meta = self.inputs.lora_metadata(size)
             self._forward(size, meta)
@@ -210,11 +226,13 @@ class DecodeGraphs:
     def run(self, input_ids: IntArray, positions: IntArray, slots: IntArray,
             seq_lens: IntArray, block_tables: np.ndarray | list[list[int]],
             lora_slots: list[int] | None = None,
-            fill_input_ids: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+            fill_input_ids: Callable[[torch.Tensor], None] | None = None,
+            kv_starts: IntArray | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode step (one token per
         sequence; arrays as for the eager batch; `lora_slots`: each sequence's adapter slot,
         when captured with LoRA; `fill_input_ids` writes tokens still on the device into the
-        static input ids, after the step's are loaded). Returns the hidden states
+        static input ids, after the step's are loaded; `kv_starts`, when captured with them).
+        Returns the hidden states
         [num_seqs, hidden], a view of the static output valid until the next replay."""
         n = len(seq_lens)
         size = bucket_size(self.sizes, n)
@@ -225,6 +243,10 @@ class DecodeGraphs:
         self.inputs.load(input_ids, positions, slots, seq_lens, block_tables, size)
         if self.lora_state is not None:
             self.inputs.load_lora_slots(lora_slots if lora_slots is not None else [-1] * n)
+        if self.kv_starts:
+            self.inputs.load_kv_starts(kv_starts, n)
+        elif kv_starts is not None:
+            raise ValueError("these CUDA graphs were captured without kv_starts")
         self._loaded.record(torch.cuda.current_stream(self.device))
         if fill_input_ids is not None:
             fill_input_ids(self.inputs.tokens[0])

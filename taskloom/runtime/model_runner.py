@@ -30,13 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from taskloom.config import AttentionWindow
+from taskloom.config import AttentionWindow, SnapKVConfig
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutput,
                                      SchedulerOutput, ScheduledSeq)
 from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.models.medusa import MedusaHeads
+from taskloom.ops.kv_compress import SnapKVPlan
 from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
@@ -85,6 +86,10 @@ class _Batch:
     placeholders: list[tuple[int, int]]
     max_query_len: int
     has_bitmasks: bool = False    # structured outputs: some sampled row has a mask
+    # SnapKV: where each attention sequence's KV starts (None: all at 0), and the prompts
+    # the step compresses: (window's query rows, prompt's slots, kept entries' slots)
+    kv_starts: np.ndarray | None = None
+    compressions: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
     @property
     def query_lens(self) -> list[int]:
@@ -236,7 +241,9 @@ class ModelRunner:
     graphs captured here, once the KV cache is allocated; `max_model_len` (the longest
     sequence) bounds their block tables and fixes their decode-attention splits. With
     `window`, every query attends within its sliding window and to the attention sinks
-    (the block tables then hold NULL_BLOCK where the pool took a block back). With `drafter`
+    (the block tables then hold NULL_BLOCK where the pool took a block back). With `snapkv`,
+    a step that ends a prompt the scheduler compresses writes the entries kept of its KV
+    (taskloom.ops.kv_compress), and later steps attend from its kv_start. With `drafter`
     (Medusa heads), a step that asks for guesses (SchedulerOutput.num_model_drafts) returns
     the heads' drafts for each sampled request's next step.
     """
@@ -246,8 +253,10 @@ class ModelRunner:
                  max_model_len: int, graph_sizes: Sequence[int] = (),
                  lora: LoRAManager | None = None, shared_prefix_attention: bool = True,
                  window: AttentionWindow | None = None,
-                 drafter: MedusaHeads | None = None) -> None:
+                 drafter: MedusaHeads | None = None,
+                 snapkv: SnapKVConfig | None = None) -> None:
         self.model = model
+        self.snapkv = snapkv
         self.drafter = drafter
         self.arch = arch
         self.block_size = block_size
@@ -281,7 +290,8 @@ class ModelRunner:
                 raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
             self.graphs = DecodeGraphs(model, self.kv_caches, graph_sizes, arch.hidden_size,
                                        block_size, max_model_len,
-                                       None if lora is None else lora.state, window)
+                                       None if lora is None else lora.state, window,
+                                       kv_starts=snapkv is not None)
             self.graphs.capture()
 
     @property
@@ -383,6 +393,8 @@ class ModelRunner:
             seq_lens, max_query_len = start + q_lens, int(q_lens.max())
         table = self._block_tables.table
         slots = table[token_rows, positions // bs].astype(np.int64) * bs + positions % bs
+        compressions = (self._snapkv_plans(seqs, rows, qsl) if self.snapkv is not None
+                        else None)
         owners: Sequence[ScheduledSeq] = seqs
         drafts: list[tuple[str, int, Sequence[int]]] = []
         if num_sampled == len(sampled):     # no drafts: the last token of each
@@ -404,7 +416,35 @@ class ModelRunner:
             sample_index=sample_index, drafts=drafts,
             seq_loras=None if self.lora is None else [self._states[s.req_id].lora
                                                       for s in owners],
-            placeholders=placeholders, max_query_len=max_query_len)
+            placeholders=placeholders, max_query_len=max_query_len,
+            kv_starts=(None if self.snapkv is None or not any(s.kv_start for s in owners)
+                       else np.array([s.kv_start for s in owners], dtype=np.int64)),
+            compressions=compressions)
+
+    def _snapkv_plans(self, seqs: list[ScheduledSeq], rows: np.ndarray, qsl: list[int]
+                      ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
+        """Host arrays of the step's compressions (sequences whose `compress` is set, whose
+        chunk ends their prompt): the rows of the window's queries, the cache slots of the
+        prompt's positions (from its table this step), and those of the kept entries."""
+        snapkv = self.snapkv
+        assert snapkv is not None
+        out = []
+        bs, table = self.block_size, self._block_tables.table
+        w = snapkv.window_size
+        for i, seq in enumerate(seqs):
+            c = seq.compress
+            if c is None:
+                continue
+            n = c.num_prompt_tokens
+            if seq.num_computed_tokens + len(seq.token_ids) != n or len(seq.token_ids) < w:
+                raise RuntimeError(f"{seq.req_id}: a compressing chunk must end its prompt "
+                                   f"and hold its window of {w} tokens")
+            pos = np.arange(n)
+            src = table[rows[i], pos // bs].astype(np.int64) * bs + pos % bs
+            kept = pos[c.first_position:]
+            dest = np.array(c.block_ids, dtype=np.int64)[kept // bs - c.first_position // bs]
+            out.append((np.arange(qsl[i + 1] - w, qsl[i + 1]), src, dest * bs + kept % bs))
+        return out or None
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """Hidden states [num_tokens, hidden] of the batch: a CUDA graph replay for a decode
@@ -413,10 +453,12 @@ class ModelRunner:
         graphs = self.graphs
         groups = self._shared_prefix_groups(batch)
         if (graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens))
+                and (batch.kv_starts is None or graphs.kv_starts)
                 and saved_token_reads(groups, self.block_size) * self._kv_bytes_per_token
                 < SHARED_PREFIX_MIN_SAVED_BYTES):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
-                              batch.block_tables, lora_slots, self._fill_placeholders(batch))
+                              batch.block_tables, lora_slots, self._fill_placeholders(batch),
+                              batch.kv_starts)
         if self.lora is not None and lora_slots is not None:
             self.lora.set_step(lora_slots, batch.query_lens)
         dev = self.device
@@ -430,6 +472,16 @@ class ModelRunner:
             max_query_len=batch.max_query_len, max_seq_len=max(seq_lens),
             block_size=self.block_size, window=self.window, shared_prefix_groups=groups,
             workspace=self._workspace)
+        if batch.kv_starts is not None:
+            meta.kv_starts = to_device(batch.kv_starts, torch.int32, dev)
+            meta.kv_starts_cpu = batch.kv_starts.tolist()
+        if batch.compressions:
+            snapkv = self.snapkv
+            assert snapkv is not None
+            meta.kv_compressions = [
+                SnapKVPlan(to_device(q, torch.int64, dev), to_device(src, torch.int64, dev),
+                           to_device(dest, torch.int64, dev), snapkv.kernel_size,
+                           snapkv.pooling) for q, src, dest in batch.compressions]
         input_ids = to_device(batch.input_ids, torch.int64, dev)
         fill = self._fill_placeholders(batch)
         if fill is not None:
@@ -447,6 +499,8 @@ class ModelRunner:
             decodes: Sequence[int] = range(len(qsl) - 1)
         else:
             decodes = [i for i in range(len(qsl) - 1) if qsl[i + 1] - qsl[i] == 1]
+        if batch.kv_starts is not None:     # a compressed prompt's KV is its own
+            decodes = [i for i in decodes if not batch.kv_starts[i]]
         if len(decodes) < 2 or not may_share(tables[decodes, 0].tolist()):
             return []
         return shared_prefix_groups(tables, batch.seq_lens.tolist(), decodes, self.block_size)

@@ -27,14 +27,17 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Keys and values of this
     step's tokens must already be in the cache (see `write_kv_cache`). With `meta.window`,
-    within each query's sliding window and the sinks.
+    within each query's sliding window and the sinks; with `meta.kv_starts` (SnapKV), from
+    each sequence's kv_start on.
     """
     if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
         return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                       meta.max_seq_len, meta.decode_num_splits,
-                                      _shared_prefix(meta, query, kv_cache), meta.window)
+                                      _shared_prefix(meta, query, kv_cache), meta.window,
+                                      meta.kv_starts)
     return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
-                                  meta.block_tables, scale, meta.max_query_len, meta.window)
+                                  meta.block_tables, scale, meta.max_query_len, meta.window,
+                                  meta.kv_starts)
 
 
 def _shared_prefix(meta: AttentionMetadata, query: torch.Tensor,

@@ -213,7 +213,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            max_seq_len: int, num_splits: int | None = None,
                            shared: SharedPrefixPlan | None = None,
-                           window: AttentionWindow | None = None) -> torch.Tensor:
+                           window: AttentionWindow | None = None,
+                           kv_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per sequence over its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32;
@@ -223,7 +224,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     `shared`, the members of each group attend to their shared prefix together (its keys
     read once per tile of members, not once per member) and the splits cover what follows
     it; the two are merged by log-sum-exp. With `window`, each query attends to its sliding
-    window and the sinks, and no other key is read (the splits cover the window). Returns
+    window and the sinks, and no other key is read (the splits cover the window). With
+    `kv_starts` ([num_seqs] int32, SnapKV), sequence i reads keys from position kv_starts[i]
+    on (the splits cover those; such a sequence is in no shared-prefix group). Returns
     [num_seqs, num_heads, head_dim] in query's dtype.
     """
     check_paged_inputs(query, kv_cache)
@@ -232,7 +235,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         if window is not None:
             raise ValueError("shared-prefix attention does not run with a sliding window")
         return _decode_with_shared_prefix(query, kv_cache, block_tables, seq_lens, scale,
-                                          shared)
+                                          shared, kv_starts)
     if num_splits is None:
         attended = max_seq_len if window is None else min(max_seq_len, window.size)
         num_splits = decode_num_splits(num_seqs, kv_cache.shape[3], attended)
@@ -241,23 +244,25 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         return out
     if num_splits == 1:
         _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, out.unsqueeze(2),
-                           None, window=window)
+                           None, first=kv_starts, window=window)
         return out
     partial = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                           device=query.device)           # [num_seqs, num_heads, splits, d]
     lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                       device=query.device)               # [num_seqs, num_heads, splits]
     _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse,
-                       window=window)
+                       first=kv_starts, window=window)
     _reduce(partial, lse, out)
     return out
 
 
 def _decode_with_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor,
                                block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                               scale: float, shared: SharedPrefixPlan) -> torch.Tensor:
-    """Slots 0..S-1 of each sequence: the splits of its own tokens after its prefix; slots
-    S..S+P-1: the splits of its group's prefix (never written, so -inf, for a lone one)."""
+                               scale: float, shared: SharedPrefixPlan,
+                               kv_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Slots 0..S-1 of each sequence: the splits of its own tokens after its prefix (or its
+    kv_start); slots S..S+P-1: the splits of its group's prefix (never written, so -inf,
+    for a lone one)."""
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = kv_cache.shape[3]
     suffix_splits = decode_num_splits(num_seqs, num_kv_heads, shared.max_suffix_len)
@@ -270,8 +275,9 @@ def _decode_with_shared_prefix(query: torch.Tensor, kv_cache: torch.Tensor,
     lse = torch.full((num_seqs, num_heads, slots), float("-inf"), dtype=torch.float32,
                      device=query.device)                # [num_seqs, num_heads, slots]
     out = torch.empty_like(query)                        # [num_seqs, num_heads, head_dim]
+    first = shared.first if kv_starts is None else torch.maximum(shared.first, kv_starts)
     _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse,
-                       suffix_splits, shared.first)
+                       suffix_splits, first)
     if shared.num_work:
         k_cache, v_cache = kv_cache[0], kv_cache[1]      # [num_blocks, block_size, kv_heads, d]
         _prefix_split_kernel[(shared.num_work, num_kv_heads, prefix_splits)](

@@ -52,12 +52,12 @@ def _extend_tiles(q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, q_pos, kv_head
 @triton.jit
 def _extend_kernel(
         q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, query_start_loc_ptr, seq_lens_ptr,
-        block_tables_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
+        block_tables_ptr, kv_starts_ptr, qk_scale, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
         stride_bt, stride_ot, stride_oh,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
         BLOCK_N: tl.constexpr, WINDOW: tl.constexpr, SINKS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr):
+        HAS_START: tl.constexpr, DOT_PRECISION: tl.constexpr):
     q_block = tl.program_id(0)
     seq = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -82,6 +82,8 @@ def _extend_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table_ptr = block_tables_ptr + seq * stride_bt
     lo = 0
+    if HAS_START:       # SnapKV: the sequence holds KV from its kv_start on
+        lo = tl.load(kv_starts_ptr + seq)
     if WINDOW > 0:
         # Keys before the block's first query's window are read only as sinks: the pool may
         # have taken back the blocks between.
@@ -103,8 +105,8 @@ def _extend_kernel(
 def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                            block_tables: torch.Tensor, scale: float,
-                           max_query_len: int, window: AttentionWindow | None = None
-                           ) -> torch.Tensor:
+                           max_query_len: int, window: AttentionWindow | None = None,
+                           kv_starts: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of each sequence's query chunk over its cached context.
 
     query: [num_tokens, num_heads, head_dim], sequence i owning rows
@@ -112,7 +114,8 @@ def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     int32, each counting the chunk itself; block_tables: [num_seqs, max_blocks] int32;
     `max_query_len` (a host int) sizes the grid. The chunk's keys and values must already be
     in the cache. With `window`, each query attends within its sliding window and to the
-    sinks, and no other key is read. Returns [num_tokens, num_heads, head_dim] in query's
+    sinks, and no other key is read; with `kv_starts` ([num_seqs] int32, SnapKV), sequence
+    i reads keys from position kv_starts[i] on. Returns [num_tokens, num_heads, head_dim] in query's
     dtype.
     """
     check_paged_inputs(query, kv_cache)
@@ -127,13 +130,14 @@ def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     block_q = block_m // group                           # query tokens per program
     k_cache, v_cache = kv_cache[0], kv_cache[1]          # [num_blocks, block_size, kv_heads, d]
     _extend_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
-        query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, scale * LOG2E,
+        query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, kv_starts,
+        scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
         BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=EXTEND_TILES.keys_per_tile(head_dim),
         WINDOW=0 if window is None else window.size,
-        SINKS=0 if window is None else window.num_sink_tokens,
+        SINKS=0 if window is None else window.num_sink_tokens, HAS_START=kv_starts is not None,
         DOT_PRECISION=dot_precision(query.dtype), **EXTEND_TILES.launch_options())
     return out
