@@ -66,9 +66,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "tokens attend to most (its observation window included)")
     g.add_argument("--snapkv-window", type=int, default=32, metavar="N",
                    help="with --snapkv-budget: the prompt's last N tokens vote and are kept")
-    g.add_argument("--snapkv-kernel-size", type=int, default=5, metavar="N",
+    g.add_argument("--snapkv-kernel-size", type=int, default=7, metavar="N",
                    help="with --snapkv-budget: pooling width over the votes (odd)")
-    g.add_argument("--snapkv-pooling", choices=("avg", "max"), default="avg",
+    g.add_argument("--snapkv-pooling", choices=("avg", "max"), default="max",
                    help="with --snapkv-budget: how the votes are pooled")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '

@@ -143,6 +143,26 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "reference documentation, pydoc_data.topics)")
     wi.add_argument("--output-json", default=None, help="also write the result to this file")
     wi.set_defaults(func=_run_window)
+    sn = kinds.add_parser("snapkv", help="KV compression of long prompts: needle retrieval "
+                                         "and KV memory of SnapKV vs full attention and a "
+                                         "sliding window of the same size")
+    add_engine_args(sn)
+    sn.add_argument("--budgets", type=int, nargs="+", default=[128, 256],
+                    help="SnapKV budgets to run (KV entries kept a prompt)")
+    sn.add_argument("--kernel-sizes", type=int, nargs="+", default=[7, 13],
+                    help="pooling widths to run each budget with (odd)")
+    sn.add_argument("--context-len", type=int, default=1024, help="tokens per prompt")
+    sn.add_argument("--num-prompts", type=int, default=8, help="prompts, answered in one batch")
+    sn.add_argument("--max-tokens", type=int, default=8, help="tokens of each answer")
+    sn.add_argument("--needle-seed", dest="seed", type=int, default=0,
+                    help="seed of the needles' codes and depths")
+    sn.add_argument("--no-window-baseline", dest="window_baseline", action="store_false",
+                    help="skip the sliding windows of each budget's size")
+    sn.add_argument("--text-file", default=None, metavar="FILE",
+                    help="a UTF-8 text to cut the passages from (default: Python's "
+                         "reference documentation, pydoc_data.topics)")
+    sn.add_argument("--output-json", default=None, help="also write the result to this file")
+    sn.set_defaults(func=_run_snapkv)
     sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup or Medusa heads) "
                                        "against the same engine without it")
     add_engine_args(sp)
@@ -236,6 +256,17 @@ def _run_window(a: argparse.Namespace) -> int:
                          "tokenizer, not --random-weights")
     from taskloom.bench.summary import result_lines
     result = run_window(a)
+    print("\n".join(result_lines(result)))
+    return _emit(result, a.output_json)
+
+
+def _run_snapkv(a: argparse.Namespace) -> int:
+    from taskloom.bench.snapkv import run_snapkv
+    if a.random_weights:
+        raise ValueError("bench snapkv answers questions on real text: it needs real weights "
+                         "and a tokenizer, not --random-weights")
+    from taskloom.bench.summary import result_lines
+    result = run_snapkv(a)
     print("\n".join(result_lines(result)))
     return _emit(result, a.output_json)
 

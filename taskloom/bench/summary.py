@@ -153,6 +153,8 @@ def result_lines(r: dict) -> list[str]:
         return _spec_lines(r)
     if kind == "window":
         return _window_lines(r)
+    if kind == "snapkv":
+        return _snapkv_lines(r)
     if kind == "serve":
         # tokens a chunk: above 1 when the server fell behind the engine (OutputStream)
         per_chunk = (f", {r['tokens_per_chunk']} tokens a chunk"
@@ -180,6 +182,25 @@ def _window_lines(r: dict) -> list[str]:
             f"{x['perplexity']:.3f} (past the window {x['perplexity_past_window']:.3f}), "
             f"{x['max_kv_blocks']} KV blocks ({x['max_kv_blocks'] / full['max_kv_blocks']:.2f}x "
             f"full), {x['prompt_tokens_per_s']:.0f} prompt tok/s")
+    return lines
+
+
+def _snapkv_lines(r: dict) -> list[str]:
+    full = r["results"][0]
+    lines = []
+    for x in r["results"]:
+        name = {"full": "full attention",
+                "snapkv": f"SnapKV {x.get('budget')}, {x.get('pooling')} pool "
+                          f"{x.get('kernel_size')}",
+                "window": f"window {x.get('sliding_window')} + {x.get('sinks')} sinks"
+                }[x["method"]]
+        step = "" if x["decode_step_ms"] is None else f", {x['decode_step_ms']} ms a decode step"
+        lines.append(
+            f"snapkv {r['num_prompts']}x{r['context_len']} {name}: {x['found']}/"
+            f"{r['num_prompts']} needles ({x['digits_right']:.0%} of digits), "
+            f"{x['same_as_full']}/{r['num_prompts']} answers as full attention's, "
+            f"{x['decode_kv_blocks']} KV blocks decoding "
+            f"({x['decode_kv_blocks'] / max(full['decode_kv_blocks'], 1):.2f}x full){step}")
     return lines
 
 
