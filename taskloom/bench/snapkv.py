@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import time
 
 from taskloom.bench.common import build_llm, release_device_memory, run_info
@@ -55,8 +56,9 @@ def needle_prompts(ids_of, text: str, num: int, length: int, seed: int
 
 
 def digits_right(answer: str, code: str) -> float:
-    """The share of the code's digits the answer gives in order from its first digit."""
-    digits = "".join(c for c in answer if c.isdigit())
+    """The share of the code's digits the answer's first number gives, in order."""
+    found = re.search(r"\d+", answer)
+    digits = found.group() if found else ""
     right = 0
     while right < min(len(digits), len(code)) and digits[right] == code[right]:
         right += 1

@@ -45,7 +45,7 @@ def test_needles_digits_and_refusals(capsys: pytest.CaptureFixture) -> None:
         text = "".join(map(chr, p))
         assert f"The secret code is {code}." in text and text.endswith("The secret code is")
     with pytest.raises(ValueError, match="too few for --num-prompts 9"):
-        needle_prompts(lambda s: [ord(c) for c in s], "x" * 1000, 9, 200, seed=1)
+        needle_prompts(lambda s: [ord(c) for c in s], "x" * 500, 9, 200, seed=1)
     assert digits_right(" 60494.", "60494") == 1.0
     assert digits_right(" 604.\n\nThe 9", "60494") == 0.6
     assert digits_right(" a list", "60494") == 0.0
