@@ -251,32 +251,32 @@ def _run_serve(a: argparse.Namespace) -> int:
 
 def _run_window(a: argparse.Namespace) -> int:
     from taskloom.bench.window import run_window
-    if a.random_weights:
-        raise ValueError("bench window scores real text: it needs real weights and a "
-                         "tokenizer, not --random-weights")
-    from taskloom.bench.summary import result_lines
-    result = run_window(a)
-    print("\n".join(result_lines(result)))
-    return _emit(result, a.output_json)
+    _need_real_weights(a, "bench window scores real text")
+    return _print_and_emit(run_window(a), a.output_json)
 
 
 def _run_snapkv(a: argparse.Namespace) -> int:
     from taskloom.bench.snapkv import run_snapkv
-    if a.random_weights:
-        raise ValueError("bench snapkv answers questions on real text: it needs real weights "
-                         "and a tokenizer, not --random-weights")
-    from taskloom.bench.summary import result_lines
-    result = run_snapkv(a)
-    print("\n".join(result_lines(result)))
-    return _emit(result, a.output_json)
+    _need_real_weights(a, "bench snapkv answers questions on real text")
+    return _print_and_emit(run_snapkv(a), a.output_json)
 
 
 def _run_spec(a: argparse.Namespace) -> int:
     from taskloom.bench.spec import run_spec
+    return _print_and_emit(run_spec(a), a.output_json)
+
+
+def _need_real_weights(a: argparse.Namespace, what: str) -> None:
+    if a.random_weights:
+        raise ValueError(f"{what}: it needs real weights and a tokenizer, not "
+                         f"--random-weights")
+
+
+def _print_and_emit(result: dict, output_json: str | None) -> int:
+    """The result's summary lines, then its JSON line (and file)."""
     from taskloom.bench.summary import result_lines
-    result = run_spec(a)
     print("\n".join(result_lines(result)))
-    return _emit(result, a.output_json)
+    return _emit(result, output_json)
 
 
 def _run_summary(a: argparse.Namespace) -> int:
