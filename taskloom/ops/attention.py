@@ -51,6 +51,15 @@ def gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor,
     return k, v
 
 
+def gather_positions(kv_cache: torch.Tensor, block_table: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [n, num_kv_heads, head_dim] of one sequence at `positions` [n]."""
+    bs = kv_cache.shape[2]
+    slots = block_table[positions // bs].long() * bs + positions % bs   # [n]
+    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
+    return flat[0, slots], flat[1, slots]
+
+
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Causal attention of every query token over its sequence's cached context.
@@ -201,10 +210,7 @@ def _attend_one_windowed(q: torch.Tensor, kv_cache: torch.Tensor, block_table: t
     dev = q.device
     k_pos = torch.cat([torch.arange(sinks, device=dev),
                        torch.arange(first, seq_len, device=dev)])       # [n]
-    bs = kv_cache.shape[2]
-    slots = block_table[k_pos // bs].long() * bs + k_pos % bs           # [n]
-    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
-    k, v = flat[0, slots], flat[1, slots]                 # [n, num_kv_heads, head_dim]
+    k, v = gather_positions(kv_cache, block_table, k_pos)  # [n, num_kv_heads, head_dim]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=dev)[:, None]  # [q_len, 1]
     mask = (k_pos[None, :] <= q_pos) & ((k_pos[None, :] < window.num_sink_tokens)
                                         | (k_pos[None, :] > q_pos - window.size))
@@ -218,10 +224,7 @@ def _attend_one_from(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch
     q_len = q.shape[0]
     dev = q.device
     k_pos = torch.arange(kv_start, seq_len, device=dev)                 # [n]
-    bs = kv_cache.shape[2]
-    slots = block_table[k_pos // bs].long() * bs + k_pos % bs           # [n]
-    flat = kv_cache.view(2, -1, *kv_cache.shape[3:])
-    k, v = flat[0, slots], flat[1, slots]                 # [n, num_kv_heads, head_dim]
+    k, v = gather_positions(kv_cache, block_table, k_pos)  # [n, num_kv_heads, head_dim]
     q_pos = torch.arange(seq_len - q_len, seq_len, device=dev)[:, None]  # [q_len, 1]
     return _sdpa(q, k, v, k_pos[None, :] <= q_pos, scale)
 
