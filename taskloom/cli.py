@@ -1,10 +1,11 @@
-"""The `taskloom` command: generate | chat | serve | batch | train-medusa | bench.
+"""The `taskloom` command: generate | chat | serve | batch | train-medusa | train-hydra |
+bench.
 
 `generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
 that streams (/reset, /exit); `serve` runs the OpenAI-compatible server with its chat page;
 `batch` answers a file of OpenAI batch requests into an output file, resumably;
-`train-medusa` trains Medusa draft heads for the model on its own answers; `bench` runs the
-benchmarks and prints a JSON line last.
+`train-medusa` and `train-hydra` train draft heads for the model on its own answers; `bench`
+runs the benchmarks and prints a JSON line last.
 """
 from __future__ import annotations
 
@@ -73,9 +74,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='speculative decoding by prompt lookup, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 4, "prompt_lookup_max": 4}\', or by '
-                        'Medusa heads, \'{"method": "medusa", "model": DIR, '
-                        '"num_speculative_tokens": 3}\' (vLLM\'s keys; outputs are '
-                        'unchanged)')
+                        'draft heads, \'{"method": "medusa", "model": DIR, '
+                        '"num_speculative_tokens": 3}\' (or "hydra"; vLLM\'s keys; outputs '
+                        'are unchanged)')
     g = p.add_argument_group("LoRA adapters")
     g.add_argument("--lora", action="append", default=[], metavar="NAME=PATH",
                    type=_lora_arg, help="serve the PEFT adapter at PATH as NAME (repeatable)")
@@ -334,11 +335,11 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_batch)
 
 
-def cmd_train_medusa(a: argparse.Namespace) -> int:
-    from taskloom.models.medusa_train import MedusaTrainConfig, read_prompts, train_medusa
-    cfg = MedusaTrainConfig(num_heads=a.num_heads, num_layers=a.num_layers,
-                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
-                            batch_tokens=a.batch_tokens, seed=a.seed)
+def cmd_train_heads(a: argparse.Namespace) -> int:
+    from taskloom.models.draft_train import DraftTrainConfig, read_prompts, train_draft_heads
+    cfg = DraftTrainConfig(method=a.method, num_heads=a.num_heads, num_layers=a.num_layers,
+                           max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
+                           batch_tokens=a.batch_tokens, seed=a.seed)
     llm = make_llm(a)
     if a.prompts_file:
         prompts = read_prompts(a.prompts_file, llm)
@@ -346,19 +347,31 @@ def cmd_train_medusa(a: argparse.Namespace) -> int:
         from taskloom.bench.spec import topic_conversations
         prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
     from taskloom.bench.common import run_info
-    result = train_medusa(llm, prompts[:a.num_prompts], cfg, a.output)
-    print(json.dumps({"train": "medusa", **result, **run_info(a.device)}))
+    result = train_draft_heads(llm, prompts[:a.num_prompts], cfg, a.output)
+    print(json.dumps({"train": a.method, **result, **run_info(a.device)}))
     return 0
 
 
-def add_train_medusa_parser(sub: argparse._SubParsersAction) -> None:
+TRAIN_HEADS_HELP = {
+    "medusa": ("train Medusa draft heads for a model on its own answers",
+               "Self-distillation (Medusa-1): the model answers the prompts greedily, and "
+               "heads learn to guess its next tokens from its last hidden state, the model "
+               "frozen. The heads (vLLM's Medusa layout, using the model's own lm head)"),
+    "hydra": ("train Hydra draft heads for a model on its own answers",
+              "Self-distillation, as for Medusa heads: the model answers the prompts "
+              "greedily, and heads learn to guess its next tokens from its last hidden state "
+              "and the tokens before the one each guesses (Hydra's sequentially dependent "
+              "heads), the model frozen. The heads (Hydra's layout, using the model's own lm "
+              "head)"),
+}
+
+
+def add_train_heads_parser(sub: argparse._SubParsersAction, method: str) -> None:
+    short, long = TRAIN_HEADS_HELP[method]
     p = sub.add_parser(
-        "train-medusa", help="train Medusa draft heads for a model on its own answers",
-        description="Self-distillation (Medusa-1): the model answers the prompts greedily, "
-                    "and heads learn to guess its next tokens from its last hidden state, the "
-                    "model frozen. The heads (vLLM's Medusa layout, using the model's own lm "
-                    "head) serve as --speculative-config '{\"method\": \"medusa\", "
-                    "\"model\": OUTPUT}'.")
+        f"train-{method}", help=short,
+        description=f"{long} serve as --speculative-config '{{\"method\": \"{method}\", "
+                    f"\"model\": OUTPUT}}'.")
     p.add_argument("--output", required=True, help="directory to write the heads to")
     p.add_argument("--prompts-file", default=None, metavar="JSONL",
                    help='prompts to answer, a {"prompt": ...}, {"messages": [...]} or '
@@ -374,7 +387,7 @@ def add_train_medusa_parser(sub: argparse._SubParsersAction) -> None:
                    help="training positions per optimizer step")
     p.add_argument("--seed", type=int, default=0)
     add_engine_args(p)
-    p.set_defaults(func=cmd_train_medusa)
+    p.set_defaults(func=cmd_train_heads, method=method)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
     add_serve_parser(sub)
     add_batch_parser(sub)
-    add_train_medusa_parser(sub)
+    add_train_heads_parser(sub, "medusa")
+    add_train_heads_parser(sub, "hydra")
     from taskloom.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser

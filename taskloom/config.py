@@ -229,7 +229,7 @@ class LoRAConfig:
         return self.max_cpu_loras if self.max_cpu_loras is not None else 4 * self.max_loras
 
 
-SPECULATIVE_METHODS = ("ngram", "medusa")
+SPECULATIVE_METHODS = ("ngram", "medusa", "hydra")
 
 
 @dataclass(frozen=True)
@@ -242,7 +242,8 @@ class SpeculativeConfig:
     occurrence of the sequence's last n tokens, n from `prompt_lookup_max` down to
     `prompt_lookup_min`. "medusa" drafts with the Medusa heads at `model` (a directory; see
     taskloom.models.medusa), which guess the next tokens from the model's own last hidden
-    state. The keys are vLLM's `--speculative-config` keys.
+    state; "hydra" with Hydra heads (taskloom.models.hydra), which also read the tokens
+    drafted before their own. The keys are vLLM's `--speculative-config` keys.
     """
 
     method: str = "ngram"
@@ -263,9 +264,9 @@ class SpeculativeConfig:
         if self.prompt_lookup_max < self.prompt_lookup_min:
             raise ValueError(f"prompt_lookup_max ({self.prompt_lookup_max}) must be >= "
                              f"prompt_lookup_min ({self.prompt_lookup_min})")
-        if self.method == "medusa" and not self.model:
-            raise ValueError('speculative method "medusa" needs "model": the directory of '
-                             "the Medusa heads")
+        if self.method in ("medusa", "hydra") and not self.model:
+            raise ValueError(f'speculative method "{self.method}" needs "model": the '
+                             f"directory of the {self.method.capitalize()} heads")
         if self.method == "ngram" and self.model is not None:
             raise ValueError('speculative method "ngram" takes no "model" (prompt lookup '
                              "drafts from the sequence itself)")

@@ -163,8 +163,8 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "reference documentation, pydoc_data.topics)")
     sn.add_argument("--output-json", default=None, help="also write the result to this file")
     sn.set_defaults(func=_run_snapkv)
-    sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup or Medusa heads) "
-                                       "against the same engine without it")
+    sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup, Medusa or Hydra "
+                                       "heads) against the same engine without it")
     add_engine_args(sp)
     sp.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     sp.add_argument("--output-len", type=int, default=128,

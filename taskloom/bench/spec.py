@@ -1,5 +1,5 @@
-"""`taskloom bench spec`: speculative decoding (prompt lookup, or Medusa heads) against the
-same engine without it, in the same run.
+"""`taskloom bench spec`: speculative decoding (prompt lookup, or Medusa or Hydra heads)
+against the same engine without it, in the same run.
 
 Prompt lookup pays only where the output repeats the input, so random token ids (the other
 benchmarks' workload) would measure nothing: the built-in workload is code editing, each
@@ -174,10 +174,11 @@ def run_spec(a: argparse.Namespace) -> dict:
                          "give the same tokens only for the same seed")
     if a.speculative_config is None:
         a.speculative_config = {"method": "ngram", "num_speculative_tokens": 4}
-    if a.peer == "hf" and a.speculative_config.get("method") == "medusa":
-        raise ValueError("--peer hf runs HF's prompt lookup, which is not Medusa (HF "
-                         "transformers has no Medusa decoding); the run without drafts in "
-                         "the same engine is the comparison")
+    method = a.speculative_config.get("method")
+    if a.peer == "hf" and method in ("medusa", "hydra"):
+        raise ValueError(f"--peer hf runs HF's prompt lookup, which is not {method} (HF "
+                         f"transformers has no draft-head decoding); the run without drafts "
+                         f"in the same engine is the comparison")
     a.max_num_seqs = max(a.max_num_seqs, max(a.batch_sizes))
     llm, startup_s = build_llm(a)
     if a.prompts_file:

@@ -162,9 +162,9 @@ def result_lines(r: dict) -> list[str]:
         return [f"serve {r['completed']}/{r['num_prompts']} at rate {r['request_rate']}: "
                 f"{r['output_tokens_per_s']:.0f} out tok/s, TTFT p50 {r['ttft']['p50_ms']} "
                 f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
-    if r.get("train") == "medusa":
+    if r.get("train") in ("medusa", "hydra"):
         last = r["epochs"][-1]
-        return [f"train medusa {r['config']['num_heads']} heads on {r['num_prompts']} prompts' "
+        return [f"train {r['train']} {r['config']['num_heads']} heads on {r['num_prompts']} prompts' "
                 f"answers ({r['num_positions']} positions), {last['epoch']} epochs: top-1 "
                 f"{', '.join(map(str, last['top1']))} on the training answers, in "
                 f"{r['generate_s'] + r['hidden_states_s'] + r['train_s']:.0f} s"]

@@ -112,17 +112,33 @@ class MedusaHeads(nn.Module):
         return self.lm_heads[head if self.lm_heads.shape[0] > 1 else 0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float logits of every head: [n, hidden] -> [K, n, vocab] (training and tests;
-        `propose` never holds them all)."""
+        """Float logits of every head: [n, hidden] -> [K, n, vocab] (tests; `propose` never
+        holds them all)."""
         x = self.hidden(hidden)
-        return torch.stack([F.linear(x[i], self.lm_weight(i)).float()
+        return torch.stack([self.head_logits(i, x[i]).float()
                             for i in range(self.config.num_heads)])
 
-    def propose(self, hidden: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    def head_logits(self, head: int, state: torch.Tensor) -> torch.Tensor:
+        """Head `head`'s logits from its state: [n, hidden] -> [n, vocab]."""
+        return F.linear(state, self.lm_weight(head))
+
+    def train_states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Every head's state for training: [n, hidden] -> [K, n, hidden]. A Medusa head
+        reads no tokens (`tokens`, the true next ones, are there for Hydra's heads)."""
+        return self.hidden(hidden)
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters training fits: the blocks (the lm heads stay as they are)."""
+        return [self.weight] + ([] if self.bias is None else [self.bias])
+
+    def propose(self, hidden: torch.Tensor, next_tokens: torch.Tensor, num_tokens: int
+                ) -> torch.Tensor:
         """Each row's drafts from the first `num_tokens` heads: [n, hidden] -> [n, num_tokens]
-        int64. Heads that share one lm head go through it in one matmul (its weight read
-        once, which is what a small batch's step pays for), unless their logits together
-        would pass PROPOSE_MAX_LOGITS; else one head's logits [n, vocab] at a time."""
+        int64 (`next_tokens`, what the base sampled from `hidden`, is not read: every Medusa
+        head guesses from the hidden state alone). Heads that share one lm head go through
+        it in one matmul (its weight read once, which is what a small batch's step pays
+        for), unless their logits together would pass PROPOSE_MAX_LOGITS; else one head's
+        logits [n, vocab] at a time."""
         x = self.hidden(hidden, num_tokens)                              # [k, n, hidden]
         k, n = x.shape[0], x.shape[1]
         shared = self.lm_heads is None or self.lm_heads.shape[0] == 1

@@ -15,9 +15,9 @@ from taskloom.engine.model_drafts import ModelDraftProposer
 from taskloom.engine.ngram import NgramProposer
 from taskloom.engine.scheduler import Scheduler
 from taskloom.lora.manager import LoRAManager
+from taskloom.models.draft_heads import DRAFT_HEAD_METHODS, DraftHeads, load_draft_heads
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
-from taskloom.models.medusa import MedusaHeads, load_medusa
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.runtime.cuda_graphs import default_capture_sizes
 from taskloom.runtime.memory import kv_cache_bytes, profile_memory
@@ -88,7 +88,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
     lora = None
     if config.lora.enabled:     # before sizing the KV pool: the slots take device memory
         lora = LoRAManager(loaded.model, arch, config.lora, loaded.model.ops, device)
-    # Medusa heads take device memory too; they are checked before the pool is sized
+    # draft heads take device memory too; they are checked before the pool is sized
     drafter = _load_drafter(config.speculative, loaded.model, dtype, device)
     graph_sizes = cuda_graph_sizes(config, loaded.model)
     num_blocks = num_kv_blocks(config, loaded.model, max_model_len, graph_sizes)
@@ -118,15 +118,19 @@ def build_engine(config: EngineConfig) -> EngineCore:
 
 
 def _load_drafter(spec: SpeculativeConfig | None, model: LlamaForCausalLM, dtype: torch.dtype,
-                  device: torch.device) -> MedusaHeads | None:
-    """The Medusa heads `spec` names, checked against the model and the draft count."""
-    if spec is None or spec.method != "medusa":
+                  device: torch.device) -> DraftHeads | None:
+    """The draft heads (Medusa's or Hydra's) `spec` names, checked against the model and
+    the draft count."""
+    if spec is None or spec.method not in DRAFT_HEAD_METHODS:
         return None
     assert spec.model is not None
-    heads = load_medusa(spec.model, model.config, model.lm_head_weight(), dtype, device)
+    heads = load_draft_heads(spec.method, spec.model, model.config,
+                             model.model.embed_tokens.weight, model.lm_head_weight(), dtype,
+                             device)
+    name = spec.method.capitalize()
     if spec.num_speculative_tokens > heads.num_heads:
         raise ValueError(f"num_speculative_tokens {spec.num_speculative_tokens} is more than "
-                         f"the {heads.num_heads} heads of the Medusa checkpoint {spec.model}")
-    logger.info("Medusa drafts: %d of the %d heads at %s", spec.num_speculative_tokens,
+                         f"the {heads.num_heads} heads of the {name} checkpoint {spec.model}")
+    logger.info("%s drafts: %d of the %d heads at %s", name, spec.num_speculative_tokens,
                 heads.num_heads, spec.model)
     return heads

@@ -36,7 +36,7 @@ from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutpu
 from taskloom.lora.manager import LoRAManager
 from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
-from taskloom.models.medusa import MedusaHeads
+from taskloom.models.draft_heads import DraftHeads
 from taskloom.ops.kv_compress import SnapKVPlan
 from taskloom.runtime.attention import AttentionMetadata, Workspace
 from taskloom.runtime.block_tables import BlockTables
@@ -244,8 +244,8 @@ class ModelRunner:
     (the block tables then hold NULL_BLOCK where the pool took a block back). With `snapkv`,
     a step that ends a prompt the scheduler compresses writes the entries kept of its KV
     (taskloom.ops.kv_compress), and later steps attend from its kv_start. With `drafter`
-    (Medusa heads), a step that asks for guesses (SchedulerOutput.num_model_drafts) returns
-    the heads' drafts for each sampled request's next step.
+    (Medusa's or Hydra's heads), a step that asks for guesses (SchedulerOutput.num_model_drafts)
+    returns the heads' drafts for each sampled request's next step.
     """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
@@ -253,7 +253,7 @@ class ModelRunner:
                  max_model_len: int, graph_sizes: Sequence[int] = (),
                  lora: LoRAManager | None = None, shared_prefix_attention: bool = True,
                  window: AttentionWindow | None = None,
-                 drafter: MedusaHeads | None = None,
+                 drafter: DraftHeads | None = None,
                  snapkv: SnapKVConfig | None = None) -> None:
         self.model = model
         self.snapkv = snapkv
@@ -552,11 +552,14 @@ class ModelRunner:
 
     def _guess_drafts(self, hidden: torch.Tensor, rows: torch.Tensor, batch: _Batch,
                       pending: PendingStep, k: int) -> None:
-        """Medusa: each sampled request's drafts for its next step, the heads read at its
-        last accepted position (its newest token's, or its last kept draft's), which the
-        sampled tokens decide: found on the device, so nothing waits for them here."""
+        """Draft heads: each sampled request's drafts for its next step, the heads read at
+        its last accepted position (its newest token's, or its last kept draft's) and the
+        token sampled there, which the sampled tokens decide: found on the device, so
+        nothing waits for them here."""
         assert self.drafter is not None, "the scheduler asked for guesses without heads"
         seqs, dev = batch.sample_seqs, self.device
+        sampled = self._last_sampled                                     # [num_sampled]
+        assert sampled is not None
         firsts = [r for r, seq in enumerate(seqs) if r == 0 or seq is not seqs[r - 1]]
         at = to_device(firsts, torch.int64, dev)                        # [num_requests]
         if batch.drafts:
@@ -565,12 +568,10 @@ class ModelRunner:
             index = {first: i for i, first in enumerate(firsts)}
             for _, first, draft in batch.drafts:
                 padded[index[first], :len(draft)] = draft
-            sampled = self._last_sampled                                 # [num_sampled]
-            assert sampled is not None
             ahead = (at[:, None] + torch.arange(width, device=dev)).clamp_(max=len(seqs) - 1)
             agree = sampled[ahead] == to_device(padded, torch.int64, dev)  # [requests, width]
             at = at + agree.long().cumprod(dim=1).sum(dim=1)             # + drafts kept
-        guesses = self.drafter.propose(hidden[rows[at]], k)              # [num_requests, k]
+        guesses = self.drafter.propose(hidden[rows[at]], sampled[at], k)  # [num_requests, k]
         pending.guess_ids = [seqs[r].req_id for r in firsts]
         pending.guesses = to_host(guesses)
 

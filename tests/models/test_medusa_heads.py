@@ -34,6 +34,11 @@ def random_tensors(num_heads: int, num_layers: int, seed: int = 0) -> dict[str, 
     return out
 
 
+def next_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Some tokens the base sampled from x [n, hidden]: a Medusa head reads none of them."""
+    return torch.randint(0, V, (x.shape[0],))
+
+
 def reference_logits(tensors: dict[str, torch.Tensor], num_heads: int, num_layers: int,
                      x: torch.Tensor) -> torch.Tensor:
     """The paper's heads: x + SiLU(W x + b) per block, then head i's lm head."""
@@ -80,7 +85,7 @@ def test_both_layouts_compute_the_papers_heads(tmp_path: Path, layout: str) -> N
     x = torch.randn(5, H)
     want = reference_logits(tensors, 3, 2, x)                      # [K, n, vocab]
     torch.testing.assert_close(heads.logits(x), want, rtol=1e-5, atol=1e-5)
-    assert torch.equal(heads.propose(x, 2), want.argmax(-1).T[:, :2])
+    assert torch.equal(heads.propose(x, next_tokens(x), 2), want.argmax(-1).T[:, :2])
 
 
 def test_heads_without_an_lm_head_use_the_base_models(tmp_path: Path,
@@ -99,12 +104,14 @@ def test_heads_without_an_lm_head_use_the_base_models(tmp_path: Path,
     x = torch.randn(4, H)
     torch.testing.assert_close(loaded.logits(x), heads.logits(x))
     want = loaded.logits(x).argmax(-1).T                    # [n, K]
-    assert torch.equal(loaded.propose(x, 2), want)          # one matmul for both heads
+    sampled = next_tokens(x)
+    assert torch.equal(loaded.propose(x, sampled, 2), want)     # one matmul for both heads
     monkeypatch.setattr(medusa, "PROPOSE_MAX_LOGITS", 0)
-    assert torch.equal(loaded.propose(x, 2), want)          # one head at a time
-    assert torch.equal(loaded.propose(x, 1), want[:, :1])
+    assert torch.equal(loaded.propose(x, sampled, 2), want)     # one head at a time
+    assert torch.equal(loaded.propose(x, sampled, 1), want[:, :1])
     zero = MedusaHeads(cfg, base, torch.float32, CPU)      # zero blocks: the base's own guess
-    assert torch.equal(zero.propose(x, 2), F.linear(x, base).argmax(-1)[:, None].expand(4, 2))
+    assert torch.equal(zero.propose(x, sampled, 2),
+                       F.linear(x, base).argmax(-1)[:, None].expand(4, 2))
 
 
 def test_one_shared_lm_head(tmp_path: Path) -> None:

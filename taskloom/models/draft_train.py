@@ -1,16 +1,21 @@
-"""Train Medusa heads for a model by self-distillation: `taskloom train-medusa`.
+"""Train draft heads for a model by self-distillation: `taskloom train-medusa` and
+`taskloom train-hydra`.
 
 Medusa-1 (Cai et al., 2024) trains only the heads, the base model frozen; the paper's
 self-distillation recipe trains them on the base model's own answers, so that what the heads
-learn to guess is what the base will in fact generate. Here:
+learn to guess is what the base will in fact generate. Hydra (Ankner et al., 2024) trains its
+sequentially dependent heads the same way, teacher-forced: each head reads the true tokens
+before the one it guesses. Here:
 
 1. the engine answers the training prompts greedily (`max_tokens` each, batched);
 2. one forward per few sequences gives the base model's final hidden states of every
    prompt-and-answer (through a private paged KV cache, as the runner would);
 3. head k learns, at every answer position p (and the prompt's last), the token at
-   p + 1 + k, by cross-entropy weighted `decay ** k` (the paper's 0.8), with AdamW; the heads'
-   blocks start at zero, i.e. every head starts as the base's next-token guess, and they
-   use the base model's lm_head, frozen (nothing of it is saved: see taskloom.models.medusa).
+   p + 1 + k (a Hydra head also reading the tokens at p + 1 .. p + k), by cross-entropy
+   weighted `decay ** k` (the paper's 0.8), with AdamW; the heads start as the base's
+   next-token guess (Medusa's blocks at zero; Hydra's first block passing the hidden state
+   through), and they use the base model's lm_head, frozen (nothing of it is saved: see
+   taskloom.models.medusa and taskloom.models.hydra).
 
 Heads that guess the base's greedy continuation pay for greedy decoding most; sampled
 outputs are unchanged by them too (drafts are verified), only accepted less often.
@@ -26,8 +31,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from taskloom.models.draft_heads import DRAFT_HEAD_METHODS, DraftHeads
+from taskloom.models.hydra import HydraConfig, HydraHeads, save_hydra
 from taskloom.models.llama import LlamaForCausalLM
-from taskloom.models.medusa import MedusaConfig, MedusaHeads
+from taskloom.models.medusa import MedusaConfig, MedusaHeads, save_medusa
 from taskloom.runtime.attention import flat_batch_metadata
 from taskloom.sampling_params import SamplingParams
 
@@ -35,10 +42,12 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class MedusaTrainConfig:
-    """How heads are trained: Medusa-1's recipe (AdamW, cosine schedule, loss weights
-    0.8 ** k), with steps and rates that fit the embedded model on a CPU in minutes."""
+class DraftTrainConfig:
+    """How heads of `method` ("medusa" or "hydra") are trained: Medusa-1's recipe (AdamW,
+    cosine schedule, loss weights 0.8 ** k), with steps and rates that fit the embedded model
+    on a CPU in minutes."""
 
+    method: str = "medusa"
     num_heads: int = 4
     num_layers: int = 1
     max_tokens: int = 128          # answer length per prompt
@@ -50,6 +59,9 @@ class MedusaTrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.method not in DRAFT_HEAD_METHODS:
+            raise ValueError(f"method must be one of {', '.join(DRAFT_HEAD_METHODS)}, got "
+                             f"{self.method!r}")
         for name in ("num_heads", "max_tokens", "epochs", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -100,8 +112,9 @@ def final_hidden_states(model: LlamaForCausalLM, seqs: Sequence[list[int]], bloc
 
 def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torch.Tensor],
                    num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs [n, hidden] and targets [n, num_heads] (-100 where past the end): the hidden
-    state at each answer position p (and the prompt's last) and the tokens p + 2 .. p + 1 + K."""
+    """Inputs [n, hidden] and tokens [n, K + 1] (-100 where past the end): the hidden state
+    at each answer position p (and the prompt's last) and the tokens p + 1 .. p + 1 + K, the
+    first what the base made of that state, the others the heads' targets."""
     xs, ys = [], []
     for (ids, prompt_len), h in zip(seqs, hiddens):
         first, end = prompt_len - 1, len(ids) - 3      # p + 2 must exist
@@ -109,7 +122,7 @@ def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torc
             continue
         tokens = torch.tensor(ids)
         idx = torch.arange(first, end + 1)                              # [m]
-        offsets = idx[:, None] + torch.arange(2, num_heads + 2)         # [m, K]
+        offsets = idx[:, None] + torch.arange(1, num_heads + 2)         # [m, K + 1]
         target = torch.full(offsets.shape, -100, dtype=torch.int64)
         ok = offsets < len(ids)
         target[ok] = tokens[offsets[ok]]
@@ -120,17 +133,33 @@ def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torc
     return torch.cat(xs), torch.cat(ys)
 
 
+def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig) -> DraftHeads:
+    """Untrained float32 heads of `cfg.method` on the model's device, each the base model's
+    next-token guess: Medusa's blocks at zero; Hydra's first block passing the hidden state
+    through its res_connection, its later blocks at zero. Both use the model's lm head."""
+    arch = model.config
+    lm = model.lm_head_weight().detach().float()                        # [vocab, hidden]
+    if cfg.method == "medusa":
+        mcfg = MedusaConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
+                            bias=True, num_lm_heads=0)
+        return MedusaHeads(mcfg, lm, torch.float32, lm.device)
+    embed = model.model.embed_tokens.weight.detach().float()            # [vocab, hidden]
+    hcfg = HydraConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size)
+    heads = HydraHeads(hcfg, embed, lm, torch.float32, lm.device)
+    h = arch.hidden_size
+    with torch.no_grad():
+        for w in heads.first_weight:                                    # [2h, (i + 2) h]
+            w[:h, :h] = torch.eye(h)
+    return heads
+
+
 def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
-                cfg: MedusaTrainConfig) -> tuple[MedusaHeads, list[dict]]:
+                cfg: DraftTrainConfig) -> tuple[DraftHeads, list[dict]]:
     """Heads fitted to (x, y) (see `training_pairs`), in float32 on the model's device (x and
     y stay on the host, a batch at a time goes over); and a log entry per epoch: loss and
     top-1 accuracy of each head."""
-    arch = model.config
-    lm = model.lm_head_weight().detach().float()                        # [vocab, hidden]
-    mcfg = MedusaConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
-                        bias=True, num_lm_heads=0)
-    heads = MedusaHeads(mcfg, lm, torch.float32, lm.device)
-    params = [heads.weight, heads.bias]
+    heads = new_heads(model, cfg)
+    params = heads.trainable()
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,32 +171,33 @@ def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
         start = time.perf_counter()
         order = torch.randperm(len(x), generator=gen)
         batches = (order[b * cfg.batch_tokens:(b + 1) * cfg.batch_tokens] for b in range(steps))
-        loss, top1 = _epoch(heads, x, y, batches, opt, sched, cfg.decay)
+        loss, top1 = _epoch(heads, x, y, batches, opt, sched, cfg.decay, params[0].device)
         entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - start, 1),
                  "loss": loss, "top1": top1}
-        logger.info("medusa epoch %d: %s", epoch + 1, entry)
+        logger.info("%s epoch %d: %s", cfg.method, epoch + 1, entry)
         log.append(entry)
     for p in params:
         p.requires_grad_(False)
     return heads, log
 
 
-def _epoch(heads: MedusaHeads, x: torch.Tensor, y: torch.Tensor,
+def _epoch(heads: DraftHeads, x: torch.Tensor, y: torch.Tensor,
            batches: Iterator[torch.Tensor], opt: torch.optim.Optimizer,
-           sched: torch.optim.lr_scheduler.LRScheduler, decay: float
+           sched: torch.optim.lr_scheduler.LRScheduler, decay: float, device: torch.device
            ) -> tuple[list[float], list[float]]:
     """One pass over the batches (row indexes of x and y); each head's mean loss and top-1
     accuracy over the positions it had a target at. A head's loss is a sum over its targets
     divided by their count, so a batch where it has none adds nothing (not a NaN)."""
-    k, device = heads.num_heads, heads.weight.device
+    k = heads.num_heads
     weights = [decay ** i for i in range(1, k + 1)]
     sums = torch.zeros(3, k, device=device)          # loss sum, hits, targets, per head
     for rows in batches:
-        states = heads.hidden(x[rows].to(device))                       # [K, B, hidden]
-        target = y[rows].to(device)                                     # [B, K]
+        tokens = y[rows].to(device)                                     # [B, K + 1]
+        states = heads.train_states(x[rows].to(device), tokens[:, :k])  # [K, B, hidden]
+        target = tokens[:, 1:]                                          # [B, K]
         loss = torch.zeros((), device=device)
         for i in range(k):
-            logits = F.linear(states[i], heads.lm_weight(i))            # [B, vocab]
+            logits = heads.head_logits(i, states[i])                    # [B, vocab]
             valid = target[:, i] != -100
             n = valid.sum()
             total = F.cross_entropy(logits, target[:, i], ignore_index=-100, reduction="sum")
@@ -203,11 +233,11 @@ def read_prompts(path: str, llm) -> list[list[int]]:
     return prompts
 
 
-def train_medusa(llm, prompts: Sequence[list[int]], cfg: MedusaTrainConfig, output: str
-                 ) -> dict:
-    """Self-distil heads for the LLM's model from its answers to `prompts`, save them at
-    `output` (vLLM's layout, taskloom.models.medusa) and return what was done, timed."""
-    from taskloom.models.medusa import save_medusa
+def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, output: str
+                      ) -> dict:
+    """Self-distil heads of `cfg.method` for the LLM's model from its answers to `prompts`,
+    save them at `output` (vLLM's Medusa layout, or Hydra's) and return what was done,
+    timed."""
     runner = llm.engine.runner
     start = time.perf_counter()
     seqs = self_distill(llm, prompts, cfg.max_tokens)
@@ -216,7 +246,11 @@ def train_medusa(llm, prompts: Sequence[list[int]], cfg: MedusaTrainConfig, outp
     x, y = training_pairs(seqs, hiddens, cfg.num_heads)
     encoded = time.perf_counter()
     heads, log = train_heads(runner.model, x, y, cfg)
-    save_medusa(heads, output)
+    if isinstance(heads, HydraHeads):
+        save_hydra(heads, output)
+    else:
+        assert isinstance(heads, MedusaHeads)
+        save_medusa(heads, output)
     return {"output": output, "num_prompts": len(prompts), "num_positions": len(x),
             "answer_tokens": sum(len(s) - n for s, n in seqs),
             "generate_s": round(generated - start, 1),

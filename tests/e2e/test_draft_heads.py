@@ -1,8 +1,9 @@
-"""Medusa drafts end to end. With the embedded model and random heads, the outputs are those
-of the engine without drafts, token for token (greedy, seeded, logprobs, stops, n > 1), in one
-mixed batch, with drafts proposed and some accepted. On a tiny random-weight Llama, heads
-trained by `train-medusa` (self-distillation) are accepted far more often than the untrained
-heads they start from. Every engine ends with its pool full."""
+"""Draft heads end to end, Medusa's and Hydra's. With the embedded model and random heads, the
+outputs are those of the engine without drafts, token for token (greedy, seeded, logprobs,
+stops, n > 1), in one mixed batch, with drafts proposed and some accepted. On a tiny
+random-weight Llama, heads trained by `train-medusa` or `train-hydra` (self-distillation) are
+accepted far more often than the untrained heads they start from. Every engine ends with its
+pool full."""
 from __future__ import annotations
 
 import json
@@ -14,6 +15,8 @@ import torch
 
 from taskloom import LLM
 from taskloom.cli import main as cli_main
+from taskloom.models.arch import ArchConfig
+from taskloom.models.hydra import HydraConfig, HydraHeads, save_hydra
 from taskloom.models.medusa import MedusaConfig, MedusaHeads, save_medusa
 from taskloom.sampling_params import SamplingParams
 from tests.e2e.conftest import assert_pool_full
@@ -32,27 +35,51 @@ CASES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def random_heads(tmp_path_factory: pytest.TempPathFactory, llm: LLM) -> str:
-    """Three heads over the embedded model with small random blocks and its own lm head."""
-    arch = llm.engine.runner.model.config
-    cfg = MedusaConfig(3, 1, arch.hidden_size, arch.vocab_size, bias=True, num_lm_heads=0)
-    heads = MedusaHeads(cfg, torch.zeros(0), torch.float32, torch.device("cpu"))
+def save_random_heads(method: str, arch, path: Path, num_layers: int = 1,
+                      scale: float = 0.02) -> str:
+    """Three heads of `method` with small random blocks (Hydra's first block passing the
+    hidden state through, so that its heads start near the base's guess, as Medusa's do),
+    using the base model's lm head."""
     g = torch.Generator().manual_seed(0)
+    if method == "medusa":
+        heads = MedusaHeads(MedusaConfig(3, num_layers, arch.hidden_size, arch.vocab_size),
+                            torch.zeros(0), torch.float32, torch.device("cpu"))
+        save = save_medusa
+    else:
+        heads = HydraHeads(HydraConfig(3, num_layers, arch.hidden_size, arch.vocab_size),
+                           torch.zeros(0), torch.zeros(0), torch.float32, torch.device("cpu"))
+        save = save_hydra
     with torch.no_grad():
-        heads.weight.copy_(torch.randn(heads.weight.shape, generator=g) * 0.02)
-        heads.bias.copy_(torch.randn(heads.bias.shape, generator=g) * 0.02)
-    path = tmp_path_factory.mktemp("medusa")
-    save_medusa(heads, str(path))
+        for p in heads.trainable():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+        if method == "hydra":
+            for w in heads.first_weight:
+                w[:arch.hidden_size, :arch.hidden_size] += torch.eye(arch.hidden_size)
+    save(heads, str(path))
     return str(path)
 
 
+@pytest.fixture(scope="module", params=["medusa", "hydra"])
+def random_heads(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                 llm: LLM) -> tuple[str, str]:
+    """(method, directory): three random heads of each method over the embedded model."""
+    arch = llm.engine.runner.model.config
+    return request.param, save_random_heads(request.param, arch,
+                                            tmp_path_factory.mktemp(request.param))
+
+
 @pytest.fixture(scope="module")
-def medusa_llm(random_heads: str) -> Iterator[LLM]:
+def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
+    method, path = random_heads
     engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
-        "method": "medusa", "model": random_heads, "num_speculative_tokens": 3})
+        "method": method, "model": path, "num_speculative_tokens": 3})
     yield engine
     assert_pool_full(engine)
+
+
+@pytest.fixture(scope="module")
+def base_completions(llm: LLM) -> list[list[tuple]]:
+    return completions(llm)
 
 
 def completions(llm: LLM) -> list[list[tuple]]:
@@ -69,37 +96,40 @@ def logprob_values(llm: LLM) -> list[float]:
     return [v.logprob for lp in out.outputs[0].logprobs for v in lp.values()]
 
 
-def test_outputs_are_those_without_drafts(llm: LLM, medusa_llm: LLM) -> None:
-    stats = medusa_llm.engine.scheduler.spec_stats
-    assert completions(medusa_llm) == completions(llm)
+def test_outputs_are_those_without_drafts(llm: LLM, heads_llm: LLM,
+                                          base_completions: list[list[tuple]]) -> None:
+    stats = heads_llm.engine.scheduler.spec_stats
+    assert completions(heads_llm) == base_completions
     assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
     assert stats.num_accepted_tokens < stats.num_draft_tokens
-    assert logprob_values(medusa_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
+    assert logprob_values(heads_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
 
 
-def test_bench_spec_runs_medusa_on_the_held_out_topics(random_heads: str,
-                                                       capsys: pytest.CaptureFixture) -> None:
+def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[str, str],
+                                                          capsys: pytest.CaptureFixture
+                                                          ) -> None:
+    method, path = random_heads
     assert cli_main(["bench", "spec", "--workload", "topics", "--batch-sizes", "2",
                      "--output-len", "8", "--repeats", "1", "--kv-cache-memory-gb", "0.1",
                      "--speculative-config", json.dumps({
-                         "method": "medusa", "model": random_heads,
-                         "num_speculative_tokens": 2})]) == 0
+                         "method": method, "model": path, "num_speculative_tokens": 2})]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["workload"] == "builtin:topics-eval"
-    assert result["speculative_config"]["method"] == "medusa"
+    assert result["speculative_config"]["method"] == method
     (row,) = result["results"]
     assert row["outputs_identical"] and row["spec"]["draft_tokens"] > 0
 
 
-def test_more_drafts_than_heads_are_refused(random_heads: str) -> None:
-    with pytest.raises(ValueError, match="num_speculative_tokens 4 is more than the 3 heads"):
-        LLM(speculative_config={"method": "medusa", "model": random_heads,
-                                "num_speculative_tokens": 4})
+def test_more_drafts_than_heads_are_refused(random_heads: tuple[str, str]) -> None:
+    method, path = random_heads
+    with pytest.raises(ValueError, match=f"num_speculative_tokens 4 is more than the 3 heads "
+                                         f"of the {method.capitalize()} checkpoint"):
+        LLM(speculative_config={"method": method, "model": path, "num_speculative_tokens": 4})
 
 
-def _acceptance(config: str, heads: str, prompts: list[list[int]]) -> float:
+def _acceptance(config: str, method: str, heads: str, prompts: list[list[int]]) -> float:
     llm = LLM(config, random_weights=True, max_num_seqs=8, num_blocks=64,
-              speculative_config={"method": "medusa", "model": heads,
+              speculative_config={"method": method, "model": heads,
                                   "num_speculative_tokens": 3})
     llm.generate(prompts, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
                  use_tqdm=False)
@@ -107,7 +137,8 @@ def _acceptance(config: str, heads: str, prompts: list[list[int]]) -> float:
     return llm.engine.scheduler.spec_stats.acceptance_rate
 
 
-def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path,
+@pytest.mark.parametrize("method", ["medusa", "hydra"])
+def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, method: str,
                                                             capsys: pytest.CaptureFixture
                                                             ) -> None:
     config = write_tiny_config(tmp_path)
@@ -115,41 +146,38 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path,
     (tmp_path / "prompts.jsonl").write_text(
         "".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts))
     out = tmp_path / "heads"
-    cli_main(["train-medusa", "--model", config, "--random-weights", "--output", str(out),
+    cli_main([f"train-{method}", "--model", config, "--random-weights", "--output", str(out),
               "--prompts-file", str(tmp_path / "prompts.jsonl"), "--num-heads", "3",
               "--num-layers", "2", "--max-tokens", "48", "--epochs", "40", "--lr", "1e-2",
               "--batch-tokens", "32"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["train"] == method and result["config"]["method"] == method
     assert result["num_positions"] == 16 * 47 and result["output"] == str(out)
     first, last = result["epochs"][0]["top1"], result["epochs"][-1]["top1"]
     assert all(b > a for a, b in zip(first, last))
-    # the untrained heads they start from: zero blocks, the base's next-token guess
-    untrained = tmp_path / "untrained"
-    save_medusa(MedusaHeads(MedusaConfig(3, 2, TINY["hidden_size"], TINY["vocab_size"]),
-                            torch.zeros(0), torch.float32, torch.device("cpu")), str(untrained))
-    trained_rate = _acceptance(config, str(out), prompts)
+    # the untrained heads they start from: the base's next-token guess
+    untrained = save_random_heads(method, ArchConfig.from_hf_dict(TINY),
+                                  tmp_path / "untrained", num_layers=2, scale=0.0)
+    trained_rate = _acceptance(config, method, str(out), prompts)
     assert trained_rate > 0.3
-    assert trained_rate > 10 * _acceptance(config, str(untrained), prompts)
+    assert trained_rate > 10 * _acceptance(config, method, untrained, prompts)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_medusa_on_cuda_with_graphs_gives_the_outputs_without_drafts(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["medusa", "hydra"])
+def test_heads_on_cuda_with_graphs_give_the_outputs_without_drafts(tmp_path: Path,
+                                                                   method: str) -> None:
     """Triton kernels, decode steps with drafts replaying CUDA graphs, the heads' guesses
     found on the device; a tiny random Llama in fp32, greedy and seeded."""
     config = write_tiny_config(tmp_path)
-    heads = tmp_path / "heads"
-    arch = LLM(config, random_weights=True, num_blocks=4).engine.runner.model.config
-    random = MedusaHeads(MedusaConfig(3, 1, arch.hidden_size, arch.vocab_size),
-                         torch.zeros(0), torch.float32, torch.device("cpu"))
-    with torch.no_grad():
-        random.weight.normal_(0, 0.05)
-    save_medusa(random, str(heads))
+    heads = save_random_heads(method, ArchConfig.from_hf_dict(TINY), tmp_path / "heads",
+                              scale=0.05)
     prompts = [[(5 * i + j) % 1000 + 1 for j in range(10 + i)] for i in range(6)]
     params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=32, temperature=0.8, seed=3, ignore_eos=True)] * 3
     outputs = []
-    for spec in (None, {"method": "medusa", "model": str(heads), "num_speculative_tokens": 3}):
+    for spec in (None, {"method": method, "model": heads, "num_speculative_tokens": 3}):
         llm = LLM(config, random_weights=True, device="cuda", num_blocks=64,
                   speculative_config=spec)
         assert llm.engine.runner.graphs is not None
