@@ -159,7 +159,9 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, met
     untrained = save_random_heads(method, ArchConfig.from_hf_dict(TINY),
                                   tmp_path / "untrained", num_layers=2, scale=0.0)
     trained_rate = _acceptance(config, method, str(out), prompts)
-    assert trained_rate > 0.3
+    # Hydra's heads, reading the drafts before theirs, are accepted about twice as often
+    # (0.73 against Medusa's 0.39 here): heads fed the wrong tokens would not be
+    assert trained_rate > {"medusa": 0.3, "hydra": 0.6}[method]
     assert trained_rate > 10 * _acceptance(config, method, untrained, prompts)
 
 
