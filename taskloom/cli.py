@@ -339,7 +339,7 @@ def cmd_train_heads(a: argparse.Namespace) -> int:
     from taskloom.models.draft_train import DraftTrainConfig, read_prompts, train_draft_heads
     cfg = DraftTrainConfig(method=a.method, num_heads=a.num_heads, num_layers=a.num_layers,
                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
-                           batch_tokens=a.batch_tokens, seed=a.seed)
+                           batch_tokens=a.batch_tokens, seed=a.seed, loss=a.loss)
     llm = make_llm(a)
     if a.prompts_file:
         prompts = read_prompts(a.prompts_file, llm)
@@ -386,6 +386,9 @@ def add_train_heads_parser(sub: argparse._SubParsersAction, method: str) -> None
     p.add_argument("--batch-tokens", type=int, default=128,
                    help="training positions per optimizer step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loss", choices=("ce", "distill"), default="ce",
+                   help="fit each head to the answer's token (ce) or to the model's whole "
+                        "distribution there (distill: teacher distillation)")
     add_engine_args(p)
     p.set_defaults(func=cmd_train_heads, method=method)
 

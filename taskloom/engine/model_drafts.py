@@ -1,8 +1,10 @@
-"""Drafts the model proposes for itself (Medusa heads), as the scheduler's proposer sees them.
+"""Drafts the model proposes for itself (Medusa or Hydra heads), as the scheduler's proposer
+sees them.
 
-With Medusa, a step's drafts come out of the step before: after sampling, the runner reads
-the heads on the final hidden state of each sequence's last accepted position and returns
-their top-1 guesses for the tokens after the one it sampled (RunnerOutput.draft_token_ids).
+With draft heads, a step's drafts come out of the step before: after sampling, the runner
+reads the heads on the final hidden state of each sequence's last accepted position (Hydra's
+also on the token it sampled there) and returns their top-1 guesses for the tokens after the
+one it sampled (RunnerOutput.draft_token_ids).
 The scheduler hands them here when it takes the step's tokens in; the next schedule() asks
 for them, as it asks the n-gram proposer for its own. Proposals are tied to the length the
 request had when they were made, so a request that has moved on since (preempted, or a stop

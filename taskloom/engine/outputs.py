@@ -77,8 +77,8 @@ class SchedulerOutput:
     finished_req_ids: list[str]   # gone since the last step: the runner drops their state
     num_scheduled_tokens: int
     has_bitmasks: bool = False    # some sequence carries a structured output's masks
-    # Medusa: the runner returns, for each sampled sequence, this many guesses of the tokens
-    # after the step's (RunnerOutput.draft_token_ids); 0: none asked
+    # draft heads: the runner returns, for each sampled sequence, this many guesses of the
+    # tokens after the step's (RunnerOutput.draft_token_ids); 0: none asked
     num_model_drafts: int = 0
 
     @property

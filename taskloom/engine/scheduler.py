@@ -19,7 +19,7 @@ computes them like any other tokens and samples at each of their positions; `upd
 the drafts the model agreed with, then the token it sampled after them, and takes
 `num_computed_tokens` back past the rejected ones (their KV slots are simply written again).
 The drafts come from prompt lookup (taskloom.engine.ngram) or from the model itself (Medusa
-heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses of the
+or Hydra heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses of the
 tokens after the step's (`SchedulerOutput.num_model_drafts`), and the next step carries them.
 
 With SnapKV (`KVCacheManager.snapkv`), a prompt it compresses is chunked so that its last

@@ -41,11 +41,16 @@ from taskloom.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+TRAIN_LOSSES = ("ce", "distill")
+
+
 @dataclass(frozen=True)
 class DraftTrainConfig:
     """How heads of `method` ("medusa" or "hydra") are trained: Medusa-1's recipe (AdamW,
     cosine schedule, loss weights 0.8 ** k), with steps and rates that fit the embedded model
-    on a CPU in minutes."""
+    on a CPU in minutes. `loss` "ce" fits each head to the answer's token; "distill" to the
+    base model's whole distribution there (its softmax: teacher distillation, which Hydra's
+    paper trains its best heads with)."""
 
     method: str = "medusa"
     num_heads: int = 4
@@ -57,11 +62,15 @@ class DraftTrainConfig:
     decay: float = 0.8             # head k's loss weight: decay ** k
     weight_decay: float = 0.0
     seed: int = 0
+    loss: str = "ce"
 
     def __post_init__(self) -> None:
         if self.method not in DRAFT_HEAD_METHODS:
             raise ValueError(f"method must be one of {', '.join(DRAFT_HEAD_METHODS)}, got "
                              f"{self.method!r}")
+        if self.loss not in TRAIN_LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(TRAIN_LOSSES)}, got "
+                             f"{self.loss!r}")
         for name in ("num_heads", "max_tokens", "epochs", "batch_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -111,26 +120,28 @@ def final_hidden_states(model: LlamaForCausalLM, seqs: Sequence[list[int]], bloc
 
 
 def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torch.Tensor],
-                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs [n, hidden] and tokens [n, K + 1] (-100 where past the end): the hidden state
-    at each answer position p (and the prompt's last) and the tokens p + 1 .. p + 1 + K, the
-    first what the base made of that state, the others the heads' targets."""
-    xs, ys = [], []
+                   num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The base's states of every sequence, one after another [T, hidden]; the row there of
+    each answer position p (and the prompt's last) [n]; and its tokens p + 1 .. p + 1 + K
+    [n, K + 1] (-100 where past the end), the first what the base made of state p, the
+    others the heads' targets. The state the base read target j from is row + j."""
+    rows, ys = [], []
+    offset = 0                  # where the sequence's states start
     for (ids, prompt_len), h in zip(seqs, hiddens):
         first, end = prompt_len - 1, len(ids) - 3      # p + 2 must exist
-        if end < first:
-            continue
-        tokens = torch.tensor(ids)
-        idx = torch.arange(first, end + 1)                              # [m]
-        offsets = idx[:, None] + torch.arange(1, num_heads + 2)         # [m, K + 1]
-        target = torch.full(offsets.shape, -100, dtype=torch.int64)
-        ok = offsets < len(ids)
-        target[ok] = tokens[offsets[ok]]
-        xs.append(h[idx])
-        ys.append(target)
-    if not xs:
+        if end >= first:
+            tokens = torch.tensor(ids)
+            idx = torch.arange(first, end + 1)                          # [m]
+            offsets = idx[:, None] + torch.arange(1, num_heads + 2)     # [m, K + 1]
+            target = torch.full(offsets.shape, -100, dtype=torch.int64)
+            ok = offsets < len(ids)
+            target[ok] = tokens[offsets[ok]]
+            rows.append(idx + offset)
+            ys.append(target)
+        offset += len(h)
+    if not rows:
         raise ValueError("no training positions: every answer is shorter than 2 tokens")
-    return torch.cat(xs), torch.cat(ys)
+    return torch.cat(list(hiddens)), torch.cat(rows), torch.cat(ys)
 
 
 def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig) -> DraftHeads:
@@ -153,25 +164,29 @@ def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig) -> DraftHeads:
     return heads
 
 
-def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
-                cfg: DraftTrainConfig) -> tuple[DraftHeads, list[dict]]:
-    """Heads fitted to (x, y) (see `training_pairs`), in float32 on the model's device (x and
-    y stay on the host, a batch at a time goes over); and a log entry per epoch: loss and
-    top-1 accuracy of each head."""
+def train_heads(model: LlamaForCausalLM, states: torch.Tensor, rows: torch.Tensor,
+                y: torch.Tensor, cfg: DraftTrainConfig) -> tuple[DraftHeads, list[dict]]:
+    """Heads fitted to the positions `rows` of `states` and their tokens y (see
+    `training_pairs`), in float32 on the model's device (the tensors stay on the host, a
+    batch at a time goes over); and a log entry per epoch: loss and top-1 accuracy of each
+    head."""
     heads = new_heads(model, cfg)
     params = heads.trainable()
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = math.ceil(len(x) / cfg.batch_tokens)
+    steps = math.ceil(len(rows) / cfg.batch_tokens)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps)
     gen = torch.Generator().manual_seed(cfg.seed)
+    teacher = (model.lm_head_weight().detach().float() if cfg.loss == "distill"
+               else None)                                               # [vocab, hidden]
     log = []
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
-        order = torch.randperm(len(x), generator=gen)
+        order = torch.randperm(len(rows), generator=gen)
         batches = (order[b * cfg.batch_tokens:(b + 1) * cfg.batch_tokens] for b in range(steps))
-        loss, top1 = _epoch(heads, x, y, batches, opt, sched, cfg.decay, params[0].device)
+        loss, top1 = _epoch(heads, states, rows, y, batches, opt, sched, cfg.decay, teacher,
+                            params[0].device)
         entry = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - start, 1),
                  "loss": loss, "top1": top1}
         logger.info("%s epoch %d: %s", cfg.method, epoch + 1, entry)
@@ -181,26 +196,44 @@ def train_heads(model: LlamaForCausalLM, x: torch.Tensor, y: torch.Tensor,
     return heads, log
 
 
-def _epoch(heads: DraftHeads, x: torch.Tensor, y: torch.Tensor,
+def _head_loss(logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor | None,
+               states: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """A head's loss summed over its valid targets: cross-entropy against the target
+    tokens, or with `teacher` (the base's lm head) against the base's softmax at the states
+    it read them from (rows `at`, where target is valid)."""
+    if teacher is None:
+        return F.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+    valid = target != -100
+    with torch.no_grad():
+        read = states[at[valid.to(at.device)]].to(logits.device)         # [valid, hidden]
+        soft = F.softmax(F.linear(read, teacher), -1)                   # [valid, vocab]
+    return -(soft * F.log_softmax(logits[valid], -1)).sum()
+
+
+def _epoch(heads: DraftHeads, states: torch.Tensor, rows: torch.Tensor, y: torch.Tensor,
            batches: Iterator[torch.Tensor], opt: torch.optim.Optimizer,
-           sched: torch.optim.lr_scheduler.LRScheduler, decay: float, device: torch.device
+           sched: torch.optim.lr_scheduler.LRScheduler, decay: float,
+           teacher: torch.Tensor | None, device: torch.device
            ) -> tuple[list[float], list[float]]:
-    """One pass over the batches (row indexes of x and y); each head's mean loss and top-1
-    accuracy over the positions it had a target at. A head's loss is a sum over its targets
-    divided by their count, so a batch where it has none adds nothing (not a NaN)."""
+    """One pass over the batches (indexes of training positions: their rows of `states`
+    and of `y`, see `training_pairs`); each head's mean loss and top-1 accuracy over the
+    positions it had a target at. A head's loss is a sum over its targets divided by their
+    count, so a batch where it has none adds nothing (not a NaN)."""
     k = heads.num_heads
     weights = [decay ** i for i in range(1, k + 1)]
     sums = torch.zeros(3, k, device=device)          # loss sum, hits, targets, per head
-    for rows in batches:
-        tokens = y[rows].to(device)                                     # [B, K + 1]
-        states = heads.train_states(x[rows].to(device), tokens[:, :k])  # [K, B, hidden]
+    for batch in batches:
+        at = rows[batch]                                                # [B] rows of states
+        tokens = y[batch].to(device)                                    # [B, K + 1]
+        hidden = states[at].to(device)                                  # [B, hidden]
+        head_states = heads.train_states(hidden, tokens[:, :k])         # [K, B, hidden]
         target = tokens[:, 1:]                                          # [B, K]
         loss = torch.zeros((), device=device)
         for i in range(k):
-            logits = heads.head_logits(i, states[i])                    # [B, vocab]
+            logits = heads.head_logits(i, head_states[i])               # [B, vocab]
             valid = target[:, i] != -100
             n = valid.sum()
-            total = F.cross_entropy(logits, target[:, i], ignore_index=-100, reduction="sum")
+            total = _head_loss(logits, target[:, i], teacher, states, at + 1 + i)
             loss = loss + weights[i] * total / n.clamp(min=1)
             sums[:, i] += torch.stack([total.detach(), (logits.argmax(-1) == target[:, i])
                                        .logical_and(valid).sum(), n])
@@ -243,15 +276,15 @@ def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, 
     seqs = self_distill(llm, prompts, cfg.max_tokens)
     generated = time.perf_counter()
     hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
-    x, y = training_pairs(seqs, hiddens, cfg.num_heads)
+    states, rows, y = training_pairs(seqs, hiddens, cfg.num_heads)
     encoded = time.perf_counter()
-    heads, log = train_heads(runner.model, x, y, cfg)
+    heads, log = train_heads(runner.model, states, rows, y, cfg)
     if isinstance(heads, HydraHeads):
         save_hydra(heads, output)
     else:
         assert isinstance(heads, MedusaHeads)
         save_medusa(heads, output)
-    return {"output": output, "num_prompts": len(prompts), "num_positions": len(x),
+    return {"output": output, "num_prompts": len(prompts), "num_positions": len(rows),
             "answer_tokens": sum(len(s) - n for s, n in seqs),
             "generate_s": round(generated - start, 1),
             "hidden_states_s": round(encoded - generated, 1),

@@ -183,7 +183,7 @@ class PendingStep:
         self.logprobs_k: list[tuple[int, str, int]] = []      # (row, request, top-k asked)
         # (request, first prompt position scored, host logprobs, k)
         self.prompt_logprobs: list[tuple[str, int, LogprobsTensors, int]] = []
-        # Medusa: the heads' guesses [num_requests, k] (host) and the request of each row
+        # draft heads: their guesses [num_requests, k] (host) and the request of each row
         self.guess_ids: list[str] = []
         self.guesses: torch.Tensor | None = None
 

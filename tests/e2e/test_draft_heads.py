@@ -137,8 +137,10 @@ def _acceptance(config: str, method: str, heads: str, prompts: list[list[int]]) 
     return llm.engine.scheduler.spec_stats.acceptance_rate
 
 
-@pytest.mark.parametrize("method", ["medusa", "hydra"])
+@pytest.mark.parametrize("method,loss", [("medusa", "ce"), ("hydra", "ce"),
+                                         ("hydra", "distill")])
 def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, method: str,
+                                                            loss: str,
                                                             capsys: pytest.CaptureFixture
                                                             ) -> None:
     config = write_tiny_config(tmp_path)
@@ -149,9 +151,10 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, met
     cli_main([f"train-{method}", "--model", config, "--random-weights", "--output", str(out),
               "--prompts-file", str(tmp_path / "prompts.jsonl"), "--num-heads", "3",
               "--num-layers", "2", "--max-tokens", "48", "--epochs", "40", "--lr", "1e-2",
-              "--batch-tokens", "32"])
+              "--batch-tokens", "32", "--loss", loss])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["train"] == method and result["config"]["method"] == method
+    assert result["config"]["loss"] == loss
     assert result["num_positions"] == 16 * 47 and result["output"] == str(out)
     first, last = result["epochs"][0]["top1"], result["epochs"][-1]["top1"]
     assert all(b > a for a, b in zip(first, last))
@@ -160,8 +163,10 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, met
                                   tmp_path / "untrained", num_layers=2, scale=0.0)
     trained_rate = _acceptance(config, method, str(out), prompts)
     # Hydra's heads, reading the drafts before theirs, are accepted about twice as often
-    # (0.73 against Medusa's 0.39 here): heads fed the wrong tokens would not be
-    assert trained_rate > {"medusa": 0.3, "hydra": 0.6}[method]
+    # (0.73 against Medusa's 0.39 here): heads fed the wrong tokens would not be. Distilled,
+    # they learn this random model's nearly flat softmax, whose argmax comes slower (0.22).
+    assert trained_rate > {("medusa", "ce"): 0.3, ("hydra", "ce"): 0.6,
+                           ("hydra", "distill"): 0.15}[method, loss]
     assert trained_rate > 10 * _acceptance(config, method, untrained, prompts)
 
 

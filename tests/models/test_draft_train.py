@@ -1,0 +1,49 @@
+"""The draft-head trainer's data and losses: each training position's row of the base's states
+and its tokens line up (the state at row + j is the one that produced token j), and teacher
+distillation is cross-entropy against the base's softmax, so against a one-hot teacher it is
+the hard-label loss."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from taskloom.models import draft_train
+from taskloom.models.draft_train import DraftTrainConfig, training_pairs
+
+
+def test_rows_and_tokens_line_up() -> None:
+    # two sequences: prompt 3 + answer 4, prompt 2 + answer 1 (too short to train on), then
+    # prompt 2 + answer 3; each state is its position's number, so rows can be read back
+    seqs = [([10, 11, 12, 13, 14, 15, 16], 3), ([20, 21, 22], 2), ([30, 31, 32, 33, 34], 2)]
+    hiddens = [torch.arange(len(ids), dtype=torch.float32)[:, None] + 100 * n
+               for n, (ids, _) in enumerate(seqs)]
+    states, rows, tokens = training_pairs(seqs, hiddens, num_heads=2)
+    assert states.shape == (15, 1)
+    # positions p = prompt_len - 1 .. len - 3 of sequences 0 and 2
+    assert states[rows, 0].tolist() == [2, 3, 4, 201, 202]
+    assert tokens.tolist() == [[13, 14, 15], [14, 15, 16], [15, 16, -100],
+                               [32, 33, 34], [33, 34, -100]]
+    assert rows.tolist() == [2, 3, 4, 11, 12]       # sequence 2 starts at row 7 + 3 = 10
+
+
+def test_distillation_against_a_one_hot_teacher_is_cross_entropy() -> None:
+    g = torch.Generator().manual_seed(0)
+    vocab, hidden = 11, 4
+    states = torch.randn(6, hidden, generator=g)
+    teacher = torch.randn(vocab, hidden, generator=g) * 1e4          # a softmax of one-hots
+    target = F.linear(states, teacher).argmax(-1)
+    target[2] = -100
+    logits = torch.randn(6, vocab, generator=g)
+    at = torch.arange(6)
+    hard = draft_train._head_loss(logits, target, None, states, at)
+    soft = draft_train._head_loss(logits, target, teacher, states, at)
+    torch.testing.assert_close(soft, hard)
+    assert soft != draft_train._head_loss(logits, target, teacher / 1e4, states, at)
+
+
+def test_bad_training_configs_are_refused() -> None:
+    with pytest.raises(ValueError, match="loss must be one of ce, distill, got 'kl'"):
+        DraftTrainConfig(loss="kl")
+    with pytest.raises(ValueError, match="method must be one of medusa, hydra, got 'eagle'"):
+        DraftTrainConfig(method="eagle")
