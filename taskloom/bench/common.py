@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
@@ -30,9 +31,13 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
+    """The checkout's commit that taskloom runs from, "-dirty" appended when its tracked
+    files differ from it (a result then is of code no commit holds); None outside git."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7",
+                               "--exclude=*"],
+                              capture_output=True, text=True, check=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

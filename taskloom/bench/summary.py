@@ -164,8 +164,10 @@ def result_lines(r: dict) -> list[str]:
                 f"ms p99 {r['ttft']['p99_ms']}, ITL p50 {r['itl']['p50_ms']} ms{per_chunk}"]
     if r.get("train") in ("medusa", "hydra"):
         last = r["epochs"][-1]
-        return [f"train {r['train']} {r['config']['num_heads']} heads on {r['num_prompts']} prompts' "
-                f"answers ({r['num_positions']} positions), {last['epoch']} epochs: top-1 "
+        distilled = ", distilled" if r["config"].get("loss") == "distill" else ""
+        return [f"train {r['train']} {r['config']['num_heads']} heads on {r['num_prompts']} "
+                f"prompts' answers ({r['num_positions']} positions{distilled}), "
+                f"{last['epoch']} epochs: top-1 "
                 f"{', '.join(map(str, last['top1']))} on the training answers, in "
                 f"{r['generate_s'] + r['hidden_states_s'] + r['train_s']:.0f} s"]
     return [f"{kind}: (no summary for this kind)"]

@@ -160,7 +160,7 @@ def test_kernels_lines_name_each_op_and_the_sweeps_best() -> None:
         "  sweep extend_attention (8 x 1024 tokens): no setting ran"]
 
 
-def test_medusa_training_and_its_spec_run() -> None:
+def test_draft_head_training_and_its_spec_run() -> None:
     train = {"train": "medusa", "num_prompts": 252, "num_positions": 29303, "generate_s": 134.0,
              "hidden_states_s": 53.7, "train_s": 196.0, "config": {"num_heads": 3},
              "epochs": [{"epoch": 1, "top1": [0.37, 0.22, 0.15]},
@@ -168,6 +168,10 @@ def test_medusa_training_and_its_spec_run() -> None:
     assert result_lines(train) == [
         "train medusa 3 heads on 252 prompts' answers (29303 positions), 3 epochs: top-1 "
         "0.7043, 0.5386, 0.4329 on the training answers, in 384 s"]
+    distilled = {**train, "train": "hydra", "config": {"num_heads": 3, "loss": "distill"}}
+    assert result_lines(distilled) == [
+        "train hydra 3 heads on 252 prompts' answers (29303 positions, distilled), 3 epochs: "
+        "top-1 0.7043, 0.5386, 0.4329 on the training answers, in 384 s"]
     spec = {"bench": "spec", "workload": "builtin:topics-eval",
             "speculative_config": {"method": "medusa", "num_speculative_tokens": 3},
             "results": [{"batch_size": 1, "speedup": 0.917, "outputs_identical": True,
