@@ -339,7 +339,8 @@ def cmd_train_heads(a: argparse.Namespace) -> int:
     from taskloom.models.draft_train import DraftTrainConfig, read_prompts, train_draft_heads
     cfg = DraftTrainConfig(method=a.method, num_heads=a.num_heads, num_layers=a.num_layers,
                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
-                           batch_tokens=a.batch_tokens, seed=a.seed, loss=a.loss)
+                           batch_tokens=a.batch_tokens, seed=a.seed, loss=a.loss,
+                           draft_vocab_size=a.draft_vocab_size)
     llm = make_llm(a)
     if a.prompts_file:
         prompts = read_prompts(a.prompts_file, llm)
@@ -389,6 +390,10 @@ def add_train_heads_parser(sub: argparse._SubParsersAction, method: str) -> None
     p.add_argument("--loss", choices=("ce", "distill"), default="ce",
                    help="fit each head to the answer's token (ce) or to the model's whole "
                         "distribution there (distill: teacher distillation)")
+    p.add_argument("--draft-vocab-size", type=int, default=None, metavar="N",
+                   help="the heads guess among the N tokens the answers use most (vLLM's "
+                        "truncated_vocab_size): a lm head N / vocab the size, its drafts "
+                        "of other tokens lost (default: the whole vocabulary)")
     add_engine_args(p)
     p.set_defaults(func=cmd_train_heads, method=method)
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from taskloom.models.arch import ArchConfig
+from taskloom.models.draft_vocab import DraftVocab
 from taskloom.models.hydra import load_hydra
 from taskloom.models.medusa import load_medusa
 
@@ -17,7 +18,10 @@ DRAFT_HEAD_METHODS = ("medusa", "hydra")
 
 
 class DraftHeads(Protocol):
-    """K heads; head i guesses the token at p + 2 + i from the base's state at p."""
+    """K heads; head i guesses the token at p + 2 + i from the base's state at p, among the
+    tokens of `vocab`."""
+
+    vocab: DraftVocab
 
     @property
     def num_heads(self) -> int: ...
@@ -33,7 +37,7 @@ class DraftHeads(Protocol):
         ...
 
     def head_logits(self, head: int, state: torch.Tensor) -> torch.Tensor:
-        """Head `head`'s logits [n, vocab] from its state [n, hidden]."""
+        """Head `head`'s logits over the draft vocabulary [n, N] from its state [n, hidden]."""
         ...
 
     def trainable(self) -> list[nn.Parameter]: ...

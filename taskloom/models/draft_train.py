@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from taskloom.models.draft_heads import DRAFT_HEAD_METHODS, DraftHeads
+from taskloom.models.draft_vocab import IGNORE, most_frequent
 from taskloom.models.hydra import HydraConfig, HydraHeads, save_hydra
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.medusa import MedusaConfig, MedusaHeads, save_medusa
@@ -50,7 +51,8 @@ class DraftTrainConfig:
     cosine schedule, loss weights 0.8 ** k), with steps and rates that fit the embedded model
     on a CPU in minutes. `loss` "ce" fits each head to the answer's token; "distill" to the
     base model's whole distribution there (its softmax: teacher distillation, which Hydra's
-    paper trains its best heads with)."""
+    paper trains its best heads with). `draft_vocab_size` N: the heads guess among the N
+    tokens the answers use most (taskloom.models.draft_vocab); None: among all."""
 
     method: str = "medusa"
     num_heads: int = 4
@@ -63,6 +65,7 @@ class DraftTrainConfig:
     weight_decay: float = 0.0
     seed: int = 0
     loss: str = "ce"
+    draft_vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in DRAFT_HEAD_METHODS:
@@ -78,6 +81,8 @@ class DraftTrainConfig:
             raise ValueError(f"num_layers must be >= 1, got {self.num_layers}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
+            raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
 
 
 def self_distill(llm, prompts: Sequence[list[int]], max_tokens: int
@@ -144,19 +149,23 @@ def training_pairs(seqs: Sequence[tuple[list[int], int]], hiddens: Sequence[torc
     return torch.cat(list(hiddens)), torch.cat(rows), torch.cat(ys)
 
 
-def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig) -> DraftHeads:
+def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig,
+              token_map: torch.Tensor | None = None) -> DraftHeads:
     """Untrained float32 heads of `cfg.method` on the model's device, each the base model's
-    next-token guess: Medusa's blocks at zero; Hydra's first block passing the hidden state
-    through its res_connection, its later blocks at zero. Both use the model's lm head."""
+    next-token guess (among the tokens of `token_map` [N], where given): Medusa's blocks at
+    zero; Hydra's first block passing the hidden state through its res_connection, its
+    later blocks at zero. Both use the model's lm head."""
     arch = model.config
     lm = model.lm_head_weight().detach().float()                        # [vocab, hidden]
+    n = None if token_map is None else len(token_map)
     if cfg.method == "medusa":
         mcfg = MedusaConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
-                            bias=True, num_lm_heads=0)
-        return MedusaHeads(mcfg, lm, torch.float32, lm.device)
+                            bias=True, num_lm_heads=0, truncated_vocab_size=n)
+        return MedusaHeads(mcfg, lm, torch.float32, lm.device, token_map)
     embed = model.model.embed_tokens.weight.detach().float()            # [vocab, hidden]
-    hcfg = HydraConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size)
-    heads = HydraHeads(hcfg, embed, lm, torch.float32, lm.device)
+    hcfg = HydraConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
+                       truncated_vocab_size=n)
+    heads = HydraHeads(hcfg, embed, lm, torch.float32, lm.device, token_map)
     h = arch.hidden_size
     with torch.no_grad():
         for w in heads.first_weight:                                    # [2h, (i + 2) h]
@@ -165,12 +174,14 @@ def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig) -> DraftHeads:
 
 
 def train_heads(model: LlamaForCausalLM, states: torch.Tensor, rows: torch.Tensor,
-                y: torch.Tensor, cfg: DraftTrainConfig) -> tuple[DraftHeads, list[dict]]:
+                y: torch.Tensor, cfg: DraftTrainConfig, token_map: torch.Tensor | None = None
+                ) -> tuple[DraftHeads, list[dict]]:
     """Heads fitted to the positions `rows` of `states` and their tokens y (see
     `training_pairs`), in float32 on the model's device (the tensors stay on the host, a
-    batch at a time goes over); and a log entry per epoch: loss and top-1 accuracy of each
-    head."""
-    heads = new_heads(model, cfg)
+    batch at a time goes over), guessing among the tokens of `token_map` where given; and a
+    log entry per epoch: loss and top-1 accuracy of each head (a target outside the draft
+    vocabulary counts as a miss)."""
+    heads = new_heads(model, cfg, token_map)
     params = heads.trainable()
     for p in params:
         p.requires_grad_(True)
@@ -178,8 +189,8 @@ def train_heads(model: LlamaForCausalLM, states: torch.Tensor, rows: torch.Tenso
     steps = math.ceil(len(rows) / cfg.batch_tokens)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs * steps)
     gen = torch.Generator().manual_seed(cfg.seed)
-    teacher = (model.lm_head_weight().detach().float() if cfg.loss == "distill"
-               else None)                                               # [vocab, hidden]
+    teacher = (heads.vocab.rows(model.lm_head_weight().detach().float())
+               if cfg.loss == "distill" else None)                      # [N, hidden]
     log = []
     for epoch in range(cfg.epochs):
         start = time.perf_counter()
@@ -217,32 +228,33 @@ def _epoch(heads: DraftHeads, states: torch.Tensor, rows: torch.Tensor, y: torch
            ) -> tuple[list[float], list[float]]:
     """One pass over the batches (indexes of training positions: their rows of `states`
     and of `y`, see `training_pairs`); each head's mean loss and top-1 accuracy over the
-    positions it had a target at. A head's loss is a sum over its targets divided by their
-    count, so a batch where it has none adds nothing (not a NaN)."""
+    positions it had a target at (the loss over those in the draft vocabulary). A head's
+    loss is a sum over its targets divided by their count, so a batch where it has none adds
+    nothing (not a NaN)."""
     k = heads.num_heads
     weights = [decay ** i for i in range(1, k + 1)]
-    sums = torch.zeros(3, k, device=device)          # loss sum, hits, targets, per head
+    sums = torch.zeros(4, k, device=device)   # loss sum, hits, fitted, targets, per head
     for batch in batches:
         at = rows[batch]                                                # [B] rows of states
         tokens = y[batch].to(device)                                    # [B, K + 1]
         hidden = states[at].to(device)                                  # [B, hidden]
         head_states = heads.train_states(hidden, tokens[:, :k])         # [K, B, hidden]
-        target = tokens[:, 1:]                                          # [B, K]
+        target = heads.vocab.index(tokens[:, 1:])                       # [B, K] draft indexes
         loss = torch.zeros((), device=device)
         for i in range(k):
-            logits = heads.head_logits(i, head_states[i])               # [B, vocab]
-            valid = target[:, i] != -100
-            n = valid.sum()
+            logits = heads.head_logits(i, head_states[i])               # [B, N]
+            fit = target[:, i] != IGNORE
+            n = fit.sum()
             total = _head_loss(logits, target[:, i], teacher, states, at + 1 + i)
             loss = loss + weights[i] * total / n.clamp(min=1)
-            sums[:, i] += torch.stack([total.detach(), (logits.argmax(-1) == target[:, i])
-                                       .logical_and(valid).sum(), n])
+            hits = (logits.argmax(-1) == target[:, i]).logical_and(fit).sum()
+            sums[:, i] += torch.stack([total.detach(), hits, n, (tokens[:, 1 + i] >= 0).sum()])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
-    total, hits, counts = sums.tolist()
-    return ([round(t / max(c, 1), 4) for t, c in zip(total, counts)],
+    total, hits, fitted, counts = sums.tolist()
+    return ([round(t / max(c, 1), 4) for t, c in zip(total, fitted)],
             [round(h / max(c, 1), 4) for h, c in zip(hits, counts)])
 
 
@@ -277,8 +289,15 @@ def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, 
     generated = time.perf_counter()
     hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
     states, rows, y = training_pairs(seqs, hiddens, cfg.num_heads)
+    token_map = None
+    if cfg.draft_vocab_size is not None:
+        vocab_size = runner.model.config.vocab_size
+        if cfg.draft_vocab_size >= vocab_size:
+            raise ValueError(f"draft_vocab_size {cfg.draft_vocab_size} is not below the "
+                             f"model's vocabulary of {vocab_size}")
+        token_map = most_frequent([s[n:] for s, n in seqs], vocab_size, cfg.draft_vocab_size)
     encoded = time.perf_counter()
-    heads, log = train_heads(runner.model, states, rows, y, cfg)
+    heads, log = train_heads(runner.model, states, rows, y, cfg, token_map)
     if isinstance(heads, HydraHeads):
         save_hydra(heads, output)
     else:

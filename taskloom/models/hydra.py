@@ -21,8 +21,10 @@ state dict as the paper's code saves it (`hydra_lm_head.pt`) or in safetensors
 `hydra_mlp.{i}.0.linear.*` and `hydra_mlp.{i}.0.res_connection.*` (the first block),
 `hydra_mlp.{i}.{j}.linear.*` (j >= 1), `hydra_lm_head.{i}.weight` and `.bias`. Heads trained
 by taskloom (taskloom.models.draft_train) carry no lm head and say so with
-`"use_base_lm_head": true`: they read the base model's own, frozen. Hydra++'s prefix-attention
-and cross-attention heads are other architectures, refused by name.
+`"use_base_lm_head": true`: they read the base model's own, frozen. With
+`truncated_vocab_size` N (vLLM's key for Medusa heads), the heads guess among the N tokens of
+the tensor `token_map` only (taskloom.models.draft_vocab). Hydra++'s prefix-attention and
+cross-attention heads are other architectures, refused by name.
 """
 from __future__ import annotations
 
@@ -38,9 +40,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from taskloom.models.arch import ArchConfig
+from taskloom.models.draft_vocab import DraftVocab
 
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "hydra_lm_head.pt"
+TOKEN_MAP = "token_map"
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class HydraConfig:
     hidden_size: int
     vocab_size: int
     own_lm_heads: bool = False
+    truncated_vocab_size: int | None = None    # the draft vocabulary's size; None: all
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:
@@ -65,13 +70,20 @@ class HydraConfig:
 class HydraHeads(nn.Module):
     """K sequentially dependent heads over a base model's final hidden states and its input
     embedding `embed` [vocab, hidden]; `propose` drafts a chain of their top-1 tokens.
-    `base_lm_head` [vocab, hidden] serves heads without their own."""
+    `base_lm_head` [vocab, hidden] serves heads without their own (its rows of the draft
+    vocabulary). `token_map` [N]: the draft vocabulary when `config.truncated_vocab_size`
+    is N."""
 
     def __init__(self, config: HydraConfig, embed: torch.Tensor, base_lm_head: torch.Tensor,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 token_map: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
-        k, n, h, v = config.num_heads, config.num_layers, config.hidden_size, config.vocab_size
+        self.vocab = DraftVocab(config.vocab_size, token_map).to(device)
+        if self.vocab.size != (config.truncated_vocab_size or config.vocab_size):
+            raise ValueError(f"Hydra heads over {config.truncated_vocab_size} tokens need a "
+                             f"token_map of as many, got {self.vocab.size}")
+        k, n, h, v = config.num_heads, config.num_layers, config.hidden_size, self.vocab.size
 
         def zeros(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.zeros(*shape, dtype=dtype, device=device),
@@ -82,10 +94,12 @@ class HydraHeads(nn.Module):
         self.first_bias = nn.ParameterList([zeros(2 * h) for _ in range(k)])
         self.weight = zeros(k, n - 1, h, h)                          # [K, layers - 1, out, in]
         self.bias = zeros(k, n - 1, h)
-        self.lm_weight = zeros(k, v, h) if config.own_lm_heads else None   # [K, vocab, hidden]
+        self.lm_weight = zeros(k, v, h) if config.own_lm_heads else None   # [K, N, hidden]
         self.lm_bias = zeros(k, v) if config.own_lm_heads else None
         self.embed = embed
-        self.base_lm_head = base_lm_head
+        # the base's rows of the draft vocabulary [N, hidden], where the heads use them
+        self.base_lm_head = (base_lm_head if config.own_lm_heads
+                             else self.vocab.rows(base_lm_head))
 
     @property
     def num_heads(self) -> int:
@@ -101,7 +115,7 @@ class HydraHeads(nn.Module):
         return x
 
     def head_logits(self, head: int, state: torch.Tensor) -> torch.Tensor:
-        """Head `head`'s logits from its state: [n, hidden] -> [n, vocab]."""
+        """Head `head`'s logits over the draft vocabulary: [n, hidden] -> [n, N]."""
         if self.lm_weight is None:
             return F.linear(state, self.base_lm_head)
         assert self.lm_bias is not None
@@ -124,7 +138,7 @@ class HydraHeads(nn.Module):
         drafts = []
         for i in range(num_tokens):
             state = self.head_state(i, torch.cat(ctx, dim=-1))           # [n, hidden]
-            token = self.head_logits(i, state).argmax(-1)               # [n]
+            token = self.vocab.ids(self.head_logits(i, state).argmax(-1))   # [n]
             drafts.append(token)
             ctx.append(self.embed[token].to(hidden.dtype))
         return torch.stack(drafts, dim=1)                               # [n, num_tokens]
@@ -153,9 +167,12 @@ def hydra_config_from(config: dict, arch: ArchConfig, path: str) -> HydraConfig:
         if key in config and config[key] != want:
             raise ValueError(f"{path}: Hydra heads of {key} {config[key]} do not fit the "
                              f"model ({key} {want})")
+    truncated = config.get("truncated_vocab_size")
     return HydraConfig(int(config["hydra_num_heads"]), int(config.get("hydra_num_layers", 1)),
                        arch.hidden_size, arch.vocab_size,
-                       own_lm_heads=not config.get("use_base_lm_head", False))
+                       own_lm_heads=not config.get("use_base_lm_head", False),
+                       truncated_vocab_size=(None if truncated in (None, arch.vocab_size)
+                                             else int(truncated)))
 
 
 def _targets(heads: HydraHeads) -> Iterator[tuple[str, torch.Tensor]]:
@@ -200,7 +217,13 @@ def load_hydra(path: str, arch: ArchConfig, embed: torch.Tensor, base_lm_head: t
     with open(config_path, encoding="utf-8") as f:
         cfg = hydra_config_from(json.load(f), arch, path)
     tensors = _read(path)
-    heads = HydraHeads(cfg, embed, base_lm_head, dtype, device)
+    token_map = tensors.pop(TOKEN_MAP, None)
+    if (cfg.truncated_vocab_size is None) != (token_map is None):
+        raise ValueError(f"Hydra heads: {path} has a {TOKEN_MAP} tensor only with "
+                         f"truncated_vocab_size below the vocabulary in its config.json "
+                         f"(truncated_vocab_size {cfg.truncated_vocab_size}, "
+                         f"{'a' if token_map is not None else 'no'} {TOKEN_MAP})")
+    heads = HydraHeads(cfg, embed, base_lm_head, dtype, device, token_map)
     with torch.no_grad():
         for name, dst in _targets(heads):
             if name not in tensors:
@@ -221,11 +244,15 @@ def save_hydra(heads: HydraHeads, path: str) -> None:
     cfg = heads.config
     os.makedirs(path, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in _targets(heads)}
+    if heads.vocab.token_map is not None:
+        tensors[TOKEN_MAP] = heads.vocab.token_map.cpu()
     save_file(tensors, os.path.join(path, SAFETENSORS_FILE))
     config = {"model_type": "hydra", "hydra_num_heads": cfg.num_heads,
               "hydra_num_layers": cfg.num_layers, "hydra_head_arch": "mlp",
               "grounded_heads": True, "hidden_state_offset": 0,
               "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
               "use_base_lm_head": not cfg.own_lm_heads}
+    if cfg.truncated_vocab_size is not None:
+        config["truncated_vocab_size"] = cfg.truncated_vocab_size
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -12,7 +12,8 @@ Checkpoints are directories with a config.json and safetensors, in either layout
 - vLLM's (`"architectures": ["MedusaModel"]`): config `num_heads`, `num_hidden_layers`,
   `hidden_size`, `vocab_size`, optional `medusa_fc_bias` and `original_lm_head`; tensors
   `blocks.{i}.layers.{j}.weight` (and `.bias`), `lm_heads.{i}.weight`, optionally under a
-  `medusa_heads.` prefix. With `original_lm_head`, one lm head (`lm_heads.0.weight`) serves
+  `medusa_heads.` prefix. With `truncated_vocab_size` N below `vocab_size`, the heads guess
+  among the N tokens of the tensor `token_map` only (taskloom.models.draft_vocab). With `original_lm_head`, one lm head (`lm_heads.0.weight`) serves
   every head, and a checkpoint without it means the base model's own lm_head (what
   taskloom's trained heads, taskloom.models.medusa_train, write: they train with it frozen).
 - FasterDecoding's (the paper's code): config `medusa_num_heads`, `medusa_num_layers`; file
@@ -36,9 +37,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from taskloom.models.arch import ArchConfig
+from taskloom.models.draft_vocab import DraftVocab
 
 VLLM_FILE = "model.safetensors"
 FASTER_DECODING_FILE = "medusa_lm_head.safetensors"
+TOKEN_MAP = "token_map"     # vLLM's name for the draft vocabulary's ids
 
 _VLLM_BLOCK = re.compile(r"^(?:medusa_heads\.)?blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)$")
 _VLLM_LM = re.compile(r"^(?:medusa_heads\.)?lm_heads\.(\d+)\.weight$")
@@ -58,6 +61,7 @@ class MedusaConfig:
     vocab_size: int
     bias: bool = True
     num_lm_heads: int = 0
+    truncated_vocab_size: int | None = None    # the draft vocabulary's size; None: all
 
     def __post_init__(self) -> None:
         if self.num_heads < 1:
@@ -71,23 +75,31 @@ class MedusaConfig:
 
 class MedusaHeads(nn.Module):
     """K draft heads over a base model's final hidden states; `propose` gives their top-1
-    tokens. `base_lm_head` is the base model's lm head weight [vocab, hidden], used when the
-    checkpoint carries none."""
+    tokens. `base_lm_head` is the base model's lm head weight [vocab, hidden], used (its rows
+    of the draft vocabulary) when the checkpoint carries none. `token_map` [N]: the draft
+    vocabulary when `config.truncated_vocab_size` is N."""
 
     def __init__(self, config: MedusaConfig, base_lm_head: torch.Tensor,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device,
+                 token_map: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config
+        self.vocab = DraftVocab(config.vocab_size, token_map).to(device)
+        if self.vocab.size != (config.truncated_vocab_size or config.vocab_size):
+            raise ValueError(f"Medusa heads over {config.truncated_vocab_size} tokens need a "
+                             f"token_map of as many, got {self.vocab.size}")
         k, n, h = config.num_heads, config.num_layers, config.hidden_size
         self.weight = nn.Parameter(torch.zeros(n, k, h, h, dtype=dtype, device=device),
                                    requires_grad=False)              # [layers, K, out, in]
         self.bias = (nn.Parameter(torch.zeros(n, k, 1, h, dtype=dtype, device=device),
                                   requires_grad=False) if config.bias else None)
-        self.lm_heads = (nn.Parameter(torch.empty(config.num_lm_heads, config.vocab_size, h,
+        self.lm_heads = (nn.Parameter(torch.empty(config.num_lm_heads, self.vocab.size, h,
                                                   dtype=dtype, device=device),
                                       requires_grad=False)
-                         if config.num_lm_heads else None)           # [1 or K, vocab, hidden]
-        self.base_lm_head = base_lm_head                             # [vocab, hidden]
+                         if config.num_lm_heads else None)           # [1 or K, N, hidden]
+        # the base's rows of the draft vocabulary [N, hidden], where the heads use them
+        self.base_lm_head = (self.vocab.rows(base_lm_head) if not config.num_lm_heads
+                             else base_lm_head)
 
     @property
     def num_heads(self) -> int:
@@ -106,20 +118,20 @@ class MedusaHeads(nn.Module):
         return x
 
     def lm_weight(self, head: int) -> torch.Tensor:
-        """Head `head`'s lm head [vocab, hidden]."""
+        """Head `head`'s lm head [N, hidden] (N: the draft vocabulary's size)."""
         if self.lm_heads is None:
             return self.base_lm_head
         return self.lm_heads[head if self.lm_heads.shape[0] > 1 else 0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Float logits of every head: [n, hidden] -> [K, n, vocab] (tests; `propose` never
-        holds them all)."""
+        """Float logits of every head over the draft vocabulary: [n, hidden] -> [K, n, N]
+        (tests; `propose` never holds them all)."""
         x = self.hidden(hidden)
         return torch.stack([self.head_logits(i, x[i]).float()
                             for i in range(self.config.num_heads)])
 
     def head_logits(self, head: int, state: torch.Tensor) -> torch.Tensor:
-        """Head `head`'s logits from its state: [n, hidden] -> [n, vocab]."""
+        """Head `head`'s logits over the draft vocabulary: [n, hidden] -> [n, N]."""
         return F.linear(state, self.lm_weight(head))
 
     def train_states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -138,15 +150,15 @@ class MedusaHeads(nn.Module):
         head guesses from the hidden state alone). Heads that share one lm head go through
         it in one matmul (its weight read once, which is what a small batch's step pays
         for), unless their logits together would pass PROPOSE_MAX_LOGITS; else one head's
-        logits [n, vocab] at a time."""
+        logits [n, N] at a time."""
         x = self.hidden(hidden, num_tokens)                              # [k, n, hidden]
         k, n = x.shape[0], x.shape[1]
         shared = self.lm_heads is None or self.lm_heads.shape[0] == 1
-        if shared and k * n * self.config.vocab_size <= PROPOSE_MAX_LOGITS:
-            logits = F.linear(x.reshape(k * n, -1), self.lm_weight(0))   # [k * n, vocab]
-            return logits.argmax(-1).view(k, n).T                        # [n, k]
+        if shared and k * n * self.vocab.size <= PROPOSE_MAX_LOGITS:
+            logits = F.linear(x.reshape(k * n, -1), self.lm_weight(0))   # [k * n, N]
+            return self.vocab.ids(logits.argmax(-1).view(k, n).T)        # [n, k]
         out = [F.linear(x[i], self.lm_weight(i)).argmax(-1) for i in range(k)]
-        return torch.stack(out, dim=1)                                   # [n, k]
+        return self.vocab.ids(torch.stack(out, dim=1))                   # [n, k]
 
 
 def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: bool = True
@@ -156,7 +168,7 @@ def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: 
     if "medusa_num_heads" in config:     # FasterDecoding's
         heads, layers = config["medusa_num_heads"], config.get("medusa_num_layers", 1)
         hidden, vocab, bias = arch.hidden_size, arch.vocab_size, True
-        lm_heads = heads
+        lm_heads, truncated = heads, None
     elif "num_heads" in config:          # vLLM's
         heads, layers = config["num_heads"], config.get("num_hidden_layers", 1)
         hidden = config.get("hidden_size", arch.hidden_size)
@@ -165,9 +177,7 @@ def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: 
         shared = bool(config.get("original_lm_head"))
         lm_heads = heads if not shared else 1 if has_lm_heads else 0
         truncated = config.get("truncated_vocab_size")
-        if truncated is not None and truncated != vocab:
-            raise ValueError(f"{path}: Medusa heads over a truncated vocabulary "
-                             f"(truncated_vocab_size {truncated}) are not supported")
+        truncated = None if truncated is None or truncated == vocab else int(truncated)
     else:
         raise ValueError(f"{path}/config.json is not a Medusa config: expected "
                          "'num_heads' (vLLM's layout) or 'medusa_num_heads' (FasterDecoding's)")
@@ -175,7 +185,7 @@ def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: 
         raise ValueError(f"{path}: Medusa heads of hidden size {hidden} and vocabulary {vocab} "
                          f"do not fit the model (hidden size {arch.hidden_size}, vocabulary "
                          f"{arch.vocab_size})")
-    return MedusaConfig(int(heads), int(layers), hidden, vocab, bias, lm_heads)
+    return MedusaConfig(int(heads), int(layers), hidden, vocab, bias, lm_heads, truncated)
 
 
 def _tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -230,13 +240,22 @@ def load_medusa(path: str, arch: ArchConfig, base_lm_head: torch.Tensor, dtype: 
     if not os.path.isfile(weights):
         raise ValueError(f"Medusa heads: {path} has no {VLLM_FILE} or {FASTER_DECODING_FILE}")
     with safe_open(weights, framework="pt") as handle:
-        has_lm_heads = any(_VLLM_LM.match(name) for name in handle.keys())
+        names = set(handle.keys())
+        has_lm_heads = any(_VLLM_LM.match(name) for name in names)
+        token_map = handle.get_tensor(TOKEN_MAP) if TOKEN_MAP in names else None
     with open(config_path, encoding="utf-8") as f:
         cfg = medusa_config_from(json.load(f), arch, path, has_lm_heads)
-    heads = MedusaHeads(cfg, base_lm_head, dtype, device)
+    if (cfg.truncated_vocab_size is None) != (token_map is None):
+        raise ValueError(f"Medusa heads: {path} has a {TOKEN_MAP} tensor only with "
+                         f"truncated_vocab_size below the vocabulary in its config.json "
+                         f"(truncated_vocab_size {cfg.truncated_vocab_size}, "
+                         f"{'a' if token_map is not None else 'no'} {TOKEN_MAP})")
+    heads = MedusaHeads(cfg, base_lm_head, dtype, device, token_map)
     seen: set[tuple[str, int, int]] = set()
     with torch.no_grad():
         for name, tensor in _tensors(weights):
+            if name == TOKEN_MAP:
+                continue
             placed = _place(heads, name, tensor, fd_layout)
             if placed is None:
                 raise ValueError(f"Medusa heads: unexpected tensor {name!r} in {weights}")
@@ -266,11 +285,15 @@ def save_medusa(heads: MedusaHeads, path: str) -> None:
     if heads.lm_heads is not None:
         for i in range(heads.lm_heads.shape[0]):
             tensors[f"lm_heads.{i}.weight"] = heads.lm_heads[i].detach().contiguous()
+    if heads.vocab.token_map is not None:
+        tensors[TOKEN_MAP] = heads.vocab.token_map
     save_file({k: v.cpu() for k, v in tensors.items()}, os.path.join(path, VLLM_FILE))
     config = {"architectures": ["MedusaModel"], "model_type": "medusa",
               "num_heads": cfg.num_heads, "num_hidden_layers": cfg.num_layers,
               "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
               "medusa_fc_bias": cfg.bias,
               "original_lm_head": cfg.num_lm_heads != cfg.num_heads}
+    if cfg.truncated_vocab_size is not None:
+        config["truncated_vocab_size"] = cfg.truncated_vocab_size
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(config, f, indent=2)

@@ -135,7 +135,9 @@ def test_one_shared_lm_head(tmp_path: Path) -> None:
     ({"num_heads": 2, "num_hidden_layers": 1, "medusa_fc_bias": True}, "shape",
      "has shape"),
     ({"num_heads": 2, "num_hidden_layers": 1, "truncated_vocab_size": 10}, None,
-     "truncated vocabulary"),
+     "truncated_vocab_size 10, no token_map"),
+    ({"num_heads": 2, "num_hidden_layers": 1}, "token_map",
+     "truncated_vocab_size None, a token_map"),
 ])
 def test_bad_checkpoints_are_refused(tmp_path: Path, config: dict, change: str | None,
                                      error: str) -> None:
@@ -146,6 +148,8 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, config: dict, change: str |
         tensors["blocks.2.layers.0.weight"] = torch.zeros(H, H)
     elif change == "shape":
         tensors["blocks.0.layers.0.weight"] = torch.zeros(H, H + 1)
+    elif change == "token_map":
+        tensors["token_map"] = torch.arange(10)
     path = write(tmp_path, config, tensors, "model.safetensors")
     with pytest.raises(ValueError, match=error):
         load_medusa(path, ARCH, torch.zeros(V, H), torch.float32, CPU)
