@@ -31,15 +31,19 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit that taskloom runs from, "-dirty" appended when its tracked
-    files differ from it (a result then is of code no commit holds); None outside git."""
+    """The commit of the checkout taskloom runs from, "-dirty" appended when the package's
+    tracked files differ from it (a result then is of code no commit holds; a changed
+    README or test does not count); None outside git."""
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7",
-                               "--exclude=*"],
-                              capture_output=True, text=True, check=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                                text=True, check=True, cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                  "--", os.path.dirname(here)], capture_output=True,
+                                 text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+    return f"{commit}-dirty" if changed else commit
 
 
 def utc_now() -> str:

@@ -21,6 +21,7 @@ class DraftVocab:
     def __init__(self, vocab_size: int, token_map: torch.Tensor | None = None) -> None:
         self.vocab_size = vocab_size
         self.token_map = None
+        self._lookup: torch.Tensor | None = None     # id -> index (IGNORE): `index`'s table
         if token_map is None:
             return
         ids = token_map.to(torch.int64).flatten()
@@ -41,6 +42,7 @@ class DraftVocab:
     def to(self, device: torch.device) -> DraftVocab:
         if self.token_map is not None:
             self.token_map = self.token_map.to(device)
+            self._lookup = None
         return self
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor:
@@ -56,10 +58,12 @@ class DraftVocab:
         token is not in it (and where an id is IGNORE already)."""
         if self.token_map is None:
             return ids
-        lookup = torch.full((self.vocab_size,), IGNORE, dtype=torch.int64,
-                            device=self.token_map.device)
-        lookup[self.token_map] = torch.arange(len(self.token_map), device=lookup.device)
-        return torch.where(ids >= 0, lookup[ids.clamp(min=0)], IGNORE)
+        if self._lookup is None:
+            self._lookup = torch.full((self.vocab_size,), IGNORE, dtype=torch.int64,
+                                      device=self.token_map.device)
+            self._lookup[self.token_map] = torch.arange(len(self.token_map),
+                                                        device=self.token_map.device)
+        return torch.where(ids >= 0, self._lookup[ids.clamp(min=0)], IGNORE)
 
 
 def most_frequent(token_lists: list[list[int]], vocab_size: int, size: int) -> torch.Tensor:
