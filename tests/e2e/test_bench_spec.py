@@ -46,9 +46,11 @@ def test_spec_bench_refuses_what_it_cannot_compare(capsys: pytest.CaptureFixture
     assert "--random-weights has neither" in capsys.readouterr().err
     assert main(["bench", "spec", "--temperature", "0.7"]) == 2
     assert "--temperature above 0 needs --seed" in capsys.readouterr().err
-    assert main(["bench", "spec", "--peer", "hf", "--speculative-config",
-                 '{"method": "medusa", "model": "/heads"}']) == 2
-    assert "HF transformers has no Medusa decoding" in capsys.readouterr().err
+    for method in ("medusa", "hydra"):
+        assert main(["bench", "spec", "--peer", "hf", "--speculative-config",
+                     f'{{"method": "{method}", "model": "/heads"}}']) == 2
+        assert (f"which is not {method} (HF transformers has no draft-head decoding)"
+                in capsys.readouterr().err)
 
 
 def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixture,
