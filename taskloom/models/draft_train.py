@@ -12,10 +12,12 @@ before the one it guesses. Here:
    prompt-and-answer (through a private paged KV cache, as the runner would);
 3. head k learns, at every answer position p (and the prompt's last), the token at
    p + 1 + k (a Hydra head also reading the tokens at p + 1 .. p + k), by cross-entropy
-   weighted `decay ** k` (the paper's 0.8), with AdamW; the heads start as the base's
-   next-token guess (Medusa's blocks at zero; Hydra's first block passing the hidden state
-   through), and they use the base model's lm_head, frozen (nothing of it is saved: see
-   taskloom.models.medusa and taskloom.models.hydra).
+   (or, with `loss` "distill", against the base's softmax there) weighted `decay ** k` (the
+   paper's 0.8), with AdamW; the heads start as the base's next-token guess (Medusa's blocks
+   at zero; Hydra's first block passing the hidden state through), and they use the base
+   model's lm_head, frozen (nothing of it is saved: see taskloom.models.medusa and
+   taskloom.models.hydra), or its rows of the `draft_vocab_size` tokens the answers use
+   most (taskloom.models.draft_vocab).
 
 Heads that guess the base's greedy continuation pay for greedy decoding most; sampled
 outputs are unchanged by them too (drafts are verified), only accepted less often.
@@ -169,7 +171,7 @@ def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig,
     h = arch.hidden_size
     with torch.no_grad():
         for w in heads.first_weight:                                    # [2h, (i + 2) h]
-            w[:h, :h] = torch.eye(h)
+            w[:h, :h] = torch.eye(h, device=w.device)
     return heads
 
 
