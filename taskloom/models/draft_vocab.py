@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100     # a training target outside the draft vocabulary
+TOKEN_MAP = "token_map"     # the checkpoint tensor of the kept ids (vLLM's name)
 
 
 class DraftVocab:
@@ -64,6 +65,17 @@ class DraftVocab:
             self._lookup[self.token_map] = torch.arange(len(self.token_map),
                                                         device=self.token_map.device)
         return torch.where(ids >= 0, self._lookup[ids.clamp(min=0)], IGNORE)
+
+
+def check_token_map(kind: str, path: str, truncated_vocab_size: int | None,
+                    token_map: torch.Tensor | None) -> None:
+    """A checkpoint has a token_map tensor exactly when its config truncates the vocabulary;
+    ValueError naming both otherwise."""
+    if (truncated_vocab_size is None) != (token_map is None):
+        raise ValueError(f"{kind} heads: {path} has a {TOKEN_MAP} tensor only with "
+                         f"truncated_vocab_size below the vocabulary in its config.json "
+                         f"(truncated_vocab_size {truncated_vocab_size}, "
+                         f"{'a' if token_map is not None else 'no'} {TOKEN_MAP})")
 
 
 def most_frequent(token_lists: list[list[int]], vocab_size: int, size: int) -> torch.Tensor:

@@ -40,11 +40,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from taskloom.models.arch import ArchConfig
-from taskloom.models.draft_vocab import DraftVocab
+from taskloom.models.draft_vocab import TOKEN_MAP, DraftVocab, check_token_map
 
 SAFETENSORS_FILE = "model.safetensors"
 TORCH_FILE = "hydra_lm_head.pt"
-TOKEN_MAP = "token_map"
 
 
 @dataclass(frozen=True)
@@ -218,11 +217,7 @@ def load_hydra(path: str, arch: ArchConfig, embed: torch.Tensor, base_lm_head: t
         cfg = hydra_config_from(json.load(f), arch, path)
     tensors = _read(path)
     token_map = tensors.pop(TOKEN_MAP, None)
-    if (cfg.truncated_vocab_size is None) != (token_map is None):
-        raise ValueError(f"Hydra heads: {path} has a {TOKEN_MAP} tensor only with "
-                         f"truncated_vocab_size below the vocabulary in its config.json "
-                         f"(truncated_vocab_size {cfg.truncated_vocab_size}, "
-                         f"{'a' if token_map is not None else 'no'} {TOKEN_MAP})")
+    check_token_map("Hydra", path, cfg.truncated_vocab_size, token_map)
     heads = HydraHeads(cfg, embed, base_lm_head, dtype, device, token_map)
     with torch.no_grad():
         for name, dst in _targets(heads):

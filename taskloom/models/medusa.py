@@ -37,11 +37,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from taskloom.models.arch import ArchConfig
-from taskloom.models.draft_vocab import DraftVocab
+from taskloom.models.draft_vocab import TOKEN_MAP, DraftVocab, check_token_map
 
 VLLM_FILE = "model.safetensors"
 FASTER_DECODING_FILE = "medusa_lm_head.safetensors"
-TOKEN_MAP = "token_map"     # vLLM's name for the draft vocabulary's ids
 
 _VLLM_BLOCK = re.compile(r"^(?:medusa_heads\.)?blocks\.(\d+)\.layers\.(\d+)\.(weight|bias)$")
 _VLLM_LM = re.compile(r"^(?:medusa_heads\.)?lm_heads\.(\d+)\.weight$")
@@ -245,11 +244,7 @@ def load_medusa(path: str, arch: ArchConfig, base_lm_head: torch.Tensor, dtype: 
         token_map = handle.get_tensor(TOKEN_MAP) if TOKEN_MAP in names else None
     with open(config_path, encoding="utf-8") as f:
         cfg = medusa_config_from(json.load(f), arch, path, has_lm_heads)
-    if (cfg.truncated_vocab_size is None) != (token_map is None):
-        raise ValueError(f"Medusa heads: {path} has a {TOKEN_MAP} tensor only with "
-                         f"truncated_vocab_size below the vocabulary in its config.json "
-                         f"(truncated_vocab_size {cfg.truncated_vocab_size}, "
-                         f"{'a' if token_map is not None else 'no'} {TOKEN_MAP})")
+    check_token_map("Medusa", path, cfg.truncated_vocab_size, token_map)
     heads = MedusaHeads(cfg, base_lm_head, dtype, device, token_map)
     seen: set[tuple[str, int, int]] = set()
     with torch.no_grad():
