@@ -12,10 +12,11 @@ Checkpoints are directories with a config.json and safetensors, in either layout
 - vLLM's (`"architectures": ["MedusaModel"]`): config `num_heads`, `num_hidden_layers`,
   `hidden_size`, `vocab_size`, optional `medusa_fc_bias` and `original_lm_head`; tensors
   `blocks.{i}.layers.{j}.weight` (and `.bias`), `lm_heads.{i}.weight`, optionally under a
-  `medusa_heads.` prefix. With `truncated_vocab_size` N below `vocab_size`, the heads guess
-  among the N tokens of the tensor `token_map` only (taskloom.models.draft_vocab). With `original_lm_head`, one lm head (`lm_heads.0.weight`) serves
+  `medusa_heads.` prefix. With `original_lm_head`, one lm head (`lm_heads.0.weight`) serves
   every head, and a checkpoint without it means the base model's own lm_head (what
-  taskloom's trained heads, taskloom.models.medusa_train, write: they train with it frozen).
+  taskloom's trained heads, taskloom.models.draft_train, write: they train with it frozen).
+  With `truncated_vocab_size` N below `vocab_size`, the heads guess among the N tokens of
+  the tensor `token_map` only (taskloom.models.draft_vocab).
 - FasterDecoding's (the paper's code): config `medusa_num_heads`, `medusa_num_layers`; file
   `medusa_lm_head.safetensors` with `{i}.{j}.linear.weight` / `.bias` for the blocks and
   `{i}.{num_layers}.weight` for head i's lm head.
