@@ -21,7 +21,7 @@ class DraftVocab:
 
     def __init__(self, vocab_size: int, token_map: torch.Tensor | None = None) -> None:
         self.vocab_size = vocab_size
-        self.token_map = None
+        self.token_map: torch.Tensor | None = None
         self._lookup: torch.Tensor | None = None     # id -> index (IGNORE): `index`'s table
         if token_map is None:
             return
