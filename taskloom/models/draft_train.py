@@ -168,10 +168,7 @@ def new_heads(model: LlamaForCausalLM, cfg: DraftTrainConfig,
     hcfg = HydraConfig(cfg.num_heads, cfg.num_layers, arch.hidden_size, arch.vocab_size,
                        truncated_vocab_size=n)
     heads = HydraHeads(hcfg, embed, lm, torch.float32, lm.device, token_map)
-    h = arch.hidden_size
-    with torch.no_grad():
-        for w in heads.first_weight:                                    # [2h, (i + 2) h]
-            w[:h, :h] = torch.eye(h, device=w.device)
+    heads.start_as_base_guess()
     return heads
 
 
@@ -291,6 +288,7 @@ def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, 
     generated = time.perf_counter()
     hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
     states, rows, y = training_pairs(seqs, hiddens, cfg.num_heads)
+    del hiddens                 # `states` holds them all, one after another
     token_map = None
     if cfg.draft_vocab_size is not None:
         vocab_size = runner.model.config.vocab_size

@@ -142,6 +142,17 @@ class HydraHeads(nn.Module):
             ctx.append(self.embed[token].to(hidden.dtype))
         return torch.stack(drafts, dim=1)                               # [n, num_tokens]
 
+    @torch.no_grad()
+    def start_as_base_guess(self) -> None:
+        """Set every block so that each head guesses what the base would: the first block
+        passing the hidden state through its res_connection, everything else zero (where
+        training starts)."""
+        h = self.config.hidden_size
+        for p in self.trainable():
+            p.zero_()
+        for w in self.first_weight:                                     # [2h, (i + 2) h]
+            w[:h, :h] = torch.eye(h, device=w.device)
+
     def trainable(self) -> list[nn.Parameter]:
         """The parameters training fits: every block's (the lm heads stay as they are)."""
         return [*self.first_weight, *self.first_bias, self.weight, self.bias]

@@ -49,12 +49,11 @@ def save_random_heads(method: str, arch, path: Path, num_layers: int = 1,
         heads = HydraHeads(HydraConfig(3, num_layers, arch.hidden_size, arch.vocab_size),
                            torch.zeros(0), torch.zeros(0), torch.float32, torch.device("cpu"))
         save = save_hydra
+    if isinstance(heads, HydraHeads):
+        heads.start_as_base_guess()
     with torch.no_grad():
         for p in heads.trainable():
-            p.copy_(torch.randn(p.shape, generator=g) * scale)
-        if method == "hydra":
-            for w in heads.first_weight:
-                w[:arch.hidden_size, :arch.hidden_size] += torch.eye(arch.hidden_size)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
     save(heads, str(path))
     return str(path)
 
