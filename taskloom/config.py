@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from taskloom.engine.draft_tree import TokenTree, parse_tree
+
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -244,6 +246,11 @@ class SpeculativeConfig:
     taskloom.models.medusa), which guess the next tokens from the model's own last hidden
     state; "hydra" with Hydra heads (taskloom.models.hydra), which also read the tokens
     drafted before their own. The keys are vLLM's `--speculative-config` keys.
+
+    With `speculative_token_tree` (Medusa and Hydra heads; taskloom.engine.draft_tree), the
+    heads draft a tree of their top guesses rather than a chain of their best: a list of
+    paths of ranks, as Medusa's `medusa_choices`, or its text as vLLM takes it
+    (`"[(0,), (1,), (0, 0)]"`); its depth is `num_speculative_tokens`.
     """
 
     method: str = "ngram"
@@ -251,6 +258,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
     model: str | None = None
+    speculative_token_tree: object = None
 
     def __post_init__(self) -> None:
         if self.method not in SPECULATIVE_METHODS:
@@ -270,6 +278,26 @@ class SpeculativeConfig:
         if self.method == "ngram" and self.model is not None:
             raise ValueError('speculative method "ngram" takes no "model" (prompt lookup '
                              "drafts from the sequence itself)")
+        if self.speculative_token_tree is not None:
+            self._check_tree()
+
+    def _check_tree(self) -> None:
+        paths = parse_tree(self.speculative_token_tree)
+        object.__setattr__(self, "speculative_token_tree", paths)
+        if self.method == "ngram":
+            raise ValueError('speculative_token_tree needs draft heads ("medusa" or "hydra"): '
+                             "prompt lookup drafts one chain")
+        depth = self.token_tree.depth if self.token_tree else 0
+        if depth != self.num_speculative_tokens:
+            raise ValueError(f"speculative_token_tree is {depth} deep, but "
+                             f"num_speculative_tokens is {self.num_speculative_tokens}: "
+                             "they must agree (each depth is one head's guesses)")
+
+    @property
+    def token_tree(self) -> TokenTree | None:
+        """The draft tree, or None for chains."""
+        tree = self.speculative_token_tree
+        return None if tree is None else TokenTree(tree)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -286,6 +314,12 @@ class EngineConfig:
         if self.speculative is not None and self.scheduler.async_scheduling:
             raise ValueError("speculative decoding does not run with async scheduling: a "
                              "step's drafts depend on the tokens the step before accepted")
+        cache = self.cache
+        if self.speculative is not None and self.speculative.token_tree is not None and (
+                cache.sliding_window is not None or cache.num_sink_tokens or cache.snapkv):
+            raise ValueError("speculative_token_tree does not run with a sliding window, "
+                             "attention sinks or snapkv: a tree's nodes attend by the tree "
+                             "mask, not by position")
         snapkv = self.cache.snapkv
         if snapkv is not None and snapkv.window_size > self.scheduler.max_num_batched_tokens:
             raise ValueError(

@@ -54,7 +54,11 @@ class ScheduledSeq:
     of little-endian int32 word w allows token 32 * w + i; with drafts, one such mask per
     sampled position, one after another. A sequence whose prompt SnapKV compressed holds KV
     from position `kv_start` on only (its block table is NULL_BLOCK before); one whose step
-    compresses it carries `compress`.
+    compresses it carries `compress`. Drafts form a chain unless `draft_parents` is set:
+    then draft i is node i + 1 of a tree (taskloom.engine.draft_tree) whose root, node 0, is
+    the newest token, and `draft_parents[i]` its parent node; each node sits at the
+    position of its depth and attends to the context and its ancestors only, while its KV
+    takes the slot of position `num_computed_tokens + i + 1` until the step keeps it.
     """
 
     req_id: str
@@ -65,6 +69,7 @@ class ScheduledSeq:
     output_token_ids: list[int]
     num_prompt_tokens: int
     draft_token_ids: Sequence[int] = ()
+    draft_parents: Sequence[int] = ()
     allowed_token_bitmask: bytes | None = None
     kv_start: int = 0
     compress: KVCompression | None = None
@@ -107,6 +112,8 @@ class RunnerOutput:
 
     sampled: dict[str, int] = field(default_factory=dict)
     num_accepted: dict[str, int] = field(default_factory=dict)
+    # of a request whose drafts were a tree: the drafts kept, root to leaf (their indexes)
+    accepted_paths: dict[str, list[int]] = field(default_factory=dict)
     logprobs: dict[str, Logprobs] = field(default_factory=dict)     # of the sampled token
     draft_logprobs: dict[str, list[Logprobs]] = field(default_factory=dict)  # of kept drafts
     # With SchedulerOutput.num_model_drafts: the model's guesses of each request's next

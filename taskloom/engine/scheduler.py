@@ -19,8 +19,11 @@ computes them like any other tokens and samples at each of their positions; `upd
 the drafts the model agreed with, then the token it sampled after them, and takes
 `num_computed_tokens` back past the rejected ones (their KV slots are simply written again).
 The drafts come from prompt lookup (taskloom.engine.ngram) or from the model itself (Medusa
-or Hydra heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses of the
-tokens after the step's (`SchedulerOutput.num_model_drafts`), and the next step carries them.
+or Hydra heads, taskloom.engine.model_drafts): then each step asks the runner for its guesses
+of the tokens after the step's (`SchedulerOutput.num_model_drafts`), and the next step carries
+them, as a chain or as a tree of guesses (taskloom.engine.draft_tree; the runner then names
+the path it kept, and the accounting is the same: the tree's nodes were computed, those off
+the path are taken back).
 
 With SnapKV (`KVCacheManager.snapkv`), a prompt it compresses is chunked so that its last
 chunk ends with the prompt and holds its whole observation window: that step carries the
@@ -128,7 +131,7 @@ class Scheduler:
         self.kv.apply_compressions()    # the steps that compressed prompts are submitted
         budget = self.config.max_num_batched_tokens
         scheduled: list[tuple[Request, int]] = []
-        drafts: dict[str, list[int]] = {}
+        drafts: dict[str, tuple[list[int], tuple[int, ...]]] = {}   # id -> (drafts, parents)
         preempted = False
         finishing = 0       # running requests whose last token is in flight
         running, has_room, proposer = self.running, self.kv.has_room, self.proposer
@@ -153,7 +156,7 @@ class Scheduler:
                      if proposer is not None and num_new == 1 and req.output_token_ids else None)
             if draft:       # its blocks are taken
                 drafts[req.request_id] = draft
-                num_new += len(draft)
+                num_new += len(draft[0])
             # most decodes: the table has room and no block fills, so nothing to allocate
             elif not has_room(req.request_id, req.num_computed_tokens + num_new):
                 num_running = len(running)
@@ -168,21 +171,29 @@ class Scheduler:
             budget = self._admit(scheduled, budget, finishing)
         return self._build_output(scheduled, budget, drafts)
 
-    def _draft(self, req: Request, room: int) -> list[int]:
-        """Draft tokens for a decoding request: at most `room`, and no more than its
-        max_tokens and the model's context can still take along with the token sampled
-        after them; none unless the blocks for them are free (drafts preempt no one)."""
+    def _draft(self, req: Request, room: int) -> tuple[list[int], tuple[int, ...]] | None:
+        """Draft tokens for a decoding request and their parents in the draft tree (() for a
+        chain): at most `room`, none deeper than its max_tokens and the model's context can
+        still take along with the token sampled after them; none (None) unless the blocks
+        for them are free (drafts preempt no one)."""
         num_tokens = req.num_tokens
-        limit = min(room, self.max_model_len - num_tokens - 1)
+        room = min(room, self.max_model_len - num_tokens - 1)
+        depth = room
         if req.params.max_tokens is not None:
-            limit = min(limit, req.params.max_tokens - len(req.output_token_ids) - 1)
-        assert self.proposer is not None
-        draft = self.proposer.propose(req, limit)
+            depth = min(depth, req.params.max_tokens - len(req.output_token_ids) - 1)
+        proposer = self.proposer
+        assert proposer is not None
+        parents: tuple[int, ...] = ()
+        if isinstance(proposer, ModelDraftProposer) and proposer.tree is not None \
+                and req.grammar is None:
+            draft, parents = proposer.propose_tree(req, room, depth)
+        else:
+            draft = proposer.propose(req, min(room, depth))
         if draft and req.grammar is not None:      # only what its structured output allows
             draft = draft[:req.grammar.valid_prefix(draft)]
-        if draft and self.kv.allocate_slots(req, num_tokens + len(draft)) is None:
-            return []
-        return draft
+        if not draft or self.kv.allocate_slots(req, num_tokens + len(draft)) is None:
+            return None
+        return draft, parents
 
     def _at_limit(self, req: Request) -> bool:
         """Whether the tokens in flight already take the request to max_tokens or the
@@ -280,7 +291,8 @@ class Scheduler:
         return end - start
 
     def _build_output(self, scheduled: list[tuple[Request, int]], budget: int,
-                      drafts: dict[str, list[int]]) -> SchedulerOutput:
+                      drafts: dict[str, tuple[list[int], tuple[int, ...]]]
+                      ) -> SchedulerOutput:
         new_requests, seqs = [], []
         kv = self.kv
         seen, tables = self._seen_by_runner, kv.block_tables
@@ -297,7 +309,7 @@ class Scheduler:
             end = start + num_new
             known = num_prompt + len(out_ids)
             in_flight = req.num_output_placeholders
-            draft = drafts.get(rid, ()) if drafts else ()
+            draft, parents = drafts.get(rid, ((), ())) if drafts else ((), ())
             sample = end == known + in_flight + len(draft)    # it reaches the newest token
             if draft:
                 token_ids = [out_ids[-1], *draft]
@@ -312,7 +324,7 @@ class Scheduler:
             if sample:
                 req.num_output_placeholders = in_flight + 1
             seq = ScheduledSeq(rid, token_ids, start, tables[rid], sample, out_ids, num_prompt,
-                               draft)
+                               draft, parents)
             if kv.snapkv is not None:
                 seq.kv_start = kv.kv_start(rid)
                 seq.compress = kv.pending_compression(rid)
@@ -360,8 +372,7 @@ class Scheduler:
             if token is None:
                 continue
             if seq.draft_token_ids:
-                self._accept(req, seq.draft_token_ids, out.num_accepted.get(seq.req_id, 0),
-                             token)
+                self._accept(req, seq, out, token)
             else:
                 req.output_token_ids.append(token)
                 status = stop_status(req, token)
@@ -386,18 +397,23 @@ class Scheduler:
             if req is not None and not req.status.finished:
                 release(seq.req_id, req.num_computed_tokens)
 
-    def _accept(self, req: Request, draft: Sequence[int], accepted: int, token: int) -> None:
-        """Take in a speculative step's result: the first `accepted` drafts, then `token`,
-        each checked for a stop as a decode's token is; the rejected drafts' positions are
-        computed again later."""
+    def _accept(self, req: Request, seq: ScheduledSeq, out: RunnerOutput, token: int) -> None:
+        """Take in a speculative step's result: the drafts the model kept (the first
+        `num_accepted`, or of a tree, those on the path `out.accepted_paths` names), then
+        `token`, each checked for a stop as a decode's token is; the other drafts' positions
+        are computed again later."""
+        draft, rid = seq.draft_token_ids, seq.req_id
+        path = out.accepted_paths.get(rid)
+        accepted = out.num_accepted.get(rid, 0) if path is None else len(path)
         if not 0 <= accepted <= len(draft):
-            raise ValueError(f"{req.request_id}: {accepted} of {len(draft)} drafts accepted")
+            raise ValueError(f"{rid}: {accepted} of {len(draft)} drafts accepted")
+        kept = draft[:accepted] if path is None else [draft[i] for i in path]
         stats = self.spec_stats
         stats.num_drafts += 1
         stats.num_draft_tokens += len(draft)
         stats.num_accepted_tokens += accepted
         req.num_computed_tokens -= len(draft) - accepted
-        for t in (*draft[:accepted], token):
+        for t in (*kept, token):
             req.output_token_ids.append(t)
             status = self._stop_status(req, t)
             if status is None and req.grammar is not None:

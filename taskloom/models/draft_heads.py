@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from taskloom.engine.draft_tree import TokenTree
 from taskloom.models.arch import ArchConfig
 from taskloom.models.draft_vocab import DraftVocab
 from taskloom.models.hydra import load_hydra
@@ -30,6 +31,13 @@ class DraftHeads(Protocol):
                 ) -> torch.Tensor:
         """Drafts [n, num_tokens] int64 from the base's states [n, hidden] and the tokens
         [n] it sampled from them."""
+        ...
+
+    def propose_tree(self, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TokenTree
+                     ) -> torch.Tensor:
+        """A guess [n, tree.num_nodes] int64 for every node of `tree`
+        (taskloom.engine.draft_tree), a node at depth d one of head d - 1's top guesses
+        (after the path above it, for heads that read it)."""
         ...
 
     def train_states(self, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from taskloom.engine.draft_tree import TokenTree
 from taskloom.models.arch import ArchConfig
 from taskloom.models.draft_vocab import TOKEN_MAP, DraftVocab, check_token_map
 
@@ -141,6 +142,36 @@ class HydraHeads(nn.Module):
             drafts.append(token)
             ctx.append(self.embed[token].to(hidden.dtype))
         return torch.stack(drafts, dim=1)                               # [n, num_tokens]
+
+    def propose_tree(self, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TokenTree
+                     ) -> torch.Tensor:
+        """Each row's guess for every node of `tree` [n, num_nodes] int64, a depth at a
+        time: head d - 1 reads each depth-(d - 1) node's path (the sampled token, then the
+        guesses from the root down to that node), all such nodes of all rows in one batch,
+        and their children get that head's guesses of their ranks."""
+        index = {p: i for i, p in enumerate(tree.paths)}
+        has_children = {p[:-1] for p in tree.paths}
+        n = hidden.shape[0]
+        out = torch.empty((n, tree.num_nodes), dtype=torch.int64, device=hidden.device)
+        # the head input of each node with children: its path's states, [n, (d + 2) * h]
+        inputs = {(): torch.cat([hidden, self.embed[next_tokens].to(hidden.dtype)], dim=-1)}
+        for depth in range(1, tree.depth + 1):
+            level = [p for p in tree.paths if len(p) == depth]
+            parents = list(dict.fromkeys(p[:-1] for p in level))
+            state = self.head_state(depth - 1, torch.cat([inputs[q] for q in parents]))
+            top = tree.max_rank(depth) + 1
+            guesses = self.vocab.ids(self.head_logits(depth - 1, state).topk(top, dim=-1)
+                                     .indices).view(len(parents), n, top)
+            row = {q: j for j, q in enumerate(parents)}
+            below = {}
+            for p in level:
+                token = guesses[row[p[:-1]], :, p[-1]]                  # [n]
+                out[:, index[p]] = token
+                if p in has_children:
+                    below[p] = torch.cat([inputs[p[:-1]], self.embed[token].to(hidden.dtype)],
+                                         dim=-1)
+            inputs = below
+        return out
 
     @torch.no_grad()
     def start_as_base_guess(self) -> None:

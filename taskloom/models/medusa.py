@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from taskloom.engine.draft_tree import TokenTree
 from taskloom.models.arch import ArchConfig
 from taskloom.models.draft_vocab import TOKEN_MAP, DraftVocab, check_token_map
 
@@ -100,6 +101,9 @@ class MedusaHeads(nn.Module):
         # the base's rows of the draft vocabulary [N, hidden], where the heads use them
         self.base_lm_head = (self.vocab.rows(base_lm_head) if not config.num_lm_heads
                              else base_lm_head)
+        # propose_tree's gather of each node's head and rank, for the tree it last drafted
+        self._tree_index: tuple[tuple[tuple[int, ...], ...], torch.Tensor, torch.Tensor] \
+            | None = None
 
     @property
     def num_heads(self) -> int:
@@ -147,18 +151,46 @@ class MedusaHeads(nn.Module):
                 ) -> torch.Tensor:
         """Each row's drafts from the first `num_tokens` heads: [n, hidden] -> [n, num_tokens]
         int64 (`next_tokens`, what the base sampled from `hidden`, is not read: every Medusa
-        head guesses from the hidden state alone). Heads that share one lm head go through
+        head guesses from the hidden state alone)."""
+        return self._top(hidden, num_tokens, 1)[:, :, 0]
+
+    def propose_tree(self, hidden: torch.Tensor, next_tokens: torch.Tensor, tree: TokenTree
+                     ) -> torch.Tensor:
+        """Each row's guess for every node of `tree` [n, num_nodes] int64: the node at path
+        (r1, ..., rd) gets head d - 1's guess of rank rd (a Medusa head does not read the
+        path before it, so siblings at depth d are that head's top guesses)."""
+        key = tree.paths
+        if self._tree_index is None or self._tree_index[0] != key:
+            heads = torch.tensor([len(p) - 1 for p in key], device=hidden.device)
+            ranks = torch.tensor([p[-1] for p in key], device=hidden.device)
+            self._tree_index = (key, heads, ranks)
+        _, heads, ranks = self._tree_index
+        top = max(tree.max_rank(d) for d in range(1, tree.depth + 1)) + 1
+        return self._top(hidden, tree.depth, top)[:, heads, ranks]
+
+    def _top(self, hidden: torch.Tensor, num_heads: int, top: int) -> torch.Tensor:
+        """The `top` best guesses of each of the first `num_heads` heads, best first:
+        [n, hidden] -> [n, num_heads, top] int64. Heads that share one lm head go through
         it in one matmul (its weight read once, which is what a small batch's step pays
         for), unless their logits together would pass PROPOSE_MAX_LOGITS; else one head's
         logits [n, N] at a time."""
-        x = self.hidden(hidden, num_tokens)                              # [k, n, hidden]
+        x = self.hidden(hidden, num_heads)                               # [k, n, hidden]
         k, n = x.shape[0], x.shape[1]
         shared = self.lm_heads is None or self.lm_heads.shape[0] == 1
         if shared and k * n * self.vocab.size <= PROPOSE_MAX_LOGITS:
             logits = F.linear(x.reshape(k * n, -1), self.lm_weight(0))   # [k * n, N]
-            return self.vocab.ids(logits.argmax(-1).view(k, n).T)        # [n, k]
-        out = [F.linear(x[i], self.lm_weight(i)).argmax(-1) for i in range(k)]
-        return self.vocab.ids(torch.stack(out, dim=1))                   # [n, k]
+            best = _best(logits, top).view(k, n, top)
+        else:
+            best = torch.stack([_best(F.linear(x[i], self.lm_weight(i)), top)
+                                for i in range(k)])                      # [k, n, top]
+        return self.vocab.ids(best.transpose(0, 1))                     # [n, k, top]
+
+
+def _best(logits: torch.Tensor, top: int) -> torch.Tensor:
+    """The indexes of each row's `top` largest logits, largest first (argmax for 1)."""
+    if top == 1:
+        return logits.argmax(-1, keepdim=True)
+    return logits.topk(top, dim=-1).indices
 
 
 def medusa_config_from(config: dict, arch: ArchConfig, path: str, has_lm_heads: bool = True

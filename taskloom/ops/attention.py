@@ -81,8 +81,19 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
     for i in plan.prefill_seqs:
         out[qsl[i]:qsl[i + 1]] = _attend_one(query[qsl[i]:qsl[i + 1]], kv_cache,
                                              meta.block_tables[i], meta.seq_lens_cpu[i], scale,
-                                             meta.window, starts[i] if starts else 0)
+                                             meta.window, starts[i] if starts else 0,
+                                             _chunk_tree_mask(meta, i))
     return out
+
+
+def _chunk_tree_mask(meta: AttentionMetadata, i: int) -> torch.Tensor | None:
+    """Sequence i's tree mask [q_len, q_len] over its chunk, None if it attends causally."""
+    starts = meta.tree_starts_cpu
+    if starts is None or starts[i] < 0:
+        return None
+    assert meta.tree_mask is not None
+    q_len = meta.query_start_loc_cpu[i + 1] - meta.query_start_loc_cpu[i]
+    return meta.tree_mask[starts[i]:starts[i] + q_len * q_len].view(q_len, q_len)
 
 
 @dataclass
@@ -177,14 +188,15 @@ def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
 
 def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tensor,
                 seq_len: int, scale: float, window: AttentionWindow | None = None,
-                kv_start: int = 0) -> torch.Tensor:
+                kv_start: int = 0, tree: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence's queries (the last q_len positions of its context), causal.
 
     The inputs are 4-D (a batch of one): on the CPU only 4-D inputs reach PyTorch's flash
     attention kernel, 3-D ones its math path, which materialises the scores and was 5x slower
     for a 2,048-token chunk. A chunk with no cached prefix needs no mask: `is_causal` is
     exactly its mask, and the kernel then skips the blocks above the diagonal. From
-    `kv_start` on only, where given (SnapKV)."""
+    `kv_start` on only, where given (SnapKV). With `tree` ([q_len, q_len] bool, a token
+    tree's mask), the chunk's keys are seen by it and the context before them by all."""
     q_len = q.shape[0]                                     # q: [q_len, num_heads, head_dim]
     if window is not None:
         return _attend_one_windowed(q, kv_cache, block_table, seq_len, scale, window)
@@ -192,7 +204,10 @@ def _attend_one(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Tens
         return _attend_one_from(q, kv_cache, block_table, seq_len, scale, kv_start)
     k, v = gather_context(kv_cache, block_table, seq_len)  # [seq_len, num_kv_heads, head_dim]
     mask = None
-    if q_len != seq_len:
+    if tree is not None:
+        context = tree.new_ones((q_len, seq_len - q_len))
+        mask = torch.cat([context, tree], dim=1)           # [q_len, seq_len]
+    elif q_len != seq_len:
         # Query j sits at position seq_len - q_len + j and sees keys 0 .. that position.
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
         mask = q_pos[:, None] >= torch.arange(seq_len, device=q.device)[None, :]

@@ -6,6 +6,7 @@ read each sequence's whole context back through its block table.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from taskloom.config import AttentionWindow
 from taskloom.runtime.shared_prefix import PrefixGroup
+from taskloom.runtime.transfer import to_device
 
 
 class Workspace:
@@ -84,6 +86,13 @@ class AttentionMetadata:
     # SnapKV: the prompts this step compresses once each layer has attended
     # (taskloom.ops.kv_compress.SnapKVPlan); empty for none.
     kv_compressions: list[Any] = field(default_factory=list)
+    # Speculative token trees (taskloom.engine.draft_tree): sequence i with tree_starts[i]
+    # >= 0 attends to its chunk by its tree mask, not causally: its query j sees the chunk's
+    # key k where tree_mask[tree_starts[i] + j * q_len_i + k], and all of its context
+    # before the chunk. -1 (or None for all): causal.
+    tree_mask: torch.Tensor | None = None     # [sum of q_len_i ** 2 of the trees] bool
+    tree_starts: torch.Tensor | None = None   # [num_seqs] int32
+    tree_starts_cpu: list[int] | None = None
     # Derived once per step by the attention implementation and shared by all layers.
     ref_plan: Any = None
     kernel_plan: Any = None
@@ -116,3 +125,30 @@ def flat_batch_metadata(block_tables: list[list[int]], num_cached: list[int],
         query_start_loc_cpu=starts, seq_lens_cpu=seq_lens,
         max_query_len=max(query_lens), max_seq_len=max(seq_lens), block_size=block_size)
     return meta, torch.tensor(positions, dtype=torch.int64, device=device)
+
+
+def tree_mask(parents: Sequence[int]) -> torch.Tensor:
+    """A token tree's mask [n, n] bool, n = 1 + len(parents) (node 0 the root, draft node
+    i + 1 the child of node parents[i]): node j sees node k where k is j or an ancestor."""
+    n = len(parents) + 1
+    mask = torch.eye(n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        mask[i + 1] |= mask[p]
+    return mask
+
+
+def set_tree_masks(meta: AttentionMetadata, trees: Sequence[tuple[int, Sequence[int]]]
+                   ) -> None:
+    """Give the metadata the masks of the sequences that draft token trees: (sequence, its
+    draft nodes' parents) each; the chunk of each such sequence is its tree's nodes."""
+    starts = [-1] * meta.num_seqs
+    masks, offset = [], 0
+    for i, parents in trees:
+        mask = tree_mask(parents)                                       # [q_len, q_len]
+        starts[i] = offset
+        offset += mask.numel()
+        masks.append(mask.flatten())
+    device = meta.seq_lens.device
+    meta.tree_mask = to_device(torch.cat(masks).numpy(), torch.bool, device)
+    meta.tree_starts = to_device(starts, torch.int32, device)
+    meta.tree_starts_cpu = starts

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from taskloom.config import AttentionWindow, SnapKVConfig
+from taskloom.engine.draft_tree import TokenTree, accepted_path, depths, is_chain
 from taskloom.engine.outputs import (PLACEHOLDER_TOKEN_ID, Logprobs, RunnerOutput,
                                      SchedulerOutput, ScheduledSeq)
 from taskloom.lora.manager import LoRAManager
@@ -38,7 +39,7 @@ from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.models.draft_heads import DraftHeads
 from taskloom.ops.kv_compress import SnapKVPlan
-from taskloom.runtime.attention import AttentionMetadata, Workspace
+from taskloom.runtime.attention import AttentionMetadata, Workspace, set_tree_masks
 from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import (LogprobsTensors, Sampler, apply_token_bitmask,
@@ -68,6 +69,28 @@ class _ReqState:
 
 
 @dataclass
+class _Drafted:
+    """A sequence whose step carries drafts: its sampled rows are `first`, then one per
+    draft; `parents` () for a chain, else the draft tree's (taskloom.engine.draft_tree)."""
+
+    req_id: str
+    first: int
+    draft: Sequence[int]
+    parents: Sequence[int] = ()
+
+    def kept(self, sampled: Sequence[int]) -> list[int]:
+        """The drafts the model agreed with (their indexes, root to leaf), given its
+        sampled tokens from row `first` on."""
+        rows = sampled[self.first:self.first + len(self.draft) + 1]
+        if self.parents:
+            return accepted_path(self.parents, self.draft, rows)
+        kept = 0
+        while kept < len(self.draft) and rows[kept] == self.draft[kept]:
+            kept += 1
+        return list(range(kept))
+
+
+@dataclass
 class _Batch:
     """One step flattened on the host: the arrays the batch tensors are made from."""
 
@@ -80,7 +103,7 @@ class _Batch:
     sample_rows: np.ndarray       # [num_sampled] int64: flat index of each sampled token
     sample_seqs: list[ScheduledSeq]   # the sequence of each sampled row (drafts: several)
     sample_index: list[int]       # [num_sampled]: the output token number each row samples
-    drafts: list[tuple[str, int, Sequence[int]]]  # (request, its first sampled row, drafts)
+    drafts: list[_Drafted]        # the drafted sequences' sampled rows and drafts
     seq_loras: list[LoRARequest | None] | None  # [num_seqs]; None: no adapters served
     # (flat index, row of the previous step's sampled tokens) of each placeholder input
     placeholders: list[tuple[int, int]]
@@ -90,6 +113,8 @@ class _Batch:
     # the step compresses: (window's query rows, prompt's slots, kept entries' slots)
     kv_starts: np.ndarray | None = None
     compressions: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+    # token trees: (sequence, its draft nodes' parents) of each sequence drafting a tree
+    trees: list[tuple[int, Sequence[int]]] | None = None
 
     @property
     def query_lens(self) -> list[int]:
@@ -98,25 +123,27 @@ class _Batch:
 
 
 def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
-                ) -> tuple[list[int], list[ScheduledSeq], list[int],
-                           list[tuple[str, int, Sequence[int]]]]:
+                ) -> tuple[list[int], list[ScheduledSeq], list[int], list[_Drafted]]:
     """The sampled rows when some sequences carry drafts: such a sequence samples at its
     newest token and at each draft. Returns the rows (flat token indexes), the sequence and
-    the output token number of each, and (request, first row, drafts) of every drafted one."""
+    the output token number of each (a tree node's: its depth's), and the drafted
+    sequences."""
     rows: list[int] = []
     row_seqs: list[ScheduledSeq] = []
     index: list[int] = []
-    drafts: list[tuple[str, int, Sequence[int]]] = []
+    drafts: list[_Drafted] = []
     for i in sampled:
         seq = seqs[i]
         draft = seq.draft_token_ids
         k = len(draft)
+        parents = seq.draft_parents if k and not is_chain(seq.draft_parents) else ()
         if k:
-            drafts.append((seq.req_id, len(rows), draft))
+            drafts.append(_Drafted(seq.req_id, len(rows), draft, parents))
         rows += range(qsl[i + 1] - 1 - k, qsl[i + 1])
         row_seqs += [seq] * (k + 1)
         first = seq.num_computed_tokens + len(seq.token_ids) - k - seq.num_prompt_tokens
-        index += range(first, first + k + 1)
+        index += ([first + d for d in depths(parents)] if parents
+                  else range(first, first + k + 1))
     return rows, row_seqs, index, drafts
 
 
@@ -134,6 +161,20 @@ def _row_bitmasks(row_seqs: list[ScheduledSeq]) -> list[tuple[int, bytes]]:
             width = len(mask) // (1 + len(seq.draft_token_ids))
             out.append((r, mask[j * width:(j + 1) * width]))
     return out
+
+
+def _tree_positions(seqs: list[ScheduledSeq], qsl: list[int], start: np.ndarray,
+                    positions: np.ndarray) -> list[tuple[int, Sequence[int]]] | None:
+    """The sequences drafting a token tree, with their nodes' parents; each node's position
+    (in place, in `positions`) becomes its depth's, while its slot stays that of its place
+    in the chunk. None without trees."""
+    trees = []
+    for i, seq in enumerate(seqs):
+        parents = seq.draft_parents
+        if seq.draft_token_ids and not is_chain(parents):
+            positions[qsl[i]:qsl[i + 1]] = start[i] + np.array(depths(parents))
+            trees.append((i, parents))
+    return trees or None
 
 
 def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray,
@@ -166,6 +207,17 @@ def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray
             owners)
 
 
+def _draft_histories(d: _Drafted, histories: list[list[int]]) -> None:
+    """The output history of each of a drafted sequence's sampled rows (in place): the
+    output so far, then the drafts from the root to the row's node."""
+    out_ids = histories[d.first]
+    paths: list[list[int]] = [[]]
+    for i, token in enumerate(d.draft):
+        parent = d.parents[i] if d.parents else i
+        paths.append([*paths[parent], token])
+        histories[d.first + i + 1] = [*out_ids, *paths[-1]]
+
+
 class PendingStep:
     """A submitted step: its sampled tokens and logprobs are on their way to the host.
 
@@ -177,8 +229,7 @@ class PendingStep:
         self._ready = ready
         self.sampled_ids: list[str] = []                      # request of each sampled row
         self.sampled: torch.Tensor | None = None              # [num_sampled] int64, host
-        # speculative decoding: (request, its first sampled row, its drafts)
-        self.drafts: list[tuple[str, int, Sequence[int]]] = []
+        self.drafts: list[_Drafted] = []                      # speculative decoding
         self.logprobs: LogprobsTensors | None = None          # host
         self.logprobs_k: list[tuple[int, str, int]] = []      # (row, request, top-k asked)
         # (request, first prompt position scored, host logprobs, k)
@@ -194,12 +245,12 @@ class PendingStep:
         if self.sampled is not None:
             tokens = self.sampled.tolist()
             out.sampled = dict(zip(self.sampled_ids, tokens))
-            for rid, first, draft in self.drafts:
-                kept = 0    # drafts are kept while the model sampled them too
-                while kept < len(draft) and tokens[first + kept] == draft[kept]:
-                    kept += 1
-                out.sampled[rid] = tokens[first + kept]
-                out.num_accepted[rid] = kept
+            for d in self.drafts:   # drafts are kept while the model sampled them too
+                kept = d.kept(tokens)
+                out.sampled[d.req_id] = tokens[d.first + (kept[-1] + 1 if kept else 0)]
+                out.num_accepted[d.req_id] = len(kept)
+                if d.parents:
+                    out.accepted_paths[d.req_id] = kept
         if self.logprobs is not None:
             lp = self.logprobs
             for row, rid, k in self.logprobs_k:     # a request's last row is its token's
@@ -218,13 +269,14 @@ class PendingStep:
         of the token sampled after them."""
         assert self.logprobs is not None
         asked = {rid: k for _, rid, k in self.logprobs_k}
-        for rid, first, _ in self.drafts:
-            k = asked.get(rid)
-            if k is not None:
-                kept = out.num_accepted[rid]
-                out.draft_logprobs[rid] = [self.logprobs.to_list(first + j, k)
-                                           for j in range(kept)]
-                out.logprobs[rid] = self.logprobs.to_list(first + kept, k)
+        for d in self.drafts:
+            k = asked.get(d.req_id)
+            if k is not None:   # a draft's logprobs are those of the row that sampled it
+                path = out.accepted_paths.get(d.req_id, range(out.num_accepted[d.req_id]))
+                nodes = [0, *(i + 1 for i in path)]
+                out.draft_logprobs[d.req_id] = [self.logprobs.to_list(d.first + n, k)
+                                                for n in nodes[:-1]]
+                out.logprobs[d.req_id] = self.logprobs.to_list(d.first + nodes[-1], k)
 
 
 # A decode step whose groups would save reading at least this much KV runs eagerly with
@@ -245,7 +297,10 @@ class ModelRunner:
     a step that ends a prompt the scheduler compresses writes the entries kept of its KV
     (taskloom.ops.kv_compress), and later steps attend from its kv_start. With `drafter`
     (Medusa's or Hydra's heads), a step that asks for guesses (SchedulerOutput.num_model_drafts)
-    returns the heads' drafts for each sampled request's next step.
+    returns the heads' drafts for each sampled request's next step: a chain, or with
+    `draft_tree` a guess per node of that tree. A sequence whose drafts form a tree
+    (ScheduledSeq.draft_parents) attends by its tree mask, and once its step has sampled,
+    the KV of the path it kept moves to the slots of the positions that path stands for.
     """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
@@ -254,10 +309,16 @@ class ModelRunner:
                  lora: LoRAManager | None = None, shared_prefix_attention: bool = True,
                  window: AttentionWindow | None = None,
                  drafter: DraftHeads | None = None,
-                 snapkv: SnapKVConfig | None = None) -> None:
+                 snapkv: SnapKVConfig | None = None,
+                 draft_tree: TokenTree | None = None) -> None:
+        if draft_tree is not None and (window is not None or snapkv is not None
+                                       or drafter is None):
+            raise ValueError("a token tree needs draft heads, and runs without a sliding "
+                             "window or SnapKV (its nodes attend by the tree mask)")
         self.model = model
         self.snapkv = snapkv
         self.drafter = drafter
+        self.draft_tree = draft_tree
         self.arch = arch
         self.block_size = block_size
         self.device = device
@@ -322,8 +383,14 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         pending = PendingStep(torch.cuda.Event() if cuda else None)
         rows = self._sample(hidden, batch, pending)
+        kept = (self._kept_nodes(batch) if batch.drafts and (batch.trees or
+                                                             sched.num_model_drafts) else None)
+        if batch.trees:
+            assert kept is not None
+            self._compact_trees(batch, kept[0], kept[1])
         if sched.num_model_drafts and rows is not None:
-            self._guess_drafts(hidden, rows, batch, pending, sched.num_model_drafts)
+            self._guess_drafts(hidden, rows, batch, pending, sched.num_model_drafts,
+                               None if kept is None else kept[2])
         self._prompt_logprobs(hidden, batch, sched.seqs, pending)
         if pending._ready is not None:
             pending._ready.record()
@@ -396,7 +463,8 @@ class ModelRunner:
         compressions = (self._snapkv_plans(seqs, rows, qsl) if self.snapkv is not None
                         else None)
         owners: Sequence[ScheduledSeq] = seqs
-        drafts: list[tuple[str, int, Sequence[int]]] = []
+        drafts: list[_Drafted] = []
+        trees = None
         if num_sampled == len(sampled):     # no drafts: the last token of each
             sample_rows = [qsl[i + 1] - 1 for i in sampled]
             sample_seqs = [seqs[i] for i in sampled]
@@ -405,7 +473,8 @@ class ModelRunner:
                             for s in sample_seqs]
         else:
             sample_rows, sample_seqs, sample_index, drafts = _draft_rows(seqs, sampled, qsl)
-            if self.split_drafted and num_sampled == num_tokens:    # decodes only
+            trees = _tree_positions(seqs, qsl, start, positions)
+            if self.split_drafted and num_sampled == num_tokens and not trees:  # decodes only
                 rows, qsl, seq_lens, owners = _split_drafted(seqs, rows, start, qsl)
                 max_query_len = 1
         return _Batch(
@@ -419,7 +488,7 @@ class ModelRunner:
             placeholders=placeholders, max_query_len=max_query_len,
             kv_starts=(None if self.snapkv is None or not any(s.kv_start for s in owners)
                        else np.array([s.kv_start for s in owners], dtype=np.int64)),
-            compressions=compressions)
+            compressions=compressions, trees=trees)
 
     def _snapkv_plans(self, seqs: list[ScheduledSeq], rows: np.ndarray, qsl: list[int]
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
@@ -475,6 +544,8 @@ class ModelRunner:
         if batch.kv_starts is not None:
             meta.kv_starts = to_device(batch.kv_starts, torch.int32, dev)
             meta.kv_starts_cpu = batch.kv_starts.tolist()
+        if batch.trees:
+            set_tree_masks(meta, batch.trees)
         if batch.compressions:
             snapkv = self.snapkv
             assert snapkv is not None
@@ -532,11 +603,9 @@ class ModelRunner:
             apply_token_bitmask(logits, *zip(*masked))
         req_ids = [s.req_id for s in seqs]
         histories = [s.output_token_ids for s in seqs]
-        for rid, first, draft in batch.drafts:
-            if self._states[rid].needs_history:     # each row sees the drafts before it
-                out_ids = seqs[first].output_token_ids
-                for j in range(1, len(draft) + 1):
-                    histories[first + j] = [*out_ids, *draft[:j]]
+        for d in batch.drafts:
+            if self._states[d.req_id].needs_history:    # each row sees the drafts before it
+                _draft_histories(d, histories)
         pending.drafts = batch.drafts
         result = self.sampler(logits, req_ids, histories, batch.sample_index)
         self._last_sampled = result.sampled
@@ -550,11 +619,69 @@ class ModelRunner:
                                   if (k := states[rid].logprobs) is not None]
         return rows
 
+    def _kept_nodes(self, batch: _Batch) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+        """Which nodes of each drafted sequence's drafts (batch.drafts order; the root, then
+        each draft) the model kept, found on the device from the sampled tokens, so nothing
+        waits for them: a draft is kept where it equals the token sampled at its parent and
+        its parent is kept. Returns that [R, 1 + W] bool, each node's depth [R, 1 + W] (host)
+        and the deepest kept node of each [R] (the path's end: its row sampled the token
+        after it)."""
+        drafts, dev = batch.drafts, self.device
+        sampled = self._last_sampled                                     # [num_sampled]
+        assert sampled is not None
+        width = max(len(d.draft) for d in drafts)
+        tokens = np.full((len(drafts), width), -1, dtype=np.int64)      # -1 matches nothing
+        parents = np.zeros((len(drafts), width), dtype=np.int64)
+        depth = np.zeros((len(drafts), width + 1), dtype=np.int64)
+        for r, d in enumerate(drafts):
+            k = len(d.draft)
+            tokens[r, :k] = d.draft
+            parents[r, :k] = d.parents or range(k)
+            depth[r, :k + 1] = depths(d.parents or range(k))
+        firsts = np.array([d.first for d in drafts], dtype=np.int64)[:, None]
+        parents_t = to_device(parents, torch.int64, dev)                 # [R, W]
+        ok = sampled[to_device(firsts + parents, torch.int64, dev)] == to_device(
+            tokens, torch.int64, dev)                                    # [R, W]
+        root = torch.ones((len(drafts), 1), dtype=torch.bool, device=dev)
+        kept = torch.cat([root, ok], dim=1)                              # [R, 1 + W]
+        for _ in range(int(depth.max()) - 1):   # a level further down each time
+            kept = torch.cat([root, ok & kept.gather(1, parents_t)], dim=1)
+        depth_t = to_device(depth, torch.int64, dev)
+        return kept, depth, (kept * (depth_t + 1)).argmax(dim=1)
+
+    def _compact_trees(self, batch: _Batch, kept: torch.Tensor, depth: np.ndarray) -> None:
+        """Move the KV of each token tree's kept path to the cache slots of the positions
+        its nodes stand for: the node at depth e, computed at chunk slot e' >= e, goes to
+        slot e. A depth off the path copies its slot onto itself, so every slot is written
+        once; all reads come before the writes."""
+        slots = batch.slots
+        ent_r, ent_e, dst = [], [], []
+        chunk = np.zeros(depth.shape, dtype=np.int64)   # [R, 1 + W] each node's slot
+        for r, d in enumerate(batch.drafts):
+            if not d.parents:
+                continue
+            root = int(batch.sample_rows[d.first])      # the chunk's first token
+            chunk[r, :len(d.draft) + 1] = slots[root:root + len(d.draft) + 1]
+            for e in range(1, int(depth[r].max()) + 1):
+                ent_r.append(r)
+                ent_e.append(e)
+                dst.append(slots[root + e])
+        dev = self.device
+        r_t, e_t = to_device(ent_r, torch.int64, dev), to_device(ent_e, torch.int64, dev)
+        on_path = kept[r_t] & (to_device(depth, torch.int64, dev)[r_t] == e_t[:, None])
+        node = torch.where(on_path.any(dim=1), on_path.int().argmax(dim=1), e_t)    # [E]
+        src = to_device(chunk, torch.int64, dev)[r_t, node]                         # [E]
+        dst_t = to_device(dst, torch.int64, dev)
+        for cache in self.kv_caches:
+            flat = cache.view(2, -1, *cache.shape[3:])  # [2, num_slots, kv_heads, head_dim]
+            flat.index_copy_(1, dst_t, flat.index_select(1, src))
+
     def _guess_drafts(self, hidden: torch.Tensor, rows: torch.Tensor, batch: _Batch,
-                      pending: PendingStep, k: int) -> None:
-        """Draft heads: each sampled request's drafts for its next step, the heads read at
-        its last accepted position (its newest token's, or its last kept draft's) and the
-        token sampled there, which the sampled tokens decide: found on the device, so
+                      pending: PendingStep, k: int, ends: torch.Tensor | None) -> None:
+        """Draft heads: each sampled request's drafts for its next step (a chain of k, or
+        with a token tree, a guess per node), the heads read at its last accepted position
+        (its newest token's, or its last kept draft's: `ends`, found by `_kept_nodes`) and
+        the token sampled there, which the sampled tokens decide: found on the device, so
         nothing waits for them here."""
         assert self.drafter is not None, "the scheduler asked for guesses without heads"
         seqs, dev = batch.sample_seqs, self.device
@@ -562,16 +689,15 @@ class ModelRunner:
         assert sampled is not None
         firsts = [r for r, seq in enumerate(seqs) if r == 0 or seq is not seqs[r - 1]]
         at = to_device(firsts, torch.int64, dev)                        # [num_requests]
-        if batch.drafts:
-            width = max(len(d) for _, _, d in batch.drafts)
-            padded = np.full((len(firsts), width), -1, dtype=np.int64)  # -1 matches nothing
+        if ends is not None:
             index = {first: i for i, first in enumerate(firsts)}
-            for _, first, draft in batch.drafts:
-                padded[index[first], :len(draft)] = draft
-            ahead = (at[:, None] + torch.arange(width, device=dev)).clamp_(max=len(seqs) - 1)
-            agree = sampled[ahead] == to_device(padded, torch.int64, dev)  # [requests, width]
-            at = at + agree.long().cumprod(dim=1).sum(dim=1)             # + drafts kept
-        guesses = self.drafter.propose(hidden[rows[at]], sampled[at], k)  # [num_requests, k]
+            drafted = to_device([index[d.first] for d in batch.drafts], torch.int64, dev)
+            at = at.index_add(0, drafted, ends)                          # + drafts kept
+        if self.draft_tree is not None:
+            guesses = self.drafter.propose_tree(hidden[rows[at]], sampled[at],
+                                                self.draft_tree)       # [num_requests, nodes]
+        else:
+            guesses = self.drafter.propose(hidden[rows[at]], sampled[at], k)  # [requests, k]
         pending.guess_ids = [seqs[r].req_id for r in firsts]
         pending.guesses = to_host(guesses)
 

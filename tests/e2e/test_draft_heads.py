@@ -1,6 +1,7 @@
 """Draft heads end to end, Medusa's and Hydra's. With the embedded model and random heads, the
 outputs are those of the engine without drafts, token for token (greedy, seeded, logprobs,
-stops, n > 1), in one mixed batch, with drafts proposed and some accepted. On a tiny
+stops, n > 1), in one mixed batch, with drafts proposed and some accepted, as a chain or as a
+token tree. On a tiny
 random-weight Llama, heads trained by `train-medusa` or `train-hydra` (self-distillation) are
 accepted far more often than the untrained heads they start from. Every engine ends with its
 pool full."""
@@ -76,6 +77,20 @@ def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
     assert_pool_full(engine)
 
 
+# three guesses at depth 1, two under the best, one under the second, two at depth 3
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]
+
+
+@pytest.fixture(scope="module")
+def tree_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
+    method, path = random_heads
+    engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
+        "method": method, "model": path, "num_speculative_tokens": 3,
+        "speculative_token_tree": TREE})
+    yield engine
+    assert_pool_full(engine)
+
+
 @pytest.fixture(scope="module")
 def base_completions(llm: LLM) -> list[list[tuple]]:
     return completions(llm)
@@ -102,6 +117,16 @@ def test_outputs_are_those_without_drafts(llm: LLM, heads_llm: LLM,
     assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
     assert stats.num_accepted_tokens < stats.num_draft_tokens
     assert logprob_values(heads_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
+
+
+def test_tree_outputs_are_those_without_drafts(llm: LLM, tree_llm: LLM,
+                                               base_completions: list[list[tuple]]) -> None:
+    """The same with a tree of eight guesses: its paths off the chain of best guesses are
+    kept too, and their KV moved into place, or later tokens would differ."""
+    stats = tree_llm.engine.scheduler.spec_stats
+    assert completions(tree_llm) == base_completions
+    assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
+    assert logprob_values(tree_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
 
 
 def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[str, str],
