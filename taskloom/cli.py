@@ -1,11 +1,12 @@
 """The `taskloom` command: generate | chat | serve | batch | train-medusa | train-hydra |
-bench.
+draft-tree | bench.
 
 `generate` streams one completion to the terminal; `chat` is an interactive multi-turn REPL
 that streams (/reset, /exit); `serve` runs the OpenAI-compatible server with its chat page;
 `batch` answers a file of OpenAI batch requests into an output file, resumably;
-`train-medusa` and `train-hydra` train draft heads for the model on its own answers; `bench`
-runs the benchmarks and prints a JSON line last.
+`train-medusa` and `train-hydra` train draft heads for the model on its own answers;
+`draft-tree` measures trained heads and finds the token trees to draft with; `bench` runs
+the benchmarks and prints a JSON line last.
 """
 from __future__ import annotations
 
@@ -367,6 +368,72 @@ TRAIN_HEADS_HELP = {
 }
 
 
+def cmd_draft_tree(a: argparse.Namespace) -> int:
+    from taskloom.engine.draft_tree import best_tree, expected_kept
+    from taskloom.models.draft_train import (final_hidden_states, rank_accuracy, read_prompts,
+                                             self_distill, training_pairs)
+    spec = a.speculative_config or {}
+    if spec.get("method") not in ("medusa", "hydra"):
+        raise SystemExit('draft-tree needs --speculative-config naming draft heads: '
+                         '{"method": "medusa" or "hydra", "model": DIR}')
+    llm = make_llm(a)
+    heads = llm.engine.runner.drafter
+    if a.prompts_file:
+        prompts = read_prompts(a.prompts_file, llm)
+    else:
+        from taskloom.bench.spec import topic_conversations
+        prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
+    prompts = prompts[a.skip_prompts:][:a.num_prompts]
+    if not prompts:
+        raise SystemExit(f"no prompts left after --skip-prompts {a.skip_prompts}")
+    runner = llm.engine.runner
+    seqs = self_distill(llm, prompts, a.max_tokens)
+    hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
+    states, rows, y = training_pairs(seqs, hiddens, heads.num_heads)
+    accuracy = rank_accuracy(heads, states, rows, y, a.num_ranks)
+    chain = tuple((0,) * d for d in range(1, heads.num_heads + 1))
+    trees = []
+    for n in a.num_nodes:
+        paths = best_tree(accuracy, n)
+        trees.append({"num_nodes": n, "depth": len(paths[-1]),
+                      "expected_kept": round(expected_kept(paths, accuracy), 3),
+                      "speculative_token_tree": str(list(paths))})
+    from taskloom.bench.common import run_info
+    print(json.dumps({"draft_tree": spec["method"], "model": spec.get("model"),
+                      "num_prompts": len(prompts), "num_positions": len(rows),
+                      "rank_accuracy": accuracy,
+                      "chain": {"num_nodes": len(chain),
+                                "expected_kept": round(expected_kept(chain, accuracy), 3)},
+                      "trees": trees, **run_info(a.device)}))
+    return 0
+
+
+def add_draft_tree_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "draft-tree", help="measure draft heads and find the token trees to draft with",
+        description="The model answers the prompts greedily; each of the heads named by "
+                    "--speculative-config guesses along the answers (teacher-forced), and "
+                    "how often its guess of each rank is the model's token gives, for each "
+                    "--num-nodes, the tree that keeps the most drafts a step on average "
+                    "(Medusa's tree construction). Use prompts the heads did not train on. "
+                    "Prints a JSON line: each head's rank accuracies and, per tree, its "
+                    "speculative_token_tree and the drafts it would keep a step.")
+    p.add_argument("--prompts-file", default=None, metavar="JSONL",
+                   help="prompts as train-medusa takes them (default: its built-in "
+                        "questions, the training half: pass --skip-prompts past those the "
+                        "heads trained on)")
+    p.add_argument("--skip-prompts", type=int, default=0, metavar="N",
+                   help="leave out the first N prompts")
+    p.add_argument("--num-prompts", type=int, default=None, help="N prompts at most")
+    p.add_argument("--max-tokens", type=int, default=128, help="answer length per prompt")
+    p.add_argument("--num-nodes", type=int, nargs="+", default=[4, 8, 16, 32],
+                   help="tree sizes (draft nodes) to build")
+    p.add_argument("--num-ranks", type=int, default=8,
+                   help="the guesses of each head measured, best first")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_draft_tree)
+
+
 def add_train_heads_parser(sub: argparse._SubParsersAction, method: str) -> None:
     short, long = TRAIN_HEADS_HELP[method]
     p = sub.add_parser(
@@ -419,6 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_parser(sub)
     add_train_heads_parser(sub, "medusa")
     add_train_heads_parser(sub, "hydra")
+    add_draft_tree_parser(sub)
     from taskloom.bench.cli import add_bench_parser
     add_bench_parser(sub)
     return parser

@@ -20,6 +20,7 @@ Pure Python, as the engine is.
 from __future__ import annotations
 
 import ast
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,3 +147,37 @@ class TokenTree:
         while n < len(self.paths) and n < max_nodes and len(self.paths[n]) <= max_depth:
             n += 1
         return n
+
+
+def best_tree(accuracy: Sequence[Sequence[float]], num_nodes: int) -> tuple[Path, ...]:
+    """The tree of `num_nodes` draft nodes that keeps the most drafts a step on average, for
+    heads whose guess of rank r at depth d is right with probability `accuracy[d - 1][r]`
+    (each head taken on its own, as Medusa's paper builds its trees): a node is kept when
+    its path is right, with the product of its ranks' accuracies, and the expected number
+    kept is the sum of those over the tree. Adding the likeliest node that extends the tree,
+    one at a time, builds the best tree (a path is never likelier than its parent)."""
+    if num_nodes < 1:
+        raise ValueError(f"a tree needs at least 1 node, got {num_nodes}")
+    depth = len(accuracy)
+    frontier = [(-p, (r,)) for r, p in enumerate(accuracy[0])]
+    heapq.heapify(frontier)
+    paths: list[Path] = []
+    while frontier and len(paths) < num_nodes:
+        neg, path = heapq.heappop(frontier)
+        paths.append(path)
+        if len(path) < depth:
+            for r, p in enumerate(accuracy[len(path)]):
+                heapq.heappush(frontier, (neg * p, path + (r,)))
+    return TokenTree(tuple(paths)).paths
+
+
+def expected_kept(paths: Sequence[Path], accuracy: Sequence[Sequence[float]]) -> float:
+    """The drafts a step keeps on average with the tree `paths`, under `best_tree`'s
+    model of the heads."""
+    total = 0.0
+    for path in paths:
+        p = 1.0
+        for d, r in enumerate(path):
+            p *= accuracy[d][r] if r < len(accuracy[d]) else 0.0
+        total += p
+    return total

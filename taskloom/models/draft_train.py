@@ -21,6 +21,10 @@ before the one it guesses. Here:
 
 Heads that guess the base's greedy continuation pay for greedy decoding most; sampled
 outputs are unchanged by them too (drafts are verified), only accepted less often.
+
+`rank_accuracy` measures trained heads the same way on other prompts: how often each head's
+guess of each rank is the base's token there, which `taskloom draft-tree` turns into the
+token tree (taskloom.engine.draft_tree.best_tree) to draft with.
 """
 from __future__ import annotations
 
@@ -255,6 +259,35 @@ def _epoch(heads: DraftHeads, states: torch.Tensor, rows: torch.Tensor, y: torch
     total, hits, fitted, counts = sums.tolist()
     return ([round(t / max(c, 1), 4) for t, c in zip(total, fitted)],
             [round(h / max(c, 1), 4) for h, c in zip(hits, counts)])
+
+
+@torch.inference_mode()
+def rank_accuracy(heads: DraftHeads, states: torch.Tensor, rows: torch.Tensor,
+                  y: torch.Tensor, num_ranks: int, batch_tokens: int = 512
+                  ) -> list[list[float]]:
+    """How often head d's guess of rank r is the base's token, [K][num_ranks], over the
+    positions `rows` of `states` with tokens y (see `training_pairs`): teacher-forced, as a
+    Hydra head reads its path in a tree where the path so far is right. A position counts
+    for a head where it has a target; a target outside the draft vocabulary is a miss."""
+    k = heads.num_heads
+    param = heads.trainable()[0]
+    hits = torch.zeros(k, num_ranks + 1, dtype=torch.int64)
+    counts = torch.zeros(k, dtype=torch.int64)
+    for b in range(0, len(rows), batch_tokens):
+        at = rows[b:b + batch_tokens]
+        tokens = y[b:b + batch_tokens].to(param.device)                 # [B, K + 1]
+        hidden = states[at].to(param.device, param.dtype)               # [B, hidden]
+        head_states = heads.train_states(hidden, tokens[:, :k])
+        target = heads.vocab.index(tokens[:, 1:])                       # [B, K]
+        for i in range(k):
+            logits = heads.head_logits(i, head_states[i]).float()        # [B, N]
+            fit = target[:, i] != IGNORE
+            mine = logits.gather(1, target[:, i:i + 1].clamp(min=0))    # [B, 1]
+            rank = (logits > mine).sum(dim=1)[fit].clamp(max=num_ranks)  # [fitted]
+            hits[i] += torch.bincount(rank, minlength=num_ranks + 1).cpu()
+            counts[i] += int((tokens[:, 1 + i] >= 0).sum())
+    return [[round(int(h) / max(int(c), 1), 4) for h in row[:num_ranks]]
+            for row, c in zip(hits, counts)]
 
 
 def read_prompts(path: str, llm) -> list[list[int]]:

@@ -144,6 +144,29 @@ def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[st
     assert row["outputs_identical"] and row["spec"]["draft_tokens"] > 0
 
 
+def test_draft_tree_measures_the_heads_and_builds_trees_that_run(
+        random_heads: tuple[str, str], capsys: pytest.CaptureFixture) -> None:
+    method, path = random_heads
+    spec = {"method": method, "model": path, "num_speculative_tokens": 3}
+    assert cli_main(["draft-tree", "--speculative-config", json.dumps(spec), "--num-prompts",
+                     "3", "--max-tokens", "24", "--num-nodes", "2", "6", "--num-ranks", "4",
+                     "--kv-cache-memory-gb", "0.1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    acc = result["rank_accuracy"]
+    assert len(acc) == 3 and all(len(row) == 4 and 0 <= sum(row) <= 1 for row in acc)
+    assert result["num_prompts"] == 3 and result["num_positions"] > 30
+    small, six = result["trees"]
+    assert (small["num_nodes"], six["num_nodes"]) == (2, 6)
+    # the best tree of six keeps at least what any smaller tree does
+    assert six["expected_kept"] >= max(result["chain"]["expected_kept"], small["expected_kept"])
+    tree = six["speculative_token_tree"]
+    llm = LLM(kv_cache_memory_gb=0.1, speculative_config={
+        **spec, "num_speculative_tokens": six["depth"], "speculative_token_tree": tree})
+    llm.generate(["Say hi."], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert llm.engine.scheduler.spec_stats.num_drafts > 0
+    assert_pool_full(llm)
+
+
 def test_more_drafts_than_heads_are_refused(random_heads: tuple[str, str]) -> None:
     method, path = random_heads
     with pytest.raises(ValueError, match=f"num_speculative_tokens 4 is more than the 3 heads "

@@ -47,3 +47,23 @@ def test_bad_training_configs_are_refused() -> None:
         DraftTrainConfig(loss="kl")
     with pytest.raises(ValueError, match="method must be one of medusa, hydra, got 'eagle'"):
         DraftTrainConfig(method="eagle")
+
+
+def test_rank_accuracy_counts_where_each_heads_guesses_put_the_token() -> None:
+    """Untrained Medusa heads guess what the base's lm head makes of the state; targets
+    placed at known ranks of those logits come back as those ranks' shares."""
+    from taskloom.models.medusa import MedusaConfig, MedusaHeads
+    gen = torch.Generator().manual_seed(0)
+    n, h, v = 40, 16, 50
+    lm = torch.randn(v, h, generator=gen)
+    heads = MedusaHeads(MedusaConfig(2, 1, h, v), lm, torch.float32, torch.device("cpu"))
+    states = torch.randn(n, h, generator=gen)
+    order = (states @ lm.T).argsort(dim=1, descending=True)             # [n, v] best first
+    ranks = torch.tensor([0] * 20 + [1] * 10 + [3] * 6 + [9] * 4)       # head 0's targets
+    y = torch.full((n, 3), -100, dtype=torch.int64)
+    y[:, 1] = order[torch.arange(n), ranks]
+    y[:30, 2] = order[:30, 2]                                           # head 1: rank 2, 30 of them
+    acc = draft_train.rank_accuracy(heads, states, torch.arange(n), y, num_ranks=4,
+                                    batch_tokens=16)
+    assert acc[0] == [0.5, 0.25, 0.0, 0.15]     # rank 9 is past the 4 measured
+    assert acc[1] == [0.0, 0.0, 1.0, 0.0]       # positions without a target do not count

@@ -7,7 +7,8 @@ import pytest
 
 from taskloom.config import (CacheConfig, EngineConfig, SchedulerConfig, SnapKVConfig,
                              SpeculativeConfig)
-from taskloom.engine.draft_tree import TokenTree, accepted_path, depths, is_chain, parse_tree
+from taskloom.engine.draft_tree import (TokenTree, accepted_path, best_tree, depths, expected_kept,
+                                        is_chain, parse_tree)
 from taskloom.engine.kv_cache import KVCacheManager
 from taskloom.engine.model_drafts import ModelDraftProposer
 from taskloom.engine.outputs import RunnerOutput
@@ -122,3 +123,20 @@ def test_a_structured_output_gets_the_chain_of_best_guesses() -> None:
     assert proposer.propose_tree(a, 4, 3) == ([10, 11, 12, 20], (0, 0, 0, 1))
     a.output_token_ids.append(5)        # moved on: nothing stale
     assert proposer.propose_tree(a, 7, 3) == ([], ()) and proposer.propose(a, 3) == []
+
+
+def test_the_best_tree_adds_the_likeliest_paths() -> None:
+    acc = [[0.6, 0.2, 0.05], [0.5, 0.1, 0.02], [0.4, 0.1, 0.01]]
+    # 0.6, 0.3 (0, 0), 0.2, 0.12 (0, 0, 0), 0.1 (1, 0), 0.06 (0, 1), 0.05 (2,) ...
+    assert best_tree(acc, 1) == ((0,),)
+    assert best_tree(acc, 4) == ((0,), (1,), (0, 0), (0, 0, 0))
+    six = best_tree(acc, 6)
+    assert six == ((0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+    assert expected_kept(six, acc) == pytest.approx(0.6 + 0.2 + 0.3 + 0.06 + 0.1 + 0.12)
+    # no tree of six does better: swap any node for the next candidate
+    assert expected_kept(six, acc) > expected_kept(
+        ((0,), (1,), (2,), (0, 0), (1, 0), (0, 0, 0)), acc)
+    assert expected_kept(((0,), (0, 0), (0, 0, 0)), acc) == pytest.approx(0.6 + 0.3 + 0.12)
+    assert len(best_tree(acc, 100)) == 3 + 9 + 27     # every path there is
+    with pytest.raises(ValueError, match="at least 1 node"):
+        best_tree(acc, 0)
