@@ -6,6 +6,7 @@ read each sequence's whole context back through its block table.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,9 +128,11 @@ def flat_batch_metadata(block_tables: list[list[int]], num_cached: list[int],
     return meta, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
-def tree_mask(parents: Sequence[int]) -> torch.Tensor:
+@functools.lru_cache(maxsize=64)
+def tree_mask(parents: tuple[int, ...]) -> torch.Tensor:
     """A token tree's mask [n, n] bool, n = 1 + len(parents) (node 0 the root, draft node
-    i + 1 the child of node parents[i]): node j sees node k where k is j or an ancestor."""
+    i + 1 the child of node parents[i]): node j sees node k where k is j or an ancestor.
+    Kept per tree (a step's trees are prefixes of one), so do not write to it."""
     n = len(parents) + 1
     mask = torch.eye(n, dtype=torch.bool)
     for i, p in enumerate(parents):
@@ -144,7 +147,7 @@ def set_tree_masks(meta: AttentionMetadata, trees: Sequence[tuple[int, Sequence[
     starts = [-1] * meta.num_seqs
     masks, offset = [], 0
     for i, parents in trees:
-        mask = tree_mask(parents)                                       # [q_len, q_len]
+        mask = tree_mask(tuple(parents))                                # [q_len, q_len]
         starts[i] = offset
         offset += mask.numel()
         masks.append(mask.flatten())

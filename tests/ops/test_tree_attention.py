@@ -56,7 +56,7 @@ def node_by_node(query: torch.Tensor, cache: torch.Tensor, meta: AttentionMetada
         k, v = gather_context(cache, meta.block_tables[i], seq_len)
         q_len = qsl[i + 1] - qsl[i]
         prefix = seq_len - q_len
-        see = (tree_mask(trees[i]) if i in trees
+        see = (tree_mask(tuple(trees[i])) if i in trees
                else torch.ones(q_len, q_len, dtype=torch.bool).tril())
         for j in range(q_len):
             keys = list(range(prefix)) + [prefix + c for c in range(q_len) if see[j, c]]
@@ -70,7 +70,7 @@ def node_by_node(query: torch.Tensor, cache: torch.Tensor, meta: AttentionMetada
 
 def test_tree_mask_sees_ancestors_and_self() -> None:
     # root -> 1 -> 3, root -> 2
-    assert tree_mask([0, 0, 1]).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0],
+    assert tree_mask((0, 0, 1)).int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0],
                                                    [1, 0, 1, 0], [1, 1, 0, 1]]
 
 

@@ -151,7 +151,9 @@ def paged_extend_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     k_cache, v_cache = kv_cache[0], kv_cache[1]          # [num_blocks, block_size, kv_heads, d]
     _extend_kernel[(triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)](
         query, k_cache, v_cache, out, query_start_loc, seq_lens, block_tables, kv_starts,
-        None if tree_mask is None else tree_mask.view(torch.int8), tree_starts, scale * LOG2E,
+        # without trees, stand-ins that are never read (no None reaches _extend_tiles)
+        query if tree_mask is None else tree_mask.view(torch.int8),
+        seq_lens if tree_starts is None else tree_starts, scale * LOG2E,
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_Q=block_q,
