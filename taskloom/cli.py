@@ -372,12 +372,16 @@ def cmd_draft_tree(a: argparse.Namespace) -> int:
     from taskloom.engine.draft_tree import best_tree, expected_kept
     from taskloom.models.draft_train import (final_hidden_states, rank_accuracy, read_prompts,
                                              self_distill, training_pairs)
+    from taskloom.models.draft_heads import load_draft_heads
     spec = a.speculative_config or {}
-    if spec.get("method") not in ("medusa", "hydra"):
+    if spec.get("method") not in ("medusa", "hydra") or not spec.get("model"):
         raise SystemExit('draft-tree needs --speculative-config naming draft heads: '
                          '{"method": "medusa" or "hydra", "model": DIR}')
-    llm = make_llm(a)
-    heads = llm.engine.runner.drafter
+    llm = make_llm(argparse.Namespace(**{**vars(a), "speculative_config": None}))
+    model = llm.engine.runner.model
+    embed = model.model.embed_tokens.weight
+    heads = load_draft_heads(spec["method"], spec["model"], model.config, embed,
+                             model.lm_head_weight(), embed.dtype, embed.device)
     if a.prompts_file:
         prompts = read_prompts(a.prompts_file, llm)
     else:
