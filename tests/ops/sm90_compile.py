@@ -44,6 +44,7 @@ from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.ops.backend import Ops, triton_ops
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.shared_prefix import shared_prefix_groups
+from taskloom.runtime.attention import set_tree_masks
 from tests.models.single_seq import make_metadata
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -150,8 +151,8 @@ def describe(kernel: Any) -> Launch:
 def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
     """Call every op the way a model of `arch` calls it: prefill chunks, a mixed step, decode
     steps with few and many sequences (one split and several), a CUDA-graph decode (fixed
-    splits), each of those under a sliding window with sinks, decodes sharing a prefix, and
-    multi-LoRA on fused qkv, o, gate_up and down."""
+    splits), each of those under a sliding window with sinks, decodes sharing a prefix, token
+    trees among decodes, and multi-LoRA on fused qkv, o, gate_up and down."""
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, head_dim = arch.num_attention_heads, arch.num_key_value_heads, arch.head_dim
     hidden, inter = arch.hidden_size, arch.intermediate_size
@@ -194,6 +195,14 @@ def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
     meta.shared_prefix_groups = shared_prefix_groups(
         meta.block_tables.numpy(), meta.seq_lens_cpu, range(64), BLOCK_SIZE)
     query = torch.randn(64, heads, head_dim, generator=gen).to(dtype)
+    ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
+    # speculative decoding with token trees: two trees of 16 drafts among decodes
+    tables = [list(range(i * 256, i * 256 + 70)) for i in range(3)]
+    meta, _ = make_metadata(tables, [1000, 700, 40], [17, 1, 17], BLOCK_SIZE,
+                            torch.device("cpu"))
+    tree = tuple(i // 3 for i in range(16))
+    set_tree_masks(meta, [(0, tree), (2, tree)])
+    query = torch.randn(35, heads, head_dim, generator=gen).to(dtype)
     ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
     _exercise_lora(ops, arch, dtype, gen)
 
