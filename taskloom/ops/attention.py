@@ -123,6 +123,8 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
     groups = meta.shared_prefix_groups
+    if meta.decode_tree_lo_cpu is not None:     # tree nodes see only part of their chunk
+        groups = []
     if groups is None:      # a window's masks differ per query: no prefix is shared whole
         starts = meta.kv_starts_cpu
         whole = [i for i in decodes if not starts[i]] if starts else decodes
@@ -135,7 +137,22 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     if not alone:
         return _RefPlan(prefills, None, None, None, shared)
     rows, slots, mask = _context_slots(meta, alone, *_window_ranges(meta, alone), device, dtype)
+    if meta.decode_tree_lo_cpu is not None:
+        _mask_tree_decodes(meta, alone, mask)
     return _RefPlan(prefills, rows, slots, mask, shared, meta.workspace)
+
+
+def _mask_tree_decodes(meta: AttentionMetadata, seqs: list[int], mask: torch.Tensor) -> None:
+    """Hide from each token-tree node attended as a decode the nodes of its chunk that are
+    not its ancestors (meta.decode_tree_lo / _bits), in the additive mask [b, 1, 1, max_len]
+    of `_context_slots` (the decodes `seqs`, no window, each from position 0)."""
+    assert meta.decode_tree_lo_cpu is not None and meta.decode_tree_bits_cpu is not None
+    lo = torch.tensor([meta.decode_tree_lo_cpu[i] for i in seqs], device=mask.device)[:, None]
+    bits = torch.tensor([meta.decode_tree_bits_cpu[i] for i in seqs], device=mask.device)
+    j = torch.arange(mask.shape[-1], device=mask.device)[None, :]       # [1, max_len]
+    off = (j - lo).clamp(0, 62)                                         # [b, max_len]
+    hidden = (j >= lo) & ((bits[:, None] >> off) & 1 == 0)              # [b, max_len]
+    mask.masked_fill_(hidden[:, None, None, :], float("-inf"))
 
 
 def _context_slots(meta: AttentionMetadata, seqs: list[int], heads: list[int],

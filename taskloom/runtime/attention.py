@@ -94,6 +94,14 @@ class AttentionMetadata:
     tree_mask: torch.Tensor | None = None     # [sum of q_len_i ** 2 of the trees] bool
     tree_starts: torch.Tensor | None = None   # [num_seqs] int32
     tree_starts_cpu: list[int] | None = None
+    # Token trees split into decodes (one single-query sequence per node, as a CUDA graph
+    # replays them): sequence i sees its keys before decode_tree_lo[i] all, and the key at
+    # decode_tree_lo[i] + j (a node of its tree's chunk) only where bit j of
+    # decode_tree_bits[i] is set (decode_tree_lo[i] = seq_lens[i]: none masked). None: none.
+    decode_tree_lo: torch.Tensor | None = None     # [num_seqs] int32
+    decode_tree_bits: torch.Tensor | None = None   # [num_seqs] int64
+    decode_tree_lo_cpu: list[int] | None = None
+    decode_tree_bits_cpu: list[int] | None = None
     # Derived once per step by the attention implementation and shared by all layers.
     ref_plan: Any = None
     kernel_plan: Any = None
@@ -138,6 +146,21 @@ def tree_mask(parents: tuple[int, ...]) -> torch.Tensor:
     for i, p in enumerate(parents):
         mask[i + 1] |= mask[p]
     return mask
+
+
+# The most nodes (root included) a token tree may have to be attended as decodes: each
+# node's view of the chunk is one int64 of bits, the sign bit unused.
+MAX_DECODE_TREE_NODES = 63
+
+
+@functools.lru_cache(maxsize=64)
+def tree_bits(parents: tuple[int, ...]) -> tuple[int, ...]:
+    """Each node's row of `tree_mask(parents)` as bits: bit k set where it sees node k."""
+    n = len(parents) + 1
+    if n > MAX_DECODE_TREE_NODES:
+        raise ValueError(f"a tree of {n} nodes does not fit decode attention's "
+                         f"{MAX_DECODE_TREE_NODES}-bit masks")
+    return tuple(sum(1 << k for k in range(n) if row[k]) for row in tree_mask(parents).tolist())
 
 
 def set_tree_masks(meta: AttentionMetadata, trees: Sequence[tuple[int, Sequence[int]]]

@@ -67,9 +67,11 @@ def cuda_graph_sizes(config: EngineConfig, model: LlamaForCausalLM) -> tuple[int
     if sizes:
         return tuple(sorted(set(sizes)))
     rows = config.scheduler.max_num_seqs
-    if config.speculative is not None:
-        rows = min(rows * (1 + config.speculative.num_speculative_tokens),
-                   config.scheduler.max_num_batched_tokens)
+    spec = config.speculative
+    if spec is not None:    # a drafted request's step is a row a token (a tree's: a node)
+        tree = spec.token_tree
+        drafts = spec.num_speculative_tokens if tree is None else tree.num_nodes
+        rows = min(rows * (1 + drafts), config.scheduler.max_num_batched_tokens)
     return default_capture_sizes(rows)
 
 

@@ -13,7 +13,8 @@ eagerly after the replay.
 With LoRA adapters, each row's adapter slot is one more static buffer (-1: none), and the
 graphs are captured with every row treated as a one-token LoRA segment, so a replay serves
 any mix of adapters already in their slots. With SnapKV (`kv_starts`), where each row's KV
-starts is one more (0: the whole context).
+starts is one more (0: the whole context). With token trees (`tree`), each row's view of its
+tree's chunk is two more (a node's tree_lo and ancestor bits; other rows see all).
 
 Steps with a prefill chunk, or more sequences than the largest bucket, run eagerly. Capture
 needs kernels that never read the step from the host: the Triton ops (the torch reference
@@ -84,17 +85,22 @@ class DecodeInputs:
         self._host_seq_lens = torch.ones(max_size, dtype=torch.int32, pin_memory=pinned)
         self.kv_starts = torch.zeros(max_size, dtype=torch.int32, device=device)  # [max_size]
         self._host_kv_starts = torch.zeros(max_size, dtype=torch.int32, pin_memory=pinned)
+        # token trees: [2, max_size] rows tree_lo, tree_bits (AttentionMetadata.decode_tree_lo)
+        self.tree = torch.ones(2, max_size, dtype=torch.int64, device=device)
+        self.tree[1].zero_()
+        self.tree_lo = torch.ones(max_size, dtype=torch.int32, device=device)  # [max_size]
+        self._host_tree = torch.zeros(2, max_size, dtype=torch.int64, pin_memory=pinned)
         # Flat: a step's [size, width] tables are staged contiguously.
         self._host_tables = torch.zeros(max_size * max_blocks_per_seq, dtype=torch.int32,
                                         pin_memory=pinned)
 
     def metadata(self, size: int, block_size: int, max_model_len: int, num_splits: int,
-                 window: AttentionWindow | None = None, kv_starts: bool = False
-                 ) -> AttentionMetadata:
+                 window: AttentionWindow | None = None, kv_starts: bool = False,
+                 tree: bool = False) -> AttentionMetadata:
         """The metadata a graph of `size` rows is captured with: views of the static buffers,
         and host fields that hold for every decode step (one query token, at most
         `max_model_len` tokens of context; with `kv_starts`, the rows' kv_starts read from
-        their buffer)."""
+        their buffer; with `tree`, the rows' token-tree bits, read from theirs)."""
         meta = AttentionMetadata(
             slot_mapping=self.tokens[2, :size], query_start_loc=self.query_start_loc[:size + 1],
             seq_lens=self.seq_lens[:size], block_tables=self.block_tables[:size],
@@ -103,8 +109,22 @@ class DecodeInputs:
             window=window, decode_num_splits=num_splits)
         if kv_starts:
             meta.kv_starts, meta.kv_starts_cpu = self.kv_starts[:size], [0] * size
+        if tree:
+            meta.decode_tree_lo, meta.decode_tree_bits = self.tree_lo[:size], self.tree[1, :size]
         return meta
 
+    def load_tree(self, tree_rows: np.ndarray | None, seq_lens: IntArray) -> None:
+        """Stage one decode step's token-tree rows ((tree_lo, tree_bits) [2, n]; None: no
+        row sees part of a chunk; padding rows: their seq_len 1 and no bits)."""
+        n = len(seq_lens)
+        host = self._host_tree.numpy()                       # [2, max_size]
+        if tree_rows is None:
+            host[0, :n], host[1, :n] = seq_lens, 0
+        else:
+            host[:, :n] = tree_rows
+        host[0, n:], host[1, n:] = 1, 0
+        self.tree.copy_(self._host_tree, non_blocking=self.non_blocking)
+        self.tree_lo.copy_(self.tree[0])                     # int32, on the device
     def load_kv_starts(self, kv_starts: IntArray | None, n: int) -> None:
         """Stage one decode step's kv_starts (None: all 0; padding rows: 0)."""
         host = self._host_kv_starts.numpy()                  # [max_size]
@@ -155,7 +175,8 @@ class DecodeGraphs:
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], sizes: Sequence[int],
                  hidden_size: int, block_size: int, max_model_len: int,
                  lora_state: LoRAState | None = None,
-                 window: AttentionWindow | None = None, kv_starts: bool = False) -> None:
+                 window: AttentionWindow | None = None, kv_starts: bool = False,
+                 tree: bool = False) -> None:
         if not sizes or min(sizes) < 1:
             raise ValueError(f"CUDA graph sizes must be batch sizes >= 1, got {list(sizes)}")
         self.model = model
@@ -165,6 +186,7 @@ class DecodeGraphs:
         self.max_model_len = max_model_len
         self.window = window
         self.kv_starts = kv_starts      # rows may start their KV past 0 (SnapKV)
+        self.tree = tree                # rows may be token-tree nodes (decode_tree_lo / _bits)
         self.device = kv_caches[0].device
         self.inputs = DecodeInputs(self.sizes[-1], -(-max_model_len // block_size), self.device)
         self.hidden = torch.empty(self.sizes[-1], hidden_size, dtype=kv_caches[0].dtype,
@@ -197,7 +219,7 @@ class DecodeGraphs:
                 self.max_model_len, self.window.size + self.window.num_sink_tokens)
             splits = decode_num_splits(size, num_kv_heads, attended)
             meta = self.inputs.metadata(size, self.block_size, self.max_model_len, splits,
-                                        self.window, self.kv_starts)
+                                        self.window, self.kv_starts, self.tree)
             if self.lora_state is not None:
                 self.lora_state.meta = self.inputs.lora_metadata(size)
             self._forward(size, meta)
@@ -227,11 +249,13 @@ class DecodeGraphs:
             seq_lens: IntArray, block_tables: np.ndarray | list[list[int]],
             lora_slots: list[int] | None = None,
             fill_input_ids: Callable[[torch.Tensor], None] | None = None,
-            kv_starts: IntArray | None = None) -> torch.Tensor:
+            kv_starts: IntArray | None = None,
+            tree_rows: np.ndarray | None = None) -> torch.Tensor:
         """Replay the graph of the smallest bucket that holds this decode step (one token per
         sequence; arrays as for the eager batch; `lora_slots`: each sequence's adapter slot,
         when captured with LoRA; `fill_input_ids` writes tokens still on the device into the
-        static input ids, after the step's are loaded; `kv_starts`, when captured with them).
+        static input ids, after the step's are loaded; `kv_starts`, when captured with them;
+        `tree_rows`, token-tree nodes' (tree_lo, tree_bits) [2, n], when captured with trees).
         Returns the hidden states
         [num_seqs, hidden], a view of the static output valid until the next replay."""
         n = len(seq_lens)
@@ -247,6 +271,10 @@ class DecodeGraphs:
             self.inputs.load_kv_starts(kv_starts, n)
         elif kv_starts is not None:
             raise ValueError("these CUDA graphs were captured without kv_starts")
+        if self.tree:
+            self.inputs.load_tree(tree_rows, seq_lens)
+        elif tree_rows is not None:
+            raise ValueError("these CUDA graphs were captured without token trees")
         self._loaded.record(torch.cuda.current_stream(self.device))
         if fill_input_ids is not None:
             fill_input_ids(self.inputs.tokens[0])

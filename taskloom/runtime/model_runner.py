@@ -39,7 +39,8 @@ from taskloom.lora.request import LoRARequest
 from taskloom.models.arch import ArchConfig
 from taskloom.models.draft_heads import DraftHeads
 from taskloom.ops.kv_compress import SnapKVPlan
-from taskloom.runtime.attention import AttentionMetadata, Workspace, set_tree_masks
+from taskloom.runtime.attention import (MAX_DECODE_TREE_NODES, AttentionMetadata, Workspace,
+                                        set_tree_masks, tree_bits)
 from taskloom.runtime.block_tables import BlockTables
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import (LogprobsTensors, Sampler, apply_token_bitmask,
@@ -113,8 +114,12 @@ class _Batch:
     # the step compresses: (window's query rows, prompt's slots, kept entries' slots)
     kv_starts: np.ndarray | None = None
     compressions: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
-    # token trees: (sequence, its draft nodes' parents) of each sequence drafting a tree
+    # token trees attended by their masks: (sequence, its draft nodes' parents) of each
+    # sequence drafting a tree; None without, or where they are split into decodes
     trees: list[tuple[int, Sequence[int]]] | None = None
+    # token trees split into decodes: (tree_lo, tree_bits) [2, num_seqs] of the attention
+    # sequences (AttentionMetadata.decode_tree_lo); None without
+    tree_rows: np.ndarray | None = None
 
     @property
     def query_lens(self) -> list[int]:
@@ -179,18 +184,22 @@ def _tree_positions(seqs: list[ScheduledSeq], qsl: list[int], start: np.ndarray,
 
 def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray,
                    qsl: list[int]) -> tuple[np.ndarray, list[int], np.ndarray,
-                                            list[ScheduledSeq]]:
+                                            list[ScheduledSeq], np.ndarray | None]:
     """The step's attention sequences when some scheduled sequences carry drafts: each of
     those becomes one single-query sequence per token (its newest, then each draft), query j
-    attending to the context up to and including itself, as a decode does. A step of decodes
-    with drafts is then a decode step (batched decode attention, a CUDA graph that fits),
-    whose keys and values are all in the cache before any layer's attention reads them.
-    Returns their block-table rows, query start offsets, context lengths, and the scheduled
-    sequence of each."""
+    attending to the context up to and including itself, as a decode does (a token tree's
+    node j: to the context before its chunk and, of the chunk up to itself, to its
+    ancestors). A step of decodes with drafts is then a decode step (batched decode
+    attention, a CUDA graph that fits), whose keys and values are all in the cache before
+    any layer's attention reads them. Returns their block-table rows, query start offsets,
+    context lengths, the scheduled sequence of each, and with trees each one's
+    (tree_lo, tree_bits) [2, n] (see AttentionMetadata.decode_tree_lo), else None."""
     att_rows: list[int] = []
     att_qsl = [0]
     att_lens: list[int] = []
     owners: list[ScheduledSeq] = []
+    lo: list[int] = []
+    bits: list[int] = []
     for i, seq in enumerate(seqs):
         if seq.draft_token_ids:
             n = qsl[i + 1] - qsl[i]
@@ -198,13 +207,22 @@ def _split_drafted(seqs: list[ScheduledSeq], rows: np.ndarray, start: np.ndarray
             att_qsl += range(qsl[i] + 1, qsl[i + 1] + 1)
             att_lens += range(start[i] + 1, start[i] + n + 1)
             owners += [seq] * n
+            if is_chain(seq.draft_parents):
+                bits += [0] * n
+                lo += range(start[i] + 1, start[i] + n + 1)
+            else:
+                bits += tree_bits(tuple(seq.draft_parents))
+                lo += [start[i]] * n
         else:
             att_rows.append(rows[i])
             att_qsl.append(qsl[i + 1])
             att_lens.append(start[i] + qsl[i + 1] - qsl[i])
             owners.append(seq)
+            lo.append(att_lens[-1])
+            bits.append(0)
+    trees = np.array([lo, bits], dtype=np.int64) if any(bits) else None
     return (np.array(att_rows, dtype=rows.dtype), att_qsl, np.array(att_lens, dtype=np.int64),
-            owners)
+            owners, trees)
 
 
 def _draft_histories(d: _Drafted, histories: list[list[int]]) -> None:
@@ -299,8 +317,10 @@ class ModelRunner:
     (Medusa's or Hydra's heads), a step that asks for guesses (SchedulerOutput.num_model_drafts)
     returns the heads' drafts for each sampled request's next step: a chain, or with
     `draft_tree` a guess per node of that tree. A sequence whose drafts form a tree
-    (ScheduledSeq.draft_parents) attends by its tree mask, and once its step has sampled,
-    the KV of the path it kept moves to the slots of the positions that path stands for.
+    (ScheduledSeq.draft_parents) attends by its tree mask (on a GPU, in a step of decodes:
+    one decode a node, each seeing its ancestors by bits, in a CUDA graph), and once its
+    step has sampled, the KV of the path it kept moves to the slots of the positions that
+    path stands for.
     """
 
     def __init__(self, model: nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
@@ -352,7 +372,8 @@ class ModelRunner:
             self.graphs = DecodeGraphs(model, self.kv_caches, graph_sizes, arch.hidden_size,
                                        block_size, max_model_len,
                                        None if lora is None else lora.state, window,
-                                       kv_starts=snapkv is not None)
+                                       kv_starts=snapkv is not None,
+                                       tree=draft_tree is not None)
             self.graphs.capture()
 
     @property
@@ -383,9 +404,10 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         pending = PendingStep(torch.cuda.Event() if cuda else None)
         rows = self._sample(hidden, batch, pending)
-        kept = (self._kept_nodes(batch) if batch.drafts and (batch.trees or
+        has_trees = any(d.parents for d in batch.drafts)
+        kept = (self._kept_nodes(batch) if batch.drafts and (has_trees or
                                                              sched.num_model_drafts) else None)
-        if batch.trees:
+        if has_trees:
             assert kept is not None
             self._compact_trees(batch, kept[0], kept[1])
         if sched.num_model_drafts and rows is not None:
@@ -464,7 +486,7 @@ class ModelRunner:
                         else None)
         owners: Sequence[ScheduledSeq] = seqs
         drafts: list[_Drafted] = []
-        trees = None
+        trees, tree_rows = None, None
         if num_sampled == len(sampled):     # no drafts: the last token of each
             sample_rows = [qsl[i + 1] - 1 for i in sampled]
             sample_seqs = [seqs[i] for i in sampled]
@@ -474,9 +496,10 @@ class ModelRunner:
         else:
             sample_rows, sample_seqs, sample_index, drafts = _draft_rows(seqs, sampled, qsl)
             trees = _tree_positions(seqs, qsl, start, positions)
-            if self.split_drafted and num_sampled == num_tokens and not trees:  # decodes only
-                rows, qsl, seq_lens, owners = _split_drafted(seqs, rows, start, qsl)
-                max_query_len = 1
+            if self.split_drafted and num_sampled == num_tokens and all(   # decodes only
+                    len(p) < MAX_DECODE_TREE_NODES for _, p in trees or ()):
+                rows, qsl, seq_lens, owners, tree_rows = _split_drafted(seqs, rows, start, qsl)
+                max_query_len, trees = 1, None
         return _Batch(
             input_ids=np.array(input_ids, dtype=np.int64), positions=positions, slots=slots,
             query_start_loc=qsl, seq_lens=seq_lens,
@@ -488,7 +511,7 @@ class ModelRunner:
             placeholders=placeholders, max_query_len=max_query_len,
             kv_starts=(None if self.snapkv is None or not any(s.kv_start for s in owners)
                        else np.array([s.kv_start for s in owners], dtype=np.int64)),
-            compressions=compressions, trees=trees)
+            compressions=compressions, trees=trees, tree_rows=tree_rows)
 
     def _snapkv_plans(self, seqs: list[ScheduledSeq], rows: np.ndarray, qsl: list[int]
                       ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
@@ -523,11 +546,12 @@ class ModelRunner:
         groups = self._shared_prefix_groups(batch)
         if (graphs is not None and batch.max_query_len == 1 and graphs.fits(len(batch.seq_lens))
                 and (batch.kv_starts is None or graphs.kv_starts)
+                and (batch.tree_rows is None or graphs.tree)
                 and saved_token_reads(groups, self.block_size) * self._kv_bytes_per_token
                 < SHARED_PREFIX_MIN_SAVED_BYTES):
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
                               batch.block_tables, lora_slots, self._fill_placeholders(batch),
-                              batch.kv_starts)
+                              batch.kv_starts, batch.tree_rows)
         if self.lora is not None and lora_slots is not None:
             self.lora.set_step(lora_slots, batch.query_lens)
         dev = self.device
@@ -546,6 +570,11 @@ class ModelRunner:
             meta.kv_starts_cpu = batch.kv_starts.tolist()
         if batch.trees:
             set_tree_masks(meta, batch.trees)
+        if batch.tree_rows is not None:
+            lo, bits = batch.tree_rows
+            meta.decode_tree_lo = to_device(lo, torch.int32, dev)
+            meta.decode_tree_bits = to_device(bits, torch.int64, dev)
+            meta.decode_tree_lo_cpu, meta.decode_tree_bits_cpu = lo.tolist(), bits.tolist()
         if batch.compressions:
             snapkv = self.snapkv
             assert snapkv is not None
@@ -562,8 +591,8 @@ class ModelRunner:
 
     def _shared_prefix_groups(self, batch: _Batch) -> list[PrefixGroup]:
         """The step's decodes that share cached prefix blocks (none with shared-prefix
-        attention off)."""
-        if not self.shared_prefix_attention:
+        attention off, or where token-tree nodes see only part of their chunk)."""
+        if not self.shared_prefix_attention or batch.tree_rows is not None:
             return []
         qsl, tables = batch.query_start_loc, batch.block_tables
         if batch.max_query_len == 1:    # decodes only: every row

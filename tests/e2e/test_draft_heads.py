@@ -81,12 +81,15 @@ def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]
 
 
-@pytest.fixture(scope="module")
-def tree_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
+@pytest.fixture(scope="module", params=["tree-mask", "decodes"])
+def tree_llm(request: pytest.FixtureRequest, random_heads: tuple[str, str]) -> Iterator[LLM]:
+    """An engine drafting TREE; "decodes": its tree steps split into one decode a node, as
+    on a GPU with CUDA graphs (the nodes' views of their chunks as bits)."""
     method, path = random_heads
     engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
         "method": method, "model": path, "num_speculative_tokens": 3,
         "speculative_token_tree": TREE})
+    engine.engine.runner.split_drafted = request.param == "decodes"
     yield engine
     assert_pool_full(engine)
 

@@ -33,10 +33,13 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LLM]:
     assert_pool_full(llm)
 
 
-def runner(llm: LLM) -> ModelRunner:
+def runner(llm: LLM, split: bool = False) -> ModelRunner:
+    """A runner of the tiny model; `split`: drafted sequences attend as one decode a token,
+    as on a GPU with CUDA graphs (tree nodes by their bits)."""
     model = llm.engine.runner.model
-    return ModelRunner(model, model.config, 16, BLOCK, torch.float32, torch.device("cpu"), (),
-                       64)
+    r = ModelRunner(model, model.config, 16, BLOCK, torch.float32, torch.device("cpu"), (), 64)
+    r.split_drafted = split
+    return r
 
 
 def step(r: ModelRunner, tokens: list[int], computed: int, out_ids: list[int],
@@ -54,12 +57,14 @@ def kv_at(r: ModelRunner, positions: range) -> list[torch.Tensor]:
     return [cache.view(2, -1, *cache.shape[3:])[:, slots] for cache in r.kv_caches]
 
 
-def test_a_path_off_the_chain_is_kept_and_its_kv_moved_into_place(tiny: LLM) -> None:
+@pytest.mark.parametrize("split", [False, True], ids=["tree-mask", "decodes"])
+def test_a_path_off_the_chain_is_kept_and_its_kv_moved_into_place(tiny: LLM,
+                                                                   split: bool) -> None:
     (out,) = tiny.generate([PROMPT], GREEDY, use_tqdm=False)
     g = out.outputs[0].token_ids                        # what greedy decoding produces
     vocab = TINY_LLAMA_CONFIG["vocab_size"]
     wrong = [(t + 1) % vocab for t in g]
-    r = runner(tiny)
+    r = runner(tiny, split)
     n = len(PROMPT)
     assert step(r, PROMPT, 0, [], new=True).sampled == {"a": g[0]}
     drafts = [wrong[1], g[1], wrong[2], g[2], g[3]]

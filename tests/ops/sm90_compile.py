@@ -44,7 +44,7 @@ from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.ops.backend import Ops, triton_ops
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.shared_prefix import shared_prefix_groups
-from taskloom.runtime.attention import set_tree_masks
+from taskloom.runtime.attention import set_tree_masks, tree_bits
 from tests.models.single_seq import make_metadata
 
 H100 = GPUTarget("cuda", 90, 32)
@@ -203,6 +203,15 @@ def exercise_ops(ops: Ops, arch: ArchConfig, dtype: torch.dtype) -> None:
     tree = tuple(i // 3 for i in range(16))
     set_tree_masks(meta, [(0, tree), (2, tree)])
     query = torch.randn(35, heads, head_dim, generator=gen).to(dtype)
+    ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
+    # ... and split into one decode a node (eager, then as captured in a CUDA graph)
+    meta, _ = make_metadata([tables[0]] * 17, [1000 + j for j in range(17)], [1] * 17,
+                            BLOCK_SIZE, torch.device("cpu"))
+    meta.decode_tree_lo = torch.full((17,), 1000, dtype=torch.int32)
+    meta.decode_tree_bits = torch.tensor(tree_bits(tree), dtype=torch.int64)
+    query = torch.randn(17, heads, head_dim, generator=gen).to(dtype)
+    ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
+    meta.decode_num_splits = 16
     ops.paged_attention(query, kv_cache, meta, head_dim ** -0.5)
     _exercise_lora(ops, arch, dtype, gen)
 

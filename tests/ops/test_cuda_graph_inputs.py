@@ -93,10 +93,12 @@ def _triton_model() -> LlamaForCausalLM:
 
 
 @torch.inference_mode()
-def test_padded_static_decode_step_matches_the_eager_step() -> None:
+@pytest.mark.parametrize("tree", [False, True], ids=["plain", "captured-with-trees"])
+def test_padded_static_decode_step_matches_the_eager_step(tree: bool) -> None:
     """The forward a graph captures (static buffers, padding rows, a fixed split count from
     max_model_len, block tables as wide as max_model_len) gives the eager step's hidden
-    states and writes the same keys and values, and nothing for the padding rows."""
+    states and writes the same keys and values, and nothing for the padding rows; also when
+    captured for token trees, with a step of none."""
     triton = pytest.importorskip("triton", reason="triton is not installed")
     from triton.runtime.interpreter import InterpretedFunction
 
@@ -119,11 +121,13 @@ def test_padded_static_decode_step_matches_the_eager_step() -> None:
     width = max(map(len, tables))
     inputs.load([7, 8, 9], positions.tolist(), meta.slot_mapping.tolist(), [6, 21, 38],
                 [t + [0] * (width - len(t)) for t in tables], size=4)
+    if tree:
+        inputs.load_tree(None, [6, 21, 38])
     splits = decode_num_splits(4, ARCH.num_key_value_heads, max_model_len)
     assert splits > 1
     static_caches = [c.clone() for c in before]
     static_hidden = model(inputs.tokens[0, :4], inputs.tokens[1, :4], static_caches,
-                          inputs.metadata(4, BLOCK_SIZE, max_model_len, splits))
+                          inputs.metadata(4, BLOCK_SIZE, max_model_len, splits, tree=tree))
     torch.testing.assert_close(static_hidden[:3], eager_hidden, atol=1e-5, rtol=1e-5)
     written = torch.zeros(12 * BLOCK_SIZE, dtype=torch.bool)
     written[meta.slot_mapping] = True
@@ -131,6 +135,18 @@ def test_padded_static_decode_step_matches_the_eager_step() -> None:
         torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
         untouched = ~written.view(12, BLOCK_SIZE)
         assert torch.equal(ours[:, untouched], old[:, untouched])
+
+
+def test_decode_inputs_stage_token_tree_rows() -> None:
+    inputs = DecodeInputs(max_size=8, max_blocks_per_seq=2, device=CPU)
+    inputs.load_tree(None, [5, 9])          # no tree: each row sees its whole context
+    assert inputs.tree_lo.tolist() == [5, 9] + [1] * 6 and not inputs.tree[1].any()
+    inputs.load_tree(np.array([[3, 3, 7], [0b1, 0b11, 0]]), [4, 5, 7])
+    assert inputs.tree_lo.tolist() == [3, 3, 7] + [1] * 5
+    assert inputs.tree[1].tolist() == [1, 3] + [0] * 6
+    meta = inputs.metadata(4, BLOCK_SIZE, 64, 2, tree=True)
+    assert meta.decode_tree_lo is not None and meta.decode_tree_lo.tolist() == [3, 3, 7, 1]
+    assert inputs.metadata(4, BLOCK_SIZE, 64, 2).decode_tree_lo is None
 
 
 def test_kv_cache_bytes_leave_the_profiled_peak_and_graph_reserve() -> None:

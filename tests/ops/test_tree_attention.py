@@ -2,18 +2,23 @@
 cached context and, within the chunk, to each node's ancestors and itself only. The torch
 reference against attention computed node by node from the gathered keys, and the Triton
 extend kernel (through the interpreter on the CPU, compiled on a GPU) against the reference,
-in one batch with causal chunks and decodes."""
+in one batch with causal chunks and decodes. The same trees split into one decode a node (as
+CUDA graphs replay them: each node's view of its chunk as bits), through the reference and
+the decode kernel (its own splits and the fixed splits of a graph), give the same."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from taskloom.config import AttentionWindow
+
 from taskloom.ops.attention import gather_context, paged_attention_ref
-from taskloom.runtime.attention import AttentionMetadata, set_tree_masks, tree_mask
+from taskloom.runtime.attention import AttentionMetadata, set_tree_masks, tree_bits, tree_mask
 from tests.models.single_seq import make_metadata
 
 from tests.ops.triton_marks import GPU, INTERPRETER
 from taskloom.ops.triton import attention  # noqa: E402
+from taskloom.ops.triton.decode_attention import paged_decode_attention  # noqa: E402
 
 BLOCK_SIZE = 16
 # (cached tokens, chunk) per sequence; "tree" chunks are a root and random draft nodes
@@ -96,3 +101,61 @@ def test_extend_kernel_matches_reference_on_trees(device: str, num_heads: int,
     torch.testing.assert_close(out.float(),
                                paged_attention_ref(query.float(), cache.float(), meta, scale),
                                atol=tol, rtol=tol)
+
+
+def as_decodes(cases: list[tuple[int, int | str]], meta: AttentionMetadata,
+               trees: dict[int, list[int]], device: str) -> AttentionMetadata:
+    """The batch of `tree_batch` with every query its own decode: a tree node sees the
+    context before its chunk and its ancestors (decode_tree_lo / _bits), a chunk's token
+    the context up to itself."""
+    tables, cached, lo, bits = [], [], [], []
+    qsl = meta.query_start_loc_cpu
+    for i, (c, _) in enumerate(cases):
+        table = meta.block_tables[i].tolist()
+        n = qsl[i + 1] - qsl[i]
+        tables += [table] * n
+        cached += [c + j for j in range(n)]
+        if i in trees:
+            lo += [c] * n
+            bits += list(tree_bits(tuple(trees[i])))
+        else:
+            lo += [c + j + 1 for j in range(n)]
+            bits += [0] * n
+    out, _ = make_metadata(tables, cached, [1] * len(cached), BLOCK_SIZE, torch.device(device))
+    out.decode_tree_lo_cpu, out.decode_tree_bits_cpu = lo, bits
+    out.decode_tree_lo = torch.tensor(lo, dtype=torch.int32, device=device)
+    out.decode_tree_bits = torch.tensor(bits, dtype=torch.int64, device=device)
+    return out
+
+
+def test_tree_bits_are_the_masks_rows() -> None:
+    assert tree_bits((0, 0, 1)) == (0b1, 0b11, 0b101, 0b1011)
+    with pytest.raises(ValueError, match="63-bit"):
+        tree_bits(tuple(range(63)))
+
+
+def test_reference_attends_tree_nodes_split_into_decodes_alike() -> None:
+    query, cache, meta, trees = tree_batch(CASES["cpu"], 6, 2, 16, "cpu")
+    decodes = as_decodes(CASES["cpu"], meta, trees, "cpu")
+    torch.testing.assert_close(paged_attention_ref(query, cache, decodes, 0.25),
+                               paged_attention_ref(query, cache, meta, 0.25),
+                               atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("num_splits", [None, 4], ids=["own-splits", "graph-splits"])
+@pytest.mark.parametrize("device,num_heads,num_kv_heads,head_dim", SHAPES)
+def test_decode_kernel_attends_tree_nodes_by_their_bits(device: str, num_heads: int,
+                                                        num_kv_heads: int, head_dim: int,
+                                                        num_splits: int | None) -> None:
+    query, cache, meta, trees = tree_batch(CASES[device], num_heads, num_kv_heads, head_dim,
+                                           device)
+    decodes = as_decodes(CASES[device], meta, trees, device)
+    decodes.decode_num_splits = num_splits
+    scale = head_dim ** -0.5
+    out = attention.paged_attention(query, cache, decodes, scale)
+    torch.testing.assert_close(out, paged_attention_ref(query, cache, meta, scale),
+                               atol=2e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="without shared prefixes or a sliding window"):
+        paged_decode_attention(query, cache, decodes.block_tables, decodes.seq_lens, scale,
+                               decodes.max_seq_len, window=AttentionWindow(64),
+                               tree=(decodes.decode_tree_lo, decodes.decode_tree_bits))

@@ -28,13 +28,16 @@ def paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, meta: Attention
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Keys and values of this
     step's tokens must already be in the cache (see `write_kv_cache`). With `meta.window`,
     within each query's sliding window and the sinks; with `meta.kv_starts` (SnapKV), from
-    each sequence's kv_start on; with `meta.tree_mask`, token trees' chunks by their masks.
+    each sequence's kv_start on; with `meta.tree_mask`, token trees' chunks by their masks
+    (with `meta.decode_tree_lo`, their nodes attended as decodes, by their bits).
     """
     if meta.max_query_len == 1 and query.shape[0] == meta.num_seqs:
+        tree = (None if meta.decode_tree_lo is None or meta.decode_tree_bits is None
+                else (meta.decode_tree_lo, meta.decode_tree_bits))
         return paged_decode_attention(query, kv_cache, meta.block_tables, meta.seq_lens, scale,
                                       meta.max_seq_len, meta.decode_num_splits,
-                                      _shared_prefix(meta, query, kv_cache), meta.window,
-                                      meta.kv_starts)
+                                      None if tree else _shared_prefix(meta, query, kv_cache),
+                                      meta.window, meta.kv_starts, tree)
     return paged_extend_attention(query, kv_cache, meta.query_start_loc, meta.seq_lens,
                                   meta.block_tables, scale, meta.max_query_len, meta.window,
                                   meta.kv_starts, meta.tree_mask, meta.tree_starts)

@@ -37,6 +37,8 @@ from taskloom.ops.triton.paged_kv import (
     check_paged_inputs,
     dot_precision,
     fold_key_range,
+    load_kv_tile,
+    online_softmax_step,
     partial_result,
 )
 from taskloom.config import AttentionWindow
@@ -58,26 +60,52 @@ def decode_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int
 
 
 @triton.jit
+def _fold_tree_keys(q, k_cache_ptr, v_cache_ptr, table_ptr, lo, hi, bits, kv_head, qk_scale,
+                    stride_kb, stride_kt, stride_kh, m, l, acc, HEAD_DIM: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """Fold the keys [lo, hi) of a token tree's chunk into the online softmax, the key at
+    lo + j only where bit j of `bits` (int64) is set: the node's ancestors and itself."""
+    for n0 in range(lo, hi, BLOCK_N):
+        idx = n0 + tl.arange(0, BLOCK_N)
+        valid = idx < hi                                                  # [BLOCK_N]
+        k, v = load_kv_tile(k_cache_ptr, v_cache_ptr, table_ptr, idx, valid, kv_head,
+                            stride_kb, stride_kt, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_D)
+        shift = tl.where(valid, idx - lo, 0).to(tl.int64)
+        seen = valid & (((bits >> shift) & 1) != 0)                      # [BLOCK_N]
+        m, l, acc = online_softmax_step(q, k, v, seen[None, :], m, l, acc, qk_scale,
+                                        DOT_PRECISION)
+    return m, l, acc
+
+
+@triton.jit
 def _decode_split_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, first_ptr, out_ptr,
-        lse_ptr, qk_scale, num_heads, stride_qs, stride_qh, stride_kb, stride_kt, stride_kh,
-        stride_bt, stride_os, stride_oh, stride_osplit,
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, first_ptr,
+        tree_lo_ptr, tree_bits_ptr, out_ptr, lse_ptr, qk_scale, num_heads, stride_qs,
+        stride_qh, stride_kb, stride_kt, stride_kh, stride_bt, stride_os, stride_oh,
+        stride_osplit,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         NUM_SPLITS: tl.constexpr, NUM_SLOTS: tl.constexpr, HAS_FIRST: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-        WINDOW: tl.constexpr, SINKS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        WINDOW: tl.constexpr, SINKS: tl.constexpr, HAS_TREE: tl.constexpr,
+        DOT_PRECISION: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
     # With a shared prefix the splits cover the sequence's own tokens after it; with a
     # sliding window, the window of the query (at seq_len - 1), split 0 adding the sinks.
+    # A token tree's node: the splits cover the context before its chunk, and split 0 adds
+    # the chunk's keys it sees.
     first = tl.load(first_ptr + seq) if HAS_FIRST else 0
     if WINDOW > 0:
         first = tl.maximum(seq_len - WINDOW, 0)
-    split_len = tl.cdiv(tl.cdiv(seq_len - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    own_end = seq_len
+    if HAS_TREE:
+        own_end = tl.load(tree_lo_ptr + seq)
+    split_len = tl.cdiv(tl.cdiv(own_end - first, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = first + split * split_len
-    end = tl.minimum(start + split_len, seq_len)
+    end = tl.minimum(start + split_len, own_end)
     rows = tl.arange(0, BLOCK_H)
     heads = kv_head * GROUP + rows                                        # [BLOCK_H]
     d = tl.arange(0, BLOCK_D)
@@ -93,6 +121,13 @@ def _decode_split_kernel(
         m, l, acc = fold_key_range(q, k_cache_ptr, v_cache_ptr, table_ptr, 0, sinks_end,
                                    kv_head, qk_scale, stride_kb, stride_kt, stride_kh, m, l,
                                    acc, HEAD_DIM, BLOCK_SIZE, BLOCK_D, BLOCK_N, DOT_PRECISION)
+    if HAS_TREE:
+        chunk_end = tl.where(split == 0, seq_len, own_end)
+        bits = tl.load(tree_bits_ptr + seq)
+        m, l, acc = _fold_tree_keys(q, k_cache_ptr, v_cache_ptr, table_ptr, own_end,
+                                    chunk_end, bits, kv_head, qk_scale, stride_kb, stride_kt,
+                                    stride_kh, m, l, acc, HEAD_DIM, BLOCK_SIZE, BLOCK_D,
+                                    BLOCK_N, DOT_PRECISION)
     # An empty split (start >= end) gives output 0 with weight exp2(-inf) == 0.
     out, lse = partial_result(m, l, acc)                                  # [BLOCK_H, BLOCK_D]
     out_offs = seq * stride_os + heads[:, None] * stride_oh + split * stride_osplit + d[None, :]
@@ -214,7 +249,9 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
                            max_seq_len: int, num_splits: int | None = None,
                            shared: SharedPrefixPlan | None = None,
                            window: AttentionWindow | None = None,
-                           kv_starts: torch.Tensor | None = None) -> torch.Tensor:
+                           kv_starts: torch.Tensor | None = None,
+                           tree: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> torch.Tensor:
     """Attention of one query token per sequence over its whole cached context.
 
     query: [num_seqs, num_heads, head_dim]; block_tables: [num_seqs, max_blocks] int32;
@@ -226,11 +263,16 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
     it; the two are merged by log-sum-exp. With `window`, each query attends to its sliding
     window and the sinks, and no other key is read (the splits cover the window). With
     `kv_starts` ([num_seqs] int32, SnapKV), sequence i reads keys from position kv_starts[i]
-    on (the splits cover those; such a sequence is in no shared-prefix group). Returns
+    on (the splits cover those; such a sequence is in no shared-prefix group). With `tree`
+    (tree_lo [num_seqs] int32, tree_bits [num_seqs] int64: token-tree nodes attended as
+    decodes, see AttentionMetadata.decode_tree_lo), sequence i sees the key at
+    tree_lo[i] + j only where bit j of tree_bits[i] is set. Returns
     [num_seqs, num_heads, head_dim] in query's dtype.
     """
     check_paged_inputs(query, kv_cache)
     num_seqs, num_heads, head_dim = query.shape
+    if tree is not None and (shared is not None or window is not None):
+        raise ValueError("token-tree decodes run without shared prefixes or a sliding window")
     if shared is not None:
         if window is not None:
             raise ValueError("shared-prefix attention does not run with a sliding window")
@@ -244,14 +286,14 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor,
         return out
     if num_splits == 1:
         _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, out.unsqueeze(2),
-                           None, first=kv_starts, window=window)
+                           None, first=kv_starts, window=window, tree=tree)
         return out
     partial = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32,
                           device=query.device)           # [num_seqs, num_heads, splits, d]
     lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32,
                       device=query.device)               # [num_seqs, num_heads, splits]
     _launch_split_pass(query, kv_cache, block_tables, seq_lens, scale, partial, lse,
-                       first=kv_starts, window=window)
+                       first=kv_starts, window=window, tree=tree)
     _reduce(partial, lse, out)
     return out
 
@@ -307,17 +349,22 @@ def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
                        seq_lens: torch.Tensor, scale: float, partial: torch.Tensor,
                        lse: torch.Tensor | None, num_splits: int | None = None,
                        first: torch.Tensor | None = None,
-                       window: AttentionWindow | None = None) -> None:
+                       window: AttentionWindow | None = None,
+                       tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """First pass into `partial` [num_seqs, num_heads, slots, head_dim] and, with several
     slots, each split's base-2 log-sum-exp into `lse` [num_seqs, num_heads, slots]: the
-    context (from `first[i]` on, if given) in `num_splits` splits (default: every slot)."""
+    context (from `first[i]` on, if given) in `num_splits` splits (default: every slot);
+    with `tree` (tree_lo, tree_bits), the chunk of each token-tree node by its bits."""
     num_seqs, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     group = num_heads // num_kv_heads
     num_splits = num_splits or partial.shape[2]
     k_cache, v_cache = kv_cache[0], kv_cache[1]          # [num_blocks, block_size, kv_heads, d]
+    # without a tree, stand-ins that are never read
+    tree_lo, tree_bits = tree if tree is not None else (seq_lens, seq_lens)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        query, k_cache, v_cache, block_tables, seq_lens, first, partial, lse, scale * LOG2E,
+        query, k_cache, v_cache, block_tables, seq_lens, first, tree_lo, tree_bits, partial,
+        lse, scale * LOG2E,
         num_heads, query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0), partial.stride(0), partial.stride(1),
         partial.stride(2), GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -326,5 +373,5 @@ def _launch_split_pass(query: torch.Tensor, kv_cache: torch.Tensor, block_tables
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         BLOCK_N=DECODE_TILES.keys_per_tile(head_dim),
         WINDOW=0 if window is None else window.size,
-        SINKS=0 if window is None else window.num_sink_tokens,
+        SINKS=0 if window is None else window.num_sink_tokens, HAS_TREE=tree is not None,
         DOT_PRECISION=dot_precision(query.dtype), **DECODE_TILES.launch_options())
