@@ -228,11 +228,13 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, met
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("tree", [None, TREE], ids=["chain", "tree"])
 @pytest.mark.parametrize("method", ["medusa", "hydra"])
-def test_heads_on_cuda_with_graphs_give_the_outputs_without_drafts(tmp_path: Path,
-                                                                   method: str) -> None:
-    """Triton kernels, decode steps with drafts replaying CUDA graphs, the heads' guesses
-    found on the device; a tiny random Llama in fp32, greedy and seeded."""
+def test_heads_on_cuda_with_graphs_give_the_outputs_without_drafts(
+        tmp_path: Path, method: str, tree: list[list[int]] | None) -> None:
+    """Triton kernels, decode steps with drafts (chains, or token trees split into one
+    decode a node) replaying CUDA graphs, the heads' guesses found on the device; a tiny
+    random Llama in fp32, greedy and seeded."""
     config = write_tiny_config(tmp_path)
     heads = save_random_heads(method, ArchConfig.from_hf_dict(TINY), tmp_path / "heads",
                               scale=0.05)
@@ -240,7 +242,10 @@ def test_heads_on_cuda_with_graphs_give_the_outputs_without_drafts(tmp_path: Pat
     params = [SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
               SamplingParams(max_tokens=32, temperature=0.8, seed=3, ignore_eos=True)] * 3
     outputs = []
-    for spec in (None, {"method": method, "model": heads, "num_speculative_tokens": 3}):
+    drafts = {"method": method, "model": heads, "num_speculative_tokens": 3}
+    if tree is not None:
+        drafts["speculative_token_tree"] = tree
+    for spec in (None, drafts):
         llm = LLM(config, random_weights=True, device="cuda", num_blocks=64,
                   speculative_config=spec)
         assert llm.engine.runner.graphs is not None
