@@ -341,7 +341,9 @@ def cmd_train_heads(a: argparse.Namespace) -> int:
     cfg = DraftTrainConfig(method=a.method, num_heads=a.num_heads, num_layers=a.num_layers,
                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
                            batch_tokens=a.batch_tokens, seed=a.seed, loss=a.loss,
-                           draft_vocab_size=a.draft_vocab_size)
+                           draft_vocab_size=a.draft_vocab_size,
+                           samples_per_prompt=a.samples_per_prompt,
+                           temperature=a.answer_temperature)
     llm = make_llm(a)
     if a.prompts_file:
         prompts = read_prompts(a.prompts_file, llm)
@@ -446,13 +448,19 @@ def add_train_heads_parser(sub: argparse._SubParsersAction, method: str) -> None
                     f"\"model\": OUTPUT}}'.")
     p.add_argument("--output", required=True, help="directory to write the heads to")
     p.add_argument("--prompts-file", default=None, metavar="JSONL",
-                   help='prompts to answer, a {"prompt": ...}, {"messages": [...]} or '
+                   help='prompts to answer, a {"prompt": ...}, {"messages": [...]}, '
+                        '{"conversations": [...]} (ShareGPT\'s: each human turn) or '
                         '{"prompt_token_ids": [...]} per line (default: built-in questions '
                         "on Python's reference topics, the training half)")
     p.add_argument("--num-prompts", type=int, default=None, help="the first N prompts only")
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-layers", type=int, default=1, help="residual blocks per head")
     p.add_argument("--max-tokens", type=int, default=128, help="answer length per prompt")
+    p.add_argument("--samples-per-prompt", type=int, default=1, metavar="N",
+                   help="answers per prompt, sampled at --answer-temperature (seeded by "
+                        "--seed): more of the model's own continuations to train on")
+    p.add_argument("--answer-temperature", type=float, default=0.0, metavar="T",
+                   help="temperature of the answers (default 0: greedy)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--batch-tokens", type=int, default=128,

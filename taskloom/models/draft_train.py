@@ -7,7 +7,9 @@ learn to guess is what the base will in fact generate. Hydra (Ankner et al., 202
 sequentially dependent heads the same way, teacher-forced: each head reads the true tokens
 before the one it guesses. Here:
 
-1. the engine answers the training prompts greedily (`max_tokens` each, batched);
+1. the engine answers the training prompts greedily (`max_tokens` each, batched), or with
+   `samples_per_prompt` N and a `temperature`, N sampled answers each (seeded), more of
+   the model's own continuations for heads that are short of data;
 2. one forward per few sequences gives the base model's final hidden states of every
    prompt-and-answer (through a private paged KV cache, as the runner would);
 3. head k learns, at every answer position p (and the prompt's last), the token at
@@ -72,6 +74,8 @@ class DraftTrainConfig:
     seed: int = 0
     loss: str = "ce"
     draft_vocab_size: int | None = None
+    samples_per_prompt: int = 1    # answers per prompt; more than 1 needs a temperature
+    temperature: float = 0.0       # of the answers: 0 greedy
 
     def __post_init__(self) -> None:
         if self.method not in DRAFT_HEAD_METHODS:
@@ -89,14 +93,24 @@ class DraftTrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 1:
             raise ValueError(f"draft_vocab_size must be >= 1, got {self.draft_vocab_size}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.samples_per_prompt > 1 and self.temperature == 0:
+            raise ValueError(f"samples_per_prompt {self.samples_per_prompt} needs a temperature "
+                             "> 0: greedy answers to one prompt are all the same")
 
 
-def self_distill(llm, prompts: Sequence[list[int]], max_tokens: int
-                 ) -> list[tuple[list[int], int]]:
-    """The base model's greedy answers: (prompt + answer token ids, prompt length) each."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+def self_distill(llm, prompts: Sequence[list[int]], max_tokens: int, samples: int = 1,
+                 temperature: float = 0.0, seed: int = 0) -> list[tuple[list[int], int]]:
+    """The base model's answers, greedy or `samples` sampled ones per prompt at
+    `temperature` (seeded): (prompt + answer token ids, prompt length) each."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, n=samples,
+                            seed=seed if temperature > 0 else None)
     outs = llm.generate(list(prompts), params, use_tqdm=False)
-    return [(list(p) + list(o.outputs[0].token_ids), len(p)) for p, o in zip(prompts, outs)]
+    return [(list(p) + list(c.token_ids), len(p)) for p, o in zip(prompts, outs)
+            for c in o.outputs]
 
 
 @torch.inference_mode()
@@ -290,9 +304,35 @@ def rank_accuracy(heads: DraftHeads, states: torch.Tensor, rows: torch.Tensor,
             for row, c in zip(hits, counts)]
 
 
+# ShareGPT's speakers, as chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "bard": "assistant", "bing": "assistant", "assistant": "assistant",
+                  "system": "system"}
+
+
+def sharegpt_prompts(turns: list, where: str) -> list[list[dict]]:
+    """A ShareGPT conversation's prompts: each user turn with the conversation before it
+    (its answers those of the dataset), as chat messages."""
+    messages: list[dict] = []
+    out = []
+    for turn in turns:
+        role = SHAREGPT_ROLES.get(str(turn.get("from", "")).lower()) if isinstance(turn, dict) \
+            else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: a ShareGPT turn needs \"from\" (one of "
+                             f"{', '.join(sorted(SHAREGPT_ROLES))}) and a \"value\" string, "
+                             f"got {turn!r}")
+        messages.append({"role": role, "content": turn["value"]})
+        if role == "user":
+            out.append(list(messages))
+    return out
+
+
 def read_prompts(path: str, llm) -> list[list[int]]:
     """Token ids of a JSONL file's prompts: `{"prompt": str}` or `{"messages": [...]}` (through
-    the chat template), or `{"prompt_token_ids": [...]}` (a model without a tokenizer)."""
+    the chat template), `{"conversations": [{"from": "human", "value": ...}, ...]}`
+    (ShareGPT's: each human turn with what came before it), or `{"prompt_token_ids": [...]}`
+    (a model without a tokenizer)."""
     from taskloom.bench.spec import jsonl_rows
     prompts = []
     for n, row in jsonl_rows(path):
@@ -300,11 +340,14 @@ def read_prompts(path: str, llm) -> list[list[int]]:
             prompts.append([int(t) for t in row["prompt_token_ids"]])
         elif isinstance(row.get("messages"), list):
             prompts.append(llm.encode_chat(row["messages"]))
+        elif isinstance(row.get("conversations"), list):
+            prompts += [llm.encode_chat(m)
+                        for m in sharegpt_prompts(row["conversations"], f"{path}:{n}")]
         elif isinstance(row.get("prompt"), str):
             prompts.append(llm.encode_chat([{"role": "user", "content": row["prompt"]}]))
         else:
-            raise ValueError(f"{path}:{n}: expected \"prompt\", \"messages\" or "
-                             f"\"prompt_token_ids\"")
+            raise ValueError(f"{path}:{n}: expected \"prompt\", \"messages\", "
+                             f"\"conversations\" or \"prompt_token_ids\"")
     if not prompts:
         raise ValueError(f"{path} holds no prompts")
     return prompts
@@ -317,7 +360,8 @@ def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, 
     timed."""
     runner = llm.engine.runner
     start = time.perf_counter()
-    seqs = self_distill(llm, prompts, cfg.max_tokens)
+    seqs = self_distill(llm, prompts, cfg.max_tokens, cfg.samples_per_prompt, cfg.temperature,
+                        cfg.seed)
     generated = time.perf_counter()
     hiddens = final_hidden_states(runner.model, [s for s, _ in seqs], runner.block_size)
     states, rows, y = training_pairs(seqs, hiddens, cfg.num_heads)
@@ -336,7 +380,8 @@ def train_draft_heads(llm, prompts: Sequence[list[int]], cfg: DraftTrainConfig, 
     else:
         assert isinstance(heads, MedusaHeads)
         save_medusa(heads, output)
-    return {"output": output, "num_prompts": len(prompts), "num_positions": len(rows),
+    return {"output": output, "num_prompts": len(prompts), "num_answers": len(seqs),
+            "num_positions": len(rows),
             "answer_tokens": sum(len(s) - n for s, n in seqs),
             "generate_s": round(generated - start, 1),
             "hidden_states_s": round(encoded - generated, 1),

@@ -67,3 +67,31 @@ def test_rank_accuracy_counts_where_each_heads_guesses_put_the_token() -> None:
                                     batch_tokens=16)
     assert acc[0] == [0.5, 0.25, 0.0, 0.15]     # rank 9 is past the 4 measured
     assert acc[1] == [0.0, 0.0, 1.0, 0.0]       # positions without a target do not count
+
+
+def test_sharegpt_conversations_give_a_prompt_per_human_turn() -> None:
+    turns = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+             {"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Bye"}]
+    first, second = draft_train.sharegpt_prompts(turns, "f.jsonl:1")
+    assert first == [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": "Hi"}]
+    assert second[-2:] == [{"role": "assistant", "content": "Hello!"},
+                           {"role": "user", "content": "Bye"}]
+    with pytest.raises(ValueError, match=r"f.jsonl:2: a ShareGPT turn needs \"from\""):
+        draft_train.sharegpt_prompts([{"from": "narrator", "value": "x"}], "f.jsonl:2")
+
+
+def test_sampled_answers_are_several_per_prompt_and_seeded(tmp_path) -> None:
+    from taskloom import LLM
+    from tests.models.tiny_models import write_tiny_config
+    llm = LLM(write_tiny_config(tmp_path), random_weights=True, num_blocks=32)
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    seqs = draft_train.self_distill(llm, prompts, 12, samples=3, temperature=1.0, seed=4)
+    assert [n for _, n in seqs] == [4, 4, 4, 3, 3, 3]
+    assert all(s[:n] == prompts[i // 3] and len(s) == n + 12 for i, (s, n) in enumerate(seqs))
+    assert len({tuple(s) for s, _ in seqs[:3]}) > 1          # sampled: not all alike
+    assert seqs == draft_train.self_distill(llm, prompts, 12, samples=3, temperature=1.0,
+                                            seed=4)          # and seeded
+    assert len(draft_train.self_distill(llm, prompts, 12)) == 2      # greedy: one each
+    with pytest.raises(ValueError, match="needs a temperature"):
+        DraftTrainConfig(samples_per_prompt=2)
