@@ -288,7 +288,9 @@ class SpeculativeConfig:
         if self.method == "ngram":
             raise ValueError('speculative_token_tree needs draft heads ("medusa" or "hydra"): '
                              "prompt lookup drafts one chain")
-        depth = self.token_tree.depth if self.token_tree else 0
+        tree = self.token_tree
+        assert tree is not None
+        depth = tree.depth
         if depth != self.num_speculative_tokens:
             raise ValueError(f"speculative_token_tree is {depth} deep, but "
                              f"num_speculative_tokens is {self.num_speculative_tokens}: "

@@ -27,12 +27,6 @@ from dataclasses import dataclass
 Path = tuple[int, ...]
 
 
-def chain_parents(num_drafts: int) -> tuple[int, ...]:
-    """The parents of a chain of drafts: draft i follows node i (the root, then each
-    draft before it)."""
-    return tuple(range(num_drafts))
-
-
 def is_chain(parents: Sequence[int]) -> bool:
     """Whether the tree given by its draft nodes' parents is a chain."""
     return all(p == i for i, p in enumerate(parents))
