@@ -189,7 +189,7 @@ def test_throughput_records_speculation_and_latency_refuses_it(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3,
                                             "prompt_lookup_max": 4, "prompt_lookup_min": 2,
-                                            "model": None}
+                                            "model": None, "speculative_token_tree": None}
     assert 0 < result["spec_acceptance_rate"] <= 1
     assert "spec k=3 (acceptance" in result_lines(result)[0]
     assert main(["bench", "latency", "--random-weights", "--model", str(config), *spec]) == 2
