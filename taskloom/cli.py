@@ -336,8 +336,18 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_batch)
 
 
+def _training_prompts(a: argparse.Namespace, llm) -> list[list[int]]:
+    """The token ids of --prompts-file's prompts, or of the built-in questions on Python's
+    reference topics (their training half)."""
+    from taskloom.models.draft_train import read_prompts
+    if a.prompts_file:
+        return read_prompts(a.prompts_file, llm)
+    from taskloom.bench.spec import topic_conversations
+    return [llm.encode_chat(c) for c in topic_conversations("train")]
+
+
 def cmd_train_heads(a: argparse.Namespace) -> int:
-    from taskloom.models.draft_train import DraftTrainConfig, read_prompts, train_draft_heads
+    from taskloom.models.draft_train import DraftTrainConfig, train_draft_heads
     cfg = DraftTrainConfig(method=a.method, num_heads=a.num_heads, num_layers=a.num_layers,
                            max_tokens=a.max_tokens, epochs=a.epochs, lr=a.lr,
                            batch_tokens=a.batch_tokens, seed=a.seed, loss=a.loss,
@@ -345,11 +355,7 @@ def cmd_train_heads(a: argparse.Namespace) -> int:
                            samples_per_prompt=a.samples_per_prompt,
                            temperature=a.answer_temperature)
     llm = make_llm(a)
-    if a.prompts_file:
-        prompts = read_prompts(a.prompts_file, llm)
-    else:
-        from taskloom.bench.spec import topic_conversations
-        prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
+    prompts = _training_prompts(a, llm)
     from taskloom.bench.common import run_info
     result = train_draft_heads(llm, prompts[:a.num_prompts], cfg, a.output)
     print(json.dumps({"train": a.method, **result, **run_info(a.device)}))
@@ -372,8 +378,8 @@ TRAIN_HEADS_HELP = {
 
 def cmd_draft_tree(a: argparse.Namespace) -> int:
     from taskloom.engine.draft_tree import best_tree, expected_kept
-    from taskloom.models.draft_train import (final_hidden_states, rank_accuracy, read_prompts,
-                                             self_distill, training_pairs)
+    from taskloom.models.draft_train import (final_hidden_states, rank_accuracy, self_distill,
+                                             training_pairs)
     from taskloom.models.draft_heads import load_draft_heads
     spec = a.speculative_config or {}
     if spec.get("method") not in ("medusa", "hydra") or not spec.get("model"):
@@ -384,12 +390,7 @@ def cmd_draft_tree(a: argparse.Namespace) -> int:
     embed = model.model.embed_tokens.weight
     heads = load_draft_heads(spec["method"], spec["model"], model.config, embed,
                              model.lm_head_weight(), embed.dtype, embed.device)
-    if a.prompts_file:
-        prompts = read_prompts(a.prompts_file, llm)
-    else:
-        from taskloom.bench.spec import topic_conversations
-        prompts = [llm.encode_chat(c) for c in topic_conversations("train")]
-    prompts = prompts[a.skip_prompts:][:a.num_prompts]
+    prompts = _training_prompts(a, llm)[a.skip_prompts:][:a.num_prompts]
     if not prompts:
         raise SystemExit(f"no prompts left after --skip-prompts {a.skip_prompts}")
     runner = llm.engine.runner
