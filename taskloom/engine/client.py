@@ -39,6 +39,8 @@ class EngineStats:
     spec_decode_num_drafts: int = 0            # speculative decoding: steps with drafts
     spec_decode_num_draft_tokens: int = 0      # draft tokens run
     spec_decode_num_accepted_tokens: int = 0   # of those, kept
+    # of those, per position: the steps that kept a draft at depth d + 1
+    spec_decode_num_accepted_tokens_per_pos: tuple[int, ...] = ()
 
 
 class EngineDeadError(RuntimeError):
@@ -330,7 +332,8 @@ class AsyncEngineClient:
         self.stats = EngineStats(sched.num_running, sched.num_waiting, sched.kv.usage,
                                  sched.num_preemptions, cache.queries, cache.hits,
                                  spec.num_drafts, spec.num_draft_tokens,
-                                 spec.num_accepted_tokens)
+                                 spec.num_accepted_tokens,
+                                 tuple(spec.num_accepted_tokens_per_pos))
 
     def _deliver(self, fn: Callable, arg: object) -> None:
         if self._loop is not None and not self._loop.is_closed():

@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from taskloom.config import SchedulerConfig
@@ -55,11 +55,14 @@ logger = logging.getLogger(__name__)
 @dataclass
 class SpecDecodeStats:
     """Speculative decoding so far: steps of a request that carried drafts, the draft tokens
-    they carried, and those the model accepted (vLLM's spec_decode counters)."""
+    they carried, and those the model accepted (vLLM's spec_decode counters), and of those,
+    per position: how many steps kept a draft at depth d + 1 (so entry 0 counts the steps
+    that kept any, and the entries sum to num_accepted_tokens)."""
 
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -412,6 +415,11 @@ class Scheduler:
         stats.num_drafts += 1
         stats.num_draft_tokens += len(draft)
         stats.num_accepted_tokens += accepted
+        per_pos = stats.num_accepted_tokens_per_pos
+        if len(per_pos) < accepted:
+            per_pos.extend([0] * (accepted - len(per_pos)))
+        for d in range(accepted):
+            per_pos[d] += 1
         req.num_computed_tokens -= len(draft) - accepted
         for t in (*kept, token):
             req.output_token_ids.append(t)

@@ -126,6 +126,12 @@ class _EngineCountersCollector(Collector):
         yield CounterMetricFamily("taskloom_spec_decode_num_accepted_tokens",
                                   "Draft tokens the model accepted",
                                   value=stats.spec_decode_num_accepted_tokens)
+        per_pos = CounterMetricFamily("taskloom_spec_decode_num_accepted_tokens_per_pos",
+                                      "Steps that kept a draft at this position (0: the first "
+                                      "draft)", labels=["position"])
+        for i, n in enumerate(stats.spec_decode_num_accepted_tokens_per_pos):
+            per_pos.add_metric([str(i)], n)
+        yield per_pos
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A real server with speculative decoding (`--speculative-config`'s engine): streamed and
 whole chat completions are what the engine without drafts gives, several tokens may come in
-one chunk, and /metrics counts the drafts."""
+one chunk, and /metrics counts the drafts (and those kept at each position)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -64,6 +64,9 @@ def test_streamed_and_whole_completions_match_the_engine_without_drafts(
     assert after["num_drafts"] > before["num_drafts"]
     accepted = after["num_accepted_tokens"] - before["num_accepted_tokens"]
     assert 0 < accepted <= after["num_draft_tokens"] - before["num_draft_tokens"]
+    per_pos = [after[k] for k in sorted(after) if k.startswith("num_accepted_tokens_per_pos")]
+    assert per_pos and sum(per_pos) == after["num_accepted_tokens"]
+    assert per_pos == sorted(per_pos, reverse=True)   # a later draft needs the ones before
     wait_idle(spec_server_llm)
     assert spec_server_llm.engine.scheduler.proposer.num_requests == 0
 

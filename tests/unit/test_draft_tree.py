@@ -91,11 +91,18 @@ def test_a_step_drafts_the_tree_and_keeps_the_path_the_runner_names() -> None:
     assert tuple(seq.draft_parents) == TREE.token_tree.parents
     assert seq.token_ids == [50, *guesses] and out.num_scheduled_tokens == 8
     # the runner kept node 2 (draft 1) and node 6 (draft 5), then sampled 60
-    s.update(out, RunnerOutput(sampled={"a": 60}, accepted_paths={"a": [1, 5]}))
+    s.update(out, RunnerOutput(sampled={"a": 60}, accepted_paths={"a": [1, 5]},
+                               draft_token_ids={"a": guesses}))
     assert a.output_token_ids == [50, 11, 30, 60]
     assert a.num_computed_tokens == 6 + 1 + 2      # the root and the two kept
     stats = s.spec_stats
     assert (stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens) == (1, 7, 2)
+    assert stats.num_accepted_tokens_per_pos == [1, 1]
+    # a step that keeps one draft counts at the first position only
+    out = s.schedule()
+    assert out.seqs[0].draft_token_ids
+    s.update(out, RunnerOutput(sampled={"a": 61}, accepted_paths={"a": [0]}))
+    assert stats.num_accepted_tokens_per_pos == [2, 1] and stats.num_accepted_tokens == 3
     s.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
     assert s.kv.num_free_blocks == s.kv.num_blocks
 
