@@ -20,6 +20,7 @@ Pure Python, as the engine is.
 from __future__ import annotations
 
 import ast
+import functools
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,13 +33,15 @@ def is_chain(parents: Sequence[int]) -> bool:
     return all(p == i for i, p in enumerate(parents))
 
 
-def depths(parents: Sequence[int]) -> list[int]:
+@functools.lru_cache(maxsize=256)
+def depths(parents: tuple[int, ...] | range) -> tuple[int, ...]:
     """The depth of each node (root 0, then each draft node) of a tree given by its draft
-    nodes' parents."""
+    nodes' parents (a tuple, or a range for a chain); kept per tree, as every step of a
+    request asks again."""
     out = [0]
     for p in parents:
         out.append(out[p] + 1)
-    return out
+    return tuple(out)
 
 
 def accepted_path(parents: Sequence[int], drafts: Sequence[int], sampled: Sequence[int]

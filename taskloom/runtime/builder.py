@@ -101,10 +101,6 @@ def build_engine(config: EngineConfig) -> EngineCore:
         logger.info("sliding window of %d tokens, %d attention sinks", window.size,
                     window.num_sink_tokens)
     tree = None if config.speculative is None else config.speculative.token_tree
-    if tree is not None and window is not None:
-        raise ValueError(f"speculative_token_tree does not run with the model's sliding "
-                         f"window of {window.size} tokens: a tree's nodes attend by the tree "
-                         f"mask, not by position")
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes, lora,
                          config.model.shared_prefix_attention, window, drafter,

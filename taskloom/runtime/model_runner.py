@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,16 +80,25 @@ class _Drafted:
     draft: Sequence[int]
     parents: Sequence[int] = ()
 
+    @property
+    def tree(self) -> Sequence[int]:
+        """The drafts' parents, a chain's included."""
+        return self.parents or range(len(self.draft))
+
     def kept(self, sampled: Sequence[int]) -> list[int]:
         """The drafts the model agreed with (their indexes, root to leaf), given its
         sampled tokens from row `first` on."""
-        rows = sampled[self.first:self.first + len(self.draft) + 1]
-        if self.parents:
-            return accepted_path(self.parents, self.draft, rows)
-        kept = 0
-        while kept < len(self.draft) and rows[kept] == self.draft[kept]:
-            kept += 1
-        return list(range(kept))
+        return accepted_path(self.tree, self.draft,
+                             sampled[self.first:self.first + len(self.draft) + 1])
+
+
+class _Kept(NamedTuple):
+    """Which nodes of each drafted sequence's drafts the model kept (`_kept_nodes`)."""
+
+    nodes: torch.Tensor     # [R, 1 + W] bool: the root, then each draft (batch.drafts order)
+    depth: np.ndarray       # [R, 1 + W] int64: each node's depth
+    depth_t: torch.Tensor   # the same on the device
+    ends: torch.Tensor      # [R]: the deepest kept node, whose row sampled the token after it
 
 
 @dataclass
@@ -147,7 +157,7 @@ def _draft_rows(seqs: list[ScheduledSeq], sampled: list[int], qsl: list[int]
         rows += range(qsl[i + 1] - 1 - k, qsl[i + 1])
         row_seqs += [seq] * (k + 1)
         first = seq.num_computed_tokens + len(seq.token_ids) - k - seq.num_prompt_tokens
-        index += ([first + d for d in depths(parents)] if parents
+        index += ([first + d for d in depths(tuple(parents))] if parents
                   else range(first, first + k + 1))
     return rows, row_seqs, index, drafts
 
@@ -177,7 +187,7 @@ def _tree_positions(seqs: list[ScheduledSeq], qsl: list[int], start: np.ndarray,
     for i, seq in enumerate(seqs):
         parents = seq.draft_parents
         if seq.draft_token_ids and not is_chain(parents):
-            positions[qsl[i]:qsl[i + 1]] = start[i] + np.array(depths(parents))
+            positions[qsl[i]:qsl[i + 1]] = start[i] + np.array(depths(tuple(parents)))
             trees.append((i, parents))
     return trees or None
 
@@ -333,8 +343,11 @@ class ModelRunner:
                  draft_tree: TokenTree | None = None) -> None:
         if draft_tree is not None and (window is not None or snapkv is not None
                                        or drafter is None):
-            raise ValueError("a token tree needs draft heads, and runs without a sliding "
-                             "window or SnapKV (its nodes attend by the tree mask)")
+            raise ValueError(
+                "speculative_token_tree needs draft heads, and does not run with SnapKV or "
+                "a sliding window" + ("" if window is None else f" (here {window.size} "
+                                      "tokens, the model's own or the cache's)")
+                + ": a tree's nodes attend by the tree mask, not by position")
         self.model = model
         self.snapkv = snapkv
         self.drafter = drafter
@@ -409,10 +422,10 @@ class ModelRunner:
                                                              sched.num_model_drafts) else None)
         if has_trees:
             assert kept is not None
-            self._compact_trees(batch, kept[0], kept[1])
+            self._compact_trees(batch, kept)
         if sched.num_model_drafts and rows is not None:
             self._guess_drafts(hidden, rows, batch, pending, sched.num_model_drafts,
-                               None if kept is None else kept[2])
+                               None if kept is None else kept.ends)
         self._prompt_logprobs(hidden, batch, sched.seqs, pending)
         if pending._ready is not None:
             pending._ready.record()
@@ -648,13 +661,11 @@ class ModelRunner:
                                   if (k := states[rid].logprobs) is not None]
         return rows
 
-    def _kept_nodes(self, batch: _Batch) -> tuple[torch.Tensor, np.ndarray, torch.Tensor]:
+    def _kept_nodes(self, batch: _Batch) -> _Kept:
         """Which nodes of each drafted sequence's drafts (batch.drafts order; the root, then
         each draft) the model kept, found on the device from the sampled tokens, so nothing
         waits for them: a draft is kept where it equals the token sampled at its parent and
-        its parent is kept. Returns that [R, 1 + W] bool, each node's depth [R, 1 + W] (host)
-        and the deepest kept node of each [R] (the path's end: its row sampled the token
-        after it)."""
+        its parent is kept."""
         drafts, dev = batch.drafts, self.device
         sampled = self._last_sampled                                     # [num_sampled]
         assert sampled is not None
@@ -665,8 +676,8 @@ class ModelRunner:
         for r, d in enumerate(drafts):
             k = len(d.draft)
             tokens[r, :k] = d.draft
-            parents[r, :k] = d.parents or range(k)
-            depth[r, :k + 1] = depths(d.parents or range(k))
+            parents[r, :k] = d.tree
+            depth[r, :k + 1] = depths(tuple(d.tree))
         firsts = np.array([d.first for d in drafts], dtype=np.int64)[:, None]
         parents_t = to_device(parents, torch.int64, dev)                 # [R, W]
         ok = sampled[to_device(firsts + parents, torch.int64, dev)] == to_device(
@@ -676,14 +687,14 @@ class ModelRunner:
         for _ in range(int(depth.max()) - 1):   # a level further down each time
             kept = torch.cat([root, ok & kept.gather(1, parents_t)], dim=1)
         depth_t = to_device(depth, torch.int64, dev)
-        return kept, depth, (kept * (depth_t + 1)).argmax(dim=1)
+        return _Kept(kept, depth, depth_t, (kept * (depth_t + 1)).argmax(dim=1))
 
-    def _compact_trees(self, batch: _Batch, kept: torch.Tensor, depth: np.ndarray) -> None:
+    def _compact_trees(self, batch: _Batch, kept: _Kept) -> None:
         """Move the KV of each token tree's kept path to the cache slots of the positions
         its nodes stand for: the node at depth e, computed at chunk slot e' >= e, goes to
         slot e. A depth off the path copies its slot onto itself, so every slot is written
         once; all reads come before the writes."""
-        slots = batch.slots
+        slots, depth = batch.slots, kept.depth
         ent_r, ent_e, dst = [], [], []
         chunk = np.zeros(depth.shape, dtype=np.int64)   # [R, 1 + W] each node's slot
         for r, d in enumerate(batch.drafts):
@@ -697,7 +708,7 @@ class ModelRunner:
                 dst.append(slots[root + e])
         dev = self.device
         r_t, e_t = to_device(ent_r, torch.int64, dev), to_device(ent_e, torch.int64, dev)
-        on_path = kept[r_t] & (to_device(depth, torch.int64, dev)[r_t] == e_t[:, None])
+        on_path = kept.nodes[r_t] & (kept.depth_t[r_t] == e_t[:, None])
         node = torch.where(on_path.any(dim=1), on_path.int().argmax(dim=1), e_t)    # [E]
         src = to_device(chunk, torch.int64, dev)[r_t, node]                         # [E]
         dst_t = to_device(dst, torch.int64, dev)

@@ -26,7 +26,7 @@ def test_nodes_are_ordered_by_depth_then_ranks_with_parents_first() -> None:
     tree = TokenTree(tuple(PATHS))
     assert tree.paths == ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
     assert tree.parents == (0, 0, 0, 1, 1, 2, 4)
-    assert depths(tree.parents) == [0, 1, 1, 1, 2, 2, 2, 3]
+    assert depths(tree.parents) == (0, 1, 1, 1, 2, 2, 2, 3)
     assert tree.top_chain == [0, 3, 6] and tree.depth == 3 and tree.num_nodes == 7
     assert [tree.max_rank(d) for d in (1, 2, 3)] == [2, 1, 0]
     assert tree.num_within(5, 3) == 5 and tree.num_within(7, 1) == 3
