@@ -1,9 +1,10 @@
 """The server's CPU time per streamed token: `taskloom serve` on a random-weights model (a
 config.json or a named shape), `taskloom bench serve --token-ids` against it `--repeats`
-times, and the CPU the server process spent meanwhile, read from /proc (Linux): its main
-thread (the event loop, which encodes and sends every chunk) and the whole process (the engine
-thread and torch's threads too). Prints a JSON line: per repeat and the median, microseconds
-of CPU per output token, output tokens/s and tokens per chunk.
+times, and the CPU the server spent meanwhile, read from /proc (Linux): its main thread (the
+event loop, which encodes and sends every chunk), the whole server process, and the engine's
+process (its child; with --no-engine-process the engine is a thread of the server's process,
+counted in the server's). Prints a JSON line: per repeat and the median, microseconds of CPU
+per output token, output tokens/s, tokens per chunk and the inter-token latency.
 
 On a GPU the engine thread mostly waits for the device, and the event loop's time per token
 bounds how many streams one server feeds; on this kind of small CPU machine the client, the
@@ -37,6 +38,11 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
 def bench_serve(base_url: str, num_prompts: int, input_len: int, output_len: int) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "taskloom.cli", "bench", "serve", "--base-url", base_url,
@@ -53,11 +59,14 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="passed to taskloom serve")
     a = p.parse_args()
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "taskloom.cli", "serve", "--random-weights", "--model", a.model,
-         "--port", str(port), "--max-num-seqs", str(a.max_num_seqs)],
+         "--port", str(port), "--max-num-seqs", str(a.max_num_seqs),
+         "--engine-process" if a.engine_process else "--no-engine-process"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base_url = f"http://127.0.0.1:{port}"
     try:
@@ -72,15 +81,21 @@ def main() -> None:
                 raise SystemExit("the server did not come up")
             time.sleep(0.5)
         bench_serve(base_url, 16, a.input_len, 8)                      # warm-up
+        engine = children(server.pid) if a.engine_process else []
         runs = []
         for _ in range(a.repeats):
             loop0, all0 = cpu_seconds(server.pid, server.pid), cpu_seconds(server.pid)
+            engine0 = sum(cpu_seconds(c) for c in engine)
             r = bench_serve(base_url, a.num_prompts, a.input_len, a.output_len)
             loop1, all1 = cpu_seconds(server.pid, server.pid), cpu_seconds(server.pid)
+            engine1 = sum(cpu_seconds(c) for c in engine)
             tokens = r["completed"] * a.output_len
             runs.append({"loop_cpu_us_per_token": round((loop1 - loop0) / tokens * 1e6, 1),
                          "process_cpu_us_per_token": round((all1 - all0) / tokens * 1e6, 1),
+                         "engine_process_cpu_us_per_token":
+                             round((engine1 - engine0) / tokens * 1e6, 1) if engine else None,
                          "output_tokens_per_s": r["output_tokens_per_s"],
+                         "itl_p50_ms": r["itl"]["p50_ms"], "itl_p99_ms": r["itl"]["p99_ms"],
                          "tokens_per_chunk": r.get("tokens_per_chunk"),
                          "failed": r["failed"]})
     finally:
@@ -88,8 +103,9 @@ def main() -> None:
         server.wait(timeout=60)
     median = {k: statistics.median(run[k] for run in runs)
               for k in ("loop_cpu_us_per_token", "process_cpu_us_per_token",
-                        "output_tokens_per_s")}
+                        "output_tokens_per_s", "itl_p50_ms", "itl_p99_ms")}
     print(json.dumps({"bench": "serve_host", "model": a.model, "num_prompts": a.num_prompts,
+                      "engine_process": a.engine_process,
                       "input_len": a.input_len, "output_len": a.output_len,
                       "median": median, "runs": runs, **run_info("cpu"),
                       "command": " ".join(["python benchmarks/serve_host.py"] + sys.argv[1:])}))

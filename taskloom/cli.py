@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import json
 import logging
@@ -234,17 +235,43 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from taskloom.server.launch import serve, uvicorn_config
     if a.max_queue is not None and a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
-    llm = make_llm(a)
-    name = a.served_model_name or default_model_name(a)
-    config = uvicorn_config(llm.engine, name, a.host, a.port, a.api_key, a.max_queue,
-                            a.shutdown_timeout,
-                            loras=llm.loras if llm.config.lora.enabled else None,
-                            tool_call_parser=a.tool_call_parser)
-    url = f"http://{a.host}:{a.port}"
-    print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
-          f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)
-    serve(config)
+    client = served_engine(a)
+    try:
+        name = a.served_model_name or default_model_name(a)
+        config = uvicorn_config(client, name, a.host, a.port, a.api_key, a.max_queue,
+                                a.shutdown_timeout, tool_call_parser=a.tool_call_parser)
+        url = f"http://{a.host}:{a.port}"
+        print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
+              f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)
+        serve(config)
+    finally:
+        client.stop()       # where the app's lifespan has not (a port already in use)
     return 0
+
+
+def served_engine(a: argparse.Namespace):  # -> taskloom.engine.client.EngineClient
+    """The engine `serve` talks to: built in a process of its own (--engine-process, the
+    default; see taskloom.engine.core_process) or in this one, stepping in a thread."""
+    if not a.engine_process:
+        from taskloom.engine.client import AsyncEngineClient
+        llm = make_llm(a)
+        return AsyncEngineClient(llm.engine, llm.loras if llm.config.lora.enabled else None)
+    from taskloom.engine.core_process import ProcessEngineClient
+    client = ProcessEngineClient.launch(functools.partial(build_served_engine, a),
+                                        log_level=a.log_level.upper())
+    if _FREEZE_HEAP_AFTER_BUILD:    # the tokenizer and the app's modules, as make_llm does
+        gc.collect()
+        gc.freeze()
+    return client
+
+
+def build_served_engine(a: argparse.Namespace):  # -> (EngineCore, LoRARegistry | None)
+    """In the engine's process: the engine of `serve`, its heap frozen once built (it is a
+    process of its own, as a `taskloom` command's is)."""
+    global _FREEZE_HEAP_AFTER_BUILD
+    _FREEZE_HEAP_AFTER_BUILD = True
+    llm = make_llm(a)
+    return llm.engine, (llm.loras if llm.config.lora.enabled else None)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -260,6 +287,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="the model name clients send (default: the model's file name)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a process of its own, so the HTTP side "
+                        "never takes the interpreter lock from it (--no-engine-process: in "
+                        "a thread of the server's process)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3; llama3_json: '
@@ -329,6 +360,10 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                         "name)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="sequences in the engine at once (default: 4 x --max-num-seqs)")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the engine core in a process of its own, so the HTTP side "
+                        "never takes the interpreter lock from it (--no-engine-process: in "
+                        "a thread of the server's process)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto", as serve does')

@@ -6,7 +6,6 @@ share its id, its device slot and its prefix-cache blocks.
 """
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -23,9 +22,13 @@ class LoRARegistry:
 
     def __init__(self, reserved: tuple[str, ...] = ()) -> None:
         self._reserved = reserved
-        self._ids = itertools.count(1)
+        self._next_id = 1      # ids are never reused (a plain int: the registry pickles)
         self._by_name: dict[str, LoRARequest] = {}
         self._merges: dict[MergeSpec, LoRARequest] = {}
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id - 1
 
     @property
     def adapters(self) -> list[LoRARequest]:
@@ -46,7 +49,7 @@ class LoRARegistry:
                              f". _ : / -, starting with a letter or digit")
         if name in self._by_name or name in self._reserved:
             raise ValueError(f"the name {name!r} is already in use")
-        lora = LoRARequest(name, next(self._ids), path=os.path.abspath(path))
+        lora = LoRARequest(name, self._new_id(), path=os.path.abspath(path))
         self._by_name[name] = lora
         return lora
 
@@ -77,6 +80,6 @@ class LoRARegistry:
         if lora is not None:
             return lora, False
         desc = "+".join(f"{w:g}*{src.name}" for src, w in sources)
-        lora = LoRARequest(f"merge:{method}({desc})", next(self._ids), merge=spec)
+        lora = LoRARequest(f"merge:{method}({desc})", self._new_id(), merge=spec)
         self._merges[spec] = lora
         return lora, True

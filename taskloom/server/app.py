@@ -1,8 +1,9 @@
 """The HTTP app: OpenAI endpoints, health, models, Prometheus metrics and the chat page, and
 loading / unloading LoRA adapters at runtime (vLLM's endpoints).
 
-`build_app` wires a running engine (through its AsyncEngineClient) into a FastAPI app; the
-engine thread starts and stops with the app's lifespan.
+`build_app` wires an engine, through its EngineClient (a thread of this process or a process
+of its own, taskloom.engine.core_process), into a FastAPI app; the client starts and stops
+with the app's lifespan.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from taskloom.engine.client import AsyncEngineClient
-from taskloom.engine.core import EngineCore
+from taskloom.engine.client import EngineClient
 from taskloom.lora.registry import LoRARegistry
 from taskloom.server.chat import create_chat_completion
 from taskloom.server.completions import create_completion
@@ -30,16 +30,17 @@ from taskloom.server.serving import ServingContext
 from taskloom.server.tool_parsers import tool_call_parser_named
 
 
-def build_app(core: EngineCore, model_name: str, api_key: str | None = None,
-              max_queue: int | None = None, loras: LoRARegistry | None = None,
-              tool_call_parser: str | None = None) -> FastAPI:
-    """An app serving `core` under `model_name`. `api_key` guards /v1/*; `max_queue` bounds
-    the sequences waiting for admission (429 beyond it); `loras` names the adapters requests
-    may pick by `model` (None: the engine serves no adapters); `tool_call_parser` (a name in
-    TOOL_CALL_PARSERS) finds the calls the model writes for tool_choice "auto"."""
-    client = AsyncEngineClient(core)
-    ctx = ServingContext(tokenizer=core.tokenizer, model_name=model_name,
-                         max_model_len=core.scheduler.max_model_len, vocab_size=core.vocab_size,
+def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
+              max_queue: int | None = None, tool_call_parser: str | None = None) -> FastAPI:
+    """An app serving the engine behind `client` under `model_name`. `api_key` guards
+    /v1/*; `max_queue` bounds the sequences waiting for admission (429 beyond it); the
+    adapters requests may pick by `model` are the client's `info.loras` (None: the engine
+    serves none); `tool_call_parser` (a name in TOOL_CALL_PARSERS) finds the calls the model
+    writes for tool_choice "auto"."""
+    info = client.info
+    loras = info.loras
+    ctx = ServingContext(tokenizer=info.tokenizer, model_name=model_name,
+                         max_model_len=info.max_model_len, vocab_size=info.vocab_size,
                          client=client, metrics=ServerMetrics(client, model_name),
                          max_queue=max_queue, loras=loras,
                          tool_call_parser=tool_call_parser_named(tool_call_parser))
@@ -115,7 +116,7 @@ def install_lora_endpoints(app: FastAPI, ctx: ServingContext, auth: list) -> Non
         except ValueError as e:
             raise APIError(400, str(e), "invalid_request_error", "lora_name") from None
         try:
-            await ctx.client.call(lambda: ctx.client.core.add_lora(lora))
+            await ctx.client.add_lora(lora)
         except ValueError as e:
             loras.discard(lora)
             raise APIError(400, str(e), "invalid_request_error", "lora_path") from None
@@ -130,11 +131,7 @@ def install_lora_endpoints(app: FastAPI, ctx: ServingContext, auth: list) -> Non
         except KeyError as e:
             raise APIError(404, e.args[0], "invalid_request_error", "lora_name",
                            "model_not_found") from None
-
-        def unload() -> None:
-            for lora_id in ids:
-                ctx.client.core.remove_lora(lora_id)
-        await ctx.client.call(unload)
+        await ctx.client.remove_loras(ids)
         return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
                         media_type="text/plain")
 

@@ -11,19 +11,17 @@ import time
 
 import uvicorn
 
-from taskloom.engine.core import EngineCore
-from taskloom.lora.registry import LoRARegistry
+from taskloom.engine.client import EngineClient
 from taskloom.server.app import build_app
 
 logger = logging.getLogger(__name__)
 
 
-def uvicorn_config(core: EngineCore, model_name: str, host: str, port: int,
+def uvicorn_config(client: EngineClient, model_name: str, host: str, port: int,
                    api_key: str | None, max_queue: int | None,
                    shutdown_grace: float, log_level: str = "info",
-                   loras: LoRARegistry | None = None,
                    tool_call_parser: str | None = None) -> uvicorn.Config:
-    app = build_app(core, model_name, api_key=api_key, max_queue=max_queue, loras=loras,
+    app = build_app(client, model_name, api_key=api_key, max_queue=max_queue,
                     tool_call_parser=tool_call_parser)
     return uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                           timeout_graceful_shutdown=shutdown_grace, access_log=False)

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from taskloom.engine.client import AsyncEngineClient
+from taskloom.engine.client import EngineClient
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
@@ -26,7 +26,7 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 class ServerMetrics:
     """The metric families; `RequestTimer` feeds the per-request ones."""
 
-    def __init__(self, client: AsyncEngineClient, model_name: str) -> None:
+    def __init__(self, client: EngineClient, model_name: str) -> None:
         self.registry = CollectorRegistry()
         labels = ["model_name"]
         r = self.registry
@@ -105,7 +105,7 @@ class _EngineCountersCollector(Collector):
     cached; their ratio is the hit rate: `rate(hits) / rate(queries)`) and speculative
     decoding's drafts."""
 
-    def __init__(self, client: AsyncEngineClient) -> None:
+    def __init__(self, client: EngineClient) -> None:
         self.client = client
 
     def collect(self):  # -> Iterator[Metric]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from taskloom.engine.client import AsyncEngineClient, EngineDeadError, OutputStream
+from taskloom.engine.client import EngineClient, EngineDeadError, OutputStream
 from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest
 from taskloom.outputs import OutputKind, RequestOutput
@@ -84,7 +84,7 @@ class ModelContext:
 class ServingContext(ModelContext):
     """Everything the endpoints need, fixed when the server starts."""
 
-    client: AsyncEngineClient
+    client: EngineClient
     metrics: ServerMetrics
     max_queue: int | None = None
 
@@ -115,7 +115,7 @@ class ServingContext(ModelContext):
             raise bad_request(f"merged_adapters: {e.args[0]}", "merged_adapters") from None
         if new:
             try:
-                await self.client.call(lambda: self.client.core.add_lora(lora))
+                await self.client.add_lora(lora)
             except ValueError as e:
                 loras.discard(lora)
                 raise bad_request(f"merged_adapters: {e}", "merged_adapters") from None

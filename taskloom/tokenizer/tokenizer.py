@@ -79,6 +79,11 @@ class Tokenizer:
         self._template: ChatTemplate | None = None
         self._eos_token_ids = self._collect_eos_ids()
 
+    def __reduce__(self) -> tuple[type[Tokenizer], tuple[tokenizers.Tokenizer, TokenizerConfig]]:
+        """Pickled as what it is built from (an engine process sends its tokenizer to the
+        server's process this way; the chat template compiles again where it is used)."""
+        return Tokenizer, (self._backend, self._config)
+
     def _lookup(self, key: str, token: str | None) -> int | None:
         if token is None:
             return None

@@ -9,16 +9,19 @@ import openai
 import pytest
 
 from taskloom import LLM
+from taskloom.engine.client import AsyncEngineClient
 from taskloom.server.launch import ServerThread, free_port, uvicorn_config
 
 MODEL = "smol"
 
 
 def start_server(llm: LLM, **kwargs: object) -> ServerThread:
-    config = uvicorn_config(llm.engine, MODEL, "127.0.0.1", free_port(),
+    """A server on `llm`'s engine, stepping in a thread of this process (so tests can look
+    at the engine's internals); `loras` names the adapters requests may pick."""
+    client = AsyncEngineClient(llm.engine, kwargs.get("loras"))  # type: ignore[arg-type]
+    config = uvicorn_config(client, MODEL, "127.0.0.1", free_port(),
                             kwargs.get("api_key"), kwargs.get("max_queue"),  # type: ignore[arg-type]
                             shutdown_grace=5, log_level="warning",
-                            loras=kwargs.get("loras"),  # type: ignore[arg-type]
                             tool_call_parser=kwargs.get("tool_call_parser"))  # type: ignore[arg-type]
     return ServerThread(config).start()
 

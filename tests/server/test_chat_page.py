@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from taskloom import LLM
+from taskloom.engine.client import AsyncEngineClient
 from taskloom.server.launch import ServerThread, free_port, uvicorn_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -52,7 +53,7 @@ window.fetch = (url, init) => {
 @pytest.fixture(scope="module")
 def chat_server() -> Iterator[ServerThread]:
     llm = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25)
-    config = uvicorn_config(llm.engine, MODEL, "127.0.0.1", free_port(), None, None,
+    config = uvicorn_config(AsyncEngineClient(llm.engine), MODEL, "127.0.0.1", free_port(), None, None,
                             shutdown_grace=5, log_level="warning")
     st = ServerThread(config).start()
     try:

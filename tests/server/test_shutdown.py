@@ -1,5 +1,6 @@
 """`taskloom serve` as a real process: SIGTERM lets in-flight requests finish within the grace
-period, refuses new connections, aborts what outlives the grace, and exits 0."""
+period, refuses new connections, aborts what outlives the grace, and exits 0, its engine's
+process with it; a server killed outright leaves no engine process behind either."""
 from __future__ import annotations
 
 import json
@@ -43,6 +44,34 @@ def serve_process(*args: str) -> Iterator[tuple[subprocess.Popen, str]]:
         proc.wait()
 
 
+def engine_pid(proc: subprocess.Popen) -> int:
+    """The pid of the server's engine process (its spawned child; multiprocessing's resource
+    tracker is the other)."""
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        children = [int(c) for c in f.read().split()]
+    spawned = []
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"spawn_main" in f.read():
+                spawned.append(child)
+    (engine,) = spawned
+    return engine
+
+
+def gone(pid: int, timeout: float = 30.0) -> bool:
+    """Whether process `pid` has ended (and been reaped) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True     # ended; its parent (gone too) leaves init to reap it
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def _stream(url: str, max_tokens: int, events: list[str], started: threading.Event) -> None:
     body = {"model": "smol", "prompt": "Count:", "max_tokens": max_tokens, "ignore_eos": True,
             "stream": True}
@@ -69,6 +98,7 @@ def _stream_started(url: str, max_tokens: int) -> tuple[threading.Thread, list[s
 
 def test_sigterm_lets_inflight_finish() -> None:
     with serve_process("--shutdown-timeout", "60") as (proc, url):
+        engine = engine_pid(proc)
         t, events = _stream_started(url, 60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -81,6 +111,7 @@ def test_sigterm_lets_inflight_finish() -> None:
         t.join(120)
         assert proc.wait(60) == 0
         assert refused, "a new request was accepted after SIGTERM"
+        assert gone(engine), "the engine process outlived the server"
     assert events[-1] == "data: [DONE]", events[-3:]
     tokens = [json.loads(e[6:]) for e in events[:-1]]
     assert tokens[-1]["choices"][0]["finish_reason"] == "length"
@@ -95,3 +126,13 @@ def test_sigterm_grace_expires() -> None:
         assert time.monotonic() - t0 < 15
         t.join(30)
     assert "data: [DONE]" not in events
+
+
+def test_a_killed_server_leaves_no_engine_process() -> None:
+    with serve_process() as (proc, url):
+        engine = engine_pid(proc)
+        t, _ = _stream_started(url, 5000)
+        proc.kill()
+        proc.wait()
+        assert gone(engine), "the engine process outlived its killed server"
+        t.join(30)
