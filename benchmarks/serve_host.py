@@ -4,7 +4,8 @@ times, and the CPU the server spent meanwhile, read from /proc (Linux): its main
 event loop, which encodes and sends every chunk), the whole server process, and the engine's
 process (its child; with --no-engine-process the engine is a thread of the server's process,
 counted in the server's). Prints a JSON line: per repeat and the median, microseconds of CPU
-per output token, output tokens/s, tokens per chunk and the inter-token latency.
+per output token, output tokens/s, tokens per chunk, the inter-token latency, and each
+process's resident memory at the end.
 
 On a GPU the engine thread mostly waits for the device, and the event loop's time per token
 bounds how many streams one server feeds; on this kind of small CPU machine the client, the
@@ -36,6 +37,12 @@ def cpu_seconds(pid: int, tid: int | None = None) -> float:
     with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return round(kb / 1024, 1)
 
 
 def children(pid: int) -> list[int]:
@@ -81,7 +88,9 @@ def main() -> None:
                 raise SystemExit("the server did not come up")
             time.sleep(0.5)
         bench_serve(base_url, 16, a.input_len, 8)                      # warm-up
-        engine = children(server.pid) if a.engine_process else []
+        # the engine's process: the spawned child (multiprocessing's resource tracker aside)
+        engine = [c for c in children(server.pid) if a.engine_process
+                  and b"spawn_main" in open(f"/proc/{c}/cmdline", "rb").read()]
         runs = []
         for _ in range(a.repeats):
             loop0, all0 = cpu_seconds(server.pid, server.pid), cpu_seconds(server.pid)
@@ -98,6 +107,8 @@ def main() -> None:
                          "itl_p50_ms": r["itl"]["p50_ms"], "itl_p99_ms": r["itl"]["p99_ms"],
                          "tokens_per_chunk": r.get("tokens_per_chunk"),
                          "failed": r["failed"]})
+        memory = {"server_rss_mb": rss_mb(server.pid),
+                  "engine_process_rss_mb": rss_mb(engine[0]) if engine else None}
     finally:
         server.terminate()
         server.wait(timeout=60)
@@ -107,7 +118,7 @@ def main() -> None:
     print(json.dumps({"bench": "serve_host", "model": a.model, "num_prompts": a.num_prompts,
                       "engine_process": a.engine_process,
                       "input_len": a.input_len, "output_len": a.output_len,
-                      "median": median, "runs": runs, **run_info("cpu"),
+                      "median": median, **memory, "runs": runs, **run_info("cpu"),
                       "command": " ".join(["python benchmarks/serve_host.py"] + sys.argv[1:])}))
 
 

@@ -235,6 +235,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from taskloom.server.launch import serve, uvicorn_config
     if a.max_queue is not None and a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
+    if a.reserved_cpus < 0:
+        raise ValueError(f"--reserved-cpus must be >= 0, got {a.reserved_cpus}")
     client = served_engine(a)
     try:
         name = a.served_model_name or default_model_name(a)
@@ -267,11 +269,30 @@ def served_engine(a: argparse.Namespace):  # -> taskloom.engine.client.EngineCli
 
 def build_served_engine(a: argparse.Namespace):  # -> (EngineCore, LoRARegistry | None)
     """In the engine's process: the engine of `serve`, its heap frozen once built (it is a
-    process of its own, as a `taskloom` command's is)."""
+    process of its own, as a `taskloom` command's is). On a CPU, torch's threads there leave
+    --reserved-cpus cores to the server's process (as vLLM's CPU backend does), unless
+    OMP_NUM_THREADS says how many to use."""
     global _FREEZE_HEAP_AFTER_BUILD
     _FREEZE_HEAP_AFTER_BUILD = True
+    threads = engine_cpu_threads(a.device, a.reserved_cpus, os.environ.get("OMP_NUM_THREADS"),
+                                 len(os.sched_getaffinity(0)))
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+        logging.getLogger(__name__).info("engine process: %d CPU threads", threads)
     llm = make_llm(a)
     return llm.engine, (llm.loras if llm.config.lora.enabled else None)
+
+
+def engine_cpu_threads(device: str, reserved: int, omp_num_threads: str | None,
+                       num_cpus: int) -> int | None:
+    """torch's threads in a CPU engine's own process: the cores it may run on less `reserved`
+    for the server's process (at least one); None (torch's default) on a GPU or where
+    OMP_NUM_THREADS is set. Engine threads that spin on every core starve the event loop
+    that streams their tokens (benchmarks/serve_host.py, in the README's numbers)."""
+    if not device.startswith("cpu") or omp_num_threads:
+        return None
+    return max(1, num_cpus - reserved)
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -291,6 +312,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="run the engine core in a process of its own, so the HTTP side "
                         "never takes the interpreter lock from it (--no-engine-process: in "
                         "a thread of the server's process)")
+    p.add_argument("--reserved-cpus", type=int, default=1,
+                   help="with the engine on the CPU in its own process: cores left to the "
+                        "server's process (torch's threads are the rest; OMP_NUM_THREADS, "
+                        "if set, decides instead)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3; llama3_json: '
@@ -364,6 +389,10 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                    help="run the engine core in a process of its own, so the HTTP side "
                         "never takes the interpreter lock from it (--no-engine-process: in "
                         "a thread of the server's process)")
+    p.add_argument("--reserved-cpus", type=int, default=1,
+                   help="with the engine on the CPU in its own process: cores left to the "
+                        "server's process (torch's threads are the rest; OMP_NUM_THREADS, "
+                        "if set, decides instead)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto", as serve does')

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from taskloom import LLM, SamplingParams
-from taskloom.cli import build_parser, served_engine
+from taskloom.cli import build_parser, engine_cpu_threads, served_engine
 from taskloom.engine.core_process import ProcessEngineClient
 from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import random_arch
@@ -196,3 +196,12 @@ def test_a_dead_engine_process_fails_its_requests_and_the_health_check() -> None
     finally:
         st.stop()
     assert not engine.running
+
+
+def test_a_cpu_engine_process_leaves_cores_to_the_server() -> None:
+    assert engine_cpu_threads("cpu", 1, None, 2) == 1
+    assert engine_cpu_threads("cpu", 1, None, 16) == 15
+    assert engine_cpu_threads("cpu", 4, None, 2) == 1
+    assert engine_cpu_threads("cpu", 0, None, 8) == 8
+    assert engine_cpu_threads("cpu", 1, "3", 16) is None      # OMP_NUM_THREADS decides
+    assert engine_cpu_threads("cuda", 1, None, 16) is None

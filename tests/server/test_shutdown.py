@@ -99,6 +99,8 @@ def _stream_started(url: str, max_tokens: int) -> tuple[threading.Thread, list[s
 def test_sigterm_lets_inflight_finish() -> None:
     with serve_process("--shutdown-timeout", "60") as (proc, url):
         engine = engine_pid(proc)
+        with open(f"/proc/{proc.pid}/maps") as f:     # torch lives in the engine's process
+            assert "libtorch" not in f.read()
         t, events = _stream_started(url, 60)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)
