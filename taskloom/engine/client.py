@@ -312,6 +312,7 @@ class EngineClient:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: dict[str, OutputStream] = {}
         self._adds: dict[str, tuple[asyncio.Future, int]] = {}   # id -> (reply, sequences)
+        self._pending_seqs = 0    # the sequences of those adds
         self._calls: dict[int, asyncio.Future] = {}
         self._call_ids = itertools.count()
         self._stopped = False     # the engine said it stopped; nothing more will come
@@ -340,7 +341,7 @@ class EngineClient:
     def num_queued(self) -> int:
         """Sequences waiting for admission, counting adds the engine has not yet taken in
         (an add stops counting here only once the stats that came with its reply count it)."""
-        return self.stats.num_waiting + sum(n for _, n in self._adds.values())
+        return self.stats.num_waiting + self._pending_seqs
 
     async def generate(self, request_id: str, prompt_token_ids: list[int],
                        params: SamplingParams, prompt: str | None = None
@@ -381,6 +382,7 @@ class EngineClient:
         self._streams[request_id] = stream
         reply = asyncio.get_running_loop().create_future()
         self._adds[request_id] = (reply, params.n)
+        self._pending_seqs += params.n
         self._send(AddRequest(request_id, list(prompt_token_ids), params, prompt, lora,
                               output_kind))
         try:
@@ -389,7 +391,7 @@ class EngineClient:
             self._streams.pop(request_id, None)
             raise
         except BaseException:                # cancelled while the add was in flight
-            self._adds.pop(request_id, None)
+            self._forget_add(request_id)
             self.abort(request_id)
             raise
         return stream
@@ -435,7 +437,7 @@ class EngineClient:
                     stream.put_nowait(out)
         elif isinstance(message, Added):
             self.stats = message.stats
-            reply, _ = self._adds.pop(message.request_id, (None, 0))
+            reply = self._forget_add(message.request_id)
             if reply is not None and not reply.done():
                 if message.error is not None:
                     reply.set_exception(message.error)
@@ -451,6 +453,12 @@ class EngineClient:
         else:
             self._end(message.error)
 
+    def _forget_add(self, request_id: str) -> asyncio.Future | None:
+        """Stop waiting for an add's reply; the reply, if it was still awaited."""
+        reply, n = self._adds.pop(request_id, (None, 0))
+        self._pending_seqs -= n
+        return reply
+
     def _end(self, error: str | None) -> None:
         """The engine is gone (shut down, or `error`): fail whatever still waits on it."""
         self._stopped = True
@@ -464,6 +472,7 @@ class EngineClient:
             if not reply.done():
                 reply.set_exception(dead)
         self._adds.clear()
+        self._pending_seqs = 0
 
 
 class AsyncEngineClient(EngineClient):
