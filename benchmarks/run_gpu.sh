@@ -22,16 +22,18 @@
 # error against the torch reference, and a sweep of the attention kernels' launch settings.
 # async (100) 256/256 with --async-scheduling. latency_async (60) batches 1 and 64 with
 # --async-scheduling. lora (160) 1/8/64 adapters vs the base.
-# long (200) 256 x 1024/1024. serve (200; only when named) taskloom serve with the 8B shape
-# and bench serve --token-ids against it; the device image lacks the HTTP stack, so carry
-# .whl (bash benchmarks/fetch_device_wheels.sh fetches it).
+# long (200) 256 x 1024/1024. serve (300; only when named) taskloom serve with the 8B shape
+# and bench serve --token-ids against it (512 x 256/256, all at once and 16 a second), with
+# the engine in its own process and then in a thread; the device image lacks the HTTP stack,
+# so carry .whl (bash benchmarks/fetch_device_wheels.sh fetches it).
 #
 # What comes back ($OUT, at most 8 files): results.jsonl (every benchmark's JSON line, with
 # device, commit, date and command, and for latency, throughput, prefix, random and long a
 # profile of 16 steps: kernels by category and name, device busy fraction), run.log (all the
 # stages' output), gpu_tests.log, traces.tgz (those profiles' Chrome traces, for Perfetto),
-# and serve_server.log for serve. The summary table is printed last. Commit results.jsonl as
-# benchmarks/results/DATE-DEVICE.jsonl, and quote the summary's lines with their commands.
+# and serve_server.log and serve-thread_server.log for serve. The summary table is printed
+# last. Commit results.jsonl as benchmarks/results/DATE-DEVICE.jsonl, and quote the
+# summary's lines with their commands.
 # SHAPE and SMOKE_SHAPE may be overridden to dry-run the script on a CPU with a tiny config.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -136,12 +138,11 @@ stage_long() {
   bench long bench throughput $SHAPE --num-prompts 256 --input-len 1024 --output-len 1024 \
     $BATCH $PROFILE
 }
-stage_serve() {
-  local port=8011 rc=0 cap=$((cap / 2))     # two benchmark runs share the stage's cap
-  python3 -c "import fastapi, uvicorn, pydantic" 2>/dev/null || {
-    echo "serve needs the HTTP stack: run benchmarks/fetch_device_wheels.sh here first and" \
-         "carry .whl" | tee -a "$LOG"; return 1; }
-  $TL serve $SHAPE --max-num-seqs 256 --port $port > "$OUT/serve_server.log" 2>&1 &
+# serve_with NAME FLAGS RATES: taskloom serve (the shape, FLAGS) and bench serve against it at
+# each request rate; the server's log is $OUT/NAME_server.log.
+serve_with() {
+  local name=$1 flags=$2 rates=$3 port=8011 rc=0
+  $TL serve $SHAPE --max-num-seqs 256 --port $port $flags > "$OUT/${name}_server.log" 2>&1 &
   local server=$!
   python3 - "$port" <<'PY' || { echo "server did not come up" >> "$LOG"; rc=1; }
 import sys, time, httpx
@@ -155,8 +156,8 @@ for _ in range(150):
 sys.exit(1)
 PY
   if [ $rc = 0 ]; then
-    for rate in inf 16; do
-      bench "serve-rate-$rate" bench serve --base-url "http://127.0.0.1:$port" --token-ids \
+    for rate in $rates; do
+      bench "$name-rate-$rate" bench serve --base-url "http://127.0.0.1:$port" --token-ids \
         --num-prompts "${SERVE_PROMPTS:-512}" --input-len 256 --output-len 256 \
         --request-rate $rate || rc=$?
     done
@@ -164,10 +165,20 @@ PY
   kill -TERM $server; wait $server
   return $rc
 }
+stage_serve() {
+  local rc=0 cap=$((cap / 4))     # four benchmark runs (and two starts) share the stage's cap
+  python3 -c "import fastapi, uvicorn, pydantic" 2>/dev/null || {
+    echo "serve needs the HTTP stack: run benchmarks/fetch_device_wheels.sh here first and" \
+         "carry .whl" | tee -a "$LOG"; return 1; }
+  # the engine in its own process (the default), then in a thread of the server's process
+  serve_with serve "" "inf 16" || rc=$?
+  serve_with serve-thread --no-engine-process "inf 16" || rc=$?
+  return $rc
+}
 
 declare -A CAP=([smoke]=60 [tests]=180 [latency]=150 [throughput]=100 [prefix]=180
                 [random]=200 [kernels]=120 [async]=100 [latency_async]=60 [lora]=160
-                [long]=200 [serve]=200)
+                [long]=200 [serve]=300)
 stages=("$@")
 [ ${#stages[@]} = 0 ] && stages=(smoke tests latency throughput prefix random kernels async
                                  latency_async lora long)
