@@ -12,8 +12,11 @@ STAMP  := $(VENV)/.installed
 run: $(STAMP)
 	$(VENV)/bin/taskloom serve
 
+# Two worker processes, each test file whole in one of them (its module fixtures built once):
+# much of the suite is single-threaded host work. TEST_WORKERS=0 runs it in this process.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Headless Chromium and its driver for the chat-page test (Debian packages), where absent.
 browser:

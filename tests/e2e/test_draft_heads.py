@@ -26,13 +26,14 @@ from tests.models.tiny_models import write_tiny_config
 
 CHAT = [{"role": "user", "content": "Explain what a Python list comprehension is."}]
 LIST = [{"role": "user", "content": "List the days of the week, one per line."}]
+# as long as the stop case (25 tokens): the batch's steps are its longest completion's
 CASES = [
-    (CHAT, SamplingParams(max_tokens=48, temperature=0)),
-    (LIST, SamplingParams(max_tokens=40, temperature=0.8, seed=1)),
-    (CHAT, SamplingParams(max_tokens=32, temperature=0.7, seed=2, repetition_penalty=1.1,
+    (CHAT, SamplingParams(max_tokens=24, temperature=0)),
+    (LIST, SamplingParams(max_tokens=24, temperature=0.8, seed=1)),
+    (CHAT, SamplingParams(max_tokens=20, temperature=0.7, seed=2, repetition_penalty=1.1,
                           n=2)),
     (LIST, SamplingParams(max_tokens=40, temperature=0, stop=["Thursday"])),
-    (CHAT, SamplingParams(max_tokens=16, temperature=0, logprobs=2)),
+    (CHAT, SamplingParams(max_tokens=12, temperature=0, logprobs=2)),
 ]
 
 
@@ -116,6 +117,7 @@ def logprob_values(llm: LLM) -> list[float]:
 def test_outputs_are_those_without_drafts(llm: LLM, heads_llm: LLM,
                                           base_completions: list[list[tuple]]) -> None:
     stats = heads_llm.engine.scheduler.spec_stats
+    assert base_completions[3][0][2] == "stop"      # the stop string is met, not the length
     assert completions(heads_llm) == base_completions
     assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
     assert stats.num_accepted_tokens < stats.num_draft_tokens

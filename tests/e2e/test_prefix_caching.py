@@ -13,7 +13,7 @@ SYSTEM = ("You are a careful assistant for a logistics company. Answer in one sh
 QUESTIONS = ["Where is parcel A?", "When does the truck leave?", "Who signs for returns?",
              "Is Sunday delivery possible?", "How heavy can a box be?", "Can I change the "
              "address?", "What is the fee for express?", "Do you ship abroad?"]
-GREEDY = SamplingParams(temperature=0, max_tokens=24)
+GREEDY = SamplingParams(temperature=0, max_tokens=16)
 
 
 def conversations() -> list[list[dict]]:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import transformers
+from filelock import FileLock
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.initialization import no_init_weights
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -31,14 +35,35 @@ def load_hf_smollm() -> transformers.PreTrainedModel:
 @functools.cache
 def _read_gguf() -> tuple[transformers.PretrainedConfig, dict[str, torch.Tensor]]:
     """HF's config and dequantized tensors of the embedded file: parsing it takes HF's
-    reader about 20 s, so the fidelity modules share one reading."""
+    reader 20-30 s, so the fidelity modules share one reading (and pytest-xdist's workers
+    one file of it: `_shared`)."""
     path = embedded_model_path()
     directory, name = os.path.dirname(path), os.path.basename(path)
     config = AutoConfig.from_pretrained(directory, gguf_file=name)
-    with no_init_weights():
-        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return config, load_gguf_checkpoint(path, return_tensors=True,
-                                        model_to_load=skeleton)["tensors"]
+
+    def read() -> dict[str, torch.Tensor]:
+        with no_init_weights():
+            skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+
+    return config, _shared(f"hf-{name}-{transformers.__version__}.safetensors", read)
+
+
+def _shared(name: str, read: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """`read()`, once for all of a run's workers where tests/conftest.py gives them a shared
+    directory: the first worker to ask reads and saves it there, the others load the file."""
+    shared = os.environ.get("TASKLOOM_TESTS_SHARED_DIR")
+    if shared is None:
+        return read()
+    file = Path(shared) / name
+    with FileLock(f"{file}.lock"):
+        if file.exists():
+            return load_file(file)
+        tensors = read()
+        partial = file.with_suffix(".partial")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, partial)
+        os.replace(partial, file)
+        return tensors
 
 
 @functools.cache

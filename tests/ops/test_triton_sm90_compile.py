@@ -44,13 +44,22 @@ pytestmark = [
 def compiled() -> list[dict]:
     """The compiled specialisations, one dict per kernel (see sm90_compile.Launch)."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    # one compiler process a case, all at once: ptxas runs on one core
+    runs = [(shape, dtype, subprocess.Popen(
+        [sys.executable, "-m", "tests.ops.sm90_compile", "--shapes", shape, "--dtypes", dtype],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        for shape, dtype in CASES]
     rows = []
-    for shape, dtype in CASES:
-        done = subprocess.run(
-            [sys.executable, "-m", "tests.ops.sm90_compile", "--shapes", shape, "--dtypes",
-             dtype], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, f"{shape} {dtype} did not compile:\n{done.stderr[-4000:]}"
-        rows += [json.loads(line) for line in done.stdout.splitlines()]
+    try:
+        for shape, dtype, run in runs:
+            out, err = run.communicate(timeout=600)
+            assert run.returncode == 0, f"{shape} {dtype} did not compile:\n{err[-4000:]}"
+            rows += [json.loads(line) for line in out.splitlines()]
+    finally:
+        for *_, run in runs:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
     return rows
 
 

@@ -17,7 +17,7 @@ from tests.server.conftest import MODEL
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time",
            "List three fruits:", "The meaning of life is", "import numpy as np\n",
            "Dear Sir or Madam,", "In 1969, the first"]
-MAX_TOKENS = 24
+MAX_TOKENS = 16
 
 
 async def _stream(client: httpx.AsyncClient, prompt: str, cut_after: int | None) -> str | None:
