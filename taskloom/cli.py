@@ -385,14 +385,6 @@ def add_batch_parser(sub: argparse._SubParsersAction) -> None:
                         "name)")
     p.add_argument("--max-in-flight", type=int, default=None,
                    help="sequences in the engine at once (default: 4 x --max-num-seqs)")
-    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=True,
-                   help="run the engine core in a process of its own, so the HTTP side "
-                        "never takes the interpreter lock from it (--no-engine-process: in "
-                        "a thread of the server's process)")
-    p.add_argument("--reserved-cpus", type=int, default=1,
-                   help="with the engine on the CPU in its own process: cores left to the "
-                        "server's process (torch's threads are the rest; OMP_NUM_THREADS, "
-                        "if set, decides instead)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto", as serve does')

@@ -91,8 +91,8 @@ def test_logprobs_requests_keep_their_logprobs(llm: LLM, spec_llm: LLM) -> None:
 
 
 def test_under_preemption(llm: LLM, tiny_spec_llm: LLM) -> None:
-    params = [SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
-              SamplingParams(max_tokens=64, temperature=0.9, seed=7, ignore_eos=True)] * 2
+    params = [SamplingParams(max_tokens=40, temperature=0, ignore_eos=True),
+              SamplingParams(max_tokens=40, temperature=0.9, seed=7, ignore_eos=True)] * 2
     convs = [REPEAT] * 4
     want = [o.outputs[0].token_ids for o in llm.chat(convs, params, use_tqdm=False)]
     got = [o.outputs[0].token_ids for o in tiny_spec_llm.chat(convs, params, use_tqdm=False)]

@@ -6,7 +6,9 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
+import gguf
 import torch
 import transformers
 from filelock import FileLock
@@ -44,7 +46,12 @@ def _read_gguf() -> tuple[transformers.PretrainedConfig, dict[str, torch.Tensor]
     def read() -> dict[str, torch.Tensor]:
         with no_init_weights():
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        return load_gguf_checkpoint(path, return_tensors=True, model_to_load=skeleton)["tensors"]
+        # HF maps the names afresh for each of the model's 397 modules, rebuilding gguf's
+        # table of every name each time (10 s of the 23); the table depends only on the
+        # architecture and the depth
+        with mock.patch("gguf.get_tensor_name_map", functools.cache(gguf.get_tensor_name_map)):
+            return load_gguf_checkpoint(path, return_tensors=True,
+                                        model_to_load=skeleton)["tensors"]
 
     return config, _shared(f"hf-{name}-{transformers.__version__}.safetensors", read)
 

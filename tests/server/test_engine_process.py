@@ -205,3 +205,14 @@ def test_a_cpu_engine_process_leaves_cores_to_the_server() -> None:
     assert engine_cpu_threads("cpu", 0, None, 8) == 8
     assert engine_cpu_threads("cpu", 1, "3", 16) is None      # OMP_NUM_THREADS decides
     assert engine_cpu_threads("cuda", 1, None, 16) is None
+
+
+def test_only_serve_takes_the_engine_process_flags(capsys: pytest.CaptureFixture) -> None:
+    """`taskloom batch` has no HTTP side to split its engine from: flags it would ignore are
+    refused, not accepted."""
+    a = build_parser().parse_args(["serve", "--no-engine-process", "--reserved-cpus", "0"])
+    assert (a.engine_process, a.reserved_cpus) == (False, 0)
+    for flag in ("--no-engine-process", "--reserved-cpus=2"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["batch", "in.jsonl", "out.jsonl", flag])
+        assert "unrecognized arguments" in capsys.readouterr().err
