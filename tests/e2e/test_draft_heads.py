@@ -82,15 +82,23 @@ def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]
 
 
-@pytest.fixture(scope="module", params=["tree-mask", "decodes"])
-def tree_llm(request: pytest.FixtureRequest, random_heads: tuple[str, str]) -> Iterator[LLM]:
+# each way of attending a tree with each method's heads, the two ways with Hydra's (whose
+# heads read the drafts before theirs): every tree step costs nine tokens a sequence
+TREE_RUNS = [("medusa", "tree-mask"), ("hydra", "tree-mask"), ("hydra", "decodes")]
+
+
+@pytest.fixture(scope="module", params=TREE_RUNS, ids=[f"{a}-{m}" for m, a in TREE_RUNS])
+def tree_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             llm: LLM) -> Iterator[LLM]:
     """An engine drafting TREE; "decodes": its tree steps split into one decode a node, as
     on a GPU with CUDA graphs (the nodes' views of their chunks as bits)."""
-    method, path = random_heads
+    method, attention = request.param
+    path = save_random_heads(method, llm.engine.runner.model.config,
+                             tmp_path_factory.mktemp(f"tree-{method}"))
     engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
         "method": method, "model": path, "num_speculative_tokens": 3,
         "speculative_token_tree": TREE})
-    engine.engine.runner.split_drafted = request.param == "decodes"
+    engine.engine.runner.split_drafted = attention == "decodes"
     yield engine
     assert_pool_full(engine)
 
