@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from unittest import mock
 
-import gguf
 import torch
 import transformers
 from filelock import FileLock
@@ -44,6 +43,7 @@ def _read_gguf() -> tuple[transformers.PretrainedConfig, dict[str, torch.Tensor]
     config = AutoConfig.from_pretrained(directory, gguf_file=name)
 
     def read() -> dict[str, torch.Tensor]:
+        import gguf     # here: the device image lacks it, and e2e tests import this module
         with no_init_weights():
             skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         # HF maps the names afresh for each of the model's 397 modules, rebuilding gguf's
