@@ -166,6 +166,7 @@ class ProcessEngineClient(EngineClient):
         if not self._stopping:      # not asked to stop: the process died
             self._process.join(5.0)
             self._deliver([_death(self._process.exitcode)])
+        self._loop_call(self._prompts.clear)    # no output of theirs will come now
 
     def _from_wire(self, w: _WireOutput) -> RequestOutput:
         rid, finished, error, prompt_logprobs, completions = w
@@ -175,9 +176,12 @@ class ProcessEngineClient(EngineClient):
                              finished, prompt_logprobs, error)
 
     def _deliver(self, batch: list[Message]) -> None:
+        self._loop_call(self._receive_batch, batch)
+
+    def _loop_call(self, fn: Callable, *args) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._receive_batch, batch)
+            loop.call_soon_threadsafe(fn, *args)
 
     def _receive_batch(self, batch: list[Message]) -> None:
         for message in batch:
