@@ -13,11 +13,13 @@ cannot spread over two cores. Each worker then takes its share of the cores for 
 the processes it starts inherit that share (OMP_NUM_THREADS), rather than every process
 spinning a thread on every core. What every worker would read alike and slowly (HF's
 reading of the embedded GGUF file: tests/models/hf_smollm.py) is read once for them all, in
-the run's shared temporary directory.
+the run's shared temporary directory, as is the tiny chat model of engine-behaviour tests
+(tests/models/tiny_chat.py).
 """
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +40,12 @@ def _xdist_shared_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
     if "PYTEST_XDIST_WORKER" in os.environ:
         shared = tmp_path_factory.getbasetemp().parent
         os.environ["TASKLOOM_TESTS_SHARED_DIR"] = str(shared)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The directory of a tiny random-weight Llama with the embedded model's tokenizer, for
+    tests of the engine's behaviour rather than of the model's numbers."""
+    from tests.models.tiny_chat import tiny_chat_model
+    shared = os.environ.get("TASKLOOM_TESTS_SHARED_DIR")
+    return tiny_chat_model(Path(shared) if shared else tmp_path_factory.getbasetemp())

@@ -1,4 +1,5 @@
-"""Engines with the embedded model, shared per module; every test ends with the KV pool full."""
+"""Engines with the embedded model or the tiny chat model (tests/models/tiny_chat.py), shared
+per session or module; every test ends with the KV pool full."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -24,10 +25,16 @@ def llm() -> Iterator[LLM]:
     yield engine
 
 
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_model: str) -> LLM:
+    """The tiny chat model: the embedded model's tokenizer, a few milliseconds a step."""
+    return LLM(tiny_model, max_num_seqs=16, kv_cache_memory_gb=0.25)
+
+
 @pytest.fixture(autouse=True)
 def _pool_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    for name in ("llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm",
+    for name in ("llm", "tiny_llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm",
                  "spec_llm", "tiny_spec_llm"):
         if name in request.fixturenames:
             assert_pool_full(request.getfixturevalue(name))

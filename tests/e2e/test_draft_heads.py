@@ -1,12 +1,13 @@
-"""Draft heads end to end, Medusa's and Hydra's. With the embedded model and random heads, the
-outputs are those of the engine without drafts, token for token (greedy, seeded, logprobs,
-stops, n > 1), in one mixed batch, with drafts proposed and some accepted, as a chain or as a
-token tree. On a tiny
+"""Draft heads end to end, Medusa's and Hydra's. With random heads over the tiny chat model
+(the embedded model's tokenizer and chat template, random weights), the outputs are those of
+the engine without drafts, token for token (greedy, seeded, logprobs, stops, n > 1), in one
+mixed batch, with drafts proposed and some accepted, as a chain or as a token tree. On a tiny
 random-weight Llama, heads trained by `train-medusa` or `train-hydra` (self-distillation) are
 accepted far more often than the untrained heads they start from. Every engine ends with its
 pool full."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +27,12 @@ from tests.models.tiny_models import write_tiny_config
 
 CHAT = [{"role": "user", "content": "Explain what a Python list comprehension is."}]
 LIST = [{"role": "user", "content": "List the days of the week, one per line."}]
-# as long as the stop case (25 tokens): the batch's steps are its longest completion's
 CASES = [
-    (CHAT, SamplingParams(max_tokens=24, temperature=0)),
-    (LIST, SamplingParams(max_tokens=24, temperature=0.8, seed=1)),
-    (CHAT, SamplingParams(max_tokens=20, temperature=0.7, seed=2, repetition_penalty=1.1,
+    (CHAT, SamplingParams(max_tokens=32, temperature=0)),
+    (LIST, SamplingParams(max_tokens=32, temperature=0.8, seed=1)),
+    (CHAT, SamplingParams(max_tokens=24, temperature=0.7, seed=2, repetition_penalty=1.1,
                           n=2)),
-    (LIST, SamplingParams(max_tokens=40, temperature=0, stop=["Thursday"])),
+    (LIST, SamplingParams(max_tokens=40, temperature=0)),   # stops where `cases` says
     (CHAT, SamplingParams(max_tokens=12, temperature=0, logprobs=2)),
 ]
 
@@ -60,19 +60,31 @@ def save_random_heads(method: str, arch, path: Path, num_layers: int = 1,
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def cases(tiny_llm: LLM) -> list[tuple[list[dict], SamplingParams]]:
+    """CASES, the fourth with a stop string met first a third of the way into its greedy
+    completion or later."""
+    convo, params = CASES[3]
+    (out,) = tiny_llm.chat([convo], [params], use_tqdm=False)
+    text = out.outputs[0].text
+    stop = next(text[i:i + 4] for i in range(len(text) // 3, len(text))
+                if text.index(text[i:i + 4]) == i)
+    return CASES[:3] + [(convo, dataclasses.replace(params, stop=[stop]))] + CASES[4:]
+
+
 @pytest.fixture(scope="module", params=["medusa", "hydra"])
 def random_heads(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                 llm: LLM) -> tuple[str, str]:
-    """(method, directory): three random heads of each method over the embedded model."""
-    arch = llm.engine.runner.model.config
+                 tiny_llm: LLM) -> tuple[str, str]:
+    """(method, directory): three random heads of each method over the tiny chat model."""
+    arch = tiny_llm.engine.runner.model.config
     return request.param, save_random_heads(request.param, arch,
                                             tmp_path_factory.mktemp(request.param))
 
 
 @pytest.fixture(scope="module")
-def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
+def heads_llm(random_heads: tuple[str, str], tiny_model: str) -> Iterator[LLM]:
     method, path = random_heads
-    engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
+    engine = LLM(tiny_model, max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
         "method": method, "model": path, "num_speculative_tokens": 3})
     yield engine
     assert_pool_full(engine)
@@ -82,20 +94,20 @@ def heads_llm(random_heads: tuple[str, str]) -> Iterator[LLM]:
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0]]
 
 
-# each way of attending a tree with each method's heads, the two ways with Hydra's (whose
-# heads read the drafts before theirs): every tree step costs nine tokens a sequence
-TREE_RUNS = [("medusa", "tree-mask"), ("hydra", "tree-mask"), ("hydra", "decodes")]
+# each way of attending a tree (one forward with the tree's mask, or one decode a node) with
+# each method's heads
+TREE_RUNS = [(m, a) for m in ("medusa", "hydra") for a in ("tree-mask", "decodes")]
 
 
 @pytest.fixture(scope="module", params=TREE_RUNS, ids=[f"{a}-{m}" for m, a in TREE_RUNS])
 def tree_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-             llm: LLM) -> Iterator[LLM]:
+             tiny_llm: LLM, tiny_model: str) -> Iterator[LLM]:
     """An engine drafting TREE; "decodes": its tree steps split into one decode a node, as
     on a GPU with CUDA graphs (the nodes' views of their chunks as bits)."""
     method, attention = request.param
-    path = save_random_heads(method, llm.engine.runner.model.config,
+    path = save_random_heads(method, tiny_llm.engine.runner.model.config,
                              tmp_path_factory.mktemp(f"tree-{method}"))
-    engine = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
+    engine = LLM(tiny_model, max_num_seqs=16, kv_cache_memory_gb=0.25, speculative_config={
         "method": method, "model": path, "num_speculative_tokens": 3,
         "speculative_token_tree": TREE})
     engine.engine.runner.split_drafted = attention == "decodes"
@@ -104,14 +116,14 @@ def tree_llm(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
 
 
 @pytest.fixture(scope="module")
-def base_completions(llm: LLM) -> list[list[tuple]]:
-    return completions(llm)
+def base_completions(tiny_llm: LLM, cases: list[tuple]) -> list[list[tuple]]:
+    return completions(tiny_llm, cases)
 
 
-def completions(llm: LLM) -> list[list[tuple]]:
+def completions(llm: LLM, cases: list[tuple]) -> list[list[tuple]]:
     """Each completion's tokens, text, finish reason, and per token its logprobs' token ids
     and ranks (their values are compared apart, to float tolerance)."""
-    outs = llm.chat([c for c, _ in CASES], [p for _, p in CASES], use_tqdm=False)
+    outs = llm.chat([c for c, _ in cases], [p for _, p in cases], use_tqdm=False)
     return [[(c.token_ids, c.text, c.finish_reason,
               [[(t, v.rank) for t, v in lp.items()] for lp in c.logprobs or []])
              for c in o.outputs] for o in outs]
@@ -122,31 +134,34 @@ def logprob_values(llm: LLM) -> list[float]:
     return [v.logprob for lp in out.outputs[0].logprobs for v in lp.values()]
 
 
-def test_outputs_are_those_without_drafts(llm: LLM, heads_llm: LLM,
+def test_outputs_are_those_without_drafts(tiny_llm: LLM, heads_llm: LLM, cases: list[tuple],
                                           base_completions: list[list[tuple]]) -> None:
     stats = heads_llm.engine.scheduler.spec_stats
-    assert base_completions[3][0][2] == "stop"      # the stop string is met, not the length
-    assert completions(heads_llm) == base_completions
-    assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
+    tokens, _, finish, _ = base_completions[3][0]
+    assert finish == "stop" and len(tokens) > 10    # the stop string is met, late
+    assert completions(heads_llm, cases) == base_completions
+    assert stats.num_drafts > 50 and stats.num_accepted_tokens >= 8
     assert stats.num_accepted_tokens < stats.num_draft_tokens
-    assert logprob_values(heads_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
+    assert logprob_values(heads_llm) == pytest.approx(logprob_values(tiny_llm), abs=1e-4)
 
 
-def test_tree_outputs_are_those_without_drafts(llm: LLM, tree_llm: LLM,
+def test_tree_outputs_are_those_without_drafts(tiny_llm: LLM, tree_llm: LLM,
+                                               cases: list[tuple],
                                                base_completions: list[list[tuple]]) -> None:
     """The same with a tree of eight guesses: its paths off the chain of best guesses are
     kept too, and their KV moved into place, or later tokens would differ."""
     stats = tree_llm.engine.scheduler.spec_stats
-    assert completions(tree_llm) == base_completions
-    assert stats.num_drafts > 20 and stats.num_accepted_tokens > 0
-    assert logprob_values(tree_llm) == pytest.approx(logprob_values(llm), abs=1e-4)
+    assert completions(tree_llm, cases) == base_completions
+    assert stats.num_drafts > 50 and stats.num_accepted_tokens >= 8
+    assert logprob_values(tree_llm) == pytest.approx(logprob_values(tiny_llm), abs=1e-4)
 
 
 def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[str, str],
+                                                          tiny_model: str,
                                                           capsys: pytest.CaptureFixture
                                                           ) -> None:
     method, path = random_heads
-    assert cli_main(["bench", "spec", "--workload", "topics", "--batch-sizes", "2",
+    assert cli_main(["bench", "spec", "--model", tiny_model, "--workload", "topics", "--batch-sizes", "2",
                      "--output-len", "8", "--repeats", "1", "--kv-cache-memory-gb", "0.1",
                      "--speculative-config", json.dumps({
                          "method": method, "model": path, "num_speculative_tokens": 2})]) == 0
@@ -158,10 +173,10 @@ def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[st
 
 
 def test_draft_tree_measures_the_heads_and_builds_trees_that_run(
-        random_heads: tuple[str, str], capsys: pytest.CaptureFixture) -> None:
+        random_heads: tuple[str, str], tiny_model: str, capsys: pytest.CaptureFixture) -> None:
     method, path = random_heads
     spec = {"method": method, "model": path}     # the heads' count is theirs to say
-    assert cli_main(["draft-tree", "--speculative-config", json.dumps(spec), "--num-prompts",
+    assert cli_main(["draft-tree", "--model", tiny_model, "--speculative-config", json.dumps(spec), "--num-prompts",
                      "3", "--max-tokens", "24", "--num-nodes", "2", "6", "--num-ranks", "4",
                      "--kv-cache-memory-gb", "0.1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -173,18 +188,19 @@ def test_draft_tree_measures_the_heads_and_builds_trees_that_run(
     # the best tree of six keeps at least what any smaller tree does
     assert six["expected_kept"] >= max(result["chain"]["expected_kept"], small["expected_kept"])
     tree = six["speculative_token_tree"]
-    llm = LLM(kv_cache_memory_gb=0.1, speculative_config={
+    llm = LLM(tiny_model, kv_cache_memory_gb=0.1, speculative_config={
         **spec, "num_speculative_tokens": six["depth"], "speculative_token_tree": tree})
     llm.generate(["Say hi."], SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
     assert llm.engine.scheduler.spec_stats.num_drafts > 0
     assert_pool_full(llm)
 
 
-def test_more_drafts_than_heads_are_refused(random_heads: tuple[str, str]) -> None:
+def test_more_drafts_than_heads_are_refused(random_heads: tuple[str, str],
+                                            tiny_model: str) -> None:
     method, path = random_heads
     with pytest.raises(ValueError, match=f"num_speculative_tokens 4 is more than the 3 heads "
                                          f"of the {method.capitalize()} checkpoint"):
-        LLM(speculative_config={"method": method, "model": path, "num_speculative_tokens": 4})
+        LLM(tiny_model, speculative_config={"method": method, "model": path, "num_speculative_tokens": 4})
 
 
 def _acceptance(config: str, method: str, heads: str, prompts: list[list[int]]) -> float:

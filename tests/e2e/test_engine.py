@@ -1,5 +1,6 @@
-"""The engine with the real embedded model: batch invariance across chunking and preemption,
-abort, n > 1, stop strings, logprobs, seeded sampling, bad input."""
+"""The engine with the real embedded model: abort, n > 1, stop strings, logprobs, seeded
+sampling, bad input; and, on the tiny chat model (the embedded model's tokenizer, random
+weights, a few milliseconds a step), batch invariance across chunking and preemption."""
 from __future__ import annotations
 
 import dataclasses
@@ -29,39 +30,42 @@ PROMPTS = [
     "Roses are red, violets are blue,",
 ]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+LONG_GREEDY = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def alone(llm: LLM) -> list[list[int]]:
-    return [llm.generate(p, GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
+def alone(tiny_llm: LLM) -> list[list[int]]:
+    """The tiny chat model's completion of each prompt run by itself."""
+    return [tiny_llm.generate(p, LONG_GREEDY)[0].outputs[0].token_ids for p in PROMPTS]
 
 
 @pytest.fixture(scope="module")
-def chunked_llm() -> LLM:
-    return LLM(max_num_seqs=16, max_num_batched_tokens=7, kv_cache_memory_gb=0.25)
+def chunked_llm(tiny_model: str) -> LLM:
+    return LLM(tiny_model, max_num_seqs=16, max_num_batched_tokens=7, kv_cache_memory_gb=0.25)
 
 
 @pytest.fixture(scope="module")
-def tiny_pool_llm() -> LLM:
-    # 12 blocks of 4 tokens: a few requests at a time, preempted as they grow.
-    return LLM(max_num_seqs=16, block_size=4, num_blocks=12)
+def tiny_pool_llm(tiny_model: str) -> LLM:
+    # 16 blocks of 4 tokens: a few requests at a time, preempted as they grow.
+    return LLM(tiny_model, max_num_seqs=16, block_size=4, num_blocks=16)
 
 
-def test_batch_equals_alone(llm: LLM, alone: list[list[int]]) -> None:
-    outs = llm.generate(PROMPTS, GREEDY)
+def test_batch_equals_alone(tiny_llm: LLM, alone: list[list[int]]) -> None:
+    outs = tiny_llm.generate(PROMPTS, LONG_GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == alone
-    assert all(len(t) == 16 for t in alone)
+    assert all(len(t) == 32 for t in alone)
+    assert len({tuple(t) for t in alone}) == len(PROMPTS)
 
 
 def test_batch_equals_alone_with_chunked_prefill(chunked_llm: LLM,
                                                  alone: list[list[int]]) -> None:
-    outs = chunked_llm.generate(PROMPTS, GREEDY)
+    outs = chunked_llm.generate(PROMPTS, LONG_GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == alone
 
 
 def test_batch_equals_alone_under_preemption(tiny_pool_llm: LLM,
                                              alone: list[list[int]]) -> None:
-    outs = tiny_pool_llm.generate(PROMPTS, GREEDY)
+    outs = tiny_pool_llm.generate(PROMPTS, LONG_GREEDY)
     assert tiny_pool_llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == alone
 
@@ -150,9 +154,9 @@ def test_logprobs_and_prompt_logprobs(llm: LLM) -> None:
         assert next(iter(pos)) == tok and 2 <= len(pos) <= 3
 
 
-def test_prompt_logprobs_survive_chunking(chunked_llm: LLM, llm: LLM) -> None:
+def test_prompt_logprobs_survive_chunking(chunked_llm: LLM, tiny_llm: LLM) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=1)
-    a = llm.generate(PROMPTS[4], params)[0].prompt_logprobs
+    a = tiny_llm.generate(PROMPTS[4], params)[0].prompt_logprobs
     b = chunked_llm.generate(PROMPTS[4], params)[0].prompt_logprobs
     assert len(a) == len(b)
     for pa, pb in zip(a[1:], b[1:]):

@@ -1,6 +1,7 @@
-"""Automatic prefix caching with the embedded model: cached and uncached engines give the same
-greedy (and seeded) outputs across chunk boundaries, preemption, eviction and n > 1, while the
-cached one computes shared prefixes once; every block is back in the pool after each test."""
+"""Automatic prefix caching on the tiny chat model (the embedded model's tokenizer, random
+weights): cached and uncached engines give the same greedy (and seeded) outputs across chunk
+boundaries, preemption, eviction and n > 1, while the cached one computes shared prefixes
+once; every block is back in the pool after each test."""
 from __future__ import annotations
 
 import pytest
@@ -22,8 +23,9 @@ def conversations() -> list[list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def uncached() -> LLM:
-    return LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, enable_prefix_caching=False)
+def uncached(tiny_model: str) -> LLM:
+    return LLM(tiny_model, max_num_seqs=16, kv_cache_memory_gb=0.25,
+               enable_prefix_caching=False)
 
 
 @pytest.fixture(scope="module")
@@ -36,23 +38,25 @@ def _hits(llm: LLM) -> int:
     return llm.engine.scheduler.kv.stats.hits
 
 
-def test_shared_system_prompt_computed_once(llm: LLM, expected: list[list[int]]) -> None:
-    before = _hits(llm)
-    got = [o.outputs[0].token_ids for o in llm.chat(conversations(), GREEDY, use_tqdm=False)]
+def test_shared_system_prompt_computed_once(tiny_llm: LLM, expected: list[list[int]]) -> None:
+    before = _hits(tiny_llm)
+    got = [o.outputs[0].token_ids
+           for o in tiny_llm.chat(conversations(), GREEDY, use_tqdm=False)]
     assert got == expected
-    prompt_len = len(llm.encode_chat(conversations()[0]))
-    shared_blocks = len(llm.encode_chat([{"role": "system", "content": SYSTEM}])) // 16
+    prompt_len = len(tiny_llm.encode_chat(conversations()[0]))
+    shared_blocks = len(tiny_llm.encode_chat([{"role": "system", "content": SYSTEM}])) // 16
     # the first request computes the prefix; the other seven find it (same step or later)
-    assert _hits(llm) - before >= 7 * (shared_blocks - 1) * 16
+    assert _hits(tiny_llm) - before >= 7 * (shared_blocks - 1) * 16
     assert prompt_len > shared_blocks * 16
-    again = [o.outputs[0].token_ids for o in llm.chat(conversations(), GREEDY,
-                                                      use_tqdm=False)]
+    again = [o.outputs[0].token_ids
+             for o in tiny_llm.chat(conversations(), GREEDY, use_tqdm=False)]
     assert again == expected
 
 
 @pytest.fixture(scope="module")
-def chunked_llm() -> LLM:
-    return LLM(max_num_seqs=16, max_num_batched_tokens=37, kv_cache_memory_gb=0.25)
+def chunked_llm(tiny_model: str) -> LLM:
+    return LLM(tiny_model, max_num_seqs=16, max_num_batched_tokens=37,
+               kv_cache_memory_gb=0.25)
 
 
 def test_cached_across_chunk_boundaries(chunked_llm: LLM, expected: list[list[int]]) -> None:
@@ -62,9 +66,10 @@ def test_cached_across_chunk_boundaries(chunked_llm: LLM, expected: list[list[in
 
 
 @pytest.fixture(scope="module")
-def tiny_pool_llm() -> LLM:
-    """Room for about two of these conversations besides their shared prefix: preemption and eviction both happen."""
-    return LLM(max_num_seqs=16, num_blocks=14)
+def tiny_pool_llm(tiny_model: str) -> LLM:
+    """Room for about two of these conversations besides their shared prefix: preemption and
+    eviction both happen."""
+    return LLM(tiny_model, max_num_seqs=16, num_blocks=14)
 
 
 def test_cached_under_preemption_and_eviction(tiny_pool_llm: LLM,
@@ -82,32 +87,32 @@ def test_cached_under_preemption_and_eviction(tiny_pool_llm: LLM,
     assert again == expected
 
 
-def test_n_samples_share_the_prompt(llm: LLM, uncached: LLM) -> None:
+def test_n_samples_share_the_prompt(tiny_llm: LLM, uncached: LLM) -> None:
     conv = conversations()[0]
     params = SamplingParams(n=4, temperature=0.9, seed=5, max_tokens=16)
-    before = _hits(llm)
-    got = llm.chat(conv, params, use_tqdm=False)[0]
+    before = _hits(tiny_llm)
+    got = tiny_llm.chat(conv, params, use_tqdm=False)[0]
     ref = uncached.chat(conv, params, use_tqdm=False)[0]
     assert [c.token_ids for c in got.outputs] == [c.token_ids for c in ref.outputs]
     prompt_blocks = (len(got.prompt_token_ids) - 1) // 16
-    assert _hits(llm) - before >= 3 * prompt_blocks * 16   # siblings 2..4 reuse sample 1's
+    assert _hits(tiny_llm) - before >= 3 * prompt_blocks * 16   # siblings 2..4 reuse #1's
 
 
-def test_second_turn_reuses_the_first(llm: LLM, uncached: LLM) -> None:
+def test_second_turn_reuses_the_first(tiny_llm: LLM, uncached: LLM) -> None:
     conv = conversations()[1]
-    first = llm.chat(conv, GREEDY, use_tqdm=False)[0].outputs[0].text
+    first = tiny_llm.chat(conv, GREEDY, use_tqdm=False)[0].outputs[0].text
     turn2 = conv + [{"role": "assistant", "content": first},
                     {"role": "user", "content": "And on Monday?"}]
-    before = _hits(llm)
-    got = llm.chat(turn2, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    before = _hits(tiny_llm)
+    got = tiny_llm.chat(turn2, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     assert got == uncached.chat(turn2, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
-    assert _hits(llm) - before >= (len(llm.encode_chat(conv)) // 16 - 1) * 16
+    assert _hits(tiny_llm) - before >= (len(tiny_llm.encode_chat(conv)) // 16 - 1) * 16
 
 
 @pytest.fixture(scope="module")
-def narrow_llm() -> LLM:
+def narrow_llm(tiny_model: str) -> LLM:
     """Two sequences at a time over a pool that holds two prefixes and little else."""
-    return LLM(max_num_seqs=2, num_blocks=11)
+    return LLM(tiny_model, max_num_seqs=2, num_blocks=11)
 
 
 def _interleaved(seed: int) -> list[list[int]]:
@@ -133,7 +138,8 @@ def test_prefix_aware_order_beats_input_order(narrow_llm: LLM, uncached: LLM) ->
 
 
 def test_shared_prefix_attention_is_taken_and_can_be_turned_off(
-        llm: LLM, expected: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_llm: LLM, tiny_model: str, expected: list[list[int]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """The decodes sharing the cached system prompt attend to it together (one call of the
     grouped path per layer and step), unless the engine turns that off; the outputs are the
     uncached engine's either way."""
@@ -143,8 +149,9 @@ def test_shared_prefix_attention_is_taken_and_can_be_turned_off(
     monkeypatch.setattr(ref, "_decode_shared_prefix",
                         lambda q, cache, group, *a: grouped.append(len(group.rows)) or
                         real(q, cache, group, *a))
-    alone = LLM(max_num_seqs=16, kv_cache_memory_gb=0.25, shared_prefix_attention=False)
-    for engine, want_grouped in ((llm, True), (alone, False)):
+    alone = LLM(tiny_model, max_num_seqs=16, kv_cache_memory_gb=0.25,
+                shared_prefix_attention=False)
+    for engine, want_grouped in ((tiny_llm, True), (alone, False)):
         grouped.clear()
         outs = engine.chat(conversations(), GREEDY, use_tqdm=False)
         assert [o.outputs[0].token_ids for o in outs] == expected
