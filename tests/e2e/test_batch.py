@@ -273,13 +273,13 @@ SMALL_ENGINE = ["--max-num-seqs", "8", "--kv-cache-memory-gb", "0.1",
                 "--served-model-name", NAME]
 
 
-def _start(tmp_path: Path, run: str) -> tuple[subprocess.Popen, Path]:
+def _start(tmp_path: Path, run: str, model: str) -> tuple[subprocess.Popen, Path]:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     log = tmp_path / f"{run}.log"
     with open(log, "wb") as f:
         proc = subprocess.Popen(TASKLOOM + [str(tmp_path / "in.jsonl"),
-                                            str(tmp_path / "out.jsonl")] + SMALL_ENGINE,
-                                stdout=f, stderr=subprocess.STDOUT, env=env)
+                                            str(tmp_path / "out.jsonl"), "--model", model]
+                                + SMALL_ENGINE, stdout=f, stderr=subprocess.STDOUT, env=env)
     return proc, log
 
 
@@ -297,24 +297,25 @@ def _wait_for_lines(proc: subprocess.Popen, log: Path, out: Path, at_least: int)
 
 
 def test_sigkill_and_ctrl_c_then_rerun_answers_every_line_once(
-        llm: LLM, tmp_path: Path) -> None:
-    lines = story_lines(40)
+        tiny_llm: LLM, tiny_model: str, tmp_path: Path) -> None:
+    """On the tiny chat model: what is tested is the job's, not the model's."""
+    lines = story_lines(40, max_tokens=48)
     lines[4:4] = ["this is not json"]
     lines[20:20] = [request("req-2", CMPL, {"model": NAME, "prompt": "again"})]  # duplicate
     write_input(tmp_path / "in.jsonl", lines)
-    BatchJob(str(tmp_path / "in.jsonl"), str(tmp_path / "ref.jsonl")).run(llm, NAME,
+    BatchJob(str(tmp_path / "in.jsonl"), str(tmp_path / "ref.jsonl")).run(tiny_llm, NAME,
                                                                           progress=False)
     expected = read_output(tmp_path / "ref.jsonl")
     out = tmp_path / "out.jsonl"
 
-    proc, log = _start(tmp_path, "killed")
+    proc, log = _start(tmp_path, "killed", tiny_model)
     _wait_for_lines(proc, log, out, 6)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(60) == -signal.SIGKILL
     after_kill = _complete_lines(out)
     assert after_kill < len(lines), "the job finished before the kill"
 
-    proc, log = _start(tmp_path, "interrupted")
+    proc, log = _start(tmp_path, "interrupted", tiny_model)
     _wait_for_lines(proc, log, out, after_kill + 4)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(120) == 130, log.read_text()
@@ -323,7 +324,7 @@ def test_sigkill_and_ctrl_c_then_rerun_answers_every_line_once(
     after_int = len(read_output(out))                  # a clean stop leaves no torn line
     assert after_kill + 4 <= after_int < len(lines)
 
-    proc, log = _start(tmp_path, "finished")
+    proc, log = _start(tmp_path, "finished", tiny_model)
     assert proc.wait(240) == 0, log.read_text()
     assert f"{after_int} skipped as already in" in log.read_text()
     _assert_same_answers(read_output(out), expected)
