@@ -1,13 +1,15 @@
-"""taskloom's GGUF reader (gguf's GGUFReader slicing a plain view of its mapping) reads every
-field and tensor exactly as gguf's own reader does: names, types, values, tensor data."""
+"""taskloom's GGUF reader (gguf's GGUFReader, reading arrays whole from a plain view of its
+mapping) reads every field and tensor exactly as gguf's own reader does: names, types,
+values, tensor data; a file cut short in a string array is refused."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import gguf
 import numpy as np
+import pytest
 
-from taskloom.models.gguf_reader import _Reader
+from taskloom.models.gguf_reader import _Reader, open_gguf
 
 
 def write_file(path: Path) -> None:
@@ -50,3 +52,17 @@ def test_reads_what_ggufs_own_reader_reads(tmp_path: Path) -> None:
         assert np.array_equal(a.data, b.data)
     tokens = ours.fields["tokenizer.ggml.tokens"]
     assert bytes(tokens.parts[tokens.data[2999]]).decode() == "tok2999" * 3
+
+
+def test_a_file_cut_inside_its_token_list_is_refused(tmp_path: Path) -> None:
+    """Cut where the string array runs on: a clear error, not a short list (nor a loop over
+    the rest of a bogus length)."""
+    path = tmp_path / "tiny.gguf"
+    write_file(path)
+    cut_at = gguf.GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].offset + 5000
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:cut_at])
+    with pytest.raises(ValueError, match=r"cut.gguf is not a valid GGUF file: ValueError: "
+                                         r"string \d+ of an array of 3000 at offset \d+ runs "
+                                         r"past the end of the file"):
+        open_gguf(str(cut))

@@ -19,7 +19,8 @@ from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
 from taskloom.config import ModelConfig
 from taskloom.models.arch import ArchConfig
-from taskloom.models.gguf_weights import dequantize_tensor
+from taskloom.models import gguf_weights
+from taskloom.models.gguf_weights import SUPPORTED_QUANT_TYPES, dequantize_tensor
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model, resolve_model_path
 from taskloom.models.shapes import SHAPES, shape_config
@@ -163,6 +164,29 @@ def test_dequantize_k_quants_against_ggml_reference(tmp_path: Path, qtype: Q) ->
     expected = torch.tensor([ref(bytes(block)) for block in raw]).reshape(rows, -1)
     assert got.shape == (rows, blocks_per_row * 256) and expected.abs().max() > 0
     torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("qtype", SUPPORTED_QUANT_TYPES, ids=lambda q: q.name)
+def test_dequantized_in_chunks_of_rows_bit_for_bit_as_gguf_does(
+        tmp_path: Path, qtype: Q, monkeypatch: pytest.MonkeyPatch) -> None:
+    """taskloom dequantizes many rows at a time where gguf takes 16: over chunks that split
+    the rows unevenly (3 rows, then the 2 left), every value is gguf's own, NaNs included
+    (random blocks hold any bit pattern in their fp16 scales)."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, blocks_per_row = 5, 2
+    raw = np.random.default_rng(int(qtype)).integers(
+        0, 256, (rows, blocks_per_row * type_size), dtype=np.uint8)
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        raw = raw.view({Q.F32: np.float32, Q.F16: np.float16, Q.BF16: np.uint16}[qtype])
+    write_gguf_tensors(tmp_path / "t.gguf", {"w": (raw, qtype)})
+    monkeypatch.setattr(gguf_weights, "DEQUANT_CHUNK_BYTES", 3 * blocks_per_row * type_size)
+    got = read_back(tmp_path / "t.gguf", "w").numpy()
+    want = gguf.quants.dequantize(np.asarray(gguf.GGUFReader(str(tmp_path / "t.gguf"))
+                                             .tensors[0].data), qtype)
+    assert got.shape == (rows, blocks_per_row * block)
+    assert np.array_equal(got.view(np.uint32), np.asarray(want, np.float32).reshape(
+        got.shape).view(np.uint32))
 
 
 # ---------------------------------------------------------------- GGUF vs safetensors
