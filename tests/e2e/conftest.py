@@ -34,7 +34,7 @@ def tiny_llm(tiny_model: str) -> LLM:
 @pytest.fixture(autouse=True)
 def _pool_full_after(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
-    for name in ("llm", "tiny_llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm", "async_llm",
-                 "spec_llm", "tiny_spec_llm"):
+    for name in ("llm", "tiny_llm", "small_llm", "chunked_llm", "tiny_pool_llm", "sync_llm",
+                 "async_llm", "spec_llm", "tiny_spec_llm"):
         if name in request.fixturenames:
             assert_pool_full(request.getfixturevalue(name))

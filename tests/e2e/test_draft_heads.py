@@ -161,8 +161,9 @@ def test_bench_spec_runs_the_heads_on_the_held_out_topics(random_heads: tuple[st
                                                           capsys: pytest.CaptureFixture
                                                           ) -> None:
     method, path = random_heads
-    assert cli_main(["bench", "spec", "--model", tiny_model, "--workload", "topics", "--batch-sizes", "2",
-                     "--output-len", "8", "--repeats", "1", "--kv-cache-memory-gb", "0.1",
+    assert cli_main(["bench", "spec", "--model", tiny_model, "--workload", "topics",
+                     "--batch-sizes", "2", "--output-len", "8", "--repeats", "1",
+                     "--kv-cache-memory-gb", "0.1",
                      "--speculative-config", json.dumps({
                          "method": method, "model": path, "num_speculative_tokens": 2})]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -176,9 +177,10 @@ def test_draft_tree_measures_the_heads_and_builds_trees_that_run(
         random_heads: tuple[str, str], tiny_model: str, capsys: pytest.CaptureFixture) -> None:
     method, path = random_heads
     spec = {"method": method, "model": path}     # the heads' count is theirs to say
-    assert cli_main(["draft-tree", "--model", tiny_model, "--speculative-config", json.dumps(spec), "--num-prompts",
-                     "3", "--max-tokens", "24", "--num-nodes", "2", "6", "--num-ranks", "4",
-                     "--kv-cache-memory-gb", "0.1"]) == 0
+    assert cli_main(["draft-tree", "--model", tiny_model, "--speculative-config",
+                     json.dumps(spec), "--num-prompts", "3", "--max-tokens", "24",
+                     "--num-nodes", "2", "6", "--num-ranks", "4", "--kv-cache-memory-gb",
+                     "0.1"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     acc = result["rank_accuracy"]
     assert len(acc) == 3 and all(len(row) == 4 and 0 <= sum(row) <= 1 for row in acc)
@@ -200,7 +202,8 @@ def test_more_drafts_than_heads_are_refused(random_heads: tuple[str, str],
     method, path = random_heads
     with pytest.raises(ValueError, match=f"num_speculative_tokens 4 is more than the 3 heads "
                                          f"of the {method.capitalize()} checkpoint"):
-        LLM(tiny_model, speculative_config={"method": method, "model": path, "num_speculative_tokens": 4})
+        LLM(tiny_model, speculative_config={"method": method, "model": path,
+                                            "num_speculative_tokens": 4})
 
 
 def _acceptance(config: str, method: str, heads: str, prompts: list[list[int]]) -> float:

@@ -7,12 +7,12 @@ This model has SmolLM2's tokenizer, chat template and special tokens, its whole 
 and two layers of hidden size 64: a decode step is a few milliseconds, host-bound as on a GPU.
 
 Its weights are drawn so that the next-token distribution is peaked (logits of standard
-deviation ~4 over the vocabulary): greedy choices are seldom near-ties (the median gap of the
-top two logits is ~1.5), so a batch's float noise does not flip them, and sampling at
+deviation ~4 over the vocabulary): greedy choices are seldom near-ties (the median gap of
+the top two logits is ~1.5), so a batch's float noise does not flip them, and sampling at
 temperature ~1 still varies. A little of each token's embedding in the output head makes it
 repeat tokens now and then, and fall into loops over longer greedy runs, as small models do,
-so that draft heads starting from the model's own guess are accepted some of the time. Torch and safetensors only: no transformers
-import.
+so that draft heads starting from the model's own guess are accepted some of the time. Torch
+and safetensors only: no transformers import.
 """
 from __future__ import annotations
 
