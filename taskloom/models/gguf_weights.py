@@ -91,11 +91,11 @@ def dequantize_tensor(tensor: ReaderTensor) -> torch.Tensor:
 def _dequantize(raw: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     """`gguf.quants.dequantize`, over ~1 MiB of rows at a time: gguf applies its block
     arithmetic to 16 rows at a time, and numpy's cost per call over thousands of such groups
-    is half of the embedded model's 1.5 s of dequantization. Blocks are independent, so the
-    values are gguf's, bit for bit; where gguf's per-type classes are not where this looks
-    (they are private), its own `dequantize` runs."""
+    is about half of the embedded model's ~1 s of dequantization. Blocks are independent, so
+    the values are gguf's, bit for bit; where gguf's per-type classes are not where this
+    looks (they are private), or the tensor is empty, its own `dequantize` runs."""
     traits = getattr(gguf.quants, "_type_traits", {}).get(qtype)
-    if traits is None or not hasattr(traits, "dequantize_rows"):
+    if traits is None or not hasattr(traits, "dequantize_rows") or not raw.size:
         return dequantize(raw, qtype)
     traits.init_grid()
     rows = raw.reshape(-1, raw.shape[-1])
