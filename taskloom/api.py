@@ -165,18 +165,24 @@ class LLM:
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
              lora: Adapter | Sequence[Adapter] = None,
-             tools: list[dict[str, Any]] | None = None) -> list[RequestOutput]:
+             tools: list[dict[str, Any]] | None = None,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         """Answer one conversation or a list of them, rendered with the model's chat template
-        (which shows the model `tools`, OpenAI-style function definitions, if given)."""
+        (which shows the model `tools`, OpenAI-style function definitions, if given). With
+        `continue_final_message` (and `add_generation_prompt=False`) the model continues
+        each conversation's last message, an assistant reply's prefill."""
         convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        encoded = [self.encode_chat(c, add_generation_prompt, tools) for c in convs]
+        encoded = [self.encode_chat(c, add_generation_prompt, tools, continue_final_message)
+                   for c in convs]
         return self._run(encoded, [None] * len(convs), sampling_params, use_tqdm, lora)
 
     def encode_chat(self, messages: Conversation, add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    continue_final_message: bool = False) -> list[int]:
         """Token ids of a conversation rendered with the chat template (the template itself
         places BOS where the model wants it, so no special tokens are added)."""
-        return self.tokenizer.encode_chat(messages, add_generation_prompt, tools)
+        return self.tokenizer.encode_chat(messages, add_generation_prompt, tools,
+                                          continue_final_message)
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                lora: Adapter = None) -> Iterator[RequestOutput]:

@@ -1,5 +1,5 @@
 """The HTTP app: OpenAI endpoints, health, models, Prometheus metrics and the chat page, and
-loading / unloading LoRA adapters at runtime (vLLM's endpoints).
+vLLM's endpoints for loading / unloading LoRA adapters at runtime and for tokenizing.
 
 `build_app` wires an engine, through its EngineClient (a thread of this process or a process
 of its own, taskloom.engine.core_process), into a FastAPI app; the client starts and stops
@@ -27,13 +27,14 @@ from taskloom.server.metrics import ServerMetrics
 from taskloom.server.protocol import (ChatCompletionRequest, CompletionRequest,
                                      LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest)
 from taskloom.server.serving import ServingContext
+from taskloom.server.tokenize import install_tokenize_endpoints
 from taskloom.server.tool_parsers import tool_call_parser_named
 
 
 def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
               max_queue: int | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """An app serving the engine behind `client` under `model_name`. `api_key` guards
-    /v1/*; `max_queue` bounds the sequences waiting for admission (429 beyond it); the
+    /v1/*, /tokenize and /detokenize; `max_queue` bounds the sequences waiting for admission (429 beyond it); the
     adapters requests may pick by `model` are the client's `info.loras` (None: the engine
     serves none); `tool_call_parser` (a name in TOOL_CALL_PARSERS) finds the calls the model
     writes for tool_choice "auto"."""
@@ -76,6 +77,7 @@ def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [base] + adapters}
 
     install_lora_endpoints(app, ctx, auth)
+    install_tokenize_endpoints(app, ctx, auth)
 
     @app.get("/health")
     async def health() -> Response:

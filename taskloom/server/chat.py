@@ -57,12 +57,29 @@ def prepare_chat(ctx: ModelContext, body: ChatCompletionRequest) -> PreparedRequ
                          logprobs=body.num_logprobs, tool_constraint=plan.structured)
     if plan.parser is not None and plan.parser.special_tokens:   # its tag is one
         params = dataclasses.replace(params, skip_special_tokens=False)
-    try:
-        ids = ctx.tokenizer_or_error().encode_chat(body.conversation(), tools=plan.tools)
-    except (TemplateError, ValueError) as e:
-        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+    ids = render_chat(ctx, body.conversation(), plan.tools, body.add_generation_prompt,
+                      body.continue_final_message)
     ctx.check_length(len(ids), max_tokens, "messages")
     return PreparedRequest([(ids, None)], params)
+
+
+def render_chat(ctx: ModelContext, conversation: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None, add_generation_prompt: bool,
+                continue_final_message: bool, add_special_tokens: bool = False) -> list[int]:
+    """The prompt's token ids of a conversation (the template writes its special tokens;
+    `add_special_tokens` adds the model's own BOS/EOS on top, as /tokenize may ask); a 400
+    APIError naming what the chat template could not render."""
+    if continue_final_message and add_generation_prompt:
+        raise bad_request("continue_final_message needs add_generation_prompt set to false: "
+                          "the first continues the last message, the second opens a new "
+                          "assistant turn", "continue_final_message")
+    tokenizer = ctx.tokenizer_or_error()
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt, tools,
+                                             continue_final_message=continue_final_message)
+    except (TemplateError, ValueError) as e:
+        raise bad_request(f"the chat template rejected the messages: {e}", "messages") from None
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
 def chat_body(ctx: ModelContext, response_id: str, created: int, body: ChatCompletionRequest,

@@ -1,4 +1,5 @@
-"""OpenAI protocol: request bodies of /v1/completions and /v1/chat/completions as pydantic models.
+"""OpenAI protocol: request bodies of /v1/completions and /v1/chat/completions as pydantic
+models, and of vLLM's /tokenize and /detokenize.
 
 Fields and defaults follow OpenAI's API reference; the usual engine extensions (top_k, min_p,
 repetition_penalty, min_tokens, ignore_eos, return_token_ids) are accepted in the body as
@@ -8,7 +9,9 @@ response (each chunk's new ids when streaming): what a client of a model without
 (random weights), or one that trains on the exact tokens, needs. Structured outputs come as
 OpenAI's `response_format` (json_object, json_schema) or as vLLM's `structured_outputs`
 ({"json" | "regex" | "choice" | "grammar" | "json_object": ...}) and its older `guided_json`,
-`guided_regex`, `guided_choice`, `guided_grammar`; one of them at most.
+`guided_regex`, `guided_choice`, `guided_grammar`; one of them at most. A chat may end on an
+assistant message for the model to continue (vLLM's `continue_final_message`, with
+`add_generation_prompt` false): a reply's prefill.
 Types are strict (a string is not a number); ranges are checked by SamplingParams, so the
 rules live in one place. Unknown fields are ignored, as OpenAI-compatible servers do.
 """
@@ -265,6 +268,9 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: StrictBool = True
+    # extensions (vLLM's)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
 
     def conversation(self) -> list[dict[str, Any]]:
         """Messages as the chat template expects them."""
@@ -280,3 +286,35 @@ class ChatCompletionRequest(_SamplingFields):
         if not self.logprobs:
             return None
         return self.top_logprobs or 0
+
+
+class TokenizeCompletionRequest(_Body):
+    """Body of POST /tokenize with a prompt (vLLM's)."""
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(_Body):
+    """Body of POST /tokenize with messages, rendered as /v1/chat/completions renders them
+    (vLLM's: the template writes any special tokens, so none are added by default)."""
+
+    model: StrictStr | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    add_special_tokens: StrictBool = False
+    return_token_strs: StrictBool = False
+    tools: list[Tool] | None = None
+
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+
+class DetokenizeRequest(_Body):
+    """Body of POST /detokenize (vLLM's)."""
+
+    model: StrictStr | None = None
+    tokens: TokenIds

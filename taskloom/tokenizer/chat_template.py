@@ -23,6 +23,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 __all__ = ["ChatTemplate", "TemplateError", "normalize_messages"]
 
 TEXT_PART_SEPARATOR = "\n"
+# appended to the message to continue, so that the rendered prompt can be cut where it ends
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 
 
 class TemplateError(ValueError):
@@ -108,6 +110,17 @@ def normalize_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
     return [_normalize_message(index, message) for index, message in enumerate(messages)]
 
 
+def _cut_at_continue_tag(rendered: str, final: str) -> str:
+    tag = _CONTINUE_TAG.strip()
+    if final.strip() not in rendered or tag not in rendered:
+        raise ValueError("continue_final_message is set but the chat template drops the final "
+                         "message's content, so there is no end of it to continue from")
+    at = rendered.rindex(tag)
+    if rendered[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG:
+        return rendered[:at]              # the template keeps the content's spacing
+    return rendered[:at].rstrip()         # it strips the content: so is the prompt's end
+
+
 class ChatTemplate:
     """A compiled chat template.
 
@@ -131,7 +144,8 @@ class ChatTemplate:
     def render(self, messages: Sequence[Any], add_generation_prompt: bool = True, *,
                special_tokens: Mapping[str, str] | None = None,
                tools: list[dict[str, Any]] | None = None,
-               documents: list[dict[str, Any]] | None = None) -> str:
+               documents: list[dict[str, Any]] | None = None,
+               continue_final_message: bool = False) -> str:
         """Render a conversation to the prompt text.
 
         Args:
@@ -141,17 +155,35 @@ class ChatTemplate:
                 tokens the model has are passed, so `{% if bos_token is defined %}` works.
             tools: JSON schemas of tools, or None.
             documents: retrieval documents (dicts), or None.
+            continue_final_message: end the prompt where the last message's content ends,
+                without what closes its turn, for the model to continue it (a reply's
+                prefill); as transformers does it, with a tag appended to the content and
+                the rendered text cut where the tag is.
 
         Raises:
-            ValueError: a message is malformed.
+            ValueError: a message is malformed, or the final message cannot be continued.
             TemplateError: the template failed or called `raise_exception`.
         """
+        normalized = normalize_messages(messages)
+        final = normalized[-1].get("content")
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both "
+                                 "be set: the first continues the last message, the second "
+                                 "opens a new assistant turn")
+            if not isinstance(final, str):
+                raise ValueError("continue_final_message is set but the final message has no "
+                                 "content to continue")
+            normalized[-1] = {**normalized[-1], "content": final + _CONTINUE_TAG}
         variables: dict[str, Any] = dict(special_tokens or {})
-        variables.update(messages=normalize_messages(messages), tools=tools, documents=documents,
+        variables.update(messages=normalized, tools=tools, documents=documents,
                          add_generation_prompt=add_generation_prompt)
         try:
-            return self._template.render(**variables)
+            rendered = self._template.render(**variables)
         except TemplateError:
             raise
         except jinja2.TemplateError as exc:
             raise TemplateError(f"chat template failed to render: {exc}") from exc
+        if continue_final_message:
+            rendered = _cut_at_continue_tag(rendered, final)
+        return rendered

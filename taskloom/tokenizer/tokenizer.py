@@ -207,11 +207,14 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]],
                             add_generation_prompt: bool = True,
                             tools: list[dict[str, Any]] | None = None,
-                            documents: list[dict[str, Any]] | None = None) -> str:
-        """Render a conversation with the model's chat template (as transformers does).
+                            documents: list[dict[str, Any]] | None = None,
+                            continue_final_message: bool = False) -> str:
+        """Render a conversation with the model's chat template (as transformers does);
+        `continue_final_message` leaves the last message open, for the model to continue.
 
         Raises:
-            ValueError: the model has no chat template, or a message is malformed.
+            ValueError: the model has no chat template, a message is malformed, or the final
+                message cannot be continued.
             TemplateError: the template failed or raised an exception.
         """
         if self._config.chat_template is None:
@@ -222,16 +225,19 @@ class Tokenizer:
         special = {key: getattr(self._config, key) for key in _SPECIAL_TOKEN_KEYS
                    if getattr(self._config, key) is not None}
         return self._template.render(messages, add_generation_prompt, special_tokens=special,
-                                     tools=tools, documents=documents)
+                                     tools=tools, documents=documents,
+                                     continue_final_message=continue_final_message)
 
     def encode_chat(self, messages: Sequence[Mapping[str, Any]],
                     add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    continue_final_message: bool = False) -> list[int]:
         """Token ids of a rendered conversation (with `tools` shown to the model, if given).
         The template writes any BOS itself, so none is added (as transformers'
         `apply_chat_template(tokenize=True)`)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt, tools),
-                           add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools,
+                                        continue_final_message=continue_final_message)
+        return self.encode(text, add_special_tokens=False)
 
 
 def _read_json(path: str) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@ round trip, and small GGUF files written here (byte-level BPE with each supporte
 pre-tokenizer, and SentencePiece BPE), so nothing needs the internet."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -102,6 +103,42 @@ def test_embedded_special_tokens(ours: Tokenizer, hf: PreTrainedTokenizerBase) -
 def test_embedded_chat_template_matches_hf(ours: Tokenizer, hf: PreTrainedTokenizerBase,
                                            messages: list[dict], generation: bool) -> None:
     assert ours.apply_chat_template(messages, generation) == hf_chat(hf, messages, generation)
+
+
+PREFILLS = ["Sure, here is", "The answer:  ", "  A list:\n", "Two parts", ""]
+
+
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_continue_final_message_matches_hf(ours: Tokenizer, hf: PreTrainedTokenizerBase,
+                                           prefill: str) -> None:
+    """A reply's prefill: the prompt ends where the assistant's content ends (its trailing
+    spaces as the template keeps them), without the end of its turn, as transformers' own
+    `continue_final_message`; content in text parts too (joined by a newline)."""
+    messages = CONVERSATIONS[2] + [{"role": "assistant", "content": prefill}]
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
+                                      continue_final_message=True)
+    assert ours.apply_chat_template(messages, False, continue_final_message=True) == expected
+    assert not expected.endswith("<|im_end|>\n")
+    ids = hf.apply_chat_template(messages, add_generation_prompt=False,
+                                 continue_final_message=True, return_dict=True)["input_ids"]
+    assert ours.encode_chat(messages, False, continue_final_message=True) == ids
+    parts = messages[:-1] + [{"role": "assistant", "content": [      # joined as for HF's
+        {"type": "text", "text": "Two"}, {"type": "text", "text": prefill}]}]     # templates
+    joined = messages[:-1] + [{"role": "assistant", "content": f"Two\n{prefill}"}]
+    assert ours.apply_chat_template(parts, False, continue_final_message=True) == \
+        hf.apply_chat_template(joined, tokenize=False, continue_final_message=True)
+
+
+def test_continue_final_message_refusals(ours: Tokenizer) -> None:
+    messages = CONVERSATIONS[0] + [{"role": "assistant", "content": "Sure"}]
+    with pytest.raises(ValueError, match="continue_final_message and add_generation_prompt "
+                                         "cannot both be set"):
+        ours.apply_chat_template(messages, True, continue_final_message=True)
+    drops = Tokenizer(ours.backend, dataclasses.replace(
+        ours._config, chat_template="{% for m in messages %}{{ m.role }}\n{% endfor %}"))
+    with pytest.raises(ValueError, match="the chat template drops the final message's "
+                                         "content"):
+        drops.apply_chat_template(messages, False, continue_final_message=True)
 
 
 def test_encode_chat_matches_hf(ours: Tokenizer, hf: PreTrainedTokenizerBase) -> None:

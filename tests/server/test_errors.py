@@ -165,6 +165,10 @@ def test_api_key(guarded: ServerThread, caplog: pytest.LogCaptureFixture) -> Non
     assert err["code"] == "invalid_api_key"
     assert_error(httpx.get(guarded.base_url + "/v1/models",
                            headers={"Authorization": f"Basic {KEY}"}), 401)
+    for path, tokenize_body in (("/tokenize", {"prompt": "Hi"}), ("/detokenize", {"tokens": [1]})):
+        assert_error(post(guarded, path, tokenize_body), 401, "api key")
+        assert post(guarded, path, tokenize_body,
+                    headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
     ok = post(guarded, "/v1/completions", body, headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
     assert httpx.get(guarded.base_url + "/health").status_code == 200
