@@ -34,10 +34,10 @@ from taskloom.server.tool_parsers import tool_call_parser_named
 def build_app(client: EngineClient, model_name: str, api_key: str | None = None,
               max_queue: int | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """An app serving the engine behind `client` under `model_name`. `api_key` guards
-    /v1/*, /tokenize and /detokenize; `max_queue` bounds the sequences waiting for admission (429 beyond it); the
-    adapters requests may pick by `model` are the client's `info.loras` (None: the engine
-    serves none); `tool_call_parser` (a name in TOOL_CALL_PARSERS) finds the calls the model
-    writes for tool_choice "auto"."""
+    /v1/*, /tokenize and /detokenize; `max_queue` bounds the sequences waiting for admission
+    (429 beyond it); the adapters requests may pick by `model` are the client's
+    `info.loras` (None: the engine serves none); `tool_call_parser` (a name in
+    TOOL_CALL_PARSERS) finds the calls the model writes for tool_choice "auto"."""
     info = client.info
     loras = info.loras
     ctx = ServingContext(tokenizer=info.tokenizer, model_name=model_name,
