@@ -8,7 +8,9 @@ op keeps a step from the hardware's limit.
 The ops, with one token per sequence at each of `--batch-sizes` (decode) and at
 `--prefill-tokens` (a prefill chunk):
   linear_qkv, linear_o, linear_gate_up, linear_down, lm_head: torch's matmul (cuBLAS) with the
-      layer's weight shapes; bytes: the weight and the activations;
+      layer's weight shapes; bytes: the weight and the activations. On a CPU in bf16/fp16 the
+      decoder's projections also as the engine runs them there, oneDNN-packed
+      (`weights: "packed"`, checked against F.linear, `weights: "plain"`);
   fused_add_rms_norm, rotary, write_kv, rotary_to_cache (the two fused, as the model runs
       them), silu_and_mul: the bytes they read and write;
   decode_attention at each of `--context-lens`: every sequence's keys and values, in blocks
@@ -29,6 +31,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -39,6 +42,7 @@ from taskloom.bench.latency import copy_bandwidth, matmul_flops
 from taskloom.models.arch import ArchConfig
 from taskloom.models.loader import random_arch
 from taskloom.ops.backend import TORCH_OPS, Ops, select_ops, triton_ops
+from taskloom.ops.linear import PackedLinear, packing_supported
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.attention import AttentionMetadata
 from taskloom.runtime.model_runner import torch_dtype
@@ -61,6 +65,8 @@ class Case:
     nbytes: int = 0                   # bytes read and written (memory-bound ops)
     flops: int = 0                    # FLOPs (extend attention)
     reference: Callable[[], Any] | None = None   # the torch reference's call, to compare
+    reference_is_op: bool = True      # the reference is the torch op itself (no comparison
+                                      # when the torch ops are what is timed)
     view: Callable[[Any], torch.Tensor] = lambda out: out   # an output as one tensor
 
 
@@ -121,8 +127,15 @@ def layer_cases(arch: ArchConfig, ops: Ops, dtype: torch.dtype, device: torch.de
             continue                # a prefill samples one row per sequence
         x = _rand(tokens, n_in, dtype=dtype, device=device)
         w = _rand(n_out, n_in, dtype=dtype, device=device)
-        cases.append(Case(name, shape, lambda x=x, w=w: F.linear(x, w),
-                          nbytes=(n_out * n_in + tokens * (n_in + n_out)) * isz))
+        nbytes = (n_out * n_in + tokens * (n_in + n_out)) * isz
+        if name == "lm_head" or device.type != "cpu" or not packing_supported(dtype):
+            cases.append(Case(name, shape, lambda x=x, w=w: F.linear(x, w), nbytes=nbytes))
+            continue
+        cases.append(Case(name, {**shape, "weights": "plain"}, lambda x=x, w=w: F.linear(x, w),
+                          nbytes=nbytes))
+        cases.append(Case(name, {**shape, "weights": "packed"}, partial(PackedLinear(w, None), x),
+                          nbytes=nbytes, reference=lambda x=x, w=w: F.linear(x, w),
+                          reference_is_op=False))
     x = _rand(tokens, h, dtype=dtype, device=device)
     res = _rand(tokens, h, dtype=dtype, device=device)
     w = _rand(h, dtype=dtype, device=device)
@@ -361,7 +374,8 @@ def run_kernels(a: argparse.Namespace) -> dict[str, Any]:
                                      a.block_size, gen))
         if ops is TORCH_OPS:
             for case in cases:
-                case.reference = None       # they are the reference
+                if case.reference_is_op:
+                    case.reference = None   # they are the reference
         results, sweeps, best = [], [], []
         deadline = time.monotonic() + a.sweep_budget
         for case in cases:

@@ -111,7 +111,8 @@ def _kernel_shape(row: dict) -> str:
         return f"batch {row['batch']}, context {row['context']}, splits {row['splits']}"
     if row["op"] == "extend_attention":
         return f"{row['seqs']} x {row['prompt_len']} tokens"
-    return f"{row['phase']} {row['tokens']} tokens"
+    weights = f", {row['weights']} weights" if "weights" in row else ""
+    return f"{row['phase']} {row['tokens']} tokens{weights}"
 
 
 def _kernels_lines(r: dict) -> list[str]:

@@ -1,5 +1,5 @@
-"""Build an engine from an EngineConfig: load weights and tokenizer, swap in LoRA projections
-when adapters are served, size the KV pool (on a GPU by a profiling step, see
+"""Build an engine from an EngineConfig: load weights and tokenizer, swap in oneDNN-packed
+projections on a CPU in bf16/fp16 and LoRA projections when adapters are served, size the KV pool (on a GPU by a profiling step, see
 `taskloom.runtime.memory`), capture CUDA graphs, wire the scheduler, runner and engine core
 together."""
 from __future__ import annotations
@@ -19,6 +19,7 @@ from taskloom.models.draft_heads import DRAFT_HEAD_METHODS, DraftHeads, load_dra
 from taskloom.models.llama import LlamaForCausalLM
 from taskloom.models.loader import load_model
 from taskloom.ops.backend import TORCH_OPS
+from taskloom.ops.linear import pack_cpu_linears
 from taskloom.runtime.cuda_graphs import default_capture_sizes
 from taskloom.runtime.memory import kv_cache_bytes, profile_memory
 from taskloom.runtime.model_runner import ModelRunner, torch_dtype
@@ -87,6 +88,7 @@ def build_engine(config: EngineConfig) -> EngineCore:
     device = torch.device(config.model.device)
     dtype = torch_dtype(config.model.dtype)
     max_model_len = config.model.max_model_len or arch.max_position_embeddings
+    pack_cpu_linears(loaded.model)     # bf16/fp16 on a CPU: weights reordered once for oneDNN
     lora = None
     if config.lora.enabled:     # before sizing the KV pool: the slots take device memory
         lora = LoRAManager(loaded.model, arch, config.lora, loaded.model.ops, device)

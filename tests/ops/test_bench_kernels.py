@@ -11,8 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from taskloom.bench import kernels
+from taskloom.bench.summary import result_lines
+from taskloom.ops.linear import packing_supported
 from tests.models.tiny_models import write_tiny_config
 from tests.ops.triton_marks import DEVICES
 
@@ -103,3 +106,16 @@ def test_launch_settings_reach_the_kernels(device: str) -> None:
             decode_attention.paged_decode_attention(q, cache, tables, lens, 0.25, 20, 1)
     out = decode_attention.paged_decode_attention(q, cache, tables, lens, 0.25, 20, 1)
     assert out.shape == q.shape
+
+
+@pytest.mark.skipif(not packing_supported(torch.bfloat16),
+                    reason="oneDNN on this CPU has no native bf16 GEMM")
+def test_cpu_bf16_projections_are_timed_packed_and_plain(tmp_path: Path) -> None:
+    r = kernels.run_kernels(_args(write_tiny_config(tmp_path), "cpu", "torch",
+                                  dtype="bfloat16", context_lens=[], prefill_tokens=[]))
+    rows = {(row["op"], row.get("weights")): row for row in r["results"]}
+    for op in ("linear_qkv", "linear_o", "linear_gate_up", "linear_down"):
+        assert "max_abs_diff_vs_torch" not in rows[op, "plain"]
+        assert rows[op, "packed"]["max_abs_diff_vs_torch"] < 0.05, rows[op, "packed"]
+    assert ("lm_head", None) in rows         # the engine does not pack the lm head
+    assert "packed weights" in "\n".join(result_lines(r))
