@@ -28,7 +28,8 @@ import torch
 
 # (category, pattern on the kernel or operator name): the first that matches names it. Our
 # Triton kernels by their function names; cuBLAS/CUTLASS GEMMs by theirs (nvjet, xmma,
-# cutlass, gemm); torch's CPU operators by their aten names.
+# cutlass, gemm); torch's CPU operators by their aten names, oneDNN's packed linears
+# (taskloom.ops.linear) by theirs.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
         ("lora", r"segment_matmul|lora|sgmv|bgmv"),
@@ -38,7 +39,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("rotary", r"rotary|rope"),
         ("activation", r"silu|gelu|swiglu"),
         ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|aten::(mm|addmm|bmm|matmul|"
-                 r"linear|baddbmm)$"),
+                 r"linear|baddbmm)$|mkldnn::_linear_pointwise"),
         ("sampling", r"argmax|arg_max|topk|sort|softmax|multinomial|exponential|cumsum"),
         ("copy", r"memcpy|memset|copy|aten::(cat|index|index_select|index_copy_|gather|"
                  r"scatter|to|_to_copy|contiguous|clone|fill_|zero_)$"),

@@ -28,6 +28,7 @@ from taskloom.bench.profile import category, self_times, summarize_trace, union_
     ("Memcpy HtoD (Pinned -> Device)", "copy"), ("Memset (Device)", "copy"),
     # CPU operators
     ("aten::mm", "gemm"), ("aten::addmm", "gemm"), ("aten::index_select", "copy"),
+    ("mkldnn::_linear_pointwise", "gemm"),    # oneDNN-packed projections (CPU bf16/fp16)
     ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
     ("aten::mul", "elementwise"), ("aten::as_strided", "other"),
     ("aten::mmap_like_op", "other"),          # anchored: not every name starting aten::mm
