@@ -34,7 +34,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "with --random-weights a shape name or config.json")
     g.add_argument("--random-weights", action="store_true",
                    help="random weights of the named shape, nothing read from disk")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bf16 on a GPU (fp16 where it has no bf16) and on a CPU with "
+                        "AVX512-BF16 or AMX, else float32 (the reference)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -17,6 +17,10 @@ class InvalidParameter(ValueError):
         super().__init__(message)
         self.param = param
 
+    def __reduce__(self) -> tuple[type[InvalidParameter], tuple[str, str]]:
+        # pickled whole: an engine in its own process refuses requests with these
+        return InvalidParameter, (self.param, str(self))
+
 
 @dataclass
 class StructuredOutputs:

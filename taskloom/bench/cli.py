@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
 
 def add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +45,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                          "the steady state, where finishing requests make room for new "
                          "ones, or all decode)")
     tp.add_argument("--output-json", default=None, help="also write the result to this file")
-    tp.set_defaults(func=_run_throughput)
+    tp.set_defaults(func=_auto_dtype(_run_throughput))
     lat = kinds.add_parser("latency", help="batch latency: TTFT and decode tokens/s, GB/s")
     add_engine_args(lat)
     lat.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -63,7 +64,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                           "and all (file)")
     _add_profile_args(lat)
     lat.add_argument("--output-json", default=None, help="also write the result to this file")
-    lat.set_defaults(func=_run_latency)
+    lat.set_defaults(func=_auto_dtype(_run_latency))
     lo = kinds.add_parser("lora", help="multi-LoRA throughput relative to the base model")
     add_engine_args(lo)
     lo.add_argument("--num-loras", type=int, nargs="+", default=[1, 8, 64],
@@ -82,7 +83,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
     lo.add_argument("--repeats", type=int, default=2,
                     help="run every configuration this many times, round-robin; keep the best")
     lo.add_argument("--output-json", default=None, help="also write the result to this file")
-    lo.set_defaults(func=_run_lora, max_loras=None)
+    lo.set_defaults(func=_auto_dtype(_run_lora), max_loras=None)
     sv = kinds.add_parser("serve", help="online latency and throughput against a running server")
     sv.add_argument("--base-url", default="http://127.0.0.1:8000")
     sv.add_argument("--model", default=None, help="model name (default: the server's first)")
@@ -142,7 +143,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="a UTF-8 text to cut the passages from (default: Python's "
                          "reference documentation, pydoc_data.topics)")
     wi.add_argument("--output-json", default=None, help="also write the result to this file")
-    wi.set_defaults(func=_run_window)
+    wi.set_defaults(func=_auto_dtype(_run_window))
     sn = kinds.add_parser("snapkv", help="KV compression of long prompts: needle retrieval "
                                          "and KV memory of SnapKV vs full attention and a "
                                          "sliding window of the same size")
@@ -162,7 +163,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="a UTF-8 text to cut the passages from (default: Python's "
                          "reference documentation, pydoc_data.topics)")
     sn.add_argument("--output-json", default=None, help="also write the result to this file")
-    sn.set_defaults(func=_run_snapkv)
+    sn.set_defaults(func=_auto_dtype(_run_snapkv))
     sp = kinds.add_parser("spec", help="speculative decoding (prompt lookup, Medusa or Hydra "
                                        "heads) against the same engine without it")
     add_engine_args(sp)
@@ -184,7 +185,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
                     help="also HF generate with its prompt lookup (greedy, batch 1)")
     sp.add_argument("--peer-num-prompts", type=int, default=4, metavar="N")
     sp.add_argument("--output-json", default=None, help="also write the result to this file")
-    sp.set_defaults(func=_run_spec)
+    sp.set_defaults(func=_auto_dtype(_run_spec))
     sm = kinds.add_parser("summary", help="a line per result of a results file (JSON lines), "
                                           "and speedups between results of one workload")
     sm.add_argument("results", help="a file of benchmark JSON lines, e.g. run_gpu.sh's")
@@ -200,6 +201,16 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
                    help="steps in the profiled window")
     p.add_argument("--profile-dir", default=None, metavar="DIR",
                    help="also keep each window's Chrome trace (for Perfetto) in DIR")
+
+
+def _auto_dtype(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """`run` with `--dtype auto` resolved first, so that the result names the dtype that ran
+    (and a peer runs in it too)."""
+    def call(a: argparse.Namespace) -> int:
+        from taskloom.runtime.dtypes import resolve_dtype
+        a.dtype = resolve_dtype(a.dtype, a.device)
+        return run(a)
+    return call
 
 
 def _run_throughput(a: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ from taskloom.ops.backend import TORCH_OPS, Ops, select_ops, triton_ops
 from taskloom.ops.linear import PackedLinear, packing_supported
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.attention import AttentionMetadata
-from taskloom.runtime.model_runner import torch_dtype
+from taskloom.runtime.dtypes import torch_dtype
 
 # --sweep: the launch settings tried for each attention kernel, beside its default (each
 # distinct one is a compilation: about 27 per decode split count, 54 for extend)

@@ -16,7 +16,7 @@ import time
 from taskloom.bench.common import build_llm, run_info
 from taskloom.bench.throughput import make_prompts, warmup_prompts
 from taskloom.lora.random_adapter import write_random_adapter
-from taskloom.runtime.model_runner import torch_dtype
+from taskloom.runtime.dtypes import torch_dtype
 from taskloom.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

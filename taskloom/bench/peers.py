@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from taskloom.runtime.model_runner import torch_dtype
+from taskloom.runtime.dtypes import torch_dtype
 
 if TYPE_CHECKING:
     from transformers import ContinuousBatchingConfig

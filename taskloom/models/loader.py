@@ -25,10 +25,10 @@ from taskloom.models.safetensors_weights import SafetensorsCheckpoint
 from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.models.weights import materialize
 from taskloom.ops.backend import select_ops
+from taskloom.runtime.dtypes import TORCH_DTYPES
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RANDOM_INIT_STD = 0.02
 
 

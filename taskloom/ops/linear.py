@@ -44,8 +44,10 @@ class PackedLinear(nn.Module):
     """`F.linear(x, weight, bias)` over a weight reordered once into oneDNN's layout.
 
     x: [n, in_features] (2-D: the model's batches are flat) -> [n, out_features]. Holds the
-    packed weight only; `weight` is that opaque tensor (dtype, device and shape as the
-    original's, no storage to index)."""
+    packed weight only: `weight` is that opaque tensor (dtype, device and shape as the
+    original's, no storage to index), a frozen Parameter as nn.Linear's is, so that what
+    counts a model's weights (parameter totals, a decode step's bytes, prefill FLOPs) still
+    counts it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -54,8 +56,8 @@ class PackedLinear(nn.Module):
                              f"on {weight.device}")
         self.out_features, self.in_features = weight.shape
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_BATCH_HINT)
-        self.register_buffer("weight", packed, persistent=False)   # [out, in], opaque
-        self.register_buffer("bias", None if bias is None else bias.detach(), persistent=False)
+        self.weight = nn.Parameter(packed, requires_grad=False)            # [out, in], opaque
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias,  # [n, out]

@@ -22,7 +22,8 @@ from taskloom.ops.backend import TORCH_OPS
 from taskloom.ops.linear import pack_cpu_linears
 from taskloom.runtime.cuda_graphs import default_capture_sizes
 from taskloom.runtime.memory import kv_cache_bytes, profile_memory
-from taskloom.runtime.model_runner import ModelRunner, torch_dtype
+from taskloom.runtime.dtypes import torch_dtype
+from taskloom.runtime.model_runner import ModelRunner
 from taskloom.tokenizer.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)

@@ -52,13 +52,6 @@ from taskloom.runtime.transfer import to_device, to_host
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return _TORCH_DTYPES[name]
-
-
 @dataclass
 class _ReqState:
     prompt_token_ids: list[int]

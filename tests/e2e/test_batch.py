@@ -269,8 +269,8 @@ def test_files_that_make_the_job_impossible(tmp_path: Path) -> None:
 
 # ----- the real command: SIGKILL, then Ctrl-C, then a rerun to the end --------------------------
 TASKLOOM = [sys.executable, "-m", "taskloom.cli", "batch"]
-SMALL_ENGINE = ["--max-num-seqs", "8", "--kv-cache-memory-gb", "0.1",
-                "--served-model-name", NAME]
+SMALL_ENGINE = ["--max-num-seqs", "8", "--kv-cache-memory-gb", "0.1", "--dtype", "float32",
+                "--served-model-name", NAME]      # the oracle's dtype (the CLI's is auto)
 
 
 def _start(tmp_path: Path, run: str, model: str) -> tuple[subprocess.Popen, Path]:

@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 from taskloom.bench.llama_cpp import BATCHED_BENCH, gguf_copy_as
 from taskloom.cli import main
 from taskloom.models.gguf_weights import GGUFCheckpoint
-from taskloom.models.loader import TORCH_DTYPES
+from taskloom.runtime.dtypes import TORCH_DTYPES
 from tests.models.gguf_files import write_gguf_from_hf
 from tests.models.tiny_models import build_tiny_hf
 

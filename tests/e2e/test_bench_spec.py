@@ -61,8 +61,8 @@ def test_spec_bench_with_the_hf_peer(tmp_path: Path, capsys: pytest.CaptureFixtu
     monkeypatch.setattr(peers, "load_hf_model",
                         lambda a, attn_implementation=None: load_hf_smollm())
     out = tmp_path / "result.json"
-    rc = main(["bench", "spec", "--batch-sizes", "1", "2", "--output-len", "16",
-               "--repeats", "1", "--peer", "hf", "--peer-num-prompts", "1",
+    rc = main(["bench", "spec", "--batch-sizes", "1", "2", "--output-len", "16", "--dtype",
+               "float32", "--repeats", "1", "--peer", "hf", "--peer-num-prompts", "1",
                "--speculative-config", '{"num_speculative_tokens": 3}',
                "--output-json", str(out)])
     assert rc == 0

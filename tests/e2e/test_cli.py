@@ -11,9 +11,10 @@ TASKLOOM = [sys.executable, "-m", "taskloom.cli"]
 
 
 def run(args: list[str], stdin: str = "") -> subprocess.CompletedProcess:
+    """`taskloom ARGS` in float32, the dtype of the `llm` oracle (the CLI's default is auto)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(TASKLOOM + args, input=stdin, capture_output=True, text=True,
-                          timeout=300, env=env)
+    return subprocess.run(TASKLOOM + args + ["--dtype", "float32"], input=stdin,
+                          capture_output=True, text=True, timeout=300, env=env)
 
 
 def test_generate_streams_the_greedy_completion(llm: LLM) -> None:

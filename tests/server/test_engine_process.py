@@ -29,8 +29,8 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 
 def start(*argv: str) -> tuple[ServerThread, ProcessEngineClient]:
     """A server on 127.0.0.1 whose engine `taskloom serve ARGV` builds in its own process."""
-    a = build_parser().parse_args(["serve", "--kv-cache-memory-gb", "0.25",
-                                   "--max-num-seqs", "16", *argv])
+    a = build_parser().parse_args(["serve", "--kv-cache-memory-gb", "0.25", "--dtype",
+                                   "float32", "--max-num-seqs", "16", *argv])  # the oracle's
     client = served_engine(a)
     assert isinstance(client, ProcessEngineClient)
     config = uvicorn_config(client, MODEL, "127.0.0.1", free_port(), None, None,

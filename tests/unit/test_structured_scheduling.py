@@ -4,6 +4,8 @@ its grammar, the request ends when the grammar is done, drafts are cut to what t
 takes and carry a mask per position). No torch and no llguidance: a hand-made grammar plays its part."""
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from taskloom.config import SchedulerConfig, SpeculativeConfig
@@ -126,3 +128,10 @@ def test_structured_outputs_parameters() -> None:
         SamplingParams(structured_outputs={"schema": {}})
     with pytest.raises(InvalidParameter, match="min_tokens must be 0 with structured_outputs"):
         SamplingParams(min_tokens=2, structured_outputs={"json_object": True})
+
+
+def test_a_refusal_crosses_to_the_server_process_whole() -> None:
+    """An engine in its own process sends its refusals through a pipe (pickled)."""
+    e = pickle.loads(pickle.dumps(InvalidParameter("structured_outputs", "bad grammar")))
+    assert type(e) is InvalidParameter and e.param == "structured_outputs"
+    assert str(e) == "bad grammar"

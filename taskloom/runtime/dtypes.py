@@ -1,0 +1,38 @@
+"""Model dtypes by name, and what `auto` means on a device.
+
+`auto` (the CLI's default, as vLLM's) is the fastest dtype the device computes natively:
+bf16 on a CUDA GPU that has it (else fp16), bf16 on a CPU with AVX512-BF16 or AMX (oneDNN's
+packed bf16 GEMMs, see `taskloom.ops.linear`: about twice fp32's prefill and batched decode
+there), fp32 on any other CPU. fp32 stays the Python API's default: it is the oracle the tests
+hold every other path to.
+"""
+from __future__ import annotations
+
+import torch
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *TORCH_DTYPES)
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return TORCH_DTYPES[name]
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """`dtype` itself, or for `auto` the dtype it means on `device` (see the module's text)."""
+    if dtype not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    if dtype != "auto":
+        return dtype
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    if kind == "cpu" and cpu_has_native_bf16():
+        return "bfloat16"
+    return "float32"
