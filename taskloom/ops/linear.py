@@ -1,18 +1,20 @@
 """Linear layers whose weights are prepacked for oneDNN: the CPU's bf16/fp16 GEMMs.
 
-`F.linear` on a CPU bf16 weight hands oneDNN a plain row-major matrix, which it reorders into
-its blocked layout on every call. At decode batch sizes that reorder costs as much as the
-multiply: a Sapphire Rapids core pair (AMX) streams a SmolLM2-135M decoder's bf16 projections
-at 12-13 GB/s through `F.linear` and at 18-20 GB/s from weights reordered once, and a prefill
-chunk of 256 tokens runs 1.5x faster (`benchmarks/cpu_linear.py`). fp16 gains less (no AMX
-for it there) but loses nothing. The packed GEMM computes what `F.linear` computes: the same
-oneDNN kernels without the per-call reorder, equal bit for bit in most shapes and otherwise
-within a rounding of the output dtype (tests/ops/test_packed_linear.py).
+`F.linear` on a CPU bf16 weight hands oneDNN a plain row-major matrix on every call, to
+reorder or to read in a layout its kernels do not want; reordered once, it is read as they
+want it. At decode batch sizes that is most of the difference: on two Sapphire Rapids cores (AMX) a pass over SmolLM2-135M's decoder projections
+streams 11-12 GB/s of bf16 weights through `F.linear` and 14-17 GB/s from weights reordered
+once, 1.3-1.5x from 1 to 256 rows; at 1,024-2,048 rows (long prefill chunks) the two are
+within 10% of each other (`python benchmarks/cpu_linear.py`). fp16 gains less (no AMX for it
+there) but loses nothing. The packed GEMM computes what `F.linear` computes, the same oneDNN
+kernels without the per-call reorder: equal bit for bit in most shapes, otherwise within a
+rounding of the output dtype (tests/ops/test_packed_linear.py).
 
 Swapped in for the decoder's projections after the weights are loaded, as quantized linears
 would be (the model definition knows of neither). fp32 keeps `F.linear`: it is the oracle,
 and MKL's own sgemm is the faster fp32 GEMV. The lm head stays as it is: with tied
-embeddings a packed copy would double the vocabulary matrix for ~2% of a step.
+embeddings a packed copy would double the vocabulary matrix, for 1.2-2 ms of SmolLM2's
+25-62 ms decode steps (measured).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 # The batch size oneDNN lays the packed weight out for. Measured on SmolLM2-135M's shapes
-# (2 cores, AMX): 512 is as fast as F.linear or faster from 1 row to 2,048; a hint of 16
-# halves the speed at 1,024 rows, one of 2,048 loses at 64-256.
+# (2 cores, AMX): with 512, 1-256 rows run 1.3-1.5x F.linear and 1,024-2,048 about as fast;
+# a hint of 16 halved the speed at 1,024 rows, one of 2,048 lost at 64-256.
 PACK_BATCH_HINT = 512
 
 

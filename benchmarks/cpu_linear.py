@@ -1,0 +1,92 @@
+"""A whole decoder's projections on the CPU, through `F.linear` and oneDNN-packed
+(`taskloom.ops.linear.PackedLinear`, what the engine runs in bf16/fp16 on a CPU), at several
+row counts: one pass over every layer's q/k/v, o, gate/up and down weights of a named shape,
+each weight a matrix of its own, so that (unlike `taskloom bench kernels`, which reuses one)
+they stream from memory as a decode step's do. Prints a JSON line: per rows and kind, the
+median milliseconds of a pass over the repeats, the weight bytes a second (GB/s) and the
+TFLOP/s, and packed's speedup over F.linear; and the packed outputs' largest difference from
+F.linear's.
+
+    python benchmarks/cpu_linear.py --model smollm2-135m --rows 1 8 32 256 2048
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from taskloom.bench.common import run_info, significant
+from taskloom.models.loader import random_arch
+from taskloom.ops.linear import PACK_BATCH_HINT, PackedLinear, packing_supported
+from taskloom.runtime.dtypes import torch_dtype
+
+
+def decoder_weights(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Every layer's projection weights [out, in] of the named shape, random."""
+    arch, _ = random_arch(model)
+    h, inter = arch.hidden_size, arch.intermediate_size
+    shapes = [(arch.q_size + 2 * arch.kv_size, h), (h, arch.q_size), (2 * inter, h),
+              (h, inter)]
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(o, i, generator=gen) / i ** 0.5).to(dtype)
+            for _ in range(arch.num_hidden_layers) for o, i in shapes]
+
+
+def time_pass(calls: list[Callable[[], torch.Tensor]], repeats: int) -> float:
+    """Median seconds of one pass over `calls`, after a warm-up pass."""
+    for call in calls:
+        call()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="a named shape")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 256, 2048])
+    p.add_argument("--repeats", type=int, default=10)
+    a = p.parse_args()
+    dtype = torch_dtype(a.dtype)
+    if not packing_supported(dtype):
+        raise SystemExit(f"oneDNN on this CPU has no native {a.dtype} GEMM: nothing to compare")
+    weights = decoder_weights(a.model, dtype)
+    packed = [PackedLinear(w, None) for w in weights]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    results, max_diff = [], 0.0
+    with torch.inference_mode():
+        for rows in a.rows:
+            xs = {k: torch.randn(rows, k).to(dtype) for k in {w.shape[1] for w in weights}}
+            plain = [lambda w=w: F.linear(xs[w.shape[1]], w) for w in weights]
+            pack = [lambda m=m, k=w.shape[1]: m(xs[k]) for m, w in zip(packed, weights)]
+            for w, m in zip(weights[:4], packed[:4]):
+                x = xs[w.shape[1]]
+                max_diff = max(max_diff, float((m(x).float() - F.linear(x, w).float())
+                                               .abs().max()))
+            flops = 2 * rows * nbytes / dtype.itemsize
+            seconds = {}
+            for kind, calls in (("plain", plain), ("packed", pack)):
+                seconds[kind] = time_pass(calls, max(2, a.repeats // max(1, rows // 256)))
+                results.append({"rows": rows, "weights": kind,
+                                "ms": significant(seconds[kind] * 1e3),
+                                "gb_per_s": significant(nbytes / seconds[kind] / 1e9),
+                                "tflops": significant(flops / seconds[kind] / 1e12)})
+            results[-1]["speedup"] = round(seconds["plain"] / seconds["packed"], 3)
+    print(json.dumps({"bench": "cpu_linear", "model": a.model, "dtype": a.dtype,
+                      "threads": torch.get_num_threads(), "pack_batch_hint": PACK_BATCH_HINT,
+                      "weight_bytes": nbytes, "results": results,
+                      "max_abs_diff_vs_f_linear": significant(max_diff), **run_info("cpu")}))
+
+
+if __name__ == "__main__":
+    main()
