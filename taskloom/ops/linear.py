@@ -2,17 +2,18 @@
 
 `F.linear` on a CPU bf16 weight hands oneDNN a plain row-major matrix on every call, to
 reorder or to read in a layout its kernels do not want; reordered once, it is read as they
-want it. At decode batch sizes that is most of the difference: on two Sapphire Rapids cores (AMX) a pass over SmolLM2-135M's decoder projections
-streams 11-12 GB/s of bf16 weights through `F.linear` and 14-17 GB/s from weights reordered
-once, 1.3-1.5x from 1 to 256 rows; at 1,024-2,048 rows (long prefill chunks) the two are
-within 10% of each other (`python benchmarks/cpu_linear.py`). fp16 gains less (no AMX for it
-there) but loses nothing. The packed GEMM computes what `F.linear` computes, the same oneDNN
-kernels without the per-call reorder: equal bit for bit in most shapes, otherwise within a
-rounding of the output dtype (tests/ops/test_packed_linear.py).
+want it. At decode batch sizes that is most of the difference: on two Sapphire Rapids cores
+(AMX) a pass over SmolLM2-135M's decoder projections streams 11-12 GB/s of bf16 weights
+through `F.linear` and 14-17 GB/s from weights reordered once, 1.3-1.5x from 1 to 256 rows;
+at 1,024-2,048 rows (long prefill chunks) the two are within 10% of each other
+(`python benchmarks/cpu_linear.py`). fp16 gains less (no AMX for it there) but loses
+nothing. The packed GEMM computes what `F.linear` computes, the same oneDNN kernels without
+the per-call reorder: equal bit for bit in most shapes, otherwise within a rounding of the
+output dtype (tests/ops/test_packed_linear.py).
 
 Swapped in for the decoder's projections after the weights are loaded, as quantized linears
 would be (the model definition knows of neither). fp32 keeps `F.linear`: it is the oracle,
-and MKL's own sgemm is the faster fp32 GEMV. The lm head stays as it is: with tied
+and at one row oneDNN's packed fp32 GEMV measured slower than F.linear's (MKL's). The lm head stays as it is: with tied
 embeddings a packed copy would double the vocabulary matrix, for 1.2-2 ms of SmolLM2's
 25-62 ms decode steps (measured).
 """
