@@ -13,9 +13,9 @@ output dtype (tests/ops/test_packed_linear.py).
 
 Swapped in for the decoder's projections after the weights are loaded, as quantized linears
 would be (the model definition knows of neither). fp32 keeps `F.linear`: it is the oracle,
-and at one row oneDNN's packed fp32 GEMV measured slower than F.linear's (MKL's). The lm head stays as it is: with tied
-embeddings a packed copy would double the vocabulary matrix, for 1.2-2 ms of SmolLM2's
-25-62 ms decode steps (measured).
+and at one row oneDNN's packed fp32 GEMV measured slower than F.linear's (MKL's). The lm
+head stays as it is: with tied embeddings a packed copy would double the vocabulary matrix,
+for 1.2-2 ms of SmolLM2's 25-62 ms decode steps (measured).
 """
 from __future__ import annotations
 

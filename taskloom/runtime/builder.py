@@ -1,7 +1,7 @@
 """Build an engine from an EngineConfig: load weights and tokenizer, swap in oneDNN-packed
-projections on a CPU in bf16/fp16 and LoRA projections when adapters are served, size the KV pool (on a GPU by a profiling step, see
-`taskloom.runtime.memory`), capture CUDA graphs, wire the scheduler, runner and engine core
-together."""
+projections on a CPU in bf16/fp16 and LoRA projections when adapters are served, size the KV
+pool (on a GPU by a profiling step, see `taskloom.runtime.memory`), capture CUDA graphs, wire
+the scheduler, runner and engine core together."""
 from __future__ import annotations
 
 import logging

@@ -114,6 +114,8 @@ def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -
                  "--peer", "hf"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["bench"] == "latency" and result["copy_bandwidth_gb_per_s"] > 0
+    from taskloom.runtime.dtypes import resolve_dtype
+    assert result["dtype"] == resolve_dtype("auto", "cpu")     # what --dtype auto ran as
     rows, peer = result["results"], result["peer"]["results"]
     assert [r["batch_size"] for r in rows] == [1, 3] and len(peer) == 2
     for row in rows:

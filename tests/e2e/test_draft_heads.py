@@ -232,7 +232,8 @@ def test_trained_heads_are_accepted_more_than_untrained_ones(tmp_path: Path, met
     cli_main([f"train-{method}", "--model", config, "--random-weights", "--output", str(out),
               "--prompts-file", str(tmp_path / "prompts.jsonl"), "--num-heads", "3",
               "--num-layers", "2", "--max-tokens", "48", "--epochs", "40", "--lr", "1e-2",
-              "--batch-tokens", "32", "--loss", loss]
+              "--batch-tokens", "32", "--loss", loss,
+              "--dtype", "float32"]       # what _acceptance serves them with (the CLI: auto)
              + ([] if vocab is None else ["--draft-vocab-size", str(vocab)]))
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["train"] == method and result["config"]["method"] == method
