@@ -245,7 +245,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
         config = uvicorn_config(client, name, a.host, a.port, a.api_key, a.max_queue,
                                 a.shutdown_timeout, tool_call_parser=a.tool_call_parser)
         url = f"http://{a.host}:{a.port}"
-        print(f"taskloom: serving {name!r} at {url}/v1 (OpenAI API)\n"
+        runs_on = f" ({client.info.runs_on})" if client.info.runs_on else ""
+        print(f"taskloom: serving {name!r}{runs_on} at {url}/v1 (OpenAI API)\n"
               f"taskloom: chat page at {url}/  (Ctrl-C stops)", flush=True)
         serve(config)
     finally:

@@ -67,10 +67,12 @@ class EngineInfo:
     vocab_size: int
     # the adapters loaded when the engine was built, by name (None: no LoRA support)
     loras: LoRARegistry | None = None
+    runs_on: str | None = None      # the model's dtype and device ("bfloat16 on cpu")
 
     @classmethod
     def of(cls, core: EngineCore, loras: LoRARegistry | None = None) -> EngineInfo:
-        return cls(core.tokenizer, core.scheduler.max_model_len, core.vocab_size, loras)
+        return cls(core.tokenizer, core.scheduler.max_model_len, core.vocab_size, loras,
+                   core.runs_on)
 
 
 class EngineDeadError(RuntimeError):

@@ -127,12 +127,14 @@ class EngineCore:
     """Owns the scheduler and the runner; `step()` advances every running request once."""
 
     def __init__(self, scheduler: Scheduler, runner: Runner, tokenizer: Tokenizer | None,
-                 vocab_size: int, eos_token_ids: tuple[int, ...]) -> None:
+                 vocab_size: int, eos_token_ids: tuple[int, ...],
+                 runs_on: str | None = None) -> None:
         self.scheduler = scheduler
         self.runner = runner
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
+        self.runs_on = runs_on      # the model's dtype and device, to tell ("bfloat16 on cpu")
         self._parents: dict[str, _Parent] = {}
         self._seq_owner: dict[str, tuple[_Parent, int]] = {}
         self.step_times = StepTimes()

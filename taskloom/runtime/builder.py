@@ -120,7 +120,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
                 else NgramProposer(spec))
     scheduler = Scheduler(config.scheduler, kv, max_model_len,
                           config.lora.max_loras if config.lora.enabled else 0, proposer)
-    return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos)
+    return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos,
+                      runs_on=f"{config.model.dtype} on {device}")
 
 
 def _load_drafter(spec: SpeculativeConfig | None, model: LlamaForCausalLM, dtype: torch.dtype,

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import httpx
 
+from taskloom.runtime.dtypes import resolve_dtype
 from taskloom.server.launch import free_port
 
 
@@ -112,6 +113,9 @@ def test_sigterm_lets_inflight_finish() -> None:
             refused = True
         t.join(120)
         assert proc.wait(60) == 0
+        # the banner says what --dtype auto (the default) chose in the engine's process
+        auto = resolve_dtype("auto", "cpu")
+        assert f"serving 'smol' ({auto} on cpu) at http://127.0.0.1:" in proc.stdout.read()
         assert refused, "a new request was accepted after SIGTERM"
         assert gone(engine), "the engine process outlived the server"
     assert events[-1] == "data: [DONE]", events[-3:]
