@@ -20,7 +20,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from taskloom.engine.core import EngineCore
 from taskloom.lora.registry import LoRARegistry

@@ -1,4 +1,5 @@
-"""Model dtypes by name, and what `auto` means on a device.
+"""Model dtypes by name, what `auto` means on a device, and the device checked before anything
+is built on it.
 
 `auto` (the CLI's default, as vLLM's) is the fastest dtype the device computes natively:
 bf16 on a CUDA GPU that has it (else fp16), bf16 on a CPU with AVX512-BF16 or AMX (oneDNN's
@@ -24,13 +25,34 @@ def cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
 
 
+def check_device(device: str) -> torch.device:
+    """`device` parsed, or ValueError naming what is wrong: not a CPU or CUDA device, or a CUDA
+    device this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda (cuda:N for one of several GPUs), got "
+                         f"{device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda, got {device!r}")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            why = ("this torch is built without CUDA" if torch.version.cuda is None
+                   else "no CUDA GPU is visible")
+            raise ValueError(f"device {device!r}: {why} (torch {torch.__version__}); use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA "
+                             f"devices here")
+    return parsed
+
+
 def resolve_dtype(dtype: str, device: str) -> str:
     """`dtype` itself, or for `auto` the dtype it means on `device` (see the module's text)."""
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
     if dtype != "auto":
         return dtype
-    kind = torch.device(device).type
+    kind = check_device(device).type
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if kind == "cpu" and cpu_has_native_bf16():

@@ -45,6 +45,8 @@ def test_bad_flags_give_a_clear_error_and_exit_code() -> None:
     proc = run(["generate", "hi", "--top-p", "0"])
     assert proc.returncode == 2
     assert "top_p must be in (0, 1], got 0.0" in proc.stderr
+    proc = run(["generate", "hi", "--device", "gpu"])
+    assert proc.returncode == 2 and "device must be cpu or cuda" in proc.stderr
     proc = run(["generate", "hi", "--model", "/no/such/model.gguf"])
     assert proc.returncode == 2 and "/no/such/model.gguf" in proc.stderr
     proc = run(["generate", "hi", "--speculative-config", "{num_speculative_tokens: 3}"])

@@ -1,6 +1,6 @@
 """PackedLinear (oneDNN-packed weights, CPU bf16/fp16) against F.linear, the model with its
-projections packed against the model without, the engine that packs them (LoRA on top)
-against an engine that does not; and `dtype="auto"`, which picks bf16 on such a CPU."""
+projections packed against the model without, and the engine that packs them (LoRA on top)
+against an engine that does not."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,9 +18,7 @@ from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import load_model, random_arch
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.ops.linear import PackedLinear, pack_cpu_linears, packing_supported
-from taskloom.cli import build_parser
 from taskloom.runtime import builder
-from taskloom.runtime.dtypes import cpu_has_native_bf16, resolve_dtype
 from tests.models.single_seq import forward_batch
 from tests.models.tiny_models import build_tiny_hf, random_prompts
 
@@ -143,25 +141,3 @@ def test_a_bf16_engine_packs_and_answers_as_one_that_does_not(
     assert type(plain.engine.runner.model.model.layers[1].mlp.gate_up_proj.base) is nn.Linear
     assert got == run(plain)
 
-
-def test_auto_dtype_is_bf16_where_the_cpu_multiplies_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert resolve_dtype("float16", "cpu") == "float16"
-    assert resolve_dtype("auto", "cpu") == ("bfloat16" if cpu_has_native_bf16() else "float32")
-    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, "
-                                         "float16, got 'fp8'"):
-        resolve_dtype("fp8", "cpu")
-    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
-    assert not cpu_has_native_bf16() and resolve_dtype("auto", "cpu") == "float32"
-    assert build_parser().parse_args(["serve"]).dtype == "auto"      # the CLI's default
-
-
-def test_an_engine_built_with_auto_runs_the_resolved_dtype(tiny_model: str) -> None:
-    from tests.e2e.conftest import assert_pool_full
-    llm = LLM(tiny_model, dtype="auto", num_blocks=16, block_size=4)
-    want = resolve_dtype("auto", "cpu")
-    assert llm.config.model.dtype == want
-    assert llm.engine.runner.model.model.embed_tokens.weight.dtype == getattr(torch, want)
-    out = llm.generate("Hello", SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)
-    assert len(out[0].outputs[0].token_ids) == 4
-    assert_pool_full(llm)
