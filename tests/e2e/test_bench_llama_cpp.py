@@ -3,6 +3,7 @@ weights in the bench's dtype, what the peer cannot do is refused before taskloom
 where llama.cpp is installed the same batches run through its llama-batched-bench."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from taskloom.bench.llama_cpp import BATCHED_BENCH, gguf_copy_as
+from taskloom.bench.llama_cpp import BATCHED_BENCH, check_llama_cpp_peer, gguf_copy_as
 from taskloom.cli import main
 from taskloom.models.gguf_weights import GGUFCheckpoint
 from taskloom.runtime.dtypes import TORCH_DTYPES
@@ -49,7 +50,7 @@ def test_the_copy_holds_the_dequantized_weights_in_the_dtype(
 @pytest.mark.parametrize("args,message", [
     (["--llama-cpp-dir", "{tmp}"], f"{BATCHED_BENCH} is not in --llama-cpp-dir"),
     (["--random-weights", "--model", "smollm2-135m"], "not --random-weights"),
-    (["--device", "meta"], "runs on the CPU")])
+    (["--device", "meta"], "device must be cpu or cuda, got 'meta'")])
 def test_what_the_peer_cannot_do_is_refused_before_the_run(
         tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str) -> None:
     args = [x.replace("{tmp}", str(tmp_path)) for x in args]
@@ -57,6 +58,13 @@ def test_what_the_peer_cannot_do_is_refused_before_the_run(
                  "--input-len", "8", "--output-len", "4", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_peer_refuses_a_gpu_run() -> None:
+    """(A GPU is a device this machine may not have: asked of the peer directly.)"""
+    a = argparse.Namespace(device="cuda", random_weights=False)
+    with pytest.raises(ValueError, match="--peer llama.cpp runs on the CPU; got --device cuda"):
+        check_llama_cpp_peer(a)
 
 
 def test_a_llama_cpp_that_cannot_print_json_lines_is_refused_before_the_run(
