@@ -24,10 +24,28 @@ logger = logging.getLogger(__name__)
 
 
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's with the vector instructions torch uses on it (and AMX,
+    which oneDNN's bf16 GEMMs use) and the threads: what a CPU result depends on."""
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    isa = torch.backends.cpu.get_cpu_capability()
+    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+        isa += "+AMX"
+    return (f"cpu ({_cpu_model() or platform.processor() or platform.machine()}, "
+            f"{platform.machine()}, {isa}, {torch.get_num_threads()} threads)")
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name as Linux reports it (None elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return None
 
 
 def git_commit() -> str | None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from taskloom.bench.summary import result_lines
 from taskloom.cli import main
@@ -116,6 +117,10 @@ def test_latency_json_with_peer(tmp_path: Path, capsys: pytest.CaptureFixture) -
     assert result["bench"] == "latency" and result["copy_bandwidth_gb_per_s"] > 0
     from taskloom.runtime.dtypes import resolve_dtype
     assert result["dtype"] == resolve_dtype("auto", "cpu")     # what --dtype auto ran as
+    # what a CPU result depends on: the model, the vector instructions, the threads
+    capability = torch.backends.cpu.get_cpu_capability()
+    assert result["device"].startswith("cpu (") and f", {capability}" in result["device"]
+    assert result["device"].endswith(f"{torch.get_num_threads()} threads)")
     rows, peer = result["results"], result["peer"]["results"]
     assert [r["batch_size"] for r in rows] == [1, 3] and len(peer) == 2
     for row in rows:
