@@ -45,7 +45,7 @@ from taskloom.ops.backend import TORCH_OPS, Ops, select_ops, triton_ops
 from taskloom.ops.linear import PackedLinear, packing_supported
 from taskloom.ops.rotary import RotaryEmbedding
 from taskloom.runtime.attention import AttentionMetadata
-from taskloom.runtime.dtypes import torch_dtype
+from taskloom.runtime.dtypes import check_device, torch_dtype
 
 # --sweep: the launch settings tried for each attention kernel, beside its default (each
 # distinct one is a compilation: about 27 per decode split count, 54 for extend)
@@ -346,7 +346,7 @@ def run_sweep(case: Case, default_row: dict[str, Any], default_out: Any,
 
 
 def run_kernels(a: argparse.Namespace) -> dict[str, Any]:
-    device = torch.device(a.device)
+    device = check_device(a.device)     # a GPU this machine lacks: named, not a traceback
     dtype = torch_dtype(a.dtype)
     arch, _ = random_arch(a.model)
     try:

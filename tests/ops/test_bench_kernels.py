@@ -119,3 +119,11 @@ def test_cpu_bf16_projections_are_timed_packed_and_plain(tmp_path: Path) -> None
         assert rows[op, "packed"]["max_abs_diff_vs_torch"] < 0.05, rows[op, "packed"]
     assert ("lm_head", None) in rows         # the engine does not pack the lm head
     assert "packed weights" in "\n".join(result_lines(r))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for a GPU this machine lacks")
+def test_a_missing_gpu_is_named(capsys: pytest.CaptureFixture) -> None:
+    from taskloom.cli import main
+    assert main(["bench", "kernels"]) == 2        # --device cuda by default
+    err = capsys.readouterr().err
+    assert "device 'cuda': " in err and "use cpu" in err and "Traceback" not in err
