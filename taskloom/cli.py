@@ -237,7 +237,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from taskloom.server.launch import serve, uvicorn_config
     if a.max_queue is not None and a.max_queue < 0:
         raise ValueError(f"--max-queue must be >= 0, got {a.max_queue}")
-    if a.reserved_cpus < 0:
+    if a.reserved_cpus is not None and a.reserved_cpus < 0:
         raise ValueError(f"--reserved-cpus must be >= 0, got {a.reserved_cpus}")
     client = served_engine(a)
     try:
@@ -287,14 +287,24 @@ def build_served_engine(a: argparse.Namespace):  # -> (EngineCore, LoRARegistry 
     return llm.engine, (llm.loras if llm.config.lora.enabled else None)
 
 
-def engine_cpu_threads(device: str, reserved: int, omp_num_threads: str | None,
+# Cores from which a CPU engine leaves one to the server's process by default. Engine threads
+# on every core take time from the event loop that streams their tokens (a host-bound tiny
+# model streamed 1.06-1.20x faster on 2 cores with one reserved: benchmarks/serve_host.py),
+# but a real model needs the cores: the embedded one served 1.3-1.7x more tokens/s on 2 cores
+# with none reserved (bf16 and fp32, 8 and 32 concurrent streams, `taskloom bench serve`).
+# Reserving costs 1/cores of the model's compute; from 8 cores on it is the smaller cost.
+RESERVE_A_CPU_FROM = 8
+
+
+def engine_cpu_threads(device: str, reserved: int | None, omp_num_threads: str | None,
                        num_cpus: int) -> int | None:
     """torch's threads in a CPU engine's own process: the cores it may run on less `reserved`
-    for the server's process (at least one); None (torch's default) on a GPU or where
-    OMP_NUM_THREADS is set. Engine threads that spin on every core starve the event loop
-    that streams their tokens (benchmarks/serve_host.py, in the README's numbers)."""
+    for the server's process (at least one; None: one from RESERVE_A_CPU_FROM cores on, else
+    none); None (torch's default) on a GPU or where OMP_NUM_THREADS is set."""
     if not device.startswith("cpu") or omp_num_threads:
         return None
+    if reserved is None:
+        reserved = 1 if num_cpus >= RESERVE_A_CPU_FROM else 0
     return max(1, num_cpus - reserved)
 
 
@@ -315,10 +325,10 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
                    help="run the engine core in a process of its own, so the HTTP side "
                         "never takes the interpreter lock from it (--no-engine-process: in "
                         "a thread of the server's process)")
-    p.add_argument("--reserved-cpus", type=int, default=1,
+    p.add_argument("--reserved-cpus", type=int, default=None,
                    help="with the engine on the CPU in its own process: cores left to the "
-                        "server's process (torch's threads are the rest; OMP_NUM_THREADS, "
-                        "if set, decides instead)")
+                        "server's process (torch's threads are the rest; default: 1 on 8 or "
+                        "more cores, else 0; OMP_NUM_THREADS, if set, decides instead)")
     p.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS), default=None,
                    help='find the tool calls the model writes in its own format, for '
                         'tool_choice "auto" (hermes: Hermes, Qwen2.5, Qwen3; llama3_json: '

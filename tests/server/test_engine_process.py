@@ -200,6 +200,9 @@ def test_a_dead_engine_process_fails_its_requests_and_the_health_check() -> None
 
 def test_a_cpu_engine_process_leaves_cores_to_the_server() -> None:
     assert engine_cpu_threads("cpu", 1, None, 2) == 1
+    assert engine_cpu_threads("cpu", None, None, 2) == 2      # the default: none on 2 cores
+    assert engine_cpu_threads("cpu", None, None, 16) == 15    # one on 8 or more
+    assert [engine_cpu_threads("cpu", None, None, n) for n in (7, 8)] == [7, 7]
     assert engine_cpu_threads("cpu", 1, None, 16) == 15
     assert engine_cpu_threads("cpu", 4, None, 2) == 1
     assert engine_cpu_threads("cpu", 0, None, 8) == 8
