@@ -140,4 +140,3 @@ def test_a_bf16_engine_packs_and_answers_as_one_that_does_not(
     plain = LLM(tiny_model, dtype="bfloat16", num_blocks=64, block_size=4, loras=loras)
     assert type(plain.engine.runner.model.model.layers[1].mlp.gate_up_proj.base) is nn.Linear
     assert got == run(plain)
-
