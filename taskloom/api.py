@@ -17,7 +17,7 @@ from taskloom.lora.registry import LoRARegistry
 from taskloom.lora.request import LoRARequest
 from taskloom.outputs import OutputKind, RequestOutput
 from taskloom.runtime.builder import build_engine
-from taskloom.runtime.dtypes import check_device, resolve_dtype
+from taskloom.runtime.dtypes import resolve_dtype
 from taskloom.sampling_params import SamplingParams
 from taskloom.tokenizer.tokenizer import Tokenizer
 
@@ -82,8 +82,7 @@ class LLM:
                  speculative_config: SpeculativeConfig | Mapping[str, object] | None = None,
                  sliding_window: int | None = None, num_sink_tokens: int = 0,
                  snapkv: SnapKVConfig | Mapping[str, object] | int | None = None) -> None:
-        check_device(device)
-        dtype = resolve_dtype(dtype, device)        # "auto": what the device runs fastest
+        dtype = resolve_dtype(dtype, device)    # "auto" resolved, the device checked
         if isinstance(speculative_config, Mapping):
             speculative_config = speculative_config_from(speculative_config)
         if isinstance(snapkv, Mapping):

@@ -29,8 +29,9 @@ def device_name(device: str) -> str:
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
+    from taskloom.runtime.dtypes import cpu_supports
     isa = torch.backends.cpu.get_cpu_capability()
-    if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+    if cpu_supports("_is_amx_tile_supported"):
         isa += "+AMX"
     return (f"cpu ({_cpu_model() or platform.processor() or platform.machine()}, "
             f"{platform.machine()}, {isa}, {torch.get_num_threads()} threads)")

@@ -19,10 +19,15 @@ def torch_dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[name]
 
 
+def cpu_supports(check: str) -> bool:
+    """torch's private CPU feature check `torch.cpu.<check>()` (False where this torch has
+    none of that name): `_is_avx512_bf16_supported`, `_is_amx_tile_supported`, ..."""
+    return bool(getattr(torch.cpu, check, lambda: False)())
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return cpu_supports("_is_avx512_bf16_supported") or cpu_supports("_is_amx_tile_supported")
 
 
 def check_device(device: str) -> torch.device:
@@ -47,12 +52,13 @@ def check_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: str) -> str:
-    """`dtype` itself, or for `auto` the dtype it means on `device` (see the module's text)."""
+    """`dtype` itself, or for `auto` the dtype it means on `device` (see the module's text);
+    ValueError for a dtype not named here or a device that is not there (`check_device`)."""
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {dtype!r}")
+    kind = check_device(device).type
     if dtype != "auto":
         return dtype
-    kind = check_device(device).type
     if kind == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
     if kind == "cpu" and cpu_has_native_bf16():
