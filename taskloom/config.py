@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from taskloom.engine.draft_tree import TokenTree, parse_tree
 
 _DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("gguf",)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ModelConfig:
     blocks together, reading them once per group rather than once per sequence (Hydragen,
     cascade attention). On a GPU such a step runs eagerly, so it is taken only where it saves
     more KV reads than a graph replay saves launches (`runtime.model_runner`).
+
+    With `quantization="gguf"` (a GGUF file, bf16 on a CPU), decoder projections stored
+    4-bit (Q4_0, Q4_1, Q4_K) stay 4-bit in memory and are multiplied as such
+    (`taskloom.ops.int4_linear`); every other tensor is dequantized to `dtype`, as all are
+    without it.
     """
 
     model: str | None = None
@@ -44,16 +50,31 @@ class ModelConfig:
     enforce_eager: bool = False
     cuda_graph_sizes: tuple[int, ...] | None = None
     shared_prefix_attention: bool = True
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None:
+            self._check_quantization()
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.cuda_graph_sizes is not None and (
                 not self.cuda_graph_sizes or min(self.cuda_graph_sizes) < 1):
             raise ValueError(f"cuda_graph_sizes must be a non-empty list of batch sizes >= 1, "
                              f"got {self.cuda_graph_sizes}")
+
+    def _check_quantization(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)} (or "
+                             f"none), got {self.quantization!r}")
+        if self.random_weights:
+            raise ValueError("quantization 'gguf' reads a GGUF file's 4-bit weights; random "
+                             "weights have none")
+        if self.device != "cpu" or self.dtype != "bfloat16":
+            raise ValueError(f"quantization 'gguf' runs 4-bit weights with bfloat16 "
+                             f"activations on a CPU (torch's int4 kernel); got "
+                             f"{self.dtype} on {self.device}")
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,8 @@ def prefill_flops(model: torch.nn.Module, arch, batch: int, input_len: int) -> f
     for each request's last position."""
     head = getattr(model, "lm_head", None)
     head_weight = (head.weight if head is not None else model.model.embed_tokens.weight)
-    matrices = sum(p.numel() for name, p in model.model.layers.named_parameters()
-                   if p.dim() == 2)
+    matrices = sum(m.in_features * m.out_features for m in model.model.layers.modules()
+                   if hasattr(m, "in_features") and hasattr(m, "out_features"))
     tokens = batch * input_len
     attention = (4 * arch.num_hidden_layers * arch.num_attention_heads * arch.head_dim
                  * batch * input_len * (input_len + 1) / 2)   # q.k and p.v, causal pairs
@@ -202,7 +202,8 @@ def run_latency(a: argparse.Namespace) -> dict:
             "fraction_of_copy_bandwidth": round(achieved / bandwidth, 3),
             "step_ms": step_ms})
     result = {"bench": "latency", "model": a.model or "embedded:SmolLM2-135M-Instruct",
-              "random_weights": a.random_weights, "dtype": a.dtype, "input_len": a.input_len,
+              "random_weights": a.random_weights, "dtype": a.dtype,
+              "quantization": a.quantization, "input_len": a.input_len,
               "output_len": a.output_len, "async_scheduling": a.async_scheduling,
               "sliding_window": window_fields(llm),
               "copy_bandwidth_gb_per_s": round(bandwidth / 1e9, 1),

@@ -22,6 +22,7 @@ from torch import nn
 from taskloom.lora.adapter import LoRAAdapter
 from taskloom.lora.metadata import LoRAMetadata
 from taskloom.ops.backend import Ops
+from taskloom.ops.int4_linear import Int4Linear
 
 
 @dataclass
@@ -46,7 +47,7 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         self.ops = ops
         self.state = state
-        w = base.weight
+        w = base.scales_zeros if isinstance(base, Int4Linear) else base.weight  # compute dtype
         k = len(subs) * max_rank
         self.register_buffer("lora_a", torch.zeros(max_loras, k, base.in_features,
                                                    dtype=w.dtype, device=w.device),

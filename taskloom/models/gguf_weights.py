@@ -8,6 +8,10 @@ this module only maps llama.cpp's names and conventions onto Hugging Face's:
   (qwen2/qwen3 GGUFs are not permuted);
 - Llama-3 rope scaling is stored as a `rope_freqs` tensor of per-frequency divisors, which
   becomes `ArchConfig.rope_freq_factors`.
+
+Decoder projections stored 4-bit (Q4_0, Q4_1, Q4_K) can instead be read as such
+(`int4_projections`, `weights(..., int4=...)`: `taskloom.models.gguf_int4`) for a model that
+keeps them 4-bit.
 """
 from __future__ import annotations
 
@@ -24,7 +28,10 @@ from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
 from taskloom.models.arch import ArchConfig
+from taskloom.models.gguf_int4 import INT4_GGUF_TYPES, split_int4_blocks
 from taskloom.models.gguf_reader import open_gguf
+from taskloom.models.llama import param_name
+from taskloom.ops.int4_linear import Int4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +54,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_PROJECTION_RE = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
+_INT4_ROWS_MULTIPLE = 16      # torch's int4 packing needs a projection's rows % 16 == 0
 _REQUIRED = object()
 DEQUANT_CHUNK_BYTES = 1 << 20
 
@@ -199,9 +208,26 @@ class GGUFCheckpoint:
         ids = [self.field(f"tokenizer.ggml.{k}_token_id", None) for k in ("eos", "eot", "eom")]
         return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
-    def weights(self, arch: ArchConfig) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every weight as (HF name, float32 tensor in HF layout), one tensor at a time."""
-        permuted = self.arch_name in _PERMUTED_ARCHS
+    def int4_projections(self) -> set[str]:
+        """The decoder projections, named as the model holds them (fused: `model.layers.0.
+        self_attn.qkv_proj`), whose every weight is stored 4-bit (Q4_0, Q4_1, Q4_K) and
+        whose rows torch's int4 packing takes."""
+        kinds: dict[str, list[bool]] = {}
+        rows: dict[str, int] = {}
+        for tensor in self.reader.tensors:
+            name = gguf_to_hf_name(tensor.name)
+            if name is None or not name.endswith(".weight"):
+                continue
+            module = param_name(name)[0].removesuffix(".weight")
+            if _PROJECTION_RE.match(module):
+                kinds.setdefault(module, []).append(tensor.tensor_type in INT4_GGUF_TYPES)
+                rows[module] = rows.get(module, 0) + int(tensor.shape[-1])
+        return {m for m, k in kinds.items() if all(k) and rows[m] % _INT4_ROWS_MULTIPLE == 0}
+
+    def weights(self, arch: ArchConfig, int4: set[str] = frozenset()
+                ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
+        """Every weight as (HF name, float32 tensor in HF layout), one tensor at a time; the
+        weights of the projections named in `int4` (see `int4_projections`) as Int4Weight."""
         for tensor in self.reader.tensors:
             if tensor.name == ROPE_FREQS:
                 continue                                     # folded into arch.rope_freq_factors
@@ -209,12 +235,23 @@ class GGUFCheckpoint:
             if name is None:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {tensor.name!r} for "
                                  f"architecture {self.arch_name}")
-            weight = dequantize_tensor(tensor)
-            if permuted and ".self_attn.q_proj." in name:
-                weight = unpermute_qk(weight, arch.num_attention_heads)
-            elif permuted and ".self_attn.k_proj." in name:
-                weight = unpermute_qk(weight, arch.num_key_value_heads)
-            yield name, weight
+            weight: torch.Tensor | Int4Weight
+            if name.endswith(".weight") and param_name(name)[0][:-len(".weight")] in int4:
+                shape = tuple(int(d) for d in reversed(tensor.shape))
+                weight = split_int4_blocks(np.asarray(tensor.data), tensor.tensor_type, shape)
+                yield name, weight.map_rows(lambda t, n=name: self._unpermuted(t, n, arch))
+            else:
+                yield name, self._unpermuted(dequantize_tensor(tensor), name, arch)
+
+    def _unpermuted(self, weight: torch.Tensor, name: str, arch: ArchConfig) -> torch.Tensor:
+        """`weight` (rows first) in our rope's order: llama.cpp's q/k permute undone."""
+        if self.arch_name not in _PERMUTED_ARCHS:
+            return weight
+        if ".self_attn.q_proj." in name:
+            return unpermute_qk(weight, arch.num_attention_heads)
+        if ".self_attn.k_proj." in name:
+            return unpermute_qk(weight, arch.num_key_value_heads)
+        return weight
 
 
 def _one_value(value: Any, key: str) -> int:

@@ -74,7 +74,7 @@ def _fused_linear(in_features: int, shard_sizes: dict[Hashable, int], bias: bool
     layer = nn.Linear(in_features, offset, bias=bias)
     for param in layer.parameters():
         set_weight_attrs(param, weight_loader=sharded_weight_loader(shards),
-                         shard_ids=tuple(shards))
+                         shard_ids=tuple(shards), shard_rows=shards)
     return layer
 
 
@@ -239,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
             if hf_name == "lm_head.weight" and self.lm_head is None:
                 logger.debug("tied embeddings: ignoring lm_head.weight in the checkpoint")
                 continue
-            name, shard_id = _param_name(hf_name)
+            name, shard_id = param_name(hf_name)
             param = params.get(name)
             if param is None:
                 raise ValueError(
@@ -256,9 +256,12 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _missing(params: dict[str, nn.Parameter], loaded: dict[str, set[Hashable]]) -> list[str]:
-    """Names of parameters (or shards of fused ones) that received no data."""
+    """Names of parameters (or shards of fused ones) that received no data; a parameter
+    `filled_by` another (a 4-bit weight's scales) is filled when that one is."""
     missing = []
     for name, param in params.items():
+        if getattr(param, "filled_by", None) is not None:
+            continue
         shard_ids = getattr(param, "shard_ids", None)
         if shard_ids is None:
             if name not in loaded:
@@ -270,8 +273,9 @@ def _missing(params: dict[str, nn.Parameter], loaded: dict[str, set[Hashable]]) 
     return missing
 
 
-def _param_name(hf_name: str) -> tuple[str, Hashable]:
-    """HF tensor name -> (our parameter name, shard id or None)."""
+def param_name(hf_name: str) -> tuple[str, Hashable]:
+    """HF tensor name -> (our parameter name, shard id or None): `...q_proj.weight` ->
+    (`...qkv_proj.weight`, "q")."""
     match = _FUSED_RE.search(hf_name)
     if match is None:
         return hf_name, None

@@ -4,7 +4,9 @@ place (never a second full copy of the model).
 
 Sources: a Hugging Face directory (config.json + safetensors), a GGUF file (detected by
 content, not by name), the embedded default (SmolLM2-135M-Instruct GGUF), or random weights for
-a named shape (`taskloom.models.shapes`) or a config.json.
+a named shape (`taskloom.models.shapes`) or a config.json. With `quantization="gguf"`, a GGUF
+file's 4-bit projections are swapped for 4-bit linears on the meta device and read into them
+as they are (`taskloom.ops.int4_linear`).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,7 +28,11 @@ from taskloom.models.safetensors_weights import SafetensorsCheckpoint
 from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.models.weights import materialize
 from taskloom.ops.backend import select_ops
+from taskloom.ops.int4_linear import int4_supported, swap_int4_linears
 from taskloom.runtime.dtypes import TORCH_DTYPES
+
+if TYPE_CHECKING:
+    from taskloom.models.gguf_weights import GGUFCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +60,15 @@ def resolve_model_path(model: str | None) -> str:
     return path
 
 
-def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device,
+                int4: set[str] = frozenset()) -> LlamaForCausalLM:
     """Build on the meta device, then give each parameter uninitialised storage in place.
-    The ops every layer calls are chosen here, once, for `device`."""
+    The ops every layer calls are chosen here, once, for `device`; the projections named
+    in `int4` become 4-bit linears first."""
     ops = select_ops(device)
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, ops)
+    swap_int4_linears(model, int4)
     materialize(model, dtype, device)
     return model.eval()
 
@@ -74,26 +84,46 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         init_random_weights(model, cfg.seed)
     else:
         path = resolve_model_path(cfg.model)
-        arch, weights = _open_checkpoint(path)
+        arch, weights, int4 = _open_checkpoint(path, cfg.quantization)
         _check_max_model_len(cfg, arch)
-        model = build_model(arch, dtype, device)
+        model = build_model(arch, dtype, device, int4)
         model.load_weights(weights)
-    logger.info("loaded %s (%s, %d layers, %.1fM params) as %s on %s (%s ops) in %.1fs",
+    logger.info("loaded %s (%s, %d layers, %.1f MB of weights) as %s on %s (%s ops) in %.1fs",
                 path or cfg.model, arch.model_type, arch.num_hidden_layers,
-                sum(p.numel() for p in model.parameters()) / 1e6, cfg.dtype, device,
-                model.ops.name, time.perf_counter() - start)
+                sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
+                cfg.dtype, device, model.ops.name, time.perf_counter() - start)
     return LoadedModel(model=model, arch=arch, path=path)
 
 
-def _open_checkpoint(path: str) -> tuple[ArchConfig, Iterator[tuple[str, torch.Tensor]]]:
+def _open_checkpoint(path: str, quantization: str | None
+                     ) -> tuple[ArchConfig, Iterator[tuple[str, object]], set[str]]:
+    """The architecture, the weights to load, and the projections kept 4-bit."""
     if os.path.isdir(path):
+        if quantization is not None:
+            raise ValueError(f"quantization {quantization!r} keeps a GGUF file's 4-bit "
+                             f"weights; {path} is a Hugging Face directory")
         hf = SafetensorsCheckpoint(path)
-        return hf.arch_config(), hf.weights()
+        return hf.arch_config(), hf.weights(), set()
     # imported here: the gguf package is needed only for GGUF files (the GPU image lacks it)
     from taskloom.models.gguf_weights import GGUFCheckpoint
     gguf = GGUFCheckpoint(path)
     arch = gguf.arch_config()
-    return arch, gguf.weights(arch)
+    int4 = _int4_projections(gguf) if quantization == "gguf" else set()
+    return arch, gguf.weights(arch, int4), int4
+
+
+def _int4_projections(gguf: GGUFCheckpoint) -> set[str]:
+    """The projections `gguf` stores 4-bit, checked against this machine's int4 support."""
+    if not int4_supported(torch.bfloat16):
+        raise ValueError("quantization 'gguf': this torch has no CPU int4 kernel whose "
+                         "weight layout taskloom reads; run without it (weights dequantized)")
+    int4 = gguf.int4_projections()
+    if not int4:
+        logger.warning("quantization 'gguf': %s stores no decoder projection 4-bit (Q4_0, "
+                       "Q4_1, Q4_K); every weight is dequantized", gguf.path)
+    else:
+        logger.info("quantization 'gguf': %d projections kept 4-bit", len(int4))
+    return int4
 
 
 def _check_max_model_len(cfg: ModelConfig, arch: ArchConfig) -> None:

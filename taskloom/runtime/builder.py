@@ -120,8 +120,9 @@ def build_engine(config: EngineConfig) -> EngineCore:
                 else NgramProposer(spec))
     scheduler = Scheduler(config.scheduler, kv, max_model_len,
                           config.lora.max_loras if config.lora.enabled else 0, proposer)
+    int4 = " with 4-bit GGUF projections" if config.model.quantization == "gguf" else ""
     return EngineCore(scheduler, runner, tokenizer, arch.vocab_size, eos,
-                      runs_on=f"{config.model.dtype} on {device}")
+                      runs_on=f"{config.model.dtype} on {device}{int4}")
 
 
 def _load_drafter(spec: SpeculativeConfig | None, model: LlamaForCausalLM, dtype: torch.dtype,

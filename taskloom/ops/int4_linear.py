@@ -1,0 +1,234 @@
+"""Linear layers over 4-bit weights kept as stored: GGUF's Q4_0, Q4_1 and Q4_K on the CPU.
+
+A 4-bit GGUF file (the embedded SmolLM2's is Q4_1) otherwise becomes bf16 when loaded: four
+times the memory, and a decode step at batch 1 reads four times the bytes. `Int4Linear` holds
+each projection as 4-bit codes in groups of 32 along the input dimension, each group with a
+scale and a zero (`w = (q - 8) * scale + zero`, the layout of torch's
+`_weight_int4pack_mm_for_cpu`, onto which all three GGUF types map exactly: Q4_0 is
+`(q - 8) * d`, Q4_1 `q * d + m`, Q4_K `q * (d * sc) - dmin * m` over sub-blocks of 32).
+
+Which GEMM a call runs depends on its rows. torch's int4 kernel dequantizes each group in
+registers for every 4 rows it multiplies: measured on two Sapphire Rapids cores, a pass over
+SmolLM2-135M's projections takes 3.7 ms at 1 row (bf16, oneDNN-packed: 12.6 ms), 10.8 at 8
+(12.6), 41 at 32 (16.4), and it keeps growing with the rows. Above `INT4_KERNEL_MAX_ROWS`
+(prefill chunks) a call instead unpacks the weight to bf16 with a few torch ops (~1.5 ms for
+SmolLM2's 3072 x 576 gate/up) and runs one dense GEMM, which then wins. So a 4-bit model is
+the faster one for a single stream and the smaller one always, and the slower one for
+batches of decodes: the trade llama.cpp's 4-bit files make too.
+
+Only bf16 activations: torch's kernel is vectorized for them alone (fp16 measured 50x
+slower, fp32 24x). The codes' byte layout is torch's, which depends on the CPU's vector
+width; `int4_layout` finds it once by packing a probe, and where it is none this module
+knows, `int4_supported` says so and the weights are dequantized as before.
+
+Swapped in for the decoder's projections on the meta device, before the weights are read (the
+model definition knows nothing of quantization); each module packs itself as soon as its last
+shard (q/k/v, gate/up) has arrived, so loading never holds more than one projection unpacked.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP_SIZE = 32
+# Rows up to which a call runs torch's int4 kernel; above, the weight is unpacked to bf16
+# and multiplied densely. Measured on two Sapphire Rapids cores (SmolLM2-135M's gate/up, 3072
+# x 576): int4 kernel 1.24 ms vs unpack + GEMM 2.0 at 64 rows, 2.47 vs 2.6 at 128, 4.9 vs 2.2
+# at 256 (`python benchmarks/cpu_linear.py --int4`).
+INT4_KERNEL_MAX_ROWS = 128
+_PACK_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
+
+
+@dataclass
+class Int4Weight:
+    """A 4-bit weight [rows, cols] as codes and per-group affine terms: `w[r, c] =
+    codes[r, c] * scales[r, c // 32] + mins[r, c // 32]` (float32 arithmetic)."""
+
+    codes: torch.Tensor     # [rows, cols] uint8, values 0..15
+    scales: torch.Tensor    # [rows, cols // 32] float32
+    mins: torch.Tensor      # [rows, cols // 32] float32
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [rows, cols]."""
+        rows, cols = self.codes.shape
+        q = self.codes.view(rows, cols // INT4_GROUP_SIZE, INT4_GROUP_SIZE).float()
+        return (q * self.scales[..., None] + self.mins[..., None]).view(rows, cols)
+
+    def map_rows(self, fn) -> Int4Weight:
+        """The same weight with `fn` applied to the row order of every part (a permutation
+        of output rows, such as llama.cpp's q/k permute undone)."""
+        return Int4Weight(fn(self.codes), fn(self.scales), fn(self.mins))
+
+
+@dataclass(frozen=True)
+class Int4Layout:
+    """How torch's int4 packing lays out codes: row blocks of `block_rows`, each stored per
+    input column as `block_rows / 2` bytes, a byte holding two rows' codes (low nibble,
+    high nibble): `halves` pairs row d with row d + block_rows/2, otherwise rows 2j and
+    2j + 1. A last, shorter block always holds pairs."""
+
+    block_rows: int
+    halves: bool
+
+
+_CANDIDATE_LAYOUTS = (Int4Layout(64, True), Int4Layout(32, True), Int4Layout(32, False),
+                      Int4Layout(64, False))
+
+
+@lru_cache(maxsize=1)
+def int4_layout() -> Int4Layout | None:
+    """The layout torch's int4 packing uses on this CPU, found by packing a probe (two full
+    blocks of the widest candidate and a short one) and unpacking it every known way; None
+    when none of them gives the probe back, or this torch has no CPU int4 kernel."""
+    pack = getattr(torch.ops.aten, "_convert_weight_to_int4pack_for_cpu", None)
+    if pack is None:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    probe = torch.randint(0, 16, (144, 8), generator=gen, dtype=torch.int32)  # [N, K]
+    packed = pack(probe, 1)
+    for layout in _CANDIDATE_LAYOUTS:
+        if packed.shape == (144, 4) and torch.equal(unpack_codes(packed, 8, layout).int(),
+                                                    probe):
+            return layout
+    logger.warning("torch's int4 packing here matches no known layout; 4-bit GGUF weights "
+                   "will be dequantized")
+    return None
+
+
+def int4_supported(dtype: torch.dtype) -> bool:
+    """Whether 4-bit weights can be kept as they are for a CPU model computing in `dtype`."""
+    return dtype == torch.bfloat16 and int4_layout() is not None
+
+
+def unpack_codes(packed: torch.Tensor, cols: int, layout: Int4Layout) -> torch.Tensor:
+    """torch's packed int4 weight [rows, cols / 2] uint8 -> its codes [rows, cols] uint8."""
+    rows = packed.shape[0]
+    flat = packed.reshape(-1)                                # [rows * cols / 2]
+    block = layout.block_rows
+    full = rows // block * block
+    parts = []
+    if full:
+        b = flat[:full * cols // 2].view(full // block, cols, block // 2)
+        lo, hi = b & 15, b >> 4                              # [blocks, cols, block / 2]
+        q = (torch.cat((lo, hi), dim=-1) if layout.halves
+             else torch.stack((lo, hi), dim=-1).view(full // block, cols, block))
+        parts.append(q.transpose(1, 2).reshape(full, cols))   # [full, cols]
+    if rows > full:
+        b = flat[full * cols // 2:].view(cols, (rows - full) // 2)
+        q = torch.stack((b & 15, b >> 4), dim=-1).view(cols, rows - full)
+        parts.append(q.t())                                  # [rows - full, cols]
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+class Int4Linear(nn.Module):
+    """`F.linear(x, w, bias)` over a 4-bit weight w [out_features, in_features].
+
+    `weight` is torch's packed form of the codes ([out, in / 2] uint8) and `scales_zeros`
+    [in / 32, out, 2] each group's scale and zero in the compute dtype, both frozen
+    Parameters (what counts a model's weights counts them). Built from a meta nn.Linear (its
+    bias and shard layout kept) before loading; `weight`'s loader takes an `Int4Weight` for
+    the whole projection or for one shard of a fused one, and packs once all have come."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        out_features, in_features = linear.weight.shape
+        if in_features % INT4_GROUP_SIZE or out_features % _PACK_ROWS_MULTIPLE:
+            raise ValueError(f"a 4-bit weight needs in_features % {INT4_GROUP_SIZE} == 0 and "
+                             f"out_features % {_PACK_ROWS_MULTIPLE} == 0, got "
+                             f"[{out_features}, {in_features}]")
+        self.out_features, self.in_features = out_features, in_features
+        groups = in_features // INT4_GROUP_SIZE
+        device = linear.weight.device
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8,
+                                               device=device), requires_grad=False)
+        self.scales_zeros = nn.Parameter(torch.empty(groups, out_features, 2, device=device),
+                                         requires_grad=False)
+        self.bias = linear.bias
+        self.shard_rows: dict[Hashable, tuple[int, int]] = dict(
+            getattr(linear.weight, "shard_rows", None) or {None: (0, out_features)})
+        self.weight.weight_loader = self._load_shard
+        self.weight.shard_ids = getattr(linear.weight, "shard_ids", None)
+        # filled with `weight` (llama's check for weights the checkpoint lacked skips it)
+        self.scales_zeros.filled_by = "weight"
+        self._staged: Int4Weight | None = None
+        self._pending: set[Hashable] = set(self.shard_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= INT4_KERNEL_MAX_ROWS:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(         # [n, out]
+                x.contiguous(), self.weight, INT4_GROUP_SIZE, self.scales_zeros)
+            return y if self.bias is None else y + self.bias
+        return F.linear(x, self.dequantize(), self.bias)            # [n, out]
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype, from the codes as packed."""
+        layout = int4_layout()
+        assert layout is not None, "Int4Linear is built only where int4_layout() is known"
+        codes = unpack_codes(self.weight, self.in_features, layout)   # [out, in] uint8
+        groups = self.in_features // INT4_GROUP_SIZE
+        scale = self.scales_zeros[..., 0].t().unsqueeze(-1)           # [out, groups, 1]
+        zero = self.scales_zeros[..., 1].t().unsqueeze(-1)
+        w = codes.view(self.out_features, groups, INT4_GROUP_SIZE).to(scale.dtype)
+        return w.sub_(8).mul_(scale).add_(zero).view(self.out_features, self.in_features)
+
+    def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
+                    shard_id: Hashable = None) -> None:
+        if not isinstance(loaded, Int4Weight):
+            raise ValueError(f"a 4-bit projection takes 4-bit GGUF blocks, got "
+                             f"{type(loaded).__name__}")
+        if shard_id not in self.shard_rows:
+            raise ValueError(f"projection takes shards {list(self.shard_rows)}, got "
+                             f"{shard_id!r}")
+        offset, rows = self.shard_rows[shard_id]
+        if tuple(loaded.shape) != (rows, self.in_features):
+            raise ValueError(f"expected shape {(rows, self.in_features)}, got "
+                             f"{tuple(loaded.shape)}")
+        if self._staged is None:
+            groups = self.in_features // INT4_GROUP_SIZE
+            self._staged = Int4Weight(
+                torch.empty(self.out_features, self.in_features, dtype=torch.uint8),
+                torch.empty(self.out_features, groups), torch.empty(self.out_features, groups))
+        for dst, src in zip((self._staged.codes, self._staged.scales, self._staged.mins),
+                            (loaded.codes, loaded.scales, loaded.mins)):
+            dst[offset:offset + rows].copy_(src)
+        self._pending.discard(shard_id)
+        if not self._pending:
+            self._pack(self._staged)
+            self._staged = None
+
+    @torch.no_grad()
+    def _pack(self, w: Int4Weight) -> None:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.int(), 1)
+        self.weight.copy_(packed.view(self.weight.shape))
+        # w = q * s + m = (q - 8) * s + (m + 8 s): the kernel's zero, in float32 first
+        zeros = w.mins + 8 * w.scales                              # [out, groups]
+        self.scales_zeros.copy_(torch.stack((w.scales, zeros), dim=-1).transpose(0, 1))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, 4-bit groups of {INT4_GROUP_SIZE}")
+
+
+def swap_int4_linears(model: nn.Module, names: set[str]) -> int:
+    """Replace the (meta) nn.Linear submodules of `model` named in `names` (e.g.
+    `model.layers.0.mlp.down_proj`) with Int4Linear modules; returns how many."""
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, attr)
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer")
+        setattr(parent, attr, Int4Linear(linear))
+    return len(names)

@@ -1,0 +1,114 @@
+"""`quantization="gguf"`: a GGUF file's 4-bit projections loaded as they are stored, in every
+architecture taskloom runs (llama.cpp's q/k permute undone, Qwen2's biases), computing what the
+dequantized model computes to bf16's precision; the embedded model held at a quarter of its
+projections' bf16 memory and served by the engine, adapters on top; and the settings it
+cannot run with refused by name."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from taskloom import LLM, SamplingParams
+from taskloom.config import ModelConfig
+from taskloom.lora.layers import LoRALinear
+from taskloom.lora.random_adapter import write_random_adapter
+from taskloom.models.loader import load_model
+from taskloom.ops.int4_linear import Int4Linear, int4_supported
+from tests.models.gguf_files import write_gguf_from_hf
+from tests.models.single_seq import forward_batch
+from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(not int4_supported(torch.bfloat16),
+                                 reason="this torch's CPU int4 packing has no layout we read")]
+
+
+def _projections(model) -> list:
+    return [m for layer in model.model.layers
+            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                      layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_4bit_projections_compute_what_the_dequantized_model_computes(
+        tmp_path: Path, case: str) -> None:
+    hf = build_tiny_hf(case)
+    qtype = Q.Q4_0 if case.startswith("mistral") else Q.Q4_1
+    path = str(tmp_path / "model.gguf")
+    write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=qtype)
+    int4 = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
+    exact = load_model(ModelConfig(model=path)).model           # float32, dequantized
+    rounded = load_model(ModelConfig(model=path, dtype="bfloat16")).model
+    assert all(type(m) is Int4Linear for m in _projections(int4))
+    assert type(rounded.model.layers[0].mlp.down_proj) is not Int4Linear
+    prompts = random_prompts(hf.config.vocab_size, seed=4)[:3]
+    for ref, got, bf16 in zip(forward_batch(exact, prompts), forward_batch(int4, prompts),
+                              forward_batch(rounded, prompts)):
+        err, bf16_err = (got - ref).abs().max().item(), (bf16 - ref).abs().max().item()
+        # a wrong row order or scale is an error of the logits' own size; 4-bit weights
+        # with bf16 scales round about as the dequantized bf16 weights do
+        assert err < 0.05 * ref.abs().max().item()
+        assert err < 4 * bf16_err + 1e-3
+
+
+def test_the_embedded_model_keeps_its_q4_1_projections_at_a_quarter_of_bf16() -> None:
+    int4 = load_model(ModelConfig(dtype="bfloat16", quantization="gguf")).model
+    plain = load_model(ModelConfig(dtype="bfloat16")).model
+    assert all(type(m) is Int4Linear for m in _projections(int4))
+
+    def nbytes(model) -> int:
+        return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+
+    # 4 bits a weight and two bf16 terms a group of 32: 0.25 + 0.0625 of bf16's bytes
+    assert 0.30 < nbytes(int4) / nbytes(plain) < 0.33
+
+
+def test_an_engine_serves_4bit_projections_with_adapters(tmp_path: Path) -> None:
+    from tests.e2e.conftest import assert_pool_full
+    llm = LLM(dtype="bfloat16", quantization="gguf", num_blocks=128, enable_lora=True,
+              max_num_batched_tokens=256)
+    assert llm.engine.runs_on == "bfloat16 on cpu with 4-bit GGUF projections"
+    llm.load_lora("a", write_random_adapter(str(tmp_path / "a"), llm.engine.runner.arch,
+                                            rank=4, seed=1, std=0.3))
+    proj = llm.engine.runner.model.model.layers[0].mlp.gate_up_proj
+    assert isinstance(proj, LoRALinear) and isinstance(proj.base, Int4Linear)
+    long = "Summarise this. " + "The river runs to the sea and the sea is wide. " * 20
+    prompts = ["The capital of France is", long, "def fibonacci(n):", long]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False, lora=[None, None, "a", "a"])
+    # prefill chunks above INT4_KERNEL_MAX_ROWS rows unpack the weights, decodes do not
+    assert len(llm.tokenizer.encode(long)) > 200
+    assert [len(o.outputs[0].token_ids) for o in outs] == [12] * 4
+    assert " Paris" in outs[0].outputs[0].text
+    assert outs[1].outputs[0].token_ids != outs[3].outputs[0].token_ids   # the adapter acts
+    assert_pool_full(llm)
+
+
+def test_settings_4bit_weights_cannot_run_with_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="bfloat16 activations on a CPU .*got float32 on cpu"):
+        ModelConfig(quantization="gguf")
+    with pytest.raises(ValueError, match="got bfloat16 on cuda"):
+        ModelConfig(quantization="gguf", dtype="bfloat16", device="cuda")
+    with pytest.raises(ValueError, match="random weights have none"):
+        ModelConfig(model="smollm2-135m", random_weights=True, quantization="gguf",
+                    dtype="bfloat16")
+    with pytest.raises(ValueError, match="quantization must be one of gguf"):
+        ModelConfig(quantization="awq", dtype="bfloat16")
+    hf = build_tiny_hf("qwen2-bias")
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match="is a Hugging Face directory"):
+        load_model(ModelConfig(model=str(tmp_path / "hf"), dtype="bfloat16",
+                               quantization="gguf"))
+
+
+def test_a_file_without_4bit_projections_loads_dequantized(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    hf = build_tiny_hf("qwen2-bias")
+    path = str(tmp_path / "q8.gguf")
+    write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=Q.Q8_0)
+    model = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
+    assert not any(type(m) is Int4Linear for m in _projections(model))
+    assert "stores no decoder projection 4-bit" in caplog.text
