@@ -72,7 +72,7 @@ def run_throughput(a: argparse.Namespace) -> dict:
     result = {
         "bench": "throughput", "model": a.model or "embedded:SmolLM2-135M-Instruct",
         "random_weights": a.random_weights, "dtype": a.dtype,
-              "quantization": a.quantization, "num_prompts": len(prompts),
+        "quantization": a.quantization, "num_prompts": len(prompts),
         "input_len": a.input_len_range or a.input_len, "output_len": a.output_len,
         "shared_prefix": a.shared_prefix, "num_prefixes": a.num_prefixes,
         "unique_len": a.unique_len, "turns": a.turns, "user_len": a.user_len,
