@@ -5,9 +5,13 @@ each weight a matrix of its own, so that (unlike `taskloom bench kernels`, which
 they stream from memory as a decode step's do. Prints a JSON line: per rows and kind, the
 median milliseconds of a pass over the repeats, the weight bytes a second (GB/s) and the
 TFLOP/s, and packed's speedup over F.linear; and the packed outputs' largest difference from
-F.linear's.
+F.linear's. With --int4 (bf16), also 4-bit weights (`taskloom.ops.int4_linear.Int4Linear`,
+random codes) both ways an Int4Linear can multiply: torch's int4 kernel (`int4_kernel`) and
+unpacked to bf16 then one GEMM (`int4_unpacked`); Int4Linear takes the first up to
+INT4_KERNEL_MAX_ROWS rows, the second above (GB/s there are of the 4-bit bytes).
 
     python benchmarks/cpu_linear.py --model smollm2-135m --rows 1 8 32 256 2048
+    python benchmarks/cpu_linear.py --int4 --rows 1 4 8 16 32 64 128 256 2048
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import torch.nn.functional as F
 
 from taskloom.bench.common import run_info, significant
 from taskloom.models.loader import random_arch
+from taskloom.models.weights import materialize
+from taskloom.ops.int4_linear import (INT4_GROUP_SIZE, INT4_KERNEL_MAX_ROWS, Int4Linear,
+                                      Int4Weight, int4_supported)
 from taskloom.ops.linear import PACK_BATCH_HINT, PackedLinear, packing_supported
 from taskloom.runtime.dtypes import torch_dtype
 
@@ -35,6 +42,34 @@ def decoder_weights(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     return [(torch.randn(o, i, generator=gen) / i ** 0.5).to(dtype)
             for _ in range(arch.num_hidden_layers) for o, i in shapes]
+
+
+def int4_linears(weights: list[torch.Tensor]) -> list[Int4Linear]:
+    """An Int4Linear of each weight's shape, random codes (what is timed is the same)."""
+    gen = torch.Generator().manual_seed(1)
+    layers = []
+    for w in weights:
+        rows, cols = w.shape
+        with torch.device("meta"):
+            layer = Int4Linear(torch.nn.Linear(cols, rows, bias=False))
+        materialize(layer, torch.bfloat16, torch.device("cpu"))
+        groups = cols // INT4_GROUP_SIZE
+        scales = torch.full((rows, groups), 1 / (8 * cols ** 0.5))
+        layer.weight.weight_loader(layer.weight, Int4Weight(
+            torch.randint(0, 16, (rows, cols), generator=gen, dtype=torch.uint8),
+            scales, -8 * scales), None)
+        layers.append(layer)
+    return layers
+
+
+def int4_calls(layers: list[Int4Linear], xs: dict[int, torch.Tensor]
+               ) -> dict[str, list[Callable[[], torch.Tensor]]]:
+    """A pass over `layers` through torch's int4 kernel, and through unpacking + F.linear."""
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+    return {"int4_kernel": [lambda m=m: kernel(xs[m.in_features], m.weight, INT4_GROUP_SIZE,
+                                               m.scales_zeros) for m in layers],
+            "int4_unpacked": [lambda m=m: F.linear(xs[m.in_features], m.dequantize())
+                              for m in layers]}
 
 
 def time_pass(calls: list[Callable[[], torch.Tensor]], repeats: int) -> float:
@@ -56,6 +91,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--rows", type=int, nargs="+", default=[1, 8, 32, 256, 2048])
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--int4", action="store_true",
+                   help="also time 4-bit weights (bf16 activations) both ways")
     a = p.parse_args()
     dtype = torch_dtype(a.dtype)
     if not packing_supported(dtype):
@@ -63,6 +100,10 @@ def main() -> None:
     weights = decoder_weights(a.model, dtype)
     packed = [PackedLinear(w, None) for w in weights]
     nbytes = sum(w.numel() * w.element_size() for w in weights)
+    if a.int4 and not int4_supported(dtype):
+        raise SystemExit(f"no 4-bit weights with {a.dtype} activations on this CPU")
+    int4 = int4_linears(weights) if a.int4 else []
+    int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
     results, max_diff = [], 0.0
     with torch.inference_mode():
         for rows in a.rows:
@@ -75,15 +116,18 @@ def main() -> None:
                                                .abs().max()))
             flops = 2 * rows * nbytes / dtype.itemsize
             seconds = {}
-            for kind, calls in (("plain", plain), ("packed", pack)):
+            kinds = {"plain": plain, "packed": pack, **(int4_calls(int4, xs) if int4 else {})}
+            for kind, calls in kinds.items():
                 seconds[kind] = time_pass(calls, max(2, a.repeats // max(1, rows // 256)))
+                size = int4_bytes if kind.startswith("int4") else nbytes
                 results.append({"rows": rows, "weights": kind,
                                 "ms": significant(seconds[kind] * 1e3),
-                                "gb_per_s": significant(nbytes / seconds[kind] / 1e9),
-                                "tflops": significant(flops / seconds[kind] / 1e12)})
-            results[-1]["speedup"] = round(seconds["plain"] / seconds["packed"], 3)
+                                "gb_per_s": significant(size / seconds[kind] / 1e9),
+                                "tflops": significant(flops / seconds[kind] / 1e12),
+                                "speedup": round(seconds["plain"] / seconds[kind], 3)})
     print(json.dumps({"bench": "cpu_linear", "model": a.model, "dtype": a.dtype,
                       "threads": torch.get_num_threads(), "pack_batch_hint": PACK_BATCH_HINT,
+                      "int4_kernel_max_rows": INT4_KERNEL_MAX_ROWS if int4 else None,
                       "weight_bytes": nbytes, "results": results,
                       "max_abs_diff_vs_f_linear": significant(max_diff), **run_info("cpu")}))
 

@@ -76,13 +76,19 @@ def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
+def _program() -> str:
+    """`taskloom` for the command (or `python -m taskloom.cli`), else the script run."""
+    name = os.path.basename(sys.argv[0])
+    return "taskloom" if name in ("taskloom", "cli.py", "__main__.py") else f"python {sys.argv[0]}"
+
+
 def run_info(device: str) -> dict:
     import torch
     return {
         "device": device_name(device),
         "commit": git_commit(),
         "date": utc_now(),
-        "command": " ".join(["taskloom"] + sys.argv[1:]),
+        "command": " ".join([_program()] + sys.argv[1:]),
         "torch": torch.__version__,
     }
 

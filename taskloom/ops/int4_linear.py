@@ -9,17 +9,18 @@ scale and a zero (`w = (q - 8) * scale + zero`, the layout of torch's
 
 Which GEMM a call runs depends on its rows. torch's int4 kernel dequantizes each group in
 registers for every 4 rows it multiplies: measured on two Sapphire Rapids cores, a pass over
-SmolLM2-135M's projections takes 3.7 ms at 1 row (bf16, oneDNN-packed: 12.6 ms), 10.8 at 8
-(12.6), 41 at 32 (16.4), and it keeps growing with the rows. Above `INT4_KERNEL_MAX_ROWS`
-(prefill chunks) a call instead unpacks the weight to bf16 with a few torch ops (~1.5 ms for
-SmolLM2's 3072 x 576 gate/up) and runs one dense GEMM, which then wins. So a 4-bit model is
-the faster one for a single stream and the smaller one always, and the slower one for
-batches of decodes: the trade llama.cpp's 4-bit files make too.
+SmolLM2-135M's projections takes 3.5 ms at 1 row (bf16, oneDNN-packed: 12.2 ms), 10.6 at 8
+(11.7), 39 at 32 (13.8), and it grows with the rows. Above `INT4_KERNEL_MAX_ROWS` (prefill
+chunks, large batches) a call instead unpacks the weight to bf16 with a few torch ops (about
+3 ms a layer there) and runs one dense GEMM: 106 ms a pass at 128 rows, 238 at 2,048
+(bf16: 22 and 157). So a 4-bit model is the faster one for one to eight streams and the
+smaller one always, and the slower one for larger batches and long prompts: the trade
+llama.cpp's 4-bit files make too.
 
 Only bf16 activations: torch's kernel is vectorized for them alone (fp16 measured 50x
 slower, fp32 24x). The codes' byte layout is torch's, which depends on the CPU's vector
 width; `int4_layout` finds it once by packing a probe, and where it is none this module
-knows, `int4_supported` says so and the weights are dequantized as before.
+knows, `int4_supported` says so (and the loader refuses `quantization="gguf"` by name).
 
 Swapped in for the decoder's projections on the meta device, before the weights are read (the
 model definition knows nothing of quantization); each module packs itself as soon as its last
@@ -40,10 +41,10 @@ logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
 # Rows up to which a call runs torch's int4 kernel; above, the weight is unpacked to bf16
-# and multiplied densely. Measured on two Sapphire Rapids cores (SmolLM2-135M's gate/up, 3072
-# x 576): int4 kernel 1.24 ms vs unpack + GEMM 2.0 at 64 rows, 2.47 vs 2.6 at 128, 4.9 vs 2.2
-# at 256 (`python benchmarks/cpu_linear.py --int4`).
-INT4_KERNEL_MAX_ROWS = 128
+# and multiplied densely. Measured over a pass of SmolLM2-135M's projections on two Sapphire
+# Rapids cores (`python benchmarks/cpu_linear.py --int4`): kernel 39 / 78 / 152 ms at 32 /
+# 64 / 128 rows, unpacked 96 / 100 / 106 (bf16 oneDNN-packed: 14 / 15 / 22).
+INT4_KERNEL_MAX_ROWS = 64
 _PACK_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
 
 
@@ -113,23 +114,35 @@ def int4_supported(dtype: torch.dtype) -> bool:
 
 
 def unpack_codes(packed: torch.Tensor, cols: int, layout: Int4Layout) -> torch.Tensor:
-    """torch's packed int4 weight [rows, cols / 2] uint8 -> its codes [rows, cols] uint8."""
+    """torch's packed int4 weight [rows, cols / 2] uint8 -> its codes [rows, cols] uint8.
+
+    Each nibble is written straight to its place in the row-major result (no intermediate
+    of the packed order to transpose afterwards: 15-25% less time than with one)."""
     rows = packed.shape[0]
     flat = packed.reshape(-1)                                # [rows * cols / 2]
+    out = torch.empty(rows, cols, dtype=torch.uint8, device=packed.device)
     block = layout.block_rows
     full = rows // block * block
-    parts = []
     if full:
         b = flat[:full * cols // 2].view(full // block, cols, block // 2)
-        lo, hi = b & 15, b >> 4                              # [blocks, cols, block / 2]
-        q = (torch.cat((lo, hi), dim=-1) if layout.halves
-             else torch.stack((lo, hi), dim=-1).view(full // block, cols, block))
-        parts.append(q.transpose(1, 2).reshape(full, cols))   # [full, cols]
+        _put_nibbles(b, out[:full].view(full // block, block, cols), layout.halves)
     if rows > full:
-        b = flat[full * cols // 2:].view(cols, (rows - full) // 2)
-        q = torch.stack((b & 15, b >> 4), dim=-1).view(cols, rows - full)
-        parts.append(q.t())                                  # [rows - full, cols]
-    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+        b = flat[full * cols // 2:].view(1, cols, (rows - full) // 2)
+        _put_nibbles(b, out[full:].view(1, rows - full, cols), halves=False)
+    return out
+
+
+def _put_nibbles(b: torch.Tensor, dst: torch.Tensor, halves: bool) -> None:
+    """Packed bytes b [blocks, cols, block / 2] -> codes dst [blocks, block, cols]: a byte's
+    low and high nibbles are rows d and d + block/2 (`halves`) or rows 2d and 2d + 1."""
+    blocks, block, cols = dst.shape
+    if halves:
+        lo, hi = dst[:, :block // 2], dst[:, block // 2:]     # [blocks, block / 2, cols]
+    else:
+        pairs = dst.view(blocks, block // 2, 2, cols)
+        lo, hi = pairs[:, :, 0], pairs[:, :, 1]
+    lo.transpose(1, 2).copy_(b & 15)                         # [blocks, cols, block / 2]
+    hi.transpose(1, 2).copy_(b >> 4)
 
 
 class Int4Linear(nn.Module):
