@@ -192,9 +192,9 @@ class Int4Linear(nn.Module):
         codes = unpack_codes(self.weight, self.in_features, layout)   # [out, in] uint8
         groups = self.in_features // INT4_GROUP_SIZE
         scale = self.scales_zeros[..., 0].t().unsqueeze(-1)           # [out, groups, 1]
-        zero = self.scales_zeros[..., 1].t().unsqueeze(-1)
+        offset = self.scales_zeros[..., 1].t().unsqueeze(-1) - 8 * scale   # zero - 8 scale
         w = codes.view(self.out_features, groups, INT4_GROUP_SIZE).to(scale.dtype)
-        return w.sub_(8).mul_(scale).add_(zero).view(self.out_features, self.in_features)
+        return w.mul_(scale).add_(offset).view(self.out_features, self.in_features)
 
     def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
                     shard_id: Hashable = None) -> None:
