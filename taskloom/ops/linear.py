@@ -74,10 +74,11 @@ class PackedLinear(nn.Module):
 def pack_cpu_linears(model: nn.Module) -> int:
     """Replace every decoder layer's nn.Linear projections of a loaded CPU model held in bf16
     or fp16 with PackedLinear modules, where oneDNN supports the dtype here; returns how
-    many were packed (0: the model is left as it is)."""
+    many were packed (0: the model is left as it is). Projections of other kinds (4-bit
+    ones) are left as they are."""
     layers = model.model.layers
-    first = layers[0].self_attn.qkv_proj.weight if len(layers) else None
-    if first is None or first.device.type != "cpu" or not packing_supported(first.dtype):
+    embed = model.model.embed_tokens.weight             # the model's dtype and device
+    if embed.device.type != "cpu" or not packing_supported(embed.dtype):
         return 0
     count = 0
     for layer in layers:
@@ -86,5 +87,5 @@ def pack_cpu_linears(model: nn.Module) -> int:
                 if type(child) is nn.Linear:
                     setattr(parent, name, PackedLinear(child.weight, child.bias))
                     count += 1
-    logger.info("CPU linears: %d projections packed for oneDNN (%s)", count, first.dtype)
+    logger.info("CPU linears: %d projections packed for oneDNN (%s)", count, embed.dtype)
     return count

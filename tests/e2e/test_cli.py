@@ -47,6 +47,9 @@ def test_bad_flags_give_a_clear_error_and_exit_code() -> None:
     assert "top_p must be in (0, 1], got 0.0" in proc.stderr
     proc = run(["generate", "hi", "--device", "gpu"])
     assert proc.returncode == 2 and "device must be cpu or cuda" in proc.stderr
+    proc = run(["generate", "hi", "--quantization", "gguf"])             # with float32
+    assert proc.returncode == 2
+    assert "runs 4-bit weights with bfloat16 activations on a CPU" in proc.stderr
     proc = run(["generate", "hi", "--model", "/no/such/model.gguf"])
     assert proc.returncode == 2 and "/no/such/model.gguf" in proc.stderr
     proc = run(["generate", "hi", "--speculative-config", "{num_speculative_tokens: 3}"])

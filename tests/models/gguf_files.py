@@ -63,8 +63,11 @@ def _add_metadata(w: gguf.GGUFWriter, cfg, head_dim: int) -> None:
 
 def write_gguf_from_hf(path: str, cfg, state_dict: dict[str, torch.Tensor],
                        qtype: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                       rope_scaling: RopeScaling | None = None) -> None:
-    """Write an HF model (its `config` and `state_dict()`) as llama.cpp would convert it."""
+                       rope_scaling: RopeScaling | None = None,
+                       qtype_of: dict[str, gguf.GGMLQuantizationType] | None = None) -> None:
+    """Write an HF model (its `config` and `state_dict()`) as llama.cpp would convert it:
+    matrices in `qtype`, or in `qtype_of[part]` for those whose HF name holds `part` (mixed
+    files such as Q4_K_M, whose v and down projections are Q6_K)."""
     arch = _GGUF_ARCH[cfg.model_type]
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     names = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
@@ -79,7 +82,8 @@ def write_gguf_from_hf(path: str, cfg, state_dict: dict[str, torch.Tensor],
             data = llama_cpp_permute(data, cfg.num_attention_heads)
         elif arch == gguf.MODEL_ARCH.LLAMA and ".k_proj." in name:
             data = llama_cpp_permute(data, cfg.num_key_value_heads)
-        kind = qtype if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+        kind = next((t for part, t in (qtype_of or {}).items() if part in name), qtype)
+        kind = kind if data.ndim == 2 else gguf.GGMLQuantizationType.F32
         w.add_tensor(f"{names.get_name(base)}.{suffix}", gguf.quants.quantize(data, kind),
                      raw_dtype=kind)
     if rope_scaling is not None:

@@ -17,6 +17,7 @@ from taskloom.lora.layers import LoRALinear
 from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import load_model
 from taskloom.ops.int4_linear import Int4Linear, int4_supported
+from taskloom.ops.linear import PackedLinear, packing_supported
 from tests.models.gguf_files import write_gguf_from_hf
 from tests.models.single_seq import forward_batch
 from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
@@ -112,3 +113,24 @@ def test_a_file_without_4bit_projections_loads_dequantized(
     model = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
     assert not any(type(m) is Int4Linear for m in _projections(model))
     assert "stores no decoder projection 4-bit" in caplog.text
+
+
+def test_a_mixed_file_keeps_its_4bit_projections_and_packs_the_rest(tmp_path: Path) -> None:
+    from tests.e2e.conftest import assert_pool_full
+    hf = build_tiny_hf("llama-llama3-gqa")
+    path = str(tmp_path / "mixed.gguf")
+    # as Q4_K_M: v (so the fused q/k/v) and down projections at more bits than 4
+    write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=Q.Q4_1,
+                       qtype_of={"v_proj": Q.Q8_0, "down_proj": Q.Q8_0})
+    llm = LLM(path, dtype="bfloat16", quantization="gguf", num_blocks=32,
+              skip_tokenizer_init=True)
+    layer = llm.engine.runner.model.model.layers[0]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert type(attn.o_proj) is Int4Linear and type(mlp.gate_up_proj) is Int4Linear
+    rest = PackedLinear if packing_supported(torch.bfloat16) else torch.nn.Linear
+    assert type(attn.qkv_proj) is rest and type(mlp.down_proj) is rest
+    outs = llm.generate(random_prompts(hf.config.vocab_size, seed=2)[:3],
+                        SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
+                        use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [6] * 3
+    assert_pool_full(llm)
