@@ -119,16 +119,18 @@ def test_a_mixed_file_keeps_its_4bit_projections_and_packs_the_rest(tmp_path: Pa
     from tests.e2e.conftest import assert_pool_full
     hf = build_tiny_hf("llama-llama3-gqa")
     path = str(tmp_path / "mixed.gguf")
-    # as Q4_K_M: v (so the fused q/k/v) and down projections at more bits than 4
+    # as Q4_K_M: some v projections (so their fused q/k/v) and the down projections at
+    # more bits than 4
     write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=Q.Q4_1,
-                       qtype_of={"v_proj": Q.Q8_0, "down_proj": Q.Q8_0})
+                       qtype_of={"layers.1.self_attn.v_proj": Q.Q8_0, "down_proj": Q.Q8_0})
     llm = LLM(path, dtype="bfloat16", quantization="gguf", num_blocks=32,
               skip_tokenizer_init=True)
-    layer = llm.engine.runner.model.model.layers[0]
-    attn, mlp = layer.self_attn, layer.mlp
-    assert type(attn.o_proj) is Int4Linear and type(mlp.gate_up_proj) is Int4Linear
+    first, second = llm.engine.runner.model.model.layers
     rest = PackedLinear if packing_supported(torch.bfloat16) else torch.nn.Linear
-    assert type(attn.qkv_proj) is rest and type(mlp.down_proj) is rest
+    assert [type(m) for m in (first.self_attn.qkv_proj, first.self_attn.o_proj,
+                              first.mlp.gate_up_proj, first.mlp.down_proj)] == \
+        [Int4Linear, Int4Linear, Int4Linear, rest]
+    assert type(second.self_attn.qkv_proj) is rest and type(second.mlp.down_proj) is rest
     outs = llm.generate(random_prompts(hf.config.vocab_size, seed=2)[:3],
                         SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),
                         use_tqdm=False)
