@@ -74,7 +74,7 @@ class ModelConfig:
         if self.device != "cpu" or self.dtype != "bfloat16":
             raise ValueError(f"quantization 'gguf' runs 4-bit weights with bfloat16 "
                              f"activations on a CPU (torch's int4 kernel); got "
-                             f"{self.dtype} on {self.device}")
+                             f"{self.dtype} on {self.device} (pass dtype bfloat16, device cpu)")
 
 
 @dataclass(frozen=True)

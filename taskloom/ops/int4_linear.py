@@ -29,7 +29,7 @@ shard (q/k/v, gate/up) has arrived, so loading never holds more than one project
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -67,7 +67,7 @@ class Int4Weight:
         q = self.codes.view(rows, cols // INT4_GROUP_SIZE, INT4_GROUP_SIZE).float()
         return (q * self.scales[..., None] + self.mins[..., None]).view(rows, cols)
 
-    def map_rows(self, fn) -> Int4Weight:
+    def map_rows(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Int4Weight:
         """The same weight with `fn` applied to the row order of every part (a permutation
         of output rows, such as llama.cpp's q/k permute undone)."""
         return Int4Weight(fn(self.codes), fn(self.scales), fn(self.mins))

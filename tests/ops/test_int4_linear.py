@@ -86,7 +86,7 @@ def _weight(rows: int, cols: int, qtype: Q = Q.Q4_1, seed: int = 0) -> Int4Weigh
 
 
 @needs_int4
-@pytest.mark.parametrize("rows", [1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [0, 1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 300])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
 def test_int4_linear_computes_f_linear_of_the_dequantized_weight(rows: int, qtype: Q) -> None:
     for bias in (True, False):
@@ -99,7 +99,8 @@ def test_int4_linear_computes_f_linear_of_the_dequantized_weight(rows: int, qtyp
                        else layer.bias.float())
         assert out.shape == (rows, 208) and out.dtype == torch.bfloat16
         # bf16 scales and bf16 output: a few roundings of the output's magnitude
-        torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+        size = ref.abs().max().item() if rows else 1.0
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * size)
     # the unpacked weight is the dequantized one, rounded to bf16 (scales and products)
     torch.testing.assert_close(layer.dequantize().float(), w.dequantize(), rtol=0,
                                atol=0.01 * w.dequantize().abs().max().item())
