@@ -98,13 +98,17 @@ def int4_layout() -> Int4Layout | None:
         return None
     gen = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (144, 8), generator=gen, dtype=torch.int32)  # [N, K]
-    packed = pack(probe, 1)
+    try:
+        packed = pack(probe, 1)
+    except RuntimeError as e:
+        logger.warning("torch's CPU int4 packing fails here (%s): no 4-bit weights", e)
+        return None
     for layout in _CANDIDATE_LAYOUTS:
         if packed.shape == (144, 4) and torch.equal(unpack_codes(packed, 8, layout).int(),
                                                     probe):
             return layout
-    logger.warning("torch's int4 packing here matches no known layout; 4-bit GGUF weights "
-                   "will be dequantized")
+    logger.warning("torch's CPU int4 packing here matches no layout taskloom reads: no "
+                   "4-bit weights")
     return None
 
 
