@@ -7,8 +7,9 @@ median milliseconds of a pass over the repeats, the weight bytes a second (GB/s)
 TFLOP/s, and packed's speedup over F.linear; and the packed outputs' largest difference from
 F.linear's. With --int4 (bf16), also 4-bit weights (`taskloom.ops.int4_linear.Int4Linear`,
 random codes) both ways an Int4Linear can multiply: torch's int4 kernel (`int4_kernel`) and
-unpacked to bf16 then one GEMM (`int4_unpacked`); Int4Linear takes the first up to
-INT4_KERNEL_MAX_ROWS rows, the second above (GB/s there are of the 4-bit bytes).
+unpacked to bf16 then one GEMM (`int4_unpacked`: the C unpack where it builds here); an
+Int4Linear takes the first up to its `kernel_max_rows` rows, the second above (GB/s there are
+of the 4-bit bytes).
 
     python benchmarks/cpu_linear.py --model smollm2-135m --rows 1 8 32 256 2048
     python benchmarks/cpu_linear.py --int4 --rows 1 4 8 16 32 64 128 256 2048
@@ -27,8 +28,8 @@ import torch.nn.functional as F
 from taskloom.bench.common import run_info, significant
 from taskloom.models.loader import random_arch
 from taskloom.models.weights import materialize
-from taskloom.ops.int4_linear import (INT4_GROUP_SIZE, INT4_KERNEL_MAX_ROWS, Int4Linear,
-                                      Int4Weight, int4_supported)
+from taskloom.ops.int4_linear import (INT4_GROUP_SIZE, Int4Linear, Int4Scratch, Int4Weight,
+                                      int4_supported)
 from taskloom.ops.linear import PACK_BATCH_HINT, PackedLinear, packing_supported
 from taskloom.runtime.dtypes import torch_dtype
 
@@ -47,11 +48,12 @@ def decoder_weights(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
 def int4_linears(weights: list[torch.Tensor]) -> list[Int4Linear]:
     """An Int4Linear of each weight's shape, random codes (what is timed is the same)."""
     gen = torch.Generator().manual_seed(1)
+    scratch = Int4Scratch()                  # one for the whole model, as the loader's swap
     layers = []
     for w in weights:
         rows, cols = w.shape
         with torch.device("meta"):
-            layer = Int4Linear(torch.nn.Linear(cols, rows, bias=False))
+            layer = Int4Linear(torch.nn.Linear(cols, rows, bias=False), scratch)
         materialize(layer, torch.bfloat16, torch.device("cpu"))
         groups = cols // INT4_GROUP_SIZE
         scales = torch.full((rows, groups), 1 / (8 * cols ** 0.5))
@@ -65,10 +67,8 @@ def int4_linears(weights: list[torch.Tensor]) -> list[Int4Linear]:
 def int4_calls(layers: list[Int4Linear], xs: dict[int, torch.Tensor]
                ) -> dict[str, list[Callable[[], torch.Tensor]]]:
     """A pass over `layers` through torch's int4 kernel, and through unpacking + F.linear."""
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
-    return {"int4_kernel": [lambda m=m: kernel(xs[m.in_features], m.weight, INT4_GROUP_SIZE,
-                                               m.scales_zeros) for m in layers],
-            "int4_unpacked": [lambda m=m: F.linear(xs[m.in_features], m.dequantize())
+    return {"int4_kernel": [lambda m=m: m.forward_kernel(xs[m.in_features]) for m in layers],
+            "int4_unpacked": [lambda m=m: m.forward_unpacked(xs[m.in_features])
                               for m in layers]}
 
 
@@ -127,7 +127,7 @@ def main() -> None:
                                 "speedup": round(seconds["plain"] / seconds[kind], 3)})
     print(json.dumps({"bench": "cpu_linear", "model": a.model, "dtype": a.dtype,
                       "threads": torch.get_num_threads(), "pack_batch_hint": PACK_BATCH_HINT,
-                      "int4_kernel_max_rows": INT4_KERNEL_MAX_ROWS if int4 else None,
+                      "int4_kernel_max_rows": int4[0].kernel_max_rows if int4 else None,
                       "weight_bytes": nbytes, "results": results,
                       "max_abs_diff_vs_f_linear": significant(max_diff), **run_info("cpu")}))
 

@@ -10,12 +10,14 @@ scale and a zero (`w = (q - 8) * scale + zero`, the layout of torch's
 Which GEMM a call runs depends on its rows. torch's int4 kernel dequantizes each group in
 registers for every 4 rows it multiplies: measured on two Sapphire Rapids cores, a pass over
 SmolLM2-135M's projections takes 3.5 ms at 1 row (bf16, oneDNN-packed: 12.2 ms), 10.6 at 8
-(11.7), 39 at 32 (13.8), and it grows with the rows. Above `INT4_KERNEL_MAX_ROWS` (prefill
-chunks, large batches) a call instead unpacks the weight to bf16 with a few torch ops (about
-3 ms a layer there) and runs one dense GEMM: 106 ms a pass at 128 rows, 238 at 2,048
-(bf16: 22 and 157). So a 4-bit model is the faster one for one to eight streams and the
-smaller one always, and the slower one for larger batches and long prompts: the trade
-llama.cpp's 4-bit files make too.
+(11.7), 39 at 32 (13.8), and it grows with the rows. Above `kernel_max_rows` (prefill
+chunks, large batches) a call instead unpacks the weight to bf16 and runs one dense GEMM.
+The unpack is a C loop (`csrc/int4_unpack.c`, compiled on first use by
+`taskloom.ops.cpu_native`) or, without a C compiler, a few torch ops: bit for bit the same
+values, and a pass over SmolLM2's projections at 128 rows takes 59 ms with the C unpack, 98
+with torch's (bf16: 22). So a 4-bit model is the faster one for one to eight streams and the
+smaller one always, and the slower one for larger batches and long prompts, by what its
+unpack costs: the trade llama.cpp's 4-bit files make too.
 
 Only bf16 activations: torch's kernel is vectorized for them alone (fp16 measured 50x
 slower, fp32 24x). The codes' byte layout is torch's, which depends on the CPU's vector
@@ -28,23 +30,28 @@ shard (q/k/v, gate/up) has arrived, so loading never holds more than one project
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from taskloom.ops.cpu_native import load_kernel
 
 logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
 # Rows up to which a call runs torch's int4 kernel; above, the weight is unpacked to bf16
 # and multiplied densely. Measured over a pass of SmolLM2-135M's projections on two Sapphire
-# Rapids cores (`python benchmarks/cpu_linear.py --int4`): kernel 39 / 78 / 152 ms at 32 /
-# 64 / 128 rows, unpacked 96 / 100 / 106 (bf16 oneDNN-packed: 14 / 15 / 22).
+# Rapids cores (`python benchmarks/cpu_linear.py --int4`): with the torch unpack, kernel 39 /
+# 78 / 152 ms at 32 / 64 / 128 rows against unpacked 96 / 100 / 106 (bf16 oneDNN-packed:
+# 14 / 15 / 22); with the C unpack, kernel 39 / 58 / 77 at 32 / 48 / 64 rows against
+# unpacked 48 / 52 / 54 (and 59 at 128, 179 at 2,048, where bf16 takes 141).
 INT4_KERNEL_MAX_ROWS = 64
+INT4_KERNEL_MAX_ROWS_NATIVE = 40
 _PACK_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
 
 
@@ -112,6 +119,18 @@ def int4_layout() -> Int4Layout | None:
     return None
 
 
+@lru_cache(maxsize=1)
+def native_unpack() -> Callable[..., int] | None:
+    """The C unpack (`csrc/int4_unpack.c`), or None where it cannot be built here."""
+    lib = load_kernel("int4_unpack")
+    if lib is None:
+        return None
+    fn = lib.int4_unpack_t
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 6
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def int4_supported(dtype: torch.dtype) -> bool:
     """Whether 4-bit weights can be kept as they are for a CPU model computing in `dtype`."""
     return dtype == torch.bfloat16 and int4_layout() is not None
@@ -149,6 +168,20 @@ def _put_nibbles(b: torch.Tensor, dst: torch.Tensor, halves: bool) -> None:
     hi.transpose(1, 2).copy_(b >> 4)
 
 
+class Int4Scratch:
+    """One buffer that the 4-bit projections of a model unpack into, one call at a time (a
+    model's layers run one after another); it grows to the largest projection's bf16 size."""
+
+    def __init__(self) -> None:
+        self._buffer: torch.Tensor | None = None
+
+    def take(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """The buffer's first `numel` elements of `dtype` (contents undefined)."""
+        if self._buffer is None or self._buffer.numel() < numel or self._buffer.dtype != dtype:
+            self._buffer = torch.empty(numel, dtype=dtype)
+        return self._buffer[:numel]
+
+
 class Int4Linear(nn.Module):
     """`F.linear(x, w, bias)` over a 4-bit weight w [out_features, in_features].
 
@@ -158,8 +191,9 @@ class Int4Linear(nn.Module):
     bias and shard layout kept) before loading; `weight`'s loader takes an `Int4Weight` for
     the whole projection or for one shard of a fused one, and packs once all have come."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, scratch: Int4Scratch | None = None) -> None:
         super().__init__()
+        self.scratch = Int4Scratch() if scratch is None else scratch
         out_features, in_features = linear.weight.shape
         if in_features % INT4_GROUP_SIZE or out_features % _PACK_ROWS_MULTIPLE:
             raise ValueError(f"a 4-bit weight needs in_features % {INT4_GROUP_SIZE} == 0 and "
@@ -180,25 +214,78 @@ class Int4Linear(nn.Module):
         # filled with `weight` (llama's check for weights the checkpoint lacked skips it)
         self.scales_zeros.filled_by = "weight"
         self._staged: Int4Weight | None = None
+        self._kernel_max_rows: int | None = None
         self._pending: set[Hashable] = set(self.shard_rows)
 
+    @property
+    def kernel_max_rows(self) -> int:
+        """Rows up to which a call runs torch's int4 kernel rather than unpacking (found on
+        the first call, once the module holds its weights in their dtype)."""
+        if self._kernel_max_rows is None:
+            self._kernel_max_rows = (INT4_KERNEL_MAX_ROWS_NATIVE if self._native_layout()
+                                     is not None else INT4_KERNEL_MAX_ROWS)
+        return self._kernel_max_rows
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= INT4_KERNEL_MAX_ROWS:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(         # [n, out]
-                x.contiguous(), self.weight, INT4_GROUP_SIZE, self.scales_zeros)
-            return y if self.bias is None else y + self.bias
-        return F.linear(x, self.dequantize(), self.bias)            # [n, out]
+        if x.shape[0] <= self.kernel_max_rows:
+            return self.forward_kernel(x)
+        return self.forward_unpacked(x)
+
+    def forward_kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out] through torch's int4 kernel."""
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(             # [n, out]
+            x.contiguous(), self.weight, INT4_GROUP_SIZE, self.scales_zeros)
+        return y if self.bias is None else y + self.bias
+
+    def forward_unpacked(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] -> [n, out] through the weight unpacked to bf16 and one dense GEMM. The
+        C unpack writes into the model's one scratch buffer (`Int4Scratch`): a fresh one a
+        call would page-fault its megabytes in every time (2-3x the unpack's time)."""
+        wt = self.dequantize_t(self.scratch.take(self.in_features * self.out_features,
+                                                 self.scales_zeros.dtype))   # [in, out]
+        return torch.mm(x, wt) if self.bias is None else torch.addmm(self.bias, x, wt)
 
     def dequantize(self) -> torch.Tensor:
-        """The weight [out, in] in the compute dtype, from the codes as packed."""
+        """The weight [out, in] in the compute dtype (a transposed view)."""
+        return self.dequantize_t().t()
+
+    def dequantize_t(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The transposed weight [in, out] in the compute dtype: each value `q * s + (z - 8s)`
+        in float32 (a product and a sum, each rounded), rounded to the compute dtype; by the
+        C unpack where it runs here (into `out`, in_features * out_features elements, when
+        given), else by torch ops (the same bits)."""
+        layout, fn = self._native_layout(), native_unpack()
+        if layout is None or fn is None:
+            return self._dequantize_torch().t()
+        shape = (self.in_features, self.out_features)
+        wt = (torch.empty(shape, dtype=self.scales_zeros.dtype) if out is None
+              else out.view(shape))
+        status = fn(self.weight.data_ptr(), self.scales_zeros.data_ptr(), wt.data_ptr(),
+                    self.out_features, self.in_features, INT4_GROUP_SIZE, layout.block_rows,
+                    0, self.out_features // layout.block_rows)
+        assert status == 0, f"int4_unpack_t refused {tuple(self.weight.shape)}"
+        return wt
+
+    def _native_layout(self) -> Int4Layout | None:
+        """The packing layout when the C unpack takes this weight (it reads whole blocks of
+        the halves layout, bf16 scales), else None."""
+        layout = int4_layout()
+        if (layout is None or not layout.halves or self.out_features % layout.block_rows
+                or self.scales_zeros.dtype != torch.bfloat16 or native_unpack() is None):
+            return None
+        return layout
+
+    def _dequantize_torch(self) -> torch.Tensor:
+        """The weight [out, in], unpacked by torch ops (what the C unpack computes)."""
         layout = int4_layout()
         assert layout is not None, "Int4Linear is built only where int4_layout() is known"
         codes = unpack_codes(self.weight, self.in_features, layout)   # [out, in] uint8
         groups = self.in_features // INT4_GROUP_SIZE
-        scale = self.scales_zeros[..., 0].t().unsqueeze(-1)           # [out, groups, 1]
-        offset = self.scales_zeros[..., 1].t().unsqueeze(-1) - 8 * scale   # zero - 8 scale
-        w = codes.view(self.out_features, groups, INT4_GROUP_SIZE).to(scale.dtype)
-        return w.mul_(scale).add_(offset).view(self.out_features, self.in_features)
+        scale = self.scales_zeros[..., 0].t().float().unsqueeze(-1)   # [out, groups, 1]
+        offset = self.scales_zeros[..., 1].t().float().unsqueeze(-1) - 8 * scale
+        w = codes.view(self.out_features, groups, INT4_GROUP_SIZE).float()
+        return w.mul_(scale).add_(offset).to(self.scales_zeros.dtype).view(
+            self.out_features, self.in_features)
 
     def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
                     shard_id: Hashable = None) -> None:
@@ -240,12 +327,14 @@ class Int4Linear(nn.Module):
 
 def swap_int4_linears(model: nn.Module, names: set[str]) -> int:
     """Replace the (meta) nn.Linear submodules of `model` named in `names` (e.g.
-    `model.layers.0.mlp.down_proj`) with Int4Linear modules; returns how many."""
+    `model.layers.0.mlp.down_proj`) with Int4Linear modules sharing one scratch buffer;
+    returns how many."""
+    scratch = Int4Scratch()
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         linear = getattr(parent, attr)
         if type(linear) is not nn.Linear:
             raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer")
-        setattr(parent, attr, Int4Linear(linear))
+        setattr(parent, attr, Int4Linear(linear, scratch))
     return len(names)

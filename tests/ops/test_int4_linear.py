@@ -16,9 +16,12 @@ from taskloom.lora.layers import LoRALinear, LoRAState
 from taskloom.lora.metadata import build_lora_metadata
 from taskloom.models.gguf_int4 import split_int4_blocks
 from taskloom.models.weights import materialize
+from taskloom.ops import cpu_native
 from taskloom.ops.backend import TORCH_OPS
-from taskloom.ops.int4_linear import (INT4_KERNEL_MAX_ROWS, Int4Linear, Int4Weight, int4_layout,
-                                      int4_supported, swap_int4_linears, unpack_codes)
+from taskloom.ops.int4_linear import (INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS_NATIVE,
+                                      Int4Linear, Int4Scratch, Int4Weight, int4_layout,
+                                      int4_supported, native_unpack, swap_int4_linears,
+                                      unpack_codes)
 
 needs_int4 = pytest.mark.skipif(not int4_supported(torch.bfloat16),
                                 reason="this torch's CPU int4 packing has no layout we read")
@@ -86,21 +89,24 @@ def _weight(rows: int, cols: int, qtype: Q = Q.Q4_1, seed: int = 0) -> Int4Weigh
 
 
 @needs_int4
-@pytest.mark.parametrize("rows", [0, 1, 3, INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [0, 1, 3, INT4_KERNEL_MAX_ROWS_NATIVE + 1,
+                                  INT4_KERNEL_MAX_ROWS + 1, 300])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q4_K])
-def test_int4_linear_computes_f_linear_of_the_dequantized_weight(rows: int, qtype: Q) -> None:
+@pytest.mark.parametrize("out_f", [208, 256])          # 3 blocks of 64 rows and 16; 4 blocks
+def test_int4_linear_computes_f_linear_of_the_dequantized_weight(rows: int, qtype: Q,
+                                                                 out_f: int) -> None:
     for bias in (True, False):
-        layer = _int4_linear(208, 256, bias)                 # 3 blocks of 64 rows and 16
-        w = _weight(208, 256, qtype)
+        layer = _int4_linear(out_f, 256, bias)
+        w = _weight(out_f, 256, qtype)
         layer.weight.weight_loader(layer.weight, w, None)
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(1)).bfloat16()
-        out = layer(x)
         ref = F.linear(x.float(), w.dequantize(), None if layer.bias is None
                        else layer.bias.float())
-        assert out.shape == (rows, 208) and out.dtype == torch.bfloat16
-        # bf16 scales and bf16 output: a few roundings of the output's magnitude
         size = ref.abs().max().item() if rows else 1.0
-        torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * size)
+        for out in (layer(x), layer.forward_kernel(x), layer.forward_unpacked(x)):
+            assert out.shape == (rows, out_f) and out.dtype == torch.bfloat16
+            # bf16 scales and bf16 output: a few roundings of the output's magnitude
+            torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * size)
     # the unpacked weight is the dequantized one, rounded to bf16 (scales and products)
     torch.testing.assert_close(layer.dequantize().float(), w.dequantize(), rtol=0,
                                atol=0.01 * w.dequantize().abs().max().item())
@@ -177,3 +183,50 @@ def test_lora_over_an_int4_projection_adds_the_same_term() -> None:
         terms.append((lora(x) - base(x)).float())
     assert terms[0].abs().max() > 0.1                        # the adapter term is there
     torch.testing.assert_close(terms[1], terms[0], rtol=0, atol=0.05)
+
+
+@needs_int4
+@pytest.mark.skipif(native_unpack() is None, reason="no C compiler here to build the unpack")
+@pytest.mark.parametrize("qtype", [Q.Q4_1, Q.Q4_K])
+def test_the_c_unpack_and_the_torch_unpack_give_the_same_bits(qtype: Q) -> None:
+    layer = _int4_linear(320, 512, bias=False)
+    layer.weight.weight_loader(layer.weight, _weight(320, 512, qtype, seed=3), None)
+    assert layer.kernel_max_rows == INT4_KERNEL_MAX_ROWS_NATIVE
+    wt = layer.dequantize_t()
+    assert wt.shape == (512, 320) and wt.is_contiguous()
+    assert torch.equal(wt, layer._dequantize_torch().t())
+
+
+def test_a_kernel_that_cannot_be_built_is_none_and_says_why(
+        tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    cpu_native.load_kernel.cache_clear()
+    try:
+        assert cpu_native.load_kernel("int4_unpack") is None
+        assert "cannot build the C kernel int4_unpack" in caplog.text
+        monkeypatch.delenv("CC")
+        cpu_native.load_kernel.cache_clear()
+        if cpu_native.shutil.which("cc") or cpu_native.shutil.which("gcc"):
+            assert cpu_native.load_kernel("int4_unpack") is not None   # built afresh
+            assert list((tmp_path / "taskloom" / "kernels").glob("int4_unpack-*.so"))
+    finally:
+        cpu_native.load_kernel.cache_clear()
+
+
+@needs_int4
+def test_projections_sharing_a_scratch_buffer_each_compute_their_own() -> None:
+    scratch = Int4Scratch()
+    layers, weights = [], []
+    for i, (out_f, in_f) in enumerate([(128, 64), (64, 128), (192, 64)]):
+        with torch.device("meta"):
+            layer = Int4Linear(nn.Linear(in_f, out_f, bias=False), scratch)
+        materialize(layer, torch.bfloat16, torch.device("cpu"))
+        weights.append(_weight(out_f, in_f, seed=i))
+        layer.weight.weight_loader(layer.weight, weights[-1], None)
+        layers.append(layer)
+    x = {k: torch.randn(80, k).bfloat16() for k in (64, 128)}
+    outs = [m.forward_unpacked(x[m.in_features]) for m in layers + layers[::-1]]
+    for m, w, out in zip(layers + layers[::-1], weights + weights[::-1], outs):
+        ref = F.linear(x[m.in_features].float(), w.dequantize())
+        torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
