@@ -3,8 +3,8 @@
 Some CPU work is many elementwise passes in eager torch that one loop does at memory speed:
 unpacking a 4-bit weight to bf16 is four torch operations (about 1.4 ms for SmolLM2's 3072 x
 576 gate/up on a Sapphire Rapids core) and one C loop (0.28 ms). The sources sit next to this
-file (`csrc/`); each is compiled once per machine (`cc -O3 -march=native`, well under a
-second) into a shared library cached under `$XDG_CACHE_HOME/taskloom/kernels` (default
+file (`csrc/`); each is compiled once per machine (`$CC`, else `cc`, with `-O3
+-march=native`: well under a second) into a shared library cached under `$XDG_CACHE_HOME/taskloom/kernels` (default
 `~/.cache`), keyed by the source, the flags and the CPU, and called through ctypes, which
 releases the GIL. Where there is no compiler or the build fails, `load_kernel` says why once
 and returns None, and the caller runs its torch path: every kernel here has one, and the tests

@@ -241,8 +241,10 @@ class Int4Linear(nn.Module):
         """x [n, in] -> [n, out] through the weight unpacked to bf16 and one dense GEMM. The
         C unpack writes into the model's one scratch buffer (`Int4Scratch`): a fresh one a
         call would page-fault its megabytes in every time (2-3x the unpack's time)."""
-        wt = self.dequantize_t(self.scratch.take(self.in_features * self.out_features,
-                                                 self.scales_zeros.dtype))   # [in, out]
+        scratch = (None if self._native_layout() is None else
+                   self.scratch.take(self.in_features * self.out_features,
+                                     self.scales_zeros.dtype))
+        wt = self.dequantize_t(scratch)                              # [in, out]
         return torch.mm(x, wt) if self.bias is None else torch.addmm(self.bias, x, wt)
 
     def dequantize(self) -> torch.Tensor:
