@@ -230,3 +230,18 @@ def test_projections_sharing_a_scratch_buffer_each_compute_their_own() -> None:
     for m, w, out in zip(layers + layers[::-1], weights + weights[::-1], outs):
         ref = F.linear(x[m.in_features].float(), w.dequantize())
         torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+@needs_int4
+def test_without_the_c_unpack_the_torch_ops_unpack_at_64_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from taskloom.ops import int4_linear
+    monkeypatch.setattr(int4_linear, "native_unpack", lambda: None)
+    layer = _int4_linear(256, 128, bias=True)
+    w = _weight(256, 128)
+    layer.weight.weight_loader(layer.weight, w, None)
+    assert layer.kernel_max_rows == INT4_KERNEL_MAX_ROWS
+    x = torch.randn(100, 128).bfloat16()
+    ref = F.linear(x.float(), w.dequantize(), layer.bias.float())
+    out = layer(x)                                           # the unpacked route, by torch
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
