@@ -29,24 +29,13 @@ def device_name(device: str) -> str:
     import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    from taskloom.runtime.dtypes import cpu_supports
+    from taskloom.runtime.dtypes import cpu_supports, cpuinfo_values
+    model = next(iter(cpuinfo_values("model name")), None)
     isa = torch.backends.cpu.get_cpu_capability()
     if cpu_supports("_is_amx_tile_supported"):
         isa += "+AMX"
-    return (f"cpu ({_cpu_model() or platform.processor() or platform.machine()}, "
+    return (f"cpu ({model or platform.processor() or platform.machine()}, "
             f"{platform.machine()}, {isa}, {torch.get_num_threads()} threads)")
-
-
-def _cpu_model() -> str | None:
-    """The CPU's model name as Linux reports it (None elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() or None
-    except OSError:
-        pass
-    return None
 
 
 def git_commit() -> str | None:

@@ -31,7 +31,7 @@ from taskloom.models.arch import ArchConfig
 from taskloom.models.gguf_int4 import INT4_GGUF_TYPES, split_int4_blocks
 from taskloom.models.gguf_reader import open_gguf
 from taskloom.models.llama import param_name
-from taskloom.ops.int4_linear import Int4Weight
+from taskloom.ops.int4_linear import INT4_ROWS_MULTIPLE, Int4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ _BLOCK_NAMES = {
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _PROJECTION_RE = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj$")
-_INT4_ROWS_MULTIPLE = 16      # torch's int4 packing needs a projection's rows % 16 == 0
 _REQUIRED = object()
 DEQUANT_CHUNK_BYTES = 1 << 20
 
@@ -216,13 +215,11 @@ class GGUFCheckpoint:
         rows: dict[str, int] = {}
         for tensor in self.reader.tensors:
             name = gguf_to_hf_name(tensor.name)
-            if name is None or not name.endswith(".weight"):
-                continue
-            module = param_name(name)[0].removesuffix(".weight")
-            if _PROJECTION_RE.match(module):
+            module = None if name is None else _module_of(name)
+            if module is not None and _PROJECTION_RE.match(module):
                 kinds.setdefault(module, []).append(tensor.tensor_type in INT4_GGUF_TYPES)
                 rows[module] = rows.get(module, 0) + int(tensor.shape[-1])
-        return {m for m, k in kinds.items() if all(k) and rows[m] % _INT4_ROWS_MULTIPLE == 0}
+        return {m for m, k in kinds.items() if all(k) and rows[m] % INT4_ROWS_MULTIPLE == 0}
 
     def weights(self, arch: ArchConfig, int4: set[str] = frozenset()
                 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
@@ -236,7 +233,7 @@ class GGUFCheckpoint:
                 raise ValueError(f"{self.path}: unexpected GGUF tensor {tensor.name!r} for "
                                  f"architecture {self.arch_name}")
             weight: torch.Tensor | Int4Weight
-            if name.endswith(".weight") and param_name(name)[0][:-len(".weight")] in int4:
+            if _module_of(name) in int4:
                 shape = tuple(int(d) for d in reversed(tensor.shape))
                 weight = split_int4_blocks(np.asarray(tensor.data), tensor.tensor_type, shape)
                 yield name, weight.map_rows(lambda t, n=name: self._unpermuted(t, n, arch))
@@ -252,6 +249,13 @@ class GGUFCheckpoint:
         if ".self_attn.k_proj." in name:
             return unpermute_qk(weight, arch.num_key_value_heads)
         return weight
+
+
+def _module_of(hf_name: str) -> str | None:
+    """The model's module holding a weight (`...q_proj.weight` -> `...qkv_proj`: fused as
+    the model holds it); None for a bias."""
+    name = param_name(hf_name)[0]
+    return name.removesuffix(".weight") if name.endswith(".weight") else None
 
 
 def _one_value(value: Any, key: str) -> int:

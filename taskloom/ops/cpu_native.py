@@ -4,9 +4,9 @@ Some CPU work is many elementwise passes in eager torch that one loop does at me
 unpacking a 4-bit weight to bf16 is four torch operations (about 1.4 ms for SmolLM2's 3072 x
 576 gate/up on a Sapphire Rapids core) and one C loop (0.28 ms). The sources sit next to this
 file (`csrc/`); each is compiled once per machine (`$CC`, else `cc`, with `-O3
--march=native`: well under a second) into a shared library cached under `$XDG_CACHE_HOME/taskloom/kernels` (default
-`~/.cache`), keyed by the source, the flags and the CPU, and called through ctypes, which
-releases the GIL. Where there is no compiler or the build fails, `load_kernel` says why once
+-march=native`: well under a second) into a shared library cached under
+`$XDG_CACHE_HOME/taskloom/kernels` (default `~/.cache`), keyed by the source, the flags and
+the CPU, and called through ctypes, which releases the GIL. Where there is no compiler or the build fails, `load_kernel` says why once
 and returns None, and the caller runs its torch path: every kernel here has one, and the tests
 hold the two to the same bits.
 """
@@ -23,6 +23,8 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
+from taskloom.runtime.dtypes import cpuinfo_values
+
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
@@ -38,12 +40,8 @@ def cache_dir() -> Path:
 
 def _cpu_key() -> str:
     """What -march=native compiles for: the CPU's model and flags, where Linux says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
-        return "".join(sorted(set(lines)))
-    except OSError:
-        return platform.processor() or platform.machine()
+    known = cpuinfo_values("model name") + cpuinfo_values("flags")
+    return "\n".join(known) or platform.processor() or platform.machine()
 
 
 @lru_cache(maxsize=None)

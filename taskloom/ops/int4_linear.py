@@ -52,7 +52,7 @@ INT4_GROUP_SIZE = 32
 # unpacked 48 / 52 / 54 (and 59 at 128, 179 at 2,048, where bf16 takes 141).
 INT4_KERNEL_MAX_ROWS = 64
 INT4_KERNEL_MAX_ROWS_NATIVE = 40
-_PACK_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
+INT4_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
 
 
 @dataclass
@@ -195,9 +195,9 @@ class Int4Linear(nn.Module):
         super().__init__()
         self.scratch = Int4Scratch() if scratch is None else scratch
         out_features, in_features = linear.weight.shape
-        if in_features % INT4_GROUP_SIZE or out_features % _PACK_ROWS_MULTIPLE:
+        if in_features % INT4_GROUP_SIZE or out_features % INT4_ROWS_MULTIPLE:
             raise ValueError(f"a 4-bit weight needs in_features % {INT4_GROUP_SIZE} == 0 and "
-                             f"out_features % {_PACK_ROWS_MULTIPLE} == 0, got "
+                             f"out_features % {INT4_ROWS_MULTIPLE} == 0, got "
                              f"[{out_features}, {in_features}]")
         self.out_features, self.in_features = out_features, in_features
         groups = in_features // INT4_GROUP_SIZE
@@ -214,17 +214,14 @@ class Int4Linear(nn.Module):
         # filled with `weight` (llama's check for weights the checkpoint lacked skips it)
         self.scales_zeros.filled_by = "weight"
         self._staged: Int4Weight | None = None
-        self._kernel_max_rows: int | None = None
+        self._native: Int4Layout | None | bool = False     # False: not resolved yet
         self._pending: set[Hashable] = set(self.shard_rows)
 
     @property
     def kernel_max_rows(self) -> int:
-        """Rows up to which a call runs torch's int4 kernel rather than unpacking (found on
-        the first call, once the module holds its weights in their dtype)."""
-        if self._kernel_max_rows is None:
-            self._kernel_max_rows = (INT4_KERNEL_MAX_ROWS_NATIVE if self._native_layout()
-                                     is not None else INT4_KERNEL_MAX_ROWS)
-        return self._kernel_max_rows
+        """Rows up to which a call runs torch's int4 kernel rather than unpacking."""
+        return (INT4_KERNEL_MAX_ROWS_NATIVE if self._native_layout() is not None
+                else INT4_KERNEL_MAX_ROWS)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.kernel_max_rows:
@@ -256,26 +253,31 @@ class Int4Linear(nn.Module):
         in float32 (a product and a sum, each rounded), rounded to the compute dtype; by the
         C unpack where it runs here (into `out`, in_features * out_features elements, when
         given), else by torch ops (the same bits)."""
-        layout, fn = self._native_layout(), native_unpack()
-        if layout is None or fn is None:
+        layout = self._native_layout()
+        if layout is None:
             return self._dequantize_torch().t()
         shape = (self.in_features, self.out_features)
         wt = (torch.empty(shape, dtype=self.scales_zeros.dtype) if out is None
               else out.view(shape))
-        status = fn(self.weight.data_ptr(), self.scales_zeros.data_ptr(), wt.data_ptr(),
-                    self.out_features, self.in_features, INT4_GROUP_SIZE, layout.block_rows,
-                    0, self.out_features // layout.block_rows)
+        unpack = native_unpack()
+        assert unpack is not None                    # _native_layout() found it
+        status = unpack(self.weight.data_ptr(), self.scales_zeros.data_ptr(), wt.data_ptr(),
+                        self.out_features, self.in_features, INT4_GROUP_SIZE,
+                        layout.block_rows, 0, self.out_features // layout.block_rows)
         assert status == 0, f"int4_unpack_t refused {tuple(self.weight.shape)}"
         return wt
 
     def _native_layout(self) -> Int4Layout | None:
         """The packing layout when the C unpack takes this weight (it reads whole blocks of
-        the halves layout, bf16 scales), else None."""
-        layout = int4_layout()
-        if (layout is None or not layout.halves or self.out_features % layout.block_rows
-                or self.scales_zeros.dtype != torch.bfloat16 or native_unpack() is None):
-            return None
-        return layout
+        the halves layout, bf16 scales), else None; found on the first call, once the module
+        holds its weights in their dtype."""
+        if self._native is False:
+            layout = int4_layout()
+            self._native = (None if layout is None or not layout.halves
+                            or self.out_features % layout.block_rows
+                            or self.scales_zeros.dtype != torch.bfloat16
+                            or native_unpack() is None else layout)
+        return self._native
 
     def _dequantize_torch(self) -> torch.Tensor:
         """The weight [out, in], unpacked by torch ops (what the C unpack computes)."""

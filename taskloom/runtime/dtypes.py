@@ -25,6 +25,21 @@ def cpu_supports(check: str) -> bool:
     return bool(getattr(torch.cpu, check, lambda: False)())
 
 
+def cpuinfo_values(field: str) -> list[str]:
+    """The distinct values of a `/proc/cpuinfo` field (`model name`, `flags`), in order; none
+    where the system has no such file."""
+    values: list[str] = []
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == field and value.strip() not in values:
+                    values.append(value.strip())
+    except OSError:
+        pass
+    return values
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
     return cpu_supports("_is_avx512_bf16_supported") or cpu_supports("_is_amx_tile_supported")
