@@ -6,9 +6,9 @@ unpacking a 4-bit weight to bf16 is four torch operations (about 1.4 ms for Smol
 file (`csrc/`); each is compiled once per machine (`$CC`, else `cc`, with `-O3
 -march=native`: well under a second) into a shared library cached under
 `$XDG_CACHE_HOME/taskloom/kernels` (default `~/.cache`), keyed by the source, the flags and
-the CPU, and called through ctypes, which releases the GIL. Where there is no compiler or the build fails, `load_kernel` says why once
-and returns None, and the caller runs its torch path: every kernel here has one, and the tests
-hold the two to the same bits.
+the CPU, and called through ctypes, which releases the GIL. Where there is no compiler or
+the build fails, `load_kernel` says why once and returns None, and the caller runs its torch
+path: every kernel here has one, and the tests hold the two to the same bits.
 """
 from __future__ import annotations
 
