@@ -7,8 +7,8 @@ category (GEMM, attention, norm, ...), and the fraction of the window's wall tim
 was busy at all. A busy fraction well under 1 says the device waited for the host; the
 categories say which kernels to make faster when it is near 1. On the CPU the same summary
 is made of the operators' self times (the time in an operator less that in the operators it
-called), and the busy fraction is the share of the wall time inside any operator: the rest
-is Python.
+called; our C kernels' calls count as operators), and the busy fraction is the share of the
+wall time inside any operator: the rest is Python.
 
 The trace is read from the Chrome-trace JSON the profiler exports, whose shape (`traceEvents`
 of complete events with a `cat` of `kernel`, `gpu_memcpy`, `gpu_memset` or `cpu_op`) has
@@ -26,10 +26,13 @@ from collections.abc import Iterable
 
 import torch
 
+from taskloom.ops.cpu_kernels import PROFILE_PREFIX
+
 # (category, pattern on the kernel or operator name): the first that matches names it. Our
 # Triton kernels by their function names; cuBLAS/CUTLASS GEMMs by theirs (nvjet, xmma,
 # cutlass, gemm); torch's CPU operators by their aten names, oneDNN's packed linears
-# (taskloom.ops.linear) by theirs.
+# (taskloom.ops.linear) and the 4-bit kernel (taskloom.ops.int4_linear) by theirs, our C
+# kernels (taskloom.ops.cpu_kernels) by their functions'.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
         ("lora", r"segment_matmul|lora|sgmv|bgmv"),
@@ -39,7 +42,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("rotary", r"rotary|rope"),
         ("activation", r"silu|gelu|swiglu"),
         ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|aten::(mm|addmm|bmm|matmul|"
-                 r"linear|baddbmm)$|mkldnn::_linear_pointwise"),
+                 r"linear|baddbmm)$|mkldnn::_linear_pointwise|int4pack_mm"),
         ("sampling", r"argmax|arg_max|topk|sort|softmax|multinomial|exponential|cumsum"),
         ("copy", r"memcpy|memset|copy|aten::(cat|index|index_select|index_copy_|gather|"
                  r"scatter|to|_to_copy|contiguous|clone|fill_|zero_)$"),
@@ -101,7 +104,8 @@ def summarize_trace(trace: dict, steps: int, wall_s: float, on_device: bool,
         timed = [e for e in events if e.get("cat") in _DEVICE_CATS]
         named = [(e["name"], float(e["dur"])) for e in timed]
     else:
-        timed = [e for e in events if e.get("cat") == "cpu_op"]
+        timed = [e for e in events if e.get("cat") == "cpu_op" or (
+            e.get("cat") == "user_annotation" and e["name"].startswith(PROFILE_PREFIX))]
         named = self_times(timed)
     busy_us = union_length((e["ts"], e["ts"] + e["dur"]) for e in timed)
     n = max(steps, 1)

@@ -63,9 +63,9 @@ def resolve_model_path(model: str | None) -> str:
 def build_model(arch: ArchConfig, dtype: torch.dtype, device: torch.device,
                 int4: set[str] = frozenset()) -> LlamaForCausalLM:
     """Build on the meta device, then give each parameter uninitialised storage in place.
-    The ops every layer calls are chosen here, once, for `device`; the projections named
-    in `int4` become 4-bit linears first."""
-    ops = select_ops(device)
+    The ops every layer calls are chosen here, once, for `device` and `dtype`; the
+    projections named in `int4` become 4-bit linears first."""
+    ops = select_ops(device, dtype)
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, ops)
     swap_int4_linears(model, int4)

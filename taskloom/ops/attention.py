@@ -21,6 +21,7 @@ from its kv_start on only, and is attended alone, never in a group.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,19 +62,21 @@ def gather_positions(kv_cache: torch.Tensor, block_table: torch.Tensor,
 
 
 def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                        meta: AttentionMetadata, scale: float,
+                        decode: DecodeFn | None = None) -> torch.Tensor:
     """Causal attention of every query token over its sequence's cached context.
 
     query: [num_tokens, num_heads, head_dim]; returns the same shape. Keys and values of this
     step's tokens must already be in the cache (see `write_kv_cache`). Single-token queries
-    (decodes) are attended in one padded batch; longer queries (prefill chunks) one by one.
+    (decodes) are attended in one padded batch (by `decode`, `decode_batch` if not given);
+    longer queries (prefill chunks) one by one.
     """
     plan = meta.ref_plan
     if plan is None:
         plan = meta.ref_plan = _plan(meta, query.device, query.dtype)
     out = torch.empty_like(query)
     if plan.decode_rows is not None:
-        _decode_batch(query, kv_cache, plan, scale, out)
+        (decode or decode_batch)(query, kv_cache, plan, scale, out)
     for group in plan.shared:
         _decode_shared_prefix(query, kv_cache, group, scale, out)
     qsl = meta.query_start_loc_cpu
@@ -107,7 +110,7 @@ class _SharedPrefix:
 
 
 @dataclass
-class _RefPlan:
+class RefPlan:
     """What the reference path derives from the metadata once per step, for every layer."""
 
     prefill_seqs: list[int]
@@ -116,9 +119,16 @@ class _RefPlan:
     decode_mask: torch.Tensor | None    # [b, 1, 1, max_len] additive: 0 or -inf past the end
     shared: list[_SharedPrefix]         # decodes attending to a shared prefix together
     workspace: Workspace | None = None  # buffers for the decode batch's gathered keys
+    # [b] int64: how many of each decode's slots it sees, all of them (None where the mask
+    # hides more than the padding: token-tree nodes)
+    decode_lens: torch.Tensor | None = None
 
 
-def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> _RefPlan:
+# (query, kv_cache, plan, scale, out): attends the plan's decode rows into `out`
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, RefPlan, float, torch.Tensor], None]
+
+
+def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> RefPlan:
     qsl = meta.query_start_loc_cpu
     decodes = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] == 1]
     prefills = [i for i in range(meta.num_seqs) if qsl[i + 1] - qsl[i] != 1]
@@ -135,11 +145,13 @@ def _plan(meta: AttentionMetadata, device: torch.device, dtype: torch.dtype) -> 
     alone = [i for i in decodes if i not in grouped]
     shared = [_shared_plan(meta, list(g.rows), g.num_blocks, device, dtype) for g in groups]
     if not alone:
-        return _RefPlan(prefills, None, None, None, shared)
-    rows, slots, mask = _context_slots(meta, alone, *_window_ranges(meta, alone), device, dtype)
+        return RefPlan(prefills, None, None, None, shared)
+    rows, slots, mask, lens = _context_slots(meta, alone, *_window_ranges(meta, alone), device,
+                                             dtype)
     if meta.decode_tree_lo_cpu is not None:
         _mask_tree_decodes(meta, alone, mask)
-    return _RefPlan(prefills, rows, slots, mask, shared, meta.workspace)
+        lens = None
+    return RefPlan(prefills, rows, slots, mask, shared, meta.workspace, lens)
 
 
 def _mask_tree_decodes(meta: AttentionMetadata, seqs: list[int], mask: torch.Tensor) -> None:
@@ -157,10 +169,10 @@ def _mask_tree_decodes(meta: AttentionMetadata, seqs: list[int], mask: torch.Ten
 
 def _context_slots(meta: AttentionMetadata, seqs: list[int], heads: list[int],
                    starts: list[int], device: torch.device, dtype: torch.dtype
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For decodes `seqs`, each attending to positions 0 .. heads[i] - 1 and then to its
     context from position `starts[i]` on: their rows, the cache slots of those positions
-    [b, max_len] and the additive padding mask."""
+    [b, max_len], the additive padding mask and how many positions each sees [b]."""
     bs = meta.block_size
     lens = [h + meta.seq_lens_cpu[i] - s for i, h, s in zip(seqs, heads, starts)]
     max_len = max(lens)
@@ -170,14 +182,15 @@ def _context_slots(meta: AttentionMetadata, seqs: list[int], heads: list[int],
     heads_t = torch.tensor(heads, device=device)[:, None]              # [b, 1]
     positions = torch.where(j < heads_t, j, torch.tensor(starts, device=device)[:, None]
                             + j - heads_t)                             # [b, max_len]
-    valid = j < torch.tensor(lens, device=device)[:, None]             # [b, max_len]
+    lens_t = torch.tensor(lens, device=device)                         # [b]
+    valid = j < lens_t[:, None]                                        # [b, max_len]
     positions = torch.where(valid, positions, 0)
     slots = tables.gather(1, positions // bs) * bs + positions % bs    # [b, max_len]
     slots = torch.where(valid, slots, 0)    # padding reads slot 0, not a released block
     mask = torch.zeros(valid.shape, dtype=dtype, device=device)
     mask.masked_fill_(~valid, float("-inf"))
     rows = torch.tensor([meta.query_start_loc_cpu[i] for i in seqs], device=device)
-    return rows, slots, mask[:, None, None, :]
+    return rows, slots, mask[:, None, None, :], lens_t
 
 
 def _window_ranges(meta: AttentionMetadata, seqs: list[int]) -> tuple[list[int], list[int]]:
@@ -198,8 +211,8 @@ def _shared_plan(meta: AttentionMetadata, seqs: list[int], num_blocks: int,
     bs = meta.block_size
     first = meta.block_tables[seqs[0], :num_blocks].long()             # [p / bs]
     prefix = (first[:, None] * bs + torch.arange(bs, device=device)).flatten()  # [p]
-    rows, slots, mask = _context_slots(meta, seqs, [0] * len(seqs), [num_blocks * bs] * len(seqs),
-                                       device, dtype)
+    rows, slots, mask, _ = _context_slots(meta, seqs, [0] * len(seqs),
+                                          [num_blocks * bs] * len(seqs), device, dtype)
     return _SharedPrefix(rows, prefix, slots, mask)
 
 
@@ -272,8 +285,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return o[0].transpose(0, 1)
 
 
-def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: _RefPlan, scale: float,
-                  out: torch.Tensor) -> None:
+def decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: RefPlan, scale: float,
+                 out: torch.Tensor) -> None:
     """Attend the single-token queries of the plan's decode rows in one padded batch."""
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, num_kv_heads, head_dim)

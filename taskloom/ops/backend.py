@@ -1,12 +1,15 @@
 """The op implementations a model calls, chosen once when the model is built.
 
-`TORCH_OPS` holds the torch references (the CPU path and the oracle); `select_ops` returns the
-Triton kernels instead when the model lives on a CUDA device and Triton imports. The Triton
-modules are imported only then, so nothing on a CPU import path imports triton.
+`TORCH_OPS` holds the torch references (the oracle, and the path of a float32 model on the
+CPU); `select_ops` returns the Triton kernels instead when the model lives on a CUDA device
+and Triton imports, and the C kernels (`taskloom.ops.cpu_kernels`) for a bfloat16 model on
+the CPU where they build (`TASKLOOM_CPU_KERNELS=0` keeps the references there). The Triton
+modules are imported only on CUDA, so nothing on a CPU import path imports triton.
 """
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,10 +65,29 @@ def triton_ops() -> Ops:
         lora_expand=tr_lora.lora_expand)
 
 
-def select_ops(device: torch.device) -> Ops:
-    """Triton kernels for a CUDA device when Triton imports, else the torch references."""
+def cpu_ops() -> Ops | None:
+    """The C kernels for bfloat16 on the CPU (the references for the rest), or None where
+    their library cannot be built here."""
+    from taskloom.ops import cpu_kernels
+    if cpu_kernels.library() is None:
+        return None
+    return Ops(
+        name="cpu", rms_norm=cpu_kernels.rms_norm,
+        fused_add_rms_norm=cpu_kernels.fused_add_rms_norm, rotary=cpu_kernels.apply_rotary,
+        rotary_to_cache=cpu_kernels.apply_rotary_to_cache,
+        silu_and_mul=cpu_kernels.silu_and_mul, write_kv_cache=attention.write_kv_cache,
+        paged_attention=cpu_kernels.paged_attention, lora_shrink=lora.lora_shrink,
+        lora_expand=lora.lora_expand)
+
+
+def select_ops(device: torch.device, dtype: torch.dtype = torch.float32) -> Ops:
+    """Triton kernels for a CUDA device when Triton imports; the C kernels for bfloat16 on
+    the CPU when they build and `TASKLOOM_CPU_KERNELS` is not "0"; else the torch
+    references."""
     if device.type != "cuda":
-        return TORCH_OPS
+        if dtype != torch.bfloat16 or os.environ.get("TASKLOOM_CPU_KERNELS", "1") == "0":
+            return TORCH_OPS
+        return cpu_ops() or TORCH_OPS
     try:
         ops = triton_ops()
     except ImportError as e:

@@ -142,6 +142,21 @@ def test_reference_attends_tree_nodes_split_into_decodes_alike() -> None:
                                atol=2e-5, rtol=2e-5)
 
 
+def test_cpu_decode_kernel_hands_tree_nodes_to_the_reference() -> None:
+    """Tree nodes attended as decodes see only their ancestors of the chunk, a mask the C
+    decode kernel does not take: their decode batch is the reference's."""
+    from taskloom.ops import cpu_kernels
+    if cpu_kernels.library() is None:
+        pytest.skip("the C kernels do not build here")
+    query, cache, meta, trees = tree_batch(CASES["cpu"], 6, 2, 16, "cpu")
+    query, cache = query.bfloat16(), cache.bfloat16()
+    decodes = as_decodes(CASES["cpu"], meta, trees, "cpu")
+    out = cpu_kernels.paged_attention(query, cache, decodes, 0.25)
+    assert decodes.ref_plan.decode_lens is None
+    decodes.ref_plan = None
+    assert torch.equal(out, paged_attention_ref(query, cache, decodes, 0.25))
+
+
 @pytest.mark.parametrize("num_splits", [None, 4], ids=["own-splits", "graph-splits"])
 @pytest.mark.parametrize("device,num_heads,num_kv_heads,head_dim", SHAPES)
 def test_decode_kernel_attends_tree_nodes_by_their_bits(device: str, num_heads: int,

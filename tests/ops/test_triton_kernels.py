@@ -18,7 +18,7 @@ from taskloom.ops.rmsnorm import rms_norm as rms_norm_ref
 from taskloom.ops.rotary import RotaryEmbedding, apply_rotary
 from taskloom.ops.rotary import apply_rotary_to_cache as rotary_to_cache_ref
 from taskloom.runtime.attention import AttentionMetadata
-from tests.models.single_seq import make_metadata
+from tests.ops.paged_cases import BLOCK_SIZE, paged_batch
 
 from tests.ops.triton_marks import DEVICES, DTYPES, GPU, INTERPRETER
 from taskloom.ops.triton import activation, attention, kv_cache, rmsnorm, rotary  # noqa: E402
@@ -37,7 +37,6 @@ ATTN_SHAPES = [
     pytest.param("cuda", 28, 4, 128, id="cuda-h28-kv4-d128", marks=GPU),
     pytest.param("cuda", 16, 16, 64, id="cuda-h16-kv16-d64", marks=GPU),
 ]
-BLOCK_SIZE = 16
 # (tokens already cached, new tokens) per sequence; lengths cross block boundaries.
 DECODE_SEQS = {"cpu": [(0, 1), (14, 1), (15, 1), (16, 1), (129, 1), (299, 1)],
                "cuda": [(0, 1), (16, 1), (254, 1), (999, 1), (2048, 1), (4095, 1), (3000, 1)]}
@@ -62,22 +61,6 @@ def skip_interpreted_bf16_dot(device: str, dtype: torch.dtype) -> None:
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter's tl.dot multiplies bfloat16 bit patterns as "
                     "integers; bfloat16 attention is checked on the GPU")
-
-
-def paged_batch(seqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_dim: int,
-                dtype: torch.dtype, device: str,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-    """Random queries, a random cache with scattered block tables, and the step's metadata."""
-    gen = torch.Generator().manual_seed(seed)
-    counts = [-(-(c + n) // BLOCK_SIZE) for c, n in seqs]
-    num_blocks = sum(counts) + 3
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = [[perm.pop() for _ in range(count)] for count in counts]
-    cache = torch.randn(2, num_blocks, BLOCK_SIZE, num_kv_heads, head_dim, generator=gen)
-    query = torch.randn(sum(n for _, n in seqs), num_heads, head_dim, generator=gen)
-    meta, _ = make_metadata(tables, [c for c, _ in seqs], [n for _, n in seqs], BLOCK_SIZE,
-                            torch.device(device))
-    return query.to(device, dtype), cache.to(device, dtype), meta
 
 
 def reference_attention(query: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata,

@@ -12,22 +12,7 @@
  * a sum each rounded (compile with -ffp-contract=off: no fused multiply-add), rounded once to
  * bf16 (nearest, ties to even), the same operations as the torch fallback performs.
  */
-#include <stdint.h>
-#include <string.h>
-
-static inline float bf16_to_float(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t float_to_bf16(float f) {    /* finite values: weights are */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 #define MAX_BLOCK 64
 
