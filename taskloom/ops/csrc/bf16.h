@@ -20,6 +20,13 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(((u & 0x7FFFFFFFu) > 0x7F800000u) ? 0x7FC0u : rounded);
 }
 
+/* float_to_bf16 for finite values (weights), without the NaN select */
+static inline uint16_t finite_float_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* float -> bf16 -> float: a value rounded as a bf16 tensor would hold it */
 static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
 

@@ -124,8 +124,8 @@ static inline void rotate_head(const uint16_t *x, uint16_t *o, const float *c, c
 /* Rotary embedding of q [n, nq, d] into q_out [n, nq, d] (contiguous) and of k [n, nkv, d],
  * stored with v (unless NULL) at each token's slot of the caches k_cache/v_cache [slots, nkv,
  * d]; tokens with a negative slot are rotated but not stored. cos_sin [max_pos, d] holds
- * cos | sin in float32, rounded to bf16 first as the reference does. Returns 1 for a position outside
- * [0, max_pos), 2 for a head_dim it cannot take, 0 otherwise. */
+ * cos | sin in float32, rounded to bf16 first as the reference does. Returns 1 for a
+ * position outside [0, max_pos), 2 for a head_dim it cannot take, 0 otherwise. */
 int rotary_to_cache_bf16(const int64_t *pos, int64_t n, const uint16_t *q, int64_t qs,
                          int64_t nq, const uint16_t *k, int64_t ks, const uint16_t *v,
                          int64_t vs, int64_t nkv, int64_t d, const float *cos_sin,
@@ -171,8 +171,8 @@ static inline __m512 load_bf16x16(const uint16_t *p) {
 #define MAX_ACC 24     /* float32 vectors of a weighted sum kept in registers */
 
 /* s[g] = q[g] . k over d, for the group's g < group query heads (q float32 [group, d]). */
-static inline __attribute__((always_inline)) void dot_group(const float *q, const uint16_t *k, int64_t d, int64_t group,
-                             float *s) {
+static inline __attribute__((always_inline)) void dot_group(
+        const float *q, const uint16_t *k, int64_t d, int64_t group, float *s) {
 #if defined(__AVX512F__)
     if (d % 16 == 0) {
         __m512 acc[MAX_GROUP];
@@ -197,8 +197,8 @@ static inline __attribute__((always_inline)) void dot_group(const float *q, cons
 }
 
 /* acc[g] += p[g] * v over d, for the group's query heads (acc float32 [group, d]). */
-static inline __attribute__((always_inline)) void axpy_group(const float *p, const uint16_t *v, int64_t d, int64_t group,
-                              float *acc) {
+static inline __attribute__((always_inline)) void axpy_group(
+        const float *p, const uint16_t *v, int64_t d, int64_t group, float *acc) {
 #if defined(__AVX512F__)
     if (d % 16 == 0) {
         for (int64_t t = 0; t < d; t += 16) {
