@@ -92,13 +92,19 @@ def attended_context(window: AttentionWindow | None, input_len: int, output_len:
 def decode_bytes_per_step(model: torch.nn.Module, kv_bytes_per_token: int, batch: int,
                           context: float) -> float:
     """Bytes one decode step must read: every weight except the unused embedding rows, plus
-    the KV cache of `batch` sequences of `context` tokens."""
+    the KV cache of `batch` sequences of `context` tokens. Where a small-batch head (an lm
+    head kept 8-bit) takes the batch's logits, it is read instead of the head's weight."""
     embed = model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    row = embed[0].numel() * embed.element_size()
     tied = getattr(model, "lm_head", None) is None
     if not tied:  # the input embedding reads only the batch's rows
-        weights -= embed.numel() * embed.element_size() - batch * embed[0].numel() * \
-            embed.element_size()
+        weights -= embed.numel() * embed.element_size() - batch * row
+    small = getattr(model, "small_batch_head", None)
+    if small is not None and batch <= small.max_rows:
+        head = model.lm_head_weight()
+        weights += sum(b.numel() * b.element_size() for b in small.buffers()) - \
+            head.numel() * head.element_size() + (batch * row if tied else 0)
     return weights + batch * context * kv_bytes_per_token
 
 

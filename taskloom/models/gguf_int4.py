@@ -1,5 +1,6 @@
 """GGUF's 4-bit blocks as codes and per-group affine terms, for weights kept 4-bit
-(`taskloom.ops.int4_linear`).
+(`taskloom.ops.int4_linear`); and its Q8_0 blocks as int8 codes and scales, for an lm head
+kept 8-bit (`taskloom.ops.q8_linear`).
 
 The `gguf` package reads the file and dequantizes its blocks to floats; it has no call that
 hands back a block's integer codes and scales, which a 4-bit GEMM needs. This module takes
@@ -13,6 +14,7 @@ its own `get_scale_min` for the 6-bit sub-block scales), and the tests hold the 
 - Q4_K, super-blocks of 256: fp16 d and dmin, 12 bytes of eight 6-bit scales and mins,
   128 bytes of codes (32-byte runs: low nibbles one sub-block of 32, high nibbles the next);
   `w = q (d sc_j) - dmin m_j` over sub-block j: scale d sc_j, min -(dmin m_j).
+- Q8_0, blocks of 32: fp16 d, then 32 int8 codes; `w = q d`.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K
 
 from taskloom.ops.int4_linear import INT4_GROUP_SIZE, Int4Weight
+from taskloom.ops.q8_linear import Q8Weight
 
 Q = GGMLQuantizationType
 INT4_GGUF_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
@@ -78,3 +81,17 @@ def _split_q4_k(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     mins = -(dmin * m.reshape(rows, n, 8).astype(np.float32))
     codes = _nibbles(blocks[..., 4 + Q4_K.K_SCALE_SIZE:], INT4_GROUP_SIZE)
     return scales, mins, codes
+
+
+def split_q8_0_blocks(raw: np.ndarray, shape: tuple[int, int]) -> Q8Weight:
+    """A GGUF Q8_0 tensor's raw blocks (uint8, `rows` x bytes a row) of a weight of `shape`
+    [rows, cols] -> its Q8Weight."""
+    rows, cols = shape
+    block_size, type_size = GGML_QUANT_SIZES[Q.Q8_0]
+    if cols % block_size or raw.size != rows * cols // block_size * type_size:
+        raise ValueError(f"Q8_0 blocks of {raw.size} bytes do not hold a [{rows}, {cols}] "
+                         f"weight")
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(rows, cols // block_size, type_size)
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(rows, cols)
+    scales = _fp16(blocks[..., 0:2])[..., 0]                 # [rows, blocks]
+    return Q8Weight(torch.from_numpy(codes), torch.from_numpy(np.ascontiguousarray(scales)))

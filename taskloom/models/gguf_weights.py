@@ -11,7 +11,7 @@ this module only maps llama.cpp's names and conventions onto Hugging Face's:
 
 Decoder projections stored 4-bit (Q4_0, Q4_1, Q4_K) can instead be read as such
 (`int4_projections`, `weights(..., int4=...)`: `taskloom.models.gguf_int4`) for a model that
-keeps them 4-bit.
+keeps them 4-bit, and an lm head stored Q8_0 as such too (`q8_head`).
 """
 from __future__ import annotations
 
@@ -28,10 +28,11 @@ from gguf.gguf_reader import ReaderTensor
 from gguf.quants import dequantize
 
 from taskloom.models.arch import ArchConfig
-from taskloom.models.gguf_int4 import INT4_GGUF_TYPES, split_int4_blocks
+from taskloom.models.gguf_int4 import INT4_GGUF_TYPES, split_int4_blocks, split_q8_0_blocks
 from taskloom.models.gguf_reader import open_gguf
 from taskloom.models.llama import param_name
 from taskloom.ops.int4_linear import INT4_ROWS_MULTIPLE, Int4Weight
+from taskloom.ops.q8_linear import Q8Weight
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,17 @@ class GGUFCheckpoint:
                 kinds.setdefault(module, []).append(tensor.tensor_type in INT4_GGUF_TYPES)
                 rows[module] = rows.get(module, 0) + int(tensor.shape[-1])
         return {m for m, k in kinds.items() if all(k) and rows[m] % INT4_ROWS_MULTIPLE == 0}
+
+    def q8_head(self) -> Q8Weight | None:
+        """The lm head's weight [vocab, hidden] as stored, where it is Q8_0 (`output.weight`,
+        or the token embedding when the two are tied), else None."""
+        tensor = self.tensors.get("output.weight")
+        if tensor is None:
+            tensor = self.tensors.get("token_embd.weight")
+        if tensor is None or tensor.tensor_type != Q.Q8_0:
+            return None
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        return split_q8_0_blocks(np.asarray(tensor.data), shape)
 
     def weights(self, arch: ArchConfig, int4: set[str] = frozenset()
                 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:

@@ -212,6 +212,10 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head: nn.Linear | None = None
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, bias=False)
+        # A second form of the lm head for calls of at most `small_batch_head.max_rows` rows,
+        # set by the loader where one is faster there (a GGUF Q8_0 head kept 8-bit on the
+        # CPU: taskloom.ops.q8_linear); it computes what the head does, within a rounding.
+        self.small_batch_head: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], attn_metadata: AttentionMetadata) -> torch.Tensor:
@@ -222,6 +226,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [n, hidden] -> float32 logits [n, vocab]."""
+        head = self.small_batch_head
+        if head is not None and hidden.shape[0] <= head.max_rows:
+            return head(hidden).float()                          # [n, vocab]
         return F.linear(hidden, self.lm_head_weight()).float()   # [n, vocab]
 
     def lm_head_weight(self) -> torch.Tensor:

@@ -6,7 +6,8 @@ Sources: a Hugging Face directory (config.json + safetensors), a GGUF file (dete
 content, not by name), the embedded default (SmolLM2-135M-Instruct GGUF), or random weights for
 a named shape (`taskloom.models.shapes`) or a config.json. With `quantization="gguf"`, a GGUF
 file's 4-bit projections are swapped for 4-bit linears on the meta device and read into them
-as they are (`taskloom.ops.int4_linear`).
+as they are (`taskloom.ops.int4_linear`), and a Q8_0 lm head is also kept 8-bit for the
+logits of a few rows (`taskloom.ops.q8_linear`).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from taskloom.models.llama import LlamaForCausalLM, RMSNorm
 from taskloom.models.safetensors_weights import SafetensorsCheckpoint
 from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.models.weights import materialize
-from taskloom.ops.backend import select_ops
+from taskloom.ops.backend import cpu_kernels_enabled, select_ops
 from taskloom.ops.int4_linear import int4_supported, swap_int4_linears
+from taskloom.ops.q8_linear import Q8_HEAD_MAX_ROWS, Q8Linear, q8_head_worthwhile
 from taskloom.runtime.dtypes import TORCH_DTYPES
 
 if TYPE_CHECKING:
@@ -84,10 +86,12 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         init_random_weights(model, cfg.seed)
     else:
         path = resolve_model_path(cfg.model)
-        arch, weights, int4 = _open_checkpoint(path, cfg.quantization)
+        arch, weights, int4, gguf = _open_checkpoint(path, cfg.quantization)
         _check_max_model_len(cfg, arch)
         model = build_model(arch, dtype, device, int4)
         model.load_weights(weights)
+        if gguf is not None and cfg.quantization == "gguf":
+            _attach_q8_head(model, gguf)
     logger.info("loaded %s (%s, %d layers, %.1f MB of weights) as %s on %s (%s ops) in %.1fs",
                 path or cfg.model, arch.model_type, arch.num_hidden_layers,
                 sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
@@ -96,20 +100,43 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
 
 
 def _open_checkpoint(path: str, quantization: str | None
-                     ) -> tuple[ArchConfig, Iterator[tuple[str, object]], set[str]]:
-    """The architecture, the weights to load, and the projections kept 4-bit."""
+                     ) -> tuple[ArchConfig, Iterator[tuple[str, object]], set[str],
+                                GGUFCheckpoint | None]:
+    """The architecture, the weights to load, the projections kept 4-bit, and the GGUF file
+    (None for a Hugging Face directory)."""
     if os.path.isdir(path):
         if quantization is not None:
             raise ValueError(f"quantization {quantization!r} keeps a GGUF file's 4-bit "
                              f"weights; {path} is a Hugging Face directory")
         hf = SafetensorsCheckpoint(path)
-        return hf.arch_config(), hf.weights(), set()
+        return hf.arch_config(), hf.weights(), set(), None
     # imported here: the gguf package is needed only for GGUF files (the GPU image lacks it)
     from taskloom.models.gguf_weights import GGUFCheckpoint
     gguf = GGUFCheckpoint(path)
     arch = gguf.arch_config()
     int4 = _int4_projections(gguf) if quantization == "gguf" else set()
-    return arch, gguf.weights(arch, int4), int4
+    return arch, gguf.weights(arch, int4), int4, gguf
+
+
+def _attach_q8_head(model: LlamaForCausalLM, gguf: GGUFCheckpoint) -> None:
+    """Give a bf16 CPU model the file's Q8_0 lm head, kept 8-bit, as its small-batch head,
+    where the C kernel runs it faster than the bf16 head (`q8_head_worthwhile`) and the C
+    kernels are not switched off (`TASKLOOM_CPU_KERNELS=0`)."""
+    head = model.lm_head_weight()
+    if (head.device.type != "cpu" or head.dtype != torch.bfloat16 or not cpu_kernels_enabled()
+            or not q8_head_worthwhile()):
+        return
+    weight = gguf.q8_head()
+    if weight is None:
+        return
+    if tuple(weight.shape) != tuple(head.shape):
+        raise ValueError(f"{gguf.path}: the Q8_0 lm head is {tuple(weight.shape)}, the model's "
+                         f"{tuple(head.shape)}")
+    model.small_batch_head = Q8Linear(weight)
+    logger.info("quantization 'gguf': the Q8_0 lm head is also kept 8-bit (%.1f MB), for "
+                "logits of up to %d rows", sum(b.numel() * b.element_size()
+                                               for b in model.small_batch_head.buffers()) / 1e6,
+                Q8_HEAD_MAX_ROWS)
 
 
 def _int4_projections(gguf: GGUFCheckpoint) -> set[str]:

@@ -3,7 +3,8 @@
 `TORCH_OPS` holds the torch references (the oracle, and the path of a float32 model on the
 CPU); `select_ops` returns the Triton kernels instead when the model lives on a CUDA device
 and Triton imports, and the C kernels (`taskloom.ops.cpu_kernels`) for a bfloat16 model on
-the CPU where they build (`TASKLOOM_CPU_KERNELS=0` keeps the references there). The Triton
+the CPU where they build (`TASKLOOM_CPU_KERNELS=0` keeps the references there, and the
+loader's 8-bit lm head off: `cpu_kernels_enabled`). The Triton
 modules are imported only on CUDA, so nothing on a CPU import path imports triton.
 """
 from __future__ import annotations
@@ -80,12 +81,17 @@ def cpu_ops() -> Ops | None:
         lora_expand=lora.lora_expand)
 
 
+def cpu_kernels_enabled() -> bool:
+    """Whether the C kernels may replace torch on the CPU (`TASKLOOM_CPU_KERNELS` not "0")."""
+    return os.environ.get("TASKLOOM_CPU_KERNELS", "1") != "0"
+
+
 def select_ops(device: torch.device, dtype: torch.dtype = torch.float32) -> Ops:
     """Triton kernels for a CUDA device when Triton imports; the C kernels for bfloat16 on
     the CPU when they build and `TASKLOOM_CPU_KERNELS` is not "0"; else the torch
     references."""
     if device.type != "cuda":
-        if dtype != torch.bfloat16 or os.environ.get("TASKLOOM_CPU_KERNELS", "1") == "0":
+        if dtype != torch.bfloat16 or not cpu_kernels_enabled():
             return TORCH_OPS
         return cpu_ops() or TORCH_OPS
     try:

@@ -39,7 +39,7 @@ _SIGNATURES = {
 }
 
 
-def _run(fn: Callable[..., Any], *args: Any) -> Any:
+def call_kernel(fn: Callable[..., Any], *args: Any) -> Any:
     """fn(*args); under torch.profiler, inside a range named after the kernel (the profiler
     sees no C call otherwise, and would count its time as Python's)."""
     if not torch.autograd._profiler_enabled():
@@ -87,8 +87,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if weight.shape[0] != h:
         raise ValueError(f"RMSNorm weight of {weight.shape[0]} for rows of {h}")
     if x.numel():
-        _run(lib.rms_norm_bf16, x.data_ptr(), h, None, 0, weight.data_ptr(), out.data_ptr(),
-             h, None, 0, x.numel() // h, h, eps)
+        call_kernel(lib.rms_norm_bf16, x.data_ptr(), h, None, 0, weight.data_ptr(),
+                    out.data_ptr(), h, None, 0, x.numel() // h, h, eps)
     return out
 
 
@@ -104,8 +104,9 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
         raise ValueError(f"RMSNorm weight of {weight.shape[0]} for rows of {h}")
     out, new_residual = torch.empty_like(x), torch.empty_like(x)
     if x.numel():
-        _run(lib.rms_norm_bf16, x.data_ptr(), h, residual.data_ptr(), h, weight.data_ptr(),
-             out.data_ptr(), h, new_residual.data_ptr(), h, x.numel() // h, h, eps)
+        call_kernel(lib.rms_norm_bf16, x.data_ptr(), h, residual.data_ptr(), h,
+                    weight.data_ptr(), out.data_ptr(), h, new_residual.data_ptr(), h,
+                    x.numel() // h, h, eps)
     return out, new_residual
 
 
@@ -117,8 +118,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     inter = x.shape[-1] // 2
     out = x.new_empty((*x.shape[:-1], inter))
     if x.numel():
-        _run(lib.silu_and_mul_bf16, x.data_ptr(), 2 * inter, out.data_ptr(), inter,
-             x.numel() // (2 * inter), inter)
+        call_kernel(lib.silu_and_mul_bf16, x.data_ptr(), 2 * inter, out.data_ptr(), inter,
+                    x.numel() // (2 * inter), inter)
     return out
 
 
@@ -141,7 +142,7 @@ def _rotate(lib: ctypes.CDLL, positions: torch.Tensor, query: torch.Tensor,
     q_out = torch.empty(query.shape, dtype=query.dtype)
     n, num_heads, head_dim = query.shape
     if n:
-        status = _run(
+        status = call_kernel(
             lib.rotary_to_cache_bf16, positions.data_ptr(), n, query.data_ptr(),
             query.stride(0), num_heads, key.data_ptr(), key.stride(0),
             None if value is None else value.data_ptr(), 0 if value is None else value.stride(0),
@@ -203,7 +204,7 @@ def _decode_batch(query: torch.Tensor, kv_cache: torch.Tensor, plan: attention.R
         return
     slots, rows = plan.decode_slots, plan.decode_rows
     assert slots is not None and rows is not None and slots.stride(1) == 1
-    status = _run(
+    status = call_kernel(
         lib.decode_attention_bf16, query.data_ptr(), query.stride(0), rows.data_ptr(),
         slots.shape[0], *_cache_halves(kv_cache), slots.data_ptr(), slots.stride(0),
         plan.decode_lens.data_ptr(), query.shape[1], num_kv_heads, query.shape[2], scale,
