@@ -9,13 +9,14 @@ F.linear's. With --int4 (bf16), also 4-bit weights (`taskloom.ops.int4_linear.In
 random codes) both ways an Int4Linear can multiply: torch's int4 kernel (`int4_kernel`) and
 unpacked to bf16 then one GEMM (`int4_unpacked`: the C unpack where it builds here); an
 Int4Linear takes the first up to its `kernel_max_rows` rows, the second above (GB/s there are
-of the 4-bit bytes). With --q8 (bf16), also the shape's lm head [vocab, hidden] both ways
-the engine runs a GGUF Q8_0 head (`taskloom.ops.q8_linear`): bf16 `F.linear` (`head_bf16`)
-and kept 8-bit (`head_q8`, random codes; GB/s of its 8-bit bytes), speedup over bf16.
+of the 4-bit bytes). With --head (bf16), also the shape's lm head [vocab, hidden] each way
+the engine may run it: `F.linear` (`head_f_linear`), and the small-batch head's C loop
+(`taskloom.ops.small_linear`) over bf16 weights (`head_small_bf16`) and over a Q8_0 head
+kept 8-bit (`head_small_q8`, random codes; GB/s of its 8-bit bytes), speedup over F.linear.
 
     python benchmarks/cpu_linear.py --model smollm2-135m --rows 1 8 32 256 2048
     python benchmarks/cpu_linear.py --int4 --rows 1 4 8 16 32 64 128 256 2048
-    python benchmarks/cpu_linear.py --q8 --rows 1 2 4 8 16 32 64 128
+    python benchmarks/cpu_linear.py --head --rows 1 2 4 8 16 32 64
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from taskloom.models.weights import materialize
 from taskloom.ops.int4_linear import (INT4_GROUP_SIZE, Int4Linear, Int4Scratch, Int4Weight,
                                       int4_supported)
 from taskloom.ops.linear import PACK_BATCH_HINT, PackedLinear, packing_supported
-from taskloom.ops.q8_linear import Q8_GROUP, Q8_HEAD_MAX_ROWS, Q8Linear, Q8Weight
+from taskloom.ops.small_linear import Q8_GROUP, SMALL_BATCH_MAX_ROWS, Q8Weight, SmallBatchHead
 from taskloom.runtime.dtypes import torch_dtype
 
 
@@ -76,29 +77,31 @@ def int4_calls(layers: list[Int4Linear], xs: dict[int, torch.Tensor]
                               for m in layers]}
 
 
-def q8_head(model: str) -> tuple[Q8Linear, torch.Tensor]:
-    """The named shape's lm head [vocab, hidden] as a Q8Linear of random codes, and its bf16
-    values."""
+def heads(model: str) -> tuple[torch.Tensor, SmallBatchHead, SmallBatchHead]:
+    """The named shape's lm head [vocab, hidden] of random Q8_0 codes: its bf16 values, and
+    a small-batch head over those and over the codes."""
     arch, _ = random_arch(model)
     gen = torch.Generator().manual_seed(2)
     vocab, hidden = arch.vocab_size, arch.hidden_size
     weight = Q8Weight(torch.randint(-127, 128, (vocab, hidden), generator=gen,
                                     dtype=torch.int8),
                       torch.rand(vocab, hidden // Q8_GROUP, generator=gen) / 127)
-    return Q8Linear(weight), weight.dequantize().bfloat16()
+    w = weight.dequantize().bfloat16()
+    return w, SmallBatchHead(w), SmallBatchHead(weight)
 
 
-def head_results(head: Q8Linear, w: torch.Tensor, rows: int, repeats: int) -> list[dict]:
-    """The lm head at `rows` rows in bf16 and kept 8-bit."""
+def head_results(w: torch.Tensor, small_bf16: SmallBatchHead, small_q8: SmallBatchHead,
+                 rows: int, repeats: int) -> list[dict]:
+    """The lm head at `rows` rows, each way."""
     x = torch.randn(rows, w.shape[1]).bfloat16()
-    kinds = {"head_bf16": ([lambda: F.linear(x, w)], w.numel() * w.element_size()),
-             "head_q8": ([lambda: head(x)], sum(b.numel() * b.element_size()
-                                                 for b in head.buffers()))}
-    seconds = {k: time_pass(calls, repeats) for k, (calls, _) in kinds.items()}
+    kinds = {"head_f_linear": (lambda: F.linear(x, w), w.numel() * w.element_size()),
+             "head_small_bf16": (lambda: small_bf16(x), small_bf16.nbytes),
+             "head_small_q8": (lambda: small_q8(x), small_q8.nbytes)}
+    seconds = {k: time_pass([call], repeats) for k, (call, _) in kinds.items()}
     return [{"rows": rows, "weights": k, "ms": significant(seconds[k] * 1e3),
              "gb_per_s": significant(size / seconds[k] / 1e9),
              "tflops": significant(2 * rows * w.numel() / seconds[k] / 1e12),
-             "speedup": round(seconds["head_bf16"] / seconds[k], 3)}
+             "speedup": round(seconds["head_f_linear"] / seconds[k], 3)}
             for k, (_, size) in kinds.items()]
 
 
@@ -123,8 +126,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--int4", action="store_true",
                    help="also time 4-bit weights (bf16 activations) both ways")
-    p.add_argument("--q8", action="store_true",
-                   help="also time the lm head in bf16 and kept 8-bit (GGUF Q8_0)")
+    p.add_argument("--head", action="store_true",
+                   help="also time the lm head by F.linear and the small-batch head's C loop "
+                        "(bf16, and Q8_0 kept 8-bit)")
     a = p.parse_args()
     dtype = torch_dtype(a.dtype)
     if not packing_supported(dtype):
@@ -136,9 +140,9 @@ def main() -> None:
         raise SystemExit(f"no 4-bit weights with {a.dtype} activations on this CPU")
     int4 = int4_linears(weights) if a.int4 else []
     int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
-    if a.q8 and dtype != torch.bfloat16:
-        raise SystemExit("the 8-bit lm head takes bfloat16 activations")
-    head = q8_head(a.model) if a.q8 else None
+    if a.head and dtype != torch.bfloat16:
+        raise SystemExit("the small-batch head takes bfloat16 activations")
+    head = heads(a.model) if a.head else None
     results, max_diff = [], 0.0
     with torch.inference_mode():
         for rows in a.rows:
@@ -165,7 +169,7 @@ def main() -> None:
     print(json.dumps({"bench": "cpu_linear", "model": a.model, "dtype": a.dtype,
                       "threads": torch.get_num_threads(), "pack_batch_hint": PACK_BATCH_HINT,
                       "int4_kernel_max_rows": int4[0].kernel_max_rows if int4 else None,
-                      "q8_head_max_rows": Q8_HEAD_MAX_ROWS if head else None,
+                      "small_batch_max_rows": SMALL_BATCH_MAX_ROWS if head else None,
                       "weight_bytes": nbytes, "results": results,
                       "max_abs_diff_vs_f_linear": significant(max_diff), **run_info("cpu")}))
 

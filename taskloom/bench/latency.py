@@ -92,8 +92,8 @@ def attended_context(window: AttentionWindow | None, input_len: int, output_len:
 def decode_bytes_per_step(model: torch.nn.Module, kv_bytes_per_token: int, batch: int,
                           context: float) -> float:
     """Bytes one decode step must read: every weight except the unused embedding rows, plus
-    the KV cache of `batch` sequences of `context` tokens. Where a small-batch head (an lm
-    head kept 8-bit) takes the batch's logits, it is read instead of the head's weight."""
+    the KV cache of `batch` sequences of `context` tokens. Where a small-batch head holding
+    a copy of the lm head (kept 8-bit) takes the batch's logits, it is read instead."""
     embed = model.model.embed_tokens.weight
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     row = embed[0].numel() * embed.element_size()
@@ -101,10 +101,10 @@ def decode_bytes_per_step(model: torch.nn.Module, kv_bytes_per_token: int, batch
     if not tied:  # the input embedding reads only the batch's rows
         weights -= embed.numel() * embed.element_size() - batch * row
     small = getattr(model, "small_batch_head", None)
-    if small is not None and batch <= small.max_rows:
+    if small is not None and small.holds_copy and batch <= small.max_rows:
         head = model.lm_head_weight()
-        weights += sum(b.numel() * b.element_size() for b in small.buffers()) - \
-            head.numel() * head.element_size() + (batch * row if tied else 0)
+        weights += small.nbytes - head.numel() * head.element_size() + \
+            (batch * row if tied else 0)
     return weights + batch * context * kv_bytes_per_token
 
 

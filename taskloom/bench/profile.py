@@ -32,7 +32,7 @@ from taskloom.ops.cpu_kernels import PROFILE_PREFIX
 # Triton kernels by their function names; cuBLAS/CUTLASS GEMMs by theirs (nvjet, xmma,
 # cutlass, gemm); torch's CPU operators by their aten names, oneDNN's packed linears
 # (taskloom.ops.linear) and the 4-bit kernel (taskloom.ops.int4_linear) by theirs, our C
-# kernels (taskloom.ops.cpu_kernels, .q8_linear) by their functions'.
+# kernels (taskloom.ops.cpu_kernels, .small_linear) by their functions'.
 CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
     (name, re.compile(pattern, re.IGNORECASE)) for name, pattern in (
         ("lora", r"segment_matmul|lora|sgmv|bgmv"),
@@ -42,7 +42,7 @@ CATEGORIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("rotary", r"rotary|rope"),
         ("activation", r"silu|gelu|swiglu"),
         ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|cublas|splitk|aten::(mm|addmm|bmm|matmul|"
-                 r"linear|baddbmm)$|mkldnn::_linear_pointwise|int4pack_mm|q8_linear"),
+                 r"linear|baddbmm)$|mkldnn::_linear_pointwise|int4pack_mm|linear_bf16"),
         ("sampling", r"argmax|arg_max|topk|sort|softmax|multinomial|exponential|cumsum"),
         ("copy", r"memcpy|memset|copy|aten::(cat|index|index_select|index_copy_|gather|"
                  r"scatter|to|_to_copy|contiguous|clone|fill_|zero_)$"),

@@ -1,6 +1,6 @@
 """GGUF's 4-bit blocks as codes and per-group affine terms, for weights kept 4-bit
 (`taskloom.ops.int4_linear`); and its Q8_0 blocks as int8 codes and scales, for an lm head
-kept 8-bit (`taskloom.ops.q8_linear`).
+kept 8-bit (`taskloom.ops.small_linear`).
 
 The `gguf` package reads the file and dequantizes its blocks to floats; it has no call that
 hands back a block's integer codes and scales, which a 4-bit GEMM needs. This module takes
@@ -24,7 +24,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import Q4_K
 
 from taskloom.ops.int4_linear import INT4_GROUP_SIZE, Int4Weight
-from taskloom.ops.q8_linear import Q8Weight
+from taskloom.ops.small_linear import Q8Weight
 
 Q = GGMLQuantizationType
 INT4_GGUF_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q4_K)

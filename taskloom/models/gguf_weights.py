@@ -32,7 +32,7 @@ from taskloom.models.gguf_int4 import INT4_GGUF_TYPES, split_int4_blocks, split_
 from taskloom.models.gguf_reader import open_gguf
 from taskloom.models.llama import param_name
 from taskloom.ops.int4_linear import INT4_ROWS_MULTIPLE, Int4Weight
-from taskloom.ops.q8_linear import Q8Weight
+from taskloom.ops.small_linear import Q8Weight
 
 logger = logging.getLogger(__name__)
 

@@ -213,8 +213,9 @@ class LlamaForCausalLM(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, bias=False)
         # A second form of the lm head for calls of at most `small_batch_head.max_rows` rows,
-        # set by the loader where one is faster there (a GGUF Q8_0 head kept 8-bit on the
-        # CPU: taskloom.ops.q8_linear); it computes what the head does, within a rounding.
+        # set by the loader where one is faster there (on the CPU in bf16: a C loop over the
+        # head, or over a GGUF Q8_0 head kept 8-bit, taskloom.ops.small_linear); it computes
+        # what the head does, within a rounding.
         self.small_batch_head: nn.Module | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,

@@ -6,8 +6,8 @@ Sources: a Hugging Face directory (config.json + safetensors), a GGUF file (dete
 content, not by name), the embedded default (SmolLM2-135M-Instruct GGUF), or random weights for
 a named shape (`taskloom.models.shapes`) or a config.json. With `quantization="gguf"`, a GGUF
 file's 4-bit projections are swapped for 4-bit linears on the meta device and read into them
-as they are (`taskloom.ops.int4_linear`), and a Q8_0 lm head is also kept 8-bit for the
-logits of a few rows (`taskloom.ops.q8_linear`).
+as they are (`taskloom.ops.int4_linear`), and a Q8_0 lm head is also kept 8-bit. A bf16 CPU
+model takes the logits of a few rows from a C loop (`taskloom.ops.small_linear`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ from taskloom.models.shapes import SHAPES, shape_config
 from taskloom.models.weights import materialize
 from taskloom.ops.backend import cpu_kernels_enabled, select_ops
 from taskloom.ops.int4_linear import int4_supported, swap_int4_linears
-from taskloom.ops.q8_linear import Q8_HEAD_MAX_ROWS, Q8Linear, q8_head_worthwhile
+from taskloom.ops.small_linear import (Q8_GROUP, SMALL_BATCH_MAX_ROWS, SmallBatchHead,
+                                      small_linear_worthwhile)
 from taskloom.runtime.dtypes import TORCH_DTYPES
 
 if TYPE_CHECKING:
@@ -84,14 +85,14 @@ def load_model(cfg: ModelConfig) -> LoadedModel:
         _check_max_model_len(cfg, arch)
         model = build_model(arch, dtype, device)
         init_random_weights(model, cfg.seed)
+        _attach_small_batch_head(model, None)
     else:
         path = resolve_model_path(cfg.model)
         arch, weights, int4, gguf = _open_checkpoint(path, cfg.quantization)
         _check_max_model_len(cfg, arch)
         model = build_model(arch, dtype, device, int4)
         model.load_weights(weights)
-        if gguf is not None and cfg.quantization == "gguf":
-            _attach_q8_head(model, gguf)
+        _attach_small_batch_head(model, gguf if cfg.quantization == "gguf" else None)
     logger.info("loaded %s (%s, %d layers, %.1f MB of weights) as %s on %s (%s ops) in %.1fs",
                 path or cfg.model, arch.model_type, arch.num_hidden_layers,
                 sum(p.numel() * p.element_size() for p in model.parameters()) / 1e6,
@@ -118,25 +119,23 @@ def _open_checkpoint(path: str, quantization: str | None
     return arch, gguf.weights(arch, int4), int4, gguf
 
 
-def _attach_q8_head(model: LlamaForCausalLM, gguf: GGUFCheckpoint) -> None:
-    """Give a bf16 CPU model the file's Q8_0 lm head, kept 8-bit, as its small-batch head,
-    where the C kernel runs it faster than the bf16 head (`q8_head_worthwhile`) and the C
-    kernels are not switched off (`TASKLOOM_CPU_KERNELS=0`)."""
+def _attach_small_batch_head(model: LlamaForCausalLM, gguf: GGUFCheckpoint | None) -> None:
+    """Give a bf16 CPU model its small-batch head (`taskloom.ops.small_linear`): over the
+    Q8_0 head of `gguf` kept 8-bit where it has one, else over its own bf16 head; where the
+    C kernel runs faster than `F.linear` (`small_linear_worthwhile`) and the C kernels are
+    not switched off (`TASKLOOM_CPU_KERNELS=0`)."""
     head = model.lm_head_weight()
     if (head.device.type != "cpu" or head.dtype != torch.bfloat16 or not cpu_kernels_enabled()
-            or not q8_head_worthwhile()):
+            or head.shape[1] % Q8_GROUP or not small_linear_worthwhile()):
         return
-    weight = gguf.q8_head()
-    if weight is None:
-        return
-    if tuple(weight.shape) != tuple(head.shape):
+    weight = None if gguf is None else gguf.q8_head()
+    if weight is not None and tuple(weight.shape) != tuple(head.shape):
         raise ValueError(f"{gguf.path}: the Q8_0 lm head is {tuple(weight.shape)}, the model's "
                          f"{tuple(head.shape)}")
-    model.small_batch_head = Q8Linear(weight)
-    logger.info("quantization 'gguf': the Q8_0 lm head is also kept 8-bit (%.1f MB), for "
-                "logits of up to %d rows", sum(b.numel() * b.element_size()
-                                               for b in model.small_batch_head.buffers()) / 1e6,
-                Q8_HEAD_MAX_ROWS)
+    model.small_batch_head = SmallBatchHead(head if weight is None else weight)
+    logger.info("logits of up to %d rows: a C loop over the %s", SMALL_BATCH_MAX_ROWS,
+                "bf16 head" if weight is None else
+                f"Q8_0 head kept 8-bit ({model.small_batch_head.nbytes / 1e6:.1f} MB)")
 
 
 def _int4_projections(gguf: GGUFCheckpoint) -> set[str]:

@@ -1,8 +1,9 @@
 """`quantization="gguf"`: a GGUF file's 4-bit projections loaded as they are stored, in every
 architecture taskloom runs (llama.cpp's q/k permute undone, Qwen2's biases), computing what the
 dequantized model computes to bf16's precision; a Q8_0 lm head kept 8-bit as well for the
-logits of a few rows; the embedded model held at a quarter of its projections' bf16 memory and
-served by the engine, adapters on top; and the settings it cannot run with refused by name."""
+logits of a few rows (without it, a bf16 model's own head in the same C loop); the embedded
+model held at a quarter of its projections' bf16 memory and served by the engine, adapters
+on top; and the settings it cannot run with refused by name."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import load_model
 from taskloom.ops.int4_linear import Int4Linear, int4_supported
 from taskloom.ops.linear import PackedLinear, packing_supported
-from taskloom.ops.q8_linear import Q8_HEAD_MAX_ROWS, Q8Linear, q8_head_worthwhile
+from taskloom.ops.small_linear import SMALL_BATCH_MAX_ROWS, SmallBatchHead, small_linear_worthwhile
 from tests.models.gguf_files import write_gguf_from_hf
 from tests.models.single_seq import forward_batch
 from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
@@ -62,18 +63,24 @@ def test_the_embedded_model_keeps_its_q4_1_projections_at_a_quarter_of_bf16() ->
     plain = load_model(ModelConfig(dtype="bfloat16")).model
     assert all(type(m) is Int4Linear for m in _projections(int4))
     # its tied embedding is Q8_0: kept 8-bit as well, for the logits of a decode step, and
-    # what a decode step reads counts that head up to its rows, the bf16 one above
-    head = int4.small_batch_head
-    assert type(head) is (Q8Linear if q8_head_worthwhile() else type(None))
+    # what a decode step reads counts that head up to its rows, the bf16 one above; the bf16
+    # model's small-batch head is its own bf16 head
+    head, bf16_head = int4.small_batch_head, plain.small_batch_head
     params = sum(p.numel() * p.element_size() for p in int4.parameters())
     embed = int4.model.embed_tokens.weight
-    if head is not None:
-        q8 = sum(b.numel() * b.element_size() for b in head.buffers())
+    if small_linear_worthwhile():
+        assert head.holds_copy and not bf16_head.holds_copy
+        assert bf16_head.bf16.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
         # a byte a weight and a float32 scale per 32: (1 + 4 / 32) / 2 of bf16's bytes
+        q8 = head.nbytes
         assert q8 / (embed.numel() * embed.element_size()) == pytest.approx(0.5625, abs=1e-3)
         assert decode_bytes_per_step(int4, 0, 2, 0) == \
             params - embed.numel() * embed.element_size() + q8 + 2 * embed[0].numel() * 2
-    assert decode_bytes_per_step(int4, 0, Q8_HEAD_MAX_ROWS + 1, 0) == params
+        plain_params = sum(p.numel() * p.element_size() for p in plain.parameters())
+        assert decode_bytes_per_step(plain, 0, 2, 0) == plain_params
+    else:
+        assert head is None and bf16_head is None
+    assert decode_bytes_per_step(int4, 0, SMALL_BATCH_MAX_ROWS + 1, 0) == params
 
     def nbytes(model) -> int:
         return sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
@@ -103,33 +110,36 @@ def test_an_engine_serves_4bit_projections_with_adapters(tmp_path: Path) -> None
     assert_pool_full(llm)
 
 
+@pytest.mark.parametrize("quantization", ["gguf", None])
 @pytest.mark.parametrize("case", ["llama-tied-bias-mha", "llama-llama3-gqa"])
-def test_a_q8_0_lm_head_is_kept_8bit_for_the_logits_of_few_rows(tmp_path: Path,
-                                                                  case: str) -> None:
+def test_a_bf16_models_logits_of_few_rows_come_from_its_small_batch_head(
+        tmp_path: Path, case: str, quantization: str | None) -> None:
     hf = build_tiny_hf(case)
     path = str(tmp_path / "model.gguf")
     write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=Q.Q4_1,
                        qtype_of={"embed_tokens": Q.Q8_0, "lm_head": Q.Q8_0})
-    model = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
-    plain = load_model(ModelConfig(model=path, dtype="bfloat16")).model
-    assert plain.small_batch_head is None                     # only with quantization="gguf"
+    cfg = ModelConfig(model=path, dtype="bfloat16", quantization=quantization)
+    model = load_model(cfg).model
+    assert load_model(ModelConfig(model=path)).model.small_batch_head is None   # fp32
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TASKLOOM_CPU_KERNELS", "0")                # and not with the C kernels off
-        cfg = ModelConfig(model=path, dtype="bfloat16", quantization="gguf")
+        mp.setenv("TASKLOOM_CPU_KERNELS", "0")                # nor with the C kernels off
         assert load_model(cfg).model.small_batch_head is None
-    if q8_head_worthwhile() is None:
-        assert model.small_batch_head is None
-        return
     head = model.small_batch_head
-    assert type(head) is Q8Linear and head.max_rows == Q8_HEAD_MAX_ROWS
-    hidden = torch.randn(Q8_HEAD_MAX_ROWS + 1, hf.config.hidden_size).bfloat16()
+    if not small_linear_worthwhile():
+        assert head is None
+        return
+    # the Q8_0 head kept 8-bit with quantization="gguf", else the model's bf16 head itself
+    assert type(head) is SmallBatchHead and head.max_rows == SMALL_BATCH_MAX_ROWS
+    assert head.holds_copy == (quantization == "gguf")
+    hidden = torch.randn(SMALL_BATCH_MAX_ROWS + 1, hf.config.hidden_size).bfloat16()
     bf16 = torch.nn.functional.linear(hidden, model.lm_head_weight()).float()
-    # up to max_rows rows through the 8-bit head: the bf16 head's logits within a rounding
-    few = model.compute_logits(hidden[:Q8_HEAD_MAX_ROWS])
+    # up to max_rows rows through the small-batch head: the bf16 head's logits within a
+    # rounding
+    few = model.compute_logits(hidden[:SMALL_BATCH_MAX_ROWS])
     assert few.dtype == torch.float32
-    torch.testing.assert_close(few, bf16[:Q8_HEAD_MAX_ROWS], rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(few, bf16[:SMALL_BATCH_MAX_ROWS], rtol=2 ** -7, atol=1e-3)
     assert torch.equal(head(hidden[:3]).float(), few[:3])
-    # above, the bf16 head itself
+    # above, the bf16 head by F.linear
     assert torch.equal(model.compute_logits(hidden), bf16)
 
 
