@@ -3,15 +3,15 @@ matrix in bf16, or over a GGUF Q8_0 head kept 8-bit.
 
 At a few rows an lm head is one pass over the largest matrix a decode step reads (SmolLM2's
 tied embedding: 49,152 x 576, 57 MB in bf16), bound by how fast it streams from memory.
-torch's bf16 GEMM (oneDNN) streams it at about half the speed of a plain loop that takes one
+torch's bf16 GEMM (oneDNN) streams it at a third of the speed of a plain loop that takes one
 weight row at a time and multiplies it with every row of x in AVX-512 BF16 dot products
 (`csrc/small_linear.c`). A GGUF file's head is commonly Q8_0 (the embedded model's is): kept
 8-bit, as int8 codes and a float32 scale per 32 weights (0.56 of the bf16 bytes), each group
 is dequantized in registers to the bf16 values the model holds, and less comes from memory.
 Measured on two EPYC (Zen 4) cores for that matrix (`python benchmarks/cpu_linear.py
---head`), against `F.linear`'s 3.5 / 3.6 / 4.4 ms at 1 / 4 / 8 rows: 1.3 / 2.3 / 2.7 over
-bf16, 1.1 / 1.4 / 2.7 over Q8_0; about even at 16 rows (5.2, 5.3, 4.7), and slower from 32
-(7.2 against 10.5 and 8.9), where a GEMM's blocking pays (far more on a CPU with AMX). So a
+--head`; a noisy machine, so as ratios to `F.linear` in the same run): 3.0x / 1.5x / 1.1x at
+1 / 4 / 8 rows over bf16, 3.1x / 2.3x / 1.5x over Q8_0; 0.95x and 1.15x at 16 rows; slower
+from 32 (0.66x, 0.76x), where a GEMM's blocking pays (far more on a CPU with AMX). So a
 bf16 CPU model takes its logits from a `SmallBatchHead` up to `SMALL_BATCH_MAX_ROWS` rows
 and from `F.linear` above: over its own bf16 weight (no copy), or with
 `quantization="gguf"` over the file's Q8_0 head (a copy: the bf16 one stays for the larger

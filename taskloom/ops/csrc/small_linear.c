@@ -2,7 +2,7 @@
  * y = x W^T for bf16 x [m, k], W [n, k] in bf16 or as GGUF Q8_0 kept 8-bit.
  *
  * At a few rows an lm head is a pass over the vocabulary matrix, bound by how fast it streams
- * from memory; torch's bf16 GEMM (oneDNN) streams it at about half the speed a plain loop
+ * from memory; torch's bf16 GEMM (oneDNN) streams it at a third of the speed a plain loop
  * does here. The loop takes one weight row at a time (threads split the rows), reads it once
  * for every row of x (TILE_ROWS rows of x at a time in registers), and multiplies with
  * AVX-512 BF16 dot products (32 products an instruction) where the CPU has them.
