@@ -13,10 +13,13 @@ of the 4-bit bytes). With --head (bf16), also the shape's lm head [vocab, hidden
 the engine may run it: `F.linear` (`head_f_linear`), and the small-batch head's C loop
 (`taskloom.ops.small_linear`) over bf16 weights (`head_small_bf16`) and over a Q8_0 head
 kept 8-bit (`head_small_q8`, random codes; GB/s of its 8-bit bytes), speedup over F.linear.
+With --small (bf16), also the decoder's projections through that C loop (`small`: the
+engine runs it for lm heads only, and this measures what it would do for the projections).
 
     python benchmarks/cpu_linear.py --model smollm2-135m --rows 1 8 32 256 2048
     python benchmarks/cpu_linear.py --int4 --rows 1 4 8 16 32 64 128 256 2048
     python benchmarks/cpu_linear.py --head --rows 1 2 4 8 16 32 64
+    python benchmarks/cpu_linear.py --small --rows 1 2 4 8 16
 """
 from __future__ import annotations
 
@@ -126,6 +129,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--int4", action="store_true",
                    help="also time 4-bit weights (bf16 activations) both ways")
+    p.add_argument("--small", action="store_true",
+                   help="also time the projections through the small-batch head's C loop")
     p.add_argument("--head", action="store_true",
                    help="also time the lm head by F.linear and the small-batch head's C loop "
                         "(bf16, and Q8_0 kept 8-bit)")
@@ -140,8 +145,9 @@ def main() -> None:
         raise SystemExit(f"no 4-bit weights with {a.dtype} activations on this CPU")
     int4 = int4_linears(weights) if a.int4 else []
     int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
-    if a.head and dtype != torch.bfloat16:
+    if (a.head or a.small) and dtype != torch.bfloat16:
         raise SystemExit("the small-batch head takes bfloat16 activations")
+    small = [SmallBatchHead(w) for w in weights] if a.small else []
     head = heads(a.model) if a.head else None
     results, max_diff = [], 0.0
     with torch.inference_mode():
@@ -156,6 +162,8 @@ def main() -> None:
             flops = 2 * rows * nbytes / dtype.itemsize
             seconds = {}
             kinds = {"plain": plain, "packed": pack, **(int4_calls(int4, xs) if int4 else {})}
+            if small:
+                kinds["small"] = [lambda m=m: m(xs[m.in_features]) for m in small]
             for kind, calls in kinds.items():
                 seconds[kind] = time_pass(calls, max(2, a.repeats // max(1, rows // 256)))
                 size = int4_bytes if kind.startswith("int4") else nbytes
