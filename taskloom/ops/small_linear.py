@@ -126,7 +126,12 @@ class SmallBatchHead(nn.Module):
                                  f"{tuple(weight.shape)}")
             self.bf16 = weight.detach()
             self.nbytes = weight.numel() * weight.element_size()
-        self.holds_copy = self.bf16 is None    # the 8-bit copy beside the model's head
+
+    @property
+    def holds_copy(self) -> bool:
+        """Whether this head holds its own weights (the 8-bit copy beside the model's head)
+        rather than reading the model's."""
+        return self.bf16 is None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:
