@@ -5,14 +5,16 @@ each weight a matrix of its own, so that (unlike `taskloom bench kernels`, which
 they stream from memory as a decode step's do. Prints a JSON line: per rows and kind, the
 median milliseconds of a pass over the repeats, the weight bytes a second (GB/s) and the
 TFLOP/s, and packed's speedup over F.linear; and the packed outputs' largest difference from
-F.linear's. With --int4 (bf16), also 4-bit weights (`taskloom.ops.int4_linear.Int4Linear`,
-random codes) both ways an Int4Linear can multiply: torch's int4 kernel (`int4_kernel`) and
-unpacked to bf16 then one GEMM (`int4_unpacked`: the C unpack where it builds here); an
-Int4Linear takes the first up to its `kernel_max_rows` rows, the second above (GB/s there are
-of the 4-bit bytes). With --head (bf16), also the shape's lm head [vocab, hidden] each way
-the engine may run it: `F.linear` (`head_f_linear`), and the small-batch head's C loop
-(`taskloom.ops.small_linear`) over bf16 weights (`head_small_bf16`) and over a Q8_0 head
-kept 8-bit (`head_small_q8`, random codes; GB/s of its 8-bit bytes), speedup over F.linear.
+F.linear's. With --int4 (bf16), also 4-bit weights (random codes) every way the engine may
+multiply them: `taskloom.ops.int4_linear.TorchInt4Linear`'s torch int4 kernel (`int4_kernel`)
+and its unpack to bf16 then one GEMM (`int4_unpacked`: the C unpack where it builds here),
+which it takes up to and above its `kernel_max_rows` rows; and, on a CPU with AVX-512 VNNI,
+`taskloom.ops.int4_vnni.VnniInt4Linear`'s int8 dot products (`int4_vnni`, every row count),
+which the engine runs there (GB/s of the 4-bit bytes). With --head (bf16), also the shape's
+lm head [vocab, hidden] each way the engine may run it: `F.linear` (`head_f_linear`), and
+the small-batch head's C loop (`taskloom.ops.small_linear`) over bf16 weights
+(`head_small_bf16`) and over a Q8_0 head kept 8-bit (`head_small_q8`, random codes; GB/s of
+its 8-bit bytes), speedup over F.linear.
 With --small (bf16), also the decoder's projections through that C loop (`small`: the
 engine runs it for lm heads only, and this measures what it would do for the projections).
 
@@ -36,7 +38,8 @@ from taskloom.bench.common import run_info, significant
 from taskloom.models.loader import random_arch
 from taskloom.models.weights import materialize
 from taskloom.ops.int4_linear import (INT4_GROUP_SIZE, Int4Linear, Int4Scratch, Int4Weight,
-                                      int4_supported)
+                                      TorchInt4Linear, int4_supported)
+from taskloom.ops.int4_vnni import VnniInt4Linear, library
 from taskloom.ops.linear import PACK_BATCH_HINT, PackedLinear, packing_supported
 from taskloom.ops.small_linear import Q8_GROUP, SMALL_BATCH_MAX_ROWS, Q8Weight, SmallBatchHead
 from taskloom.runtime.dtypes import torch_dtype
@@ -53,15 +56,18 @@ def decoder_weights(model: str, dtype: torch.dtype) -> list[torch.Tensor]:
             for _ in range(arch.num_hidden_layers) for o, i in shapes]
 
 
-def int4_linears(weights: list[torch.Tensor]) -> list[Int4Linear]:
-    """An Int4Linear of each weight's shape, random codes (what is timed is the same)."""
+def int4_linears(weights: list[torch.Tensor], kind: type[Int4Linear]) -> list[Int4Linear]:
+    """A 4-bit linear of `kind` of each weight's shape, random codes (what is timed is the
+    same)."""
     gen = torch.Generator().manual_seed(1)
     scratch = Int4Scratch()                  # one for the whole model, as the loader's swap
     layers = []
     for w in weights:
         rows, cols = w.shape
         with torch.device("meta"):
-            layer = Int4Linear(torch.nn.Linear(cols, rows, bias=False), scratch)
+            linear = torch.nn.Linear(cols, rows, bias=False)
+            layer = (TorchInt4Linear(linear, scratch) if kind is TorchInt4Linear
+                     else kind(linear))
         materialize(layer, torch.bfloat16, torch.device("cpu"))
         groups = cols // INT4_GROUP_SIZE
         scales = torch.full((rows, groups), 1 / (8 * cols ** 0.5))
@@ -72,12 +78,16 @@ def int4_linears(weights: list[torch.Tensor]) -> list[Int4Linear]:
     return layers
 
 
-def int4_calls(layers: list[Int4Linear], xs: dict[int, torch.Tensor]
-               ) -> dict[str, list[Callable[[], torch.Tensor]]]:
-    """A pass over `layers` through torch's int4 kernel, and through unpacking + F.linear."""
-    return {"int4_kernel": [lambda m=m: m.forward_kernel(xs[m.in_features]) for m in layers],
-            "int4_unpacked": [lambda m=m: m.forward_unpacked(xs[m.in_features])
-                              for m in layers]}
+def int4_calls(layers: list[TorchInt4Linear], vnni: list[VnniInt4Linear],
+               xs: dict[int, torch.Tensor]) -> dict[str, list[Callable[[], torch.Tensor]]]:
+    """A pass over `layers` through torch's int4 kernel, and through unpacking + F.linear;
+    and over `vnni` (where there are) through the int8 dot products."""
+    calls = {"int4_kernel": [lambda m=m: m.forward_kernel(xs[m.in_features]) for m in layers],
+             "int4_unpacked": [lambda m=m: m.forward_unpacked(xs[m.in_features])
+                               for m in layers]}
+    if vnni:
+        calls["int4_vnni"] = [lambda m=m: m(xs[m.in_features]) for m in vnni]
+    return calls
 
 
 def heads(model: str) -> tuple[torch.Tensor, SmallBatchHead, SmallBatchHead]:
@@ -143,7 +153,8 @@ def main() -> None:
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     if a.int4 and not int4_supported(dtype):
         raise SystemExit(f"no 4-bit weights with {a.dtype} activations on this CPU")
-    int4 = int4_linears(weights) if a.int4 else []
+    int4 = int4_linears(weights, TorchInt4Linear) if a.int4 else []
+    vnni = int4_linears(weights, VnniInt4Linear) if a.int4 and library() is not None else []
     int4_bytes = sum(p.numel() * p.element_size() for m in int4 for p in m.parameters())
     if (a.head or a.small) and dtype != torch.bfloat16:
         raise SystemExit("the small-batch head takes bfloat16 activations")
@@ -161,7 +172,8 @@ def main() -> None:
                                                .abs().max()))
             flops = 2 * rows * nbytes / dtype.itemsize
             seconds = {}
-            kinds = {"plain": plain, "packed": pack, **(int4_calls(int4, xs) if int4 else {})}
+            kinds = {"plain": plain, "packed": pack,
+                     **(int4_calls(int4, vnni, xs) if int4 else {})}
             if small:
                 kinds["small"] = [lambda m=m: m(xs[m.in_features]) for m in small]
             for kind, calls in kinds.items():

@@ -47,13 +47,14 @@ class LoRALinear(nn.Module):
         self.max_rank = max_rank
         self.ops = ops
         self.state = state
-        w = base.scales_zeros if isinstance(base, Int4Linear) else base.weight  # compute dtype
+        dtype = base.compute_dtype if isinstance(base, Int4Linear) else base.weight.dtype
+        device = base.weight.device
         k = len(subs) * max_rank
         self.register_buffer("lora_a", torch.zeros(max_loras, k, base.in_features,
-                                                   dtype=w.dtype, device=w.device),
+                                                   dtype=dtype, device=device),
                              persistent=False)
         self.register_buffer("lora_b", torch.zeros(max_loras, base.out_features, max_rank,
-                                                   dtype=w.dtype, device=w.device),
+                                                   dtype=dtype, device=device),
                              persistent=False)
         offsets = [sum(size for _, size in subs[:j]) for j in range(len(subs))]
         self.out_slices = tuple((o, size) for o, (_, size) in zip(offsets, subs))

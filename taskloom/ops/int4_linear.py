@@ -1,28 +1,33 @@
 """Linear layers over 4-bit weights kept as stored: GGUF's Q4_0, Q4_1 and Q4_K on the CPU.
 
 A 4-bit GGUF file (the embedded SmolLM2's is Q4_1) otherwise becomes bf16 when loaded: four
-times the memory, and a decode step at batch 1 reads four times the bytes. `Int4Linear` holds
-each projection as 4-bit codes in groups of 32 along the input dimension, each group with a
-scale and a zero (`w = (q - 8) * scale + zero`, the layout of torch's
-`_weight_int4pack_mm_for_cpu`, onto which all three GGUF types map exactly: Q4_0 is
-`(q - 8) * d`, Q4_1 `q * d + m`, Q4_K `q * (d * sc) - dmin * m` over sub-blocks of 32).
+times the memory, and a decode step at batch 1 reads four times the bytes. An `Int4Linear`
+holds each projection as 4-bit codes in groups of 32 along the input dimension, each group
+with a scale and a min (`w = q * scale + min`, onto which all three GGUF types map exactly:
+Q4_0 is `(q - 8) * d`, Q4_1 `q * d + m`, Q4_K `q * (d * sc) - dmin * m` over sub-blocks of
+32). The base class loads the weight (shard by shard for fused projections); each subclass
+keeps the codes in the layout of the kernel it multiplies with, and `int4_linear_type()`
+picks the one this machine runs best:
 
-Which GEMM a call runs depends on its rows. torch's int4 kernel dequantizes each group in
-registers for every 4 rows it multiplies: measured on two Sapphire Rapids cores, a pass over
-SmolLM2-135M's projections takes 3.5 ms at 1 row (bf16, oneDNN-packed: 12.2 ms), 10.6 at 8
-(11.7), 39 at 32 (13.8), and it grows with the rows. Above `kernel_max_rows` (prefill
-chunks, large batches) a call instead unpacks the weight to bf16 and runs one dense GEMM.
-The unpack is a C loop (`csrc/int4_unpack.c`, compiled on first use by
-`taskloom.ops.cpu_native`) or, without a C compiler, a few torch ops: bit for bit the same
-values, and a pass over SmolLM2's projections at 128 rows takes 59 ms with the C unpack, 98
-with torch's (bf16: 22). So a 4-bit model is the faster one for one to eight streams and the
-smaller one always, and the slower one for larger batches and long prompts, by what its
-unpack costs: the trade llama.cpp's 4-bit files make too.
+- `taskloom.ops.int4_vnni.VnniInt4Linear` on CPUs with AVX-512 VNNI (Intel since Cascade
+  Lake, AMD since Zen 4): integer dot products against activations quantized to two int8
+  parts, for every row count (see that module).
+- `TorchInt4Linear` elsewhere: torch's `_weight_int4pack_mm_for_cpu`, which converts every
+  code to float and multiplies in float32; it is the faster route up to `kernel_max_rows`
+  rows, and above (prefill chunks, large batches) a call unpacks the weight to bf16 and runs
+  one dense GEMM. The unpack is a C loop (`csrc/int4_unpack.c`, compiled on first use by
+  `taskloom.ops.cpu_native`) or, without a C compiler, a few torch ops: bit for bit the same
+  values. Only bf16 activations: torch's kernel is vectorized for them alone (fp16 measured
+  50x slower, fp32 24x). Its codes' byte layout depends on the CPU's vector width;
+  `int4_layout` finds it once by packing a probe, and where it is none this module knows,
+  `int4_supported` says so (and the loader refuses `quantization="gguf"` by name).
 
-Only bf16 activations: torch's kernel is vectorized for them alone (fp16 measured 50x
-slower, fp32 24x). The codes' byte layout is torch's, which depends on the CPU's vector
-width; `int4_layout` finds it once by packing a probe, and where it is none this module
-knows, `int4_supported` says so (and the loader refuses `quantization="gguf"` by name).
+On two EPYC (Zen 4) cores, a pass over SmolLM2-135M's projections (66 MB of codes and terms;
+`python benchmarks/cpu_linear.py --int4`) takes 4.0 ms at one row either way (both stream
+the weights at the memory's speed; bf16, oneDNN-packed: 12.7), and at 8 / 32 / 128 rows 8.0
+/ 32 / 88 ms by int8 dot products against torch's kernel's 11.7 / 42 and its unpack's 199
+(bf16: 13.4 / 25 / 77). So a 4-bit model is the faster one for one to sixteen streams and the
+smaller one always.
 
 Swapped in for the decoder's projections on the meta device, before the weights are read (the
 model definition knows nothing of quantization); each module packs itself as soon as its last
@@ -44,12 +49,12 @@ from taskloom.ops.cpu_native import load_kernel
 logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZE = 32
-# Rows up to which a call runs torch's int4 kernel; above, the weight is unpacked to bf16
-# and multiplied densely. Measured over a pass of SmolLM2-135M's projections on two Sapphire
-# Rapids cores (`python benchmarks/cpu_linear.py --int4`): with the torch unpack, kernel 39 /
-# 78 / 152 ms at 32 / 64 / 128 rows against unpacked 96 / 100 / 106 (bf16 oneDNN-packed:
-# 14 / 15 / 22); with the C unpack, kernel 39 / 58 / 77 at 32 / 48 / 64 rows against
-# unpacked 48 / 52 / 54 (and 59 at 128, 179 at 2,048, where bf16 takes 141).
+# Rows up to which a TorchInt4Linear call runs torch's int4 kernel; above, the weight is
+# unpacked to bf16 and multiplied densely. Measured over a pass of SmolLM2-135M's projections
+# on two Sapphire Rapids cores (`python benchmarks/cpu_linear.py --int4`): with the torch
+# unpack, kernel 39 / 78 / 152 ms at 32 / 64 / 128 rows against unpacked 96 / 100 / 106
+# (bf16 oneDNN-packed: 14 / 15 / 22); with the C unpack, kernel 39 / 58 / 77 at 32 / 48 / 64
+# rows against unpacked 48 / 52 / 54 (and 59 at 128, 179 at 2,048, where bf16 takes 141).
 INT4_KERNEL_MAX_ROWS = 64
 INT4_KERNEL_MAX_ROWS_NATIVE = 40
 INT4_ROWS_MULTIPLE = 16     # torch's int4 packing needs N % 16 == 0
@@ -132,8 +137,10 @@ def native_unpack() -> Callable[..., int] | None:
 
 
 def int4_supported(dtype: torch.dtype) -> bool:
-    """Whether 4-bit weights can be kept as they are for a CPU model computing in `dtype`."""
-    return dtype == torch.bfloat16 and int4_layout() is not None
+    """Whether 4-bit weights can be kept as they are for a CPU model computing in `dtype`
+    (bf16, by either kernel)."""
+    return dtype == torch.bfloat16 and (int4_linear_type() is not TorchInt4Linear
+                                        or int4_layout() is not None)
 
 
 def unpack_codes(packed: torch.Tensor, cols: int, layout: Int4Layout) -> torch.Tensor:
@@ -183,39 +190,96 @@ class Int4Scratch:
 
 
 class Int4Linear(nn.Module):
-    """`F.linear(x, w, bias)` over a 4-bit weight w [out_features, in_features].
+    """`F.linear(x, w, bias)` over a 4-bit weight w [out_features, in_features]: the loading
+    every form shares; each subclass keeps the codes in the layout its kernel reads.
 
-    `weight` is torch's packed form of the codes ([out, in / 2] uint8) and `scales_zeros`
-    [in / 32, out, 2] each group's scale and zero in the compute dtype, both frozen
-    Parameters (what counts a model's weights counts them). Built from a meta nn.Linear (its
-    bias and shard layout kept) before loading; `weight`'s loader takes an `Int4Weight` for
-    the whole projection or for one shard of a fused one, and packs once all have come."""
+    `weight` holds the codes ([out, in / 2] uint8, two a byte) and the subclass's other
+    frozen Parameters the groups' scales and zeros (what counts a model's weights counts
+    them). Built from a meta nn.Linear (its bias and shard layout kept) before loading;
+    `weight`'s loader takes an `Int4Weight` for the whole projection or for one shard of a
+    fused one, and packs once all have come."""
 
-    def __init__(self, linear: nn.Linear, scratch: Int4Scratch | None = None) -> None:
+    def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
-        self.scratch = Int4Scratch() if scratch is None else scratch
         out_features, in_features = linear.weight.shape
         if in_features % INT4_GROUP_SIZE or out_features % INT4_ROWS_MULTIPLE:
             raise ValueError(f"a 4-bit weight needs in_features % {INT4_GROUP_SIZE} == 0 and "
                              f"out_features % {INT4_ROWS_MULTIPLE} == 0, got "
                              f"[{out_features}, {in_features}]")
         self.out_features, self.in_features = out_features, in_features
-        groups = in_features // INT4_GROUP_SIZE
-        device = linear.weight.device
         self.weight = nn.Parameter(torch.empty(out_features, in_features // 2, dtype=torch.uint8,
-                                               device=device), requires_grad=False)
-        self.scales_zeros = nn.Parameter(torch.empty(groups, out_features, 2, device=device),
-                                         requires_grad=False)
+                                               device=linear.weight.device), requires_grad=False)
         self.bias = linear.bias
         self.shard_rows: dict[Hashable, tuple[int, int]] = dict(
             getattr(linear.weight, "shard_rows", None) or {None: (0, out_features)})
         self.weight.weight_loader = self._load_shard
         self.weight.shard_ids = getattr(linear.weight, "shard_ids", None)
+        self._staged: Int4Weight | None = None
+        self._pending: set[Hashable] = set(self.shard_rows)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the activations and outputs."""
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight [out, in] in the compute dtype (the values the kernel multiplies by)."""
+        raise NotImplementedError
+
+    def _pack(self, w: Int4Weight) -> None:
+        """Write the whole weight `w` into this module's Parameters, in its layout."""
+        raise NotImplementedError
+
+    def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
+                    shard_id: Hashable = None) -> None:
+        if not isinstance(loaded, Int4Weight):
+            raise ValueError(f"a 4-bit projection takes 4-bit GGUF blocks, got "
+                             f"{type(loaded).__name__}")
+        if shard_id not in self.shard_rows:
+            raise ValueError(f"projection takes shards {list(self.shard_rows)}, got "
+                             f"{shard_id!r}")
+        offset, rows = self.shard_rows[shard_id]
+        if tuple(loaded.shape) != (rows, self.in_features):
+            raise ValueError(f"expected shape {(rows, self.in_features)}, got "
+                             f"{tuple(loaded.shape)}")
+        if self._staged is None:
+            groups = self.in_features // INT4_GROUP_SIZE
+            self._staged = Int4Weight(
+                torch.empty(self.out_features, self.in_features, dtype=torch.uint8),
+                torch.empty(self.out_features, groups), torch.empty(self.out_features, groups))
+        for dst, src in zip((self._staged.codes, self._staged.scales, self._staged.mins),
+                            (loaded.codes, loaded.scales, loaded.mins)):
+            dst[offset:offset + rows].copy_(src)
+        self._pending.discard(shard_id)
+        if not self._pending:
+            with torch.no_grad():
+                self._pack(self._staged)
+            self._staged = None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, 4-bit groups of {INT4_GROUP_SIZE}")
+
+
+class TorchInt4Linear(Int4Linear):
+    """An Int4Linear multiplied by torch's int4 kernel: `weight` is torch's packed form of the
+    codes and `scales_zeros` [in / 32, out, 2] each group's scale and zero in the compute
+    dtype. Calls above `kernel_max_rows` rows unpack the weight to bf16 and run one GEMM."""
+
+    def __init__(self, linear: nn.Linear, scratch: Int4Scratch | None = None) -> None:
+        super().__init__(linear)
+        self.scratch = Int4Scratch() if scratch is None else scratch
+        groups = self.in_features // INT4_GROUP_SIZE
+        self.scales_zeros = nn.Parameter(torch.empty(groups, self.out_features, 2,
+                                                     device=linear.weight.device),
+                                         requires_grad=False)
         # filled with `weight` (llama's check for weights the checkpoint lacked skips it)
         self.scales_zeros.filled_by = "weight"
-        self._staged: Int4Weight | None = None
         self._native: Int4Layout | None | bool = False     # False: not resolved yet
-        self._pending: set[Hashable] = set(self.shard_rows)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scales_zeros.dtype
 
     @property
     def kernel_max_rows(self) -> int:
@@ -291,32 +355,6 @@ class Int4Linear(nn.Module):
         return w.mul_(scale).add_(offset).to(self.scales_zeros.dtype).view(
             self.out_features, self.in_features)
 
-    def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
-                    shard_id: Hashable = None) -> None:
-        if not isinstance(loaded, Int4Weight):
-            raise ValueError(f"a 4-bit projection takes 4-bit GGUF blocks, got "
-                             f"{type(loaded).__name__}")
-        if shard_id not in self.shard_rows:
-            raise ValueError(f"projection takes shards {list(self.shard_rows)}, got "
-                             f"{shard_id!r}")
-        offset, rows = self.shard_rows[shard_id]
-        if tuple(loaded.shape) != (rows, self.in_features):
-            raise ValueError(f"expected shape {(rows, self.in_features)}, got "
-                             f"{tuple(loaded.shape)}")
-        if self._staged is None:
-            groups = self.in_features // INT4_GROUP_SIZE
-            self._staged = Int4Weight(
-                torch.empty(self.out_features, self.in_features, dtype=torch.uint8),
-                torch.empty(self.out_features, groups), torch.empty(self.out_features, groups))
-        for dst, src in zip((self._staged.codes, self._staged.scales, self._staged.mins),
-                            (loaded.codes, loaded.scales, loaded.mins)):
-            dst[offset:offset + rows].copy_(src)
-        self._pending.discard(shard_id)
-        if not self._pending:
-            self._pack(self._staged)
-            self._staged = None
-
-    @torch.no_grad()
     def _pack(self, w: Int4Weight) -> None:
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.codes.int(), 1)
         self.weight.copy_(packed.view(self.weight.shape))
@@ -324,15 +362,22 @@ class Int4Linear(nn.Module):
         zeros = w.mins + 8 * w.scales                              # [out, groups]
         self.scales_zeros.copy_(torch.stack((w.scales, zeros), dim=-1).transpose(0, 1))
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, 4-bit groups of {INT4_GROUP_SIZE}")
+
+def int4_linear_type() -> type[Int4Linear]:
+    """The 4-bit linear this machine runs best: `VnniInt4Linear` (int8 dot products, 2.7-3.9x
+    torch's kernel) where its C kernel builds with AVX-512 VNNI and the C kernels are on,
+    else `TorchInt4Linear`."""
+    from taskloom.ops.int4_vnni import VnniInt4Linear, vnni_available
+    return VnniInt4Linear if vnni_available() else TorchInt4Linear
 
 
-def swap_int4_linears(model: nn.Module, names: set[str]) -> int:
+def swap_int4_linears(model: nn.Module, names: set[str],
+                      kind: type[Int4Linear] | None = None) -> int:
     """Replace the (meta) nn.Linear submodules of `model` named in `names` (e.g.
-    `model.layers.0.mlp.down_proj`) with Int4Linear modules sharing one scratch buffer;
-    returns how many."""
+    `model.layers.0.mlp.down_proj`) with 4-bit linears of type `kind` (default
+    `int4_linear_type()`; TorchInt4Linear modules share one scratch buffer); returns how
+    many."""
+    kind = int4_linear_type() if kind is None else kind
     scratch = Int4Scratch()
     for name in names:
         parent_name, _, attr = name.rpartition(".")
@@ -340,5 +385,6 @@ def swap_int4_linears(model: nn.Module, names: set[str]) -> int:
         linear = getattr(parent, attr)
         if type(linear) is not nn.Linear:
             raise ValueError(f"{name} is a {type(linear).__name__}, not a linear layer")
-        setattr(parent, attr, Int4Linear(linear, scratch))
+        setattr(parent, attr, TorchInt4Linear(linear, scratch) if kind is TorchInt4Linear
+                else kind(linear))
     return len(names)

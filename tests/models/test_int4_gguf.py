@@ -18,7 +18,7 @@ from taskloom.config import ModelConfig
 from taskloom.lora.layers import LoRALinear
 from taskloom.lora.random_adapter import write_random_adapter
 from taskloom.models.loader import load_model
-from taskloom.ops.int4_linear import Int4Linear, int4_supported
+from taskloom.ops.int4_linear import Int4Linear, int4_linear_type, int4_supported
 from taskloom.ops.linear import PackedLinear, packing_supported
 from taskloom.ops.small_linear import SMALL_BATCH_MAX_ROWS, SmallBatchHead, small_linear_worthwhile
 from tests.models.gguf_files import write_gguf_from_hf
@@ -36,9 +36,11 @@ def _projections(model) -> list:
                       layer.mlp.gate_up_proj, layer.mlp.down_proj)]
 
 
+@pytest.mark.parametrize("kernels", ["1", "0"])      # int8 dot products here, or torch's int4
 @pytest.mark.parametrize("case", list(TINY_CASES))
 def test_4bit_projections_compute_what_the_dequantized_model_computes(
-        tmp_path: Path, case: str) -> None:
+        tmp_path: Path, case: str, kernels: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKLOOM_CPU_KERNELS", kernels)
     hf = build_tiny_hf(case)
     qtype = Q.Q4_0 if case.startswith("mistral") else Q.Q4_1
     path = str(tmp_path / "model.gguf")
@@ -46,14 +48,15 @@ def test_4bit_projections_compute_what_the_dequantized_model_computes(
     int4 = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
     exact = load_model(ModelConfig(model=path)).model           # float32, dequantized
     rounded = load_model(ModelConfig(model=path, dtype="bfloat16")).model
-    assert all(type(m) is Int4Linear for m in _projections(int4))
-    assert type(rounded.model.layers[0].mlp.down_proj) is not Int4Linear
+    assert all(type(m) is int4_linear_type() for m in _projections(int4))
+    assert not isinstance(rounded.model.layers[0].mlp.down_proj, Int4Linear)
     prompts = random_prompts(hf.config.vocab_size, seed=4)[:3]
     for ref, got, bf16 in zip(forward_batch(exact, prompts), forward_batch(int4, prompts),
                               forward_batch(rounded, prompts)):
         err, bf16_err = (got - ref).abs().max().item(), (bf16 - ref).abs().max().item()
         # a wrong row order or scale is an error of the logits' own size; 4-bit weights
-        # with bf16 scales round about as the dequantized bf16 weights do
+        # round about as the dequantized bf16 weights do (torch's kernel: bf16 scales; the
+        # int8 dot products: fp16 scales, activations in two int8 parts)
         assert err < 0.05 * ref.abs().max().item()
         assert err < 4 * bf16_err + 1e-3
 
@@ -61,7 +64,7 @@ def test_4bit_projections_compute_what_the_dequantized_model_computes(
 def test_the_embedded_model_keeps_its_q4_1_projections_at_a_quarter_of_bf16() -> None:
     int4 = load_model(ModelConfig(dtype="bfloat16", quantization="gguf")).model
     plain = load_model(ModelConfig(dtype="bfloat16")).model
-    assert all(type(m) is Int4Linear for m in _projections(int4))
+    assert all(isinstance(m, Int4Linear) for m in _projections(int4))
     # its tied embedding is Q8_0: kept 8-bit as well, for the logits of a decode step, and
     # what a decode step reads counts that head up to its rows, the bf16 one above; the bf16
     # model's small-batch head is its own bf16 head
@@ -102,7 +105,7 @@ def test_an_engine_serves_4bit_projections_with_adapters(tmp_path: Path) -> None
     prompts = ["The capital of France is", long, "def fibonacci(n):", long]
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outs = llm.generate(prompts, params, use_tqdm=False, lora=[None, None, "a", "a"])
-    # prefill chunks above INT4_KERNEL_MAX_ROWS rows unpack the weights, decodes do not
+    # long prefill chunks and decodes (torch's int4 kernel: unpacked above its rows)
     assert len(llm.tokenizer.encode(long)) > 200
     assert [len(o.outputs[0].token_ids) for o in outs] == [12] * 4
     assert " Paris" in outs[0].outputs[0].text
@@ -166,7 +169,7 @@ def test_a_file_without_4bit_projections_loads_dequantized(
     path = str(tmp_path / "q8.gguf")
     write_gguf_from_hf(path, hf.config, hf.state_dict(), qtype=Q.Q8_0)
     model = load_model(ModelConfig(model=path, dtype="bfloat16", quantization="gguf")).model
-    assert not any(type(m) is Int4Linear for m in _projections(model))
+    assert not any(isinstance(m, Int4Linear) for m in _projections(model))
     assert "stores no decoder projection 4-bit" in caplog.text
 
 
@@ -184,7 +187,7 @@ def test_a_mixed_file_keeps_its_4bit_projections_and_packs_the_rest(tmp_path: Pa
     rest = PackedLinear if packing_supported(torch.bfloat16) else torch.nn.Linear
     assert [type(m) for m in (first.self_attn.qkv_proj, first.self_attn.o_proj,
                               first.mlp.gate_up_proj, first.mlp.down_proj)] == \
-        [Int4Linear, Int4Linear, Int4Linear, rest]
+        [int4_linear_type()] * 3 + [rest]
     assert type(second.self_attn.qkv_proj) is rest and type(second.mlp.down_proj) is rest
     outs = llm.generate(random_prompts(hf.config.vocab_size, seed=2)[:3],
                         SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True),

@@ -1,6 +1,7 @@
 """4-bit linears: GGUF's Q4_0/Q4_1/Q4_K blocks taken apart against the gguf package's own
-dequantization, torch's int4 packing unpacked, and Int4Linear (both of its GEMM routes, fused
-shards, LoRA on top) against F.linear over the dequantized weight."""
+dequantization, torch's int4 packing unpacked, and TorchInt4Linear (both of its GEMM routes,
+fused shards, LoRA on top) against F.linear over the dequantized weight. The int8-dot kernel's
+VnniInt4Linear: tests/ops/test_int4_vnni.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -19,9 +20,9 @@ from taskloom.models.weights import materialize
 from taskloom.ops import cpu_native
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.ops.int4_linear import (INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS_NATIVE,
-                                      Int4Linear, Int4Scratch, Int4Weight, int4_layout,
-                                      int4_supported, native_unpack, swap_int4_linears,
-                                      unpack_codes)
+                                      Int4Scratch, Int4Weight, TorchInt4Linear,
+                                      int4_layout, int4_linear_type, int4_supported,
+                                      native_unpack, swap_int4_linears, unpack_codes)
 
 needs_int4 = pytest.mark.skipif(not int4_supported(torch.bfloat16),
                                 reason="this torch's CPU int4 packing has no layout we read")
@@ -76,7 +77,7 @@ def _int4_linear(out_f: int, in_f: int, bias: bool, fused: dict | None = None) -
         if fused is not None:
             linear.weight.shard_rows = fused
             linear.weight.shard_ids = tuple(fused)
-        layer = Int4Linear(linear)
+        layer = TorchInt4Linear(linear)
     materialize(layer, torch.bfloat16, torch.device("cpu"))
     if bias:
         with torch.no_grad():
@@ -148,13 +149,13 @@ def test_int4_loader_names_what_is_wrong() -> None:
     with pytest.raises(ValueError, match=r"expected shape \(64, 64\), got \(32, 64\)"):
         load(layer.weight, _weight(32, 64), "k")
     with pytest.raises(ValueError, match=r"in_features % 32 == 0 and out_features % 16 == 0"):
-        Int4Linear(nn.Linear(40, 64, device="meta"))
+        TorchInt4Linear(nn.Linear(40, 64, device="meta"))
 
 
 def test_swap_replaces_only_linears() -> None:
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
-    assert swap_int4_linears(model, {"0"}) == 1 and isinstance(model[0], Int4Linear)
+    assert swap_int4_linears(model, {"0"}) == 1 and type(model[0]) is int4_linear_type()
     with pytest.raises(ValueError, match="1 is a LayerNorm, not a linear layer"):
         swap_int4_linears(model, {"1"})
 
@@ -220,7 +221,7 @@ def test_projections_sharing_a_scratch_buffer_each_compute_their_own() -> None:
     layers, weights = [], []
     for i, (out_f, in_f) in enumerate([(128, 64), (64, 128), (192, 64)]):
         with torch.device("meta"):
-            layer = Int4Linear(nn.Linear(in_f, out_f, bias=False), scratch)
+            layer = TorchInt4Linear(nn.Linear(in_f, out_f, bias=False), scratch)
         materialize(layer, torch.bfloat16, torch.device("cpu"))
         weights.append(_weight(out_f, in_f, seed=i))
         layer.weight.weight_loader(layer.weight, weights[-1], None)
