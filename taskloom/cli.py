@@ -50,7 +50,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--weights-seed", type=int, default=0, help="seed of --random-weights")
     g.add_argument("--enforce-eager", action="store_true",
-                   help="run every step eagerly (no CUDA graphs for decode steps on CUDA)")
+                   help="run every step eagerly (no CUDA graphs for decode steps on CUDA, no "
+                        "replayed C kernel calls on the CPU)")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="compute every prompt in full (no reuse of cached KV blocks)")
     g.add_argument("--no-prefix-aware-order", dest="prefix_aware_order", action="store_false",

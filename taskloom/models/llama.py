@@ -182,10 +182,14 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        return self.forward_embedded(self.embed_tokens(input_ids), positions, kv_caches, meta)
+
+    def forward_embedded(self, hidden: torch.Tensor, positions: torch.Tensor,
+                         kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """The decoder and final norm over embeddings hidden [n, hidden]."""
         if len(kv_caches) != len(self.layers):
             raise ValueError(
                 f"expected one KV cache per layer ({len(self.layers)}), got {len(kv_caches)}")
-        hidden = self.embed_tokens(input_ids)                # [n, hidden]
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta,

@@ -17,7 +17,8 @@ CPU when the library builds.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -39,13 +40,34 @@ _SIGNATURES = {
 }
 
 
+# Where `record_kernel_calls` collects the calls made (None: not recording).
+_recording: list[tuple[Callable[..., Any], tuple]] | None = None
+
+
 def call_kernel(fn: Callable[..., Any], *args: Any) -> Any:
-    """fn(*args); under torch.profiler, inside a range named after the kernel (the profiler
-    sees no C call otherwise, and would count its time as Python's)."""
+    """fn(*args), every C kernel's call: recorded within `record_kernel_calls`, and under
+    torch.profiler inside a range named after the kernel (the profiler sees no C call
+    otherwise, and would count its time as Python's)."""
+    if _recording is not None:
+        _recording.append((fn, args))
     if not torch.autograd._profiler_enabled():
         return fn(*args)
     with torch.profiler.record_function(PROFILE_PREFIX + fn.__name__):
         return fn(*args)
+
+
+@contextmanager
+def record_kernel_calls() -> Iterator[list[tuple[Callable[..., Any], tuple]]]:
+    """Collect every `call_kernel` made inside, in order, as (function, arguments): what a
+    CPU decode graph replays (`taskloom.runtime.cpu_graphs`)."""
+    global _recording
+    if _recording is not None:
+        raise RuntimeError("kernel calls are already being recorded")
+    _recording = calls = []
+    try:
+        yield calls
+    finally:
+        _recording = None
 
 
 @lru_cache(maxsize=1)

@@ -107,7 +107,8 @@ def build_engine(config: EngineConfig) -> EngineCore:
     runner = ModelRunner(loaded.model, arch, num_blocks, config.cache.block_size, dtype,
                          device, eos, max_model_len, graph_sizes, lora,
                          config.model.shared_prefix_attention, window, drafter,
-                         config.cache.snapkv, tree)
+                         config.cache.snapkv, tree,
+                         cpu_graphs=device.type == "cpu" and not config.model.enforce_eager)
     kv = KVCacheManager(num_blocks, config.cache.block_size,
                         config.cache.enable_prefix_caching, window, config.cache.snapkv)
     if config.cache.snapkv is not None:

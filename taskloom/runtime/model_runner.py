@@ -3,8 +3,10 @@
 It owns the KV-cache tensors (one `[2, num_blocks, block_size, num_kv_heads, head_dim]` per
 layer) and the per-request sampling state, which lives from a request's first step until the
 scheduler reports it finished (a preempted request keeps it). On CUDA,
-decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`);
-other steps, and every step on the CPU, run the model eagerly. With LoRA adapters
+decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`); on
+the CPU, small decode-only steps whose forward is C kernel calls alone (a 4-bit model's)
+replay those calls as recorded at the step's batch size (`taskloom.runtime.cpu_graphs`);
+other steps run the model eagerly. With LoRA adapters
 (`taskloom.lora.manager`), the batch's adapters are put in device slots before each forward.
 
 `submit` queues a step's work and returns at once with a `PendingStep`; its `result()` waits
@@ -43,6 +45,7 @@ from taskloom.ops.kv_compress import SnapKVPlan
 from taskloom.runtime.attention import (MAX_DECODE_TREE_NODES, AttentionMetadata, Workspace,
                                         set_tree_masks, tree_bits)
 from taskloom.runtime.block_tables import BlockTables
+from taskloom.runtime.cpu_graphs import CpuDecodeGraphs
 from taskloom.runtime.cuda_graphs import DecodeGraphs
 from taskloom.runtime.sampler import (LogprobsTensors, Sampler, apply_token_bitmask,
                                       compute_prompt_logprobs)
@@ -311,8 +314,10 @@ class ModelRunner:
     """Executes scheduled steps on one device.
 
     With `graph_sizes` (CUDA only), decode-only steps of up to the largest size replay CUDA
-    graphs captured here, once the KV cache is allocated; `max_model_len` (the longest
-    sequence) bounds their block tables and fixes their decode-attention splits. With
+    graphs captured here, once the KV cache is allocated; with `cpu_graphs` (CPU only, not
+    with LoRA, a window or SnapKV), small decode-only steps replay their recorded C calls.
+    `max_model_len` (the longest sequence) bounds their block tables and fixes their
+    decode-attention splits. With
     `window`, every query attends within its sliding window and to the attention sinks
     (the block tables then hold NULL_BLOCK where the pool took a block back). With `snapkv`,
     a step that ends a prompt the scheduler compresses writes the entries kept of its KV
@@ -333,7 +338,7 @@ class ModelRunner:
                  window: AttentionWindow | None = None,
                  drafter: DraftHeads | None = None,
                  snapkv: SnapKVConfig | None = None,
-                 draft_tree: TokenTree | None = None) -> None:
+                 draft_tree: TokenTree | None = None, cpu_graphs: bool = False) -> None:
         if draft_tree is not None and (window is not None or snapkv is not None
                                        or drafter is None):
             raise ValueError(
@@ -381,6 +386,14 @@ class ModelRunner:
                                        kv_starts=snapkv is not None,
                                        tree=draft_tree is not None)
             self.graphs.capture()
+        # CPU decode steps replayed from their recorded C kernel calls, where the model's
+        # forward is those alone (taskloom.runtime.cpu_graphs); not with the features whose
+        # decode steps it does not record
+        self.cpu_graphs: CpuDecodeGraphs | None = None
+        if (cpu_graphs and device.type == "cpu" and getattr(model, "ops", None) is not None
+                and model.ops.name == "cpu" and lora is None and window is None
+                and snapkv is None):
+            self.cpu_graphs = CpuDecodeGraphs(model, self.kv_caches, block_size, max_model_len)
 
     @property
     def num_requests(self) -> int:
@@ -558,6 +571,18 @@ class ModelRunner:
             return graphs.run(batch.input_ids, batch.positions, batch.slots, batch.seq_lens,
                               batch.block_tables, lora_slots, self._fill_placeholders(batch),
                               batch.kv_starts, batch.tree_rows)
+        cpu_graphs = self.cpu_graphs
+        if (cpu_graphs is not None and batch.max_query_len == 1 and not groups
+                and batch.kv_starts is None and batch.tree_rows is None
+                and cpu_graphs.fits(len(batch.seq_lens))):
+            input_ids = to_device(batch.input_ids, torch.int64, self.device)
+            fill = self._fill_placeholders(batch)
+            if fill is not None:
+                fill(input_ids)
+            hidden = cpu_graphs.run(input_ids, batch.positions, batch.slots, batch.seq_lens,
+                                    batch.block_tables)
+            if hidden is not None:
+                return hidden
         if self.lora is not None and lora_slots is not None:
             self.lora.set_step(lora_slots, batch.query_lens)
         dev = self.device

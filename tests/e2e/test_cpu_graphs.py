@@ -1,0 +1,100 @@
+"""CPU decode graphs (`taskloom.runtime.cpu_graphs`): decode steps of the embedded model in
+4-bit replayed from their recorded C kernel calls give the tokens the eager forward gives, at
+every batch size a run passes through; a forward that runs anything but C kernels is not
+recorded; the recordings kept are the most recently used."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from taskloom import LLM, SamplingParams
+from taskloom.ops.cpu_kernels import record_kernel_calls
+from taskloom.ops.int4_vnni import library
+from taskloom.runtime import cpu_graphs
+from taskloom.runtime.cpu_graphs import _Audit
+from tests.e2e.conftest import assert_pool_full
+
+needs_vnni = pytest.mark.skipif(library() is None,
+                                reason="4-bit projections by C kernels need AVX-512 VNNI")
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time there",
+           "Water boils at", "My favourite colour is", "In 1492, Columbus"]
+
+
+def _run(eager: bool, prompts: list[str] = PROMPTS, **kw) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(dtype="bfloat16", num_blocks=256, enforce_eager=eager, **kw)
+    # different lengths: the batch shrinks one sequence at a time, each size a decode step
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    return llm, [o.outputs[0].token_ids for o in outs]
+
+
+@needs_vnni
+def test_4bit_decode_steps_replay_and_give_the_eager_tokens() -> None:
+    eager, want = _run(True, quantization="gguf")
+    assert eager.engine.runner.cpu_graphs is None
+    llm, got = _run(False, quantization="gguf")
+    graphs = llm.engine.runner.cpu_graphs
+    assert graphs is not None and graphs.refused is None
+    assert got == want                  # the same kernels on the same inputs: the same bits
+    assert sorted(graphs.recordings) == [1, 2, 3, 4, 5, 6]
+    assert graphs.replays > 0
+    rec = graphs.recordings[1]
+    assert len(rec.calls) > 4 * llm.engine.runner.arch.num_hidden_layers
+    assert_pool_full(llm)
+    assert_pool_full(eager)
+
+
+@needs_vnni
+def test_async_steps_placeholders_and_evicted_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, want = _run(True, quantization="gguf")
+    monkeypatch.setattr(cpu_graphs, "MAX_GRAPHS", 2)
+    llm, got = _run(False, quantization="gguf", async_scheduling=True)
+    graphs = llm.engine.runner.cpu_graphs
+    assert got == want and graphs.replays > 0
+    assert len(graphs.recordings) == 2 and list(graphs.recordings) == [2, 1]   # LRU order
+    assert_pool_full(llm)
+
+
+@needs_vnni
+def test_decodes_sharing_a_prefix_run_eagerly_and_agree() -> None:
+    shared = "You are a helpful assistant. Answer briefly and politely. " * 4
+    prompts = [shared + q for q in ("What is 2 + 2?", "Name a colour.", "Say hello.")]
+    _, want = _run(True, prompts, quantization="gguf")
+    llm, got = _run(False, prompts, quantization="gguf")
+    assert got == want
+    assert_pool_full(llm)
+
+
+def test_a_forward_of_torch_operators_is_not_recorded() -> None:
+    # bf16 projections are oneDNN GEMMs (or torch's): not C kernels, so no recording
+    _, want = _run(True)
+    llm, got = _run(False)
+    graphs = llm.engine.runner.cpu_graphs
+    assert got == want
+    assert graphs is not None and graphs.refused and not graphs.recordings
+    assert not graphs.fits(1)
+    with pytest.raises(ValueError, match="does not replay here.*refused"):
+        graphs.run(torch.zeros(1, dtype=torch.int64), [0], [0], [1], [[0]])
+    assert_pool_full(llm)
+
+
+@torch.inference_mode()      # as the runner records (reshape then dispatches whole)
+def test_the_audit_keeps_allocations_and_names_other_operators() -> None:
+    audit = _Audit()
+    with audit:
+        x = torch.empty(4, 6)
+        x.view(6, 4).t().reshape(4, 6)        # views
+        x[:, :3].reshape(12)                  # not viewable: a copy
+        _ = x + 1
+    assert len(audit.kept) == 1 and audit.kept[0].data_ptr() == x.data_ptr()
+    assert audit.foreign == ["aten.reshape (a copy)", "aten.add"]
+
+
+def test_recordings_do_not_nest() -> None:
+    with record_kernel_calls() as calls:
+        assert calls == []
+        with pytest.raises(RuntimeError, match="already being recorded"):
+            with record_kernel_calls():
+                pass
