@@ -18,7 +18,8 @@ reads). A kept capture is itself the step's forward, on the step's inputs. The s
 slots of the step's tokens, and the decode attention's plan (`taskloom.ops.attention.RefPlan`:
 each row's cache slots, padded to `max_model_len`, and its length), written in place before
 each replay. Sizes are exact (a padded row would cost a CPU its compute), up to
-`CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS` most recently used kept. One refusal turns the
+`CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS` most recently used kept within `MAX_GRAPH_BYTES`
+of intermediate tensors. One refusal turns the
 recording off for the model (its layers are the same at every size).
 
 Only plain decode steps replay: every sequence one token, no sliding window, no SnapKV, no
@@ -44,8 +45,10 @@ from taskloom.runtime.attention import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 # Batch sizes up to which decode steps replay (above, a step's kernels outweigh its Python).
-CPU_GRAPH_MAX_SIZE = 16
-MAX_GRAPHS = 8      # recordings kept, the most recently used
+CPU_GRAPH_MAX_SIZE = 32
+MAX_GRAPHS = 8                  # recordings kept, the most recently used...
+MAX_GRAPH_BYTES = 256 << 20     # ...while their tensors take at most this much (the newest
+                                # always kept)
 
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty}
@@ -88,6 +91,7 @@ class _Recording:
         self.kept = kept
         self.meta = meta
         self.output = output
+        self.nbytes = sum(t.untyped_storage().nbytes() for t in kept)
 
 
 class CpuDecodeGraphs:
@@ -112,6 +116,11 @@ class CpuDecodeGraphs:
         # once a recording was refused: its layers are the same at every size
         self.refused: str | None = None
         self.replays = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors the recordings keep."""
+        return sum(r.nbytes for r in self.recordings.values())
 
     def fits(self, num_seqs: int) -> bool:
         """Whether a decode step of `num_seqs` sequences may replay (or record)."""
@@ -194,7 +203,8 @@ class CpuDecodeGraphs:
                         "C kernels", self.refused)
             return None
         self.recordings[n] = _Recording(calls, audit.kept, meta, output)
-        while len(self.recordings) > MAX_GRAPHS:
+        while len(self.recordings) > 1 and (len(self.recordings) > MAX_GRAPHS
+                                            or self.nbytes > MAX_GRAPH_BYTES):
             self.recordings.popitem(last=False)
         logger.debug("recorded a CPU decode step of %d sequences: %d kernel calls", n,
                      len(calls))

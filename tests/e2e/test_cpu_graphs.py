@@ -55,6 +55,14 @@ def test_async_steps_placeholders_and_evicted_sizes(monkeypatch: pytest.MonkeyPa
     assert got == want and graphs.replays > 0
     assert len(graphs.recordings) == 2 and list(graphs.recordings) == [2, 1]   # LRU order
     assert_pool_full(llm)
+    # within a byte budget: here one recording's worth, so only the newest stays
+    monkeypatch.setattr(cpu_graphs, "MAX_GRAPHS", 8)
+    monkeypatch.setattr(cpu_graphs, "MAX_GRAPH_BYTES", graphs.recordings[2].nbytes)
+    llm, got = _run(False, quantization="gguf")
+    graphs = llm.engine.runner.cpu_graphs
+    assert got == want and list(graphs.recordings) == [1]
+    assert graphs.nbytes == graphs.recordings[1].nbytes > 0
+    assert_pool_full(llm)
 
 
 @needs_vnni
