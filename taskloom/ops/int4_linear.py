@@ -23,11 +23,11 @@ picks the one this machine runs best:
   `int4_supported` says so (and the loader refuses `quantization="gguf"` by name).
 
 On two EPYC (Zen 4) cores, a pass over SmolLM2-135M's projections (66 MB of codes and terms;
-`python benchmarks/cpu_linear.py --int4`) takes 4.0 ms at one row either way (both stream
-the weights at the memory's speed; bf16, oneDNN-packed: 12.7), and at 8 / 32 / 128 rows 8.0
-/ 32 / 88 ms by int8 dot products against torch's kernel's 11.7 / 42 and its unpack's 199
-(bf16: 13.4 / 25 / 77). So a 4-bit model is the faster one for one to sixteen streams and the
-smaller one always.
+`python benchmarks/cpu_linear.py --int4`, in benchmarks/results/2026-12-04-cpu-int4-vnni-
+graphs.jsonl) takes 4.1 ms at one row either way (both stream the weights at the memory's
+speed; bf16, oneDNN-packed: 13.5), and at 8 / 32 / 128 rows 8.2 / 24 / 82 ms by int8 dot
+products against torch's kernel's 11.6 / 42 and its unpack's 108 (bf16: 13.2 / 24 / 72). So a
+4-bit model is the faster one for one to some thirty streams and the smaller one always.
 
 Swapped in for the decoder's projections on the meta device, before the weights are read (the
 model definition knows nothing of quantization); each module packs itself as soon as its last

@@ -10,8 +10,9 @@ which holds GGUF's Q4_0/Q4_1 terms exactly and Q4_K's products d * sc to 11 bits
 
 The activations are quantized first, per row and group of 32, to a 16-bit code in two int8
 parts: with xs = amax / 127, hi = round(x / xs) and lo = round(256 (x / xs - hi)), x = xs (hi
-+ lo / 256) within xs / 512. llama.cpp's one int8 part (x = xs * hi, within xs / 2) halves
-the products but moves a row's outputs by ~0.5% of the largest: measured on the embedded
++ lo / 256) within xs / 512 (xs / 256 where lo saturates at 127). llama.cpp's one int8 part
+(x = xs * hi, within xs / 2) halves the products but moves a row's outputs by ~0.5% of the
+largest: measured on the embedded
 SmolLM2 (`python benchmarks/greedy_agreement.py --configs float32 int4`, 50 prompts x 64
 tokens), 4% of greedy sequences identical to fp32's over the same weights and 23% of tokens
 before the first difference, against 36% and 61% with two parts, which is what torch's
@@ -19,11 +20,15 @@ kernel (and bf16) gives. A group's sum is then `scale * xs / 256 * sum_c code_c 
 lo_c) + min * sum_c x_c`, the last with the group's float32 sum of x itself.
 
 Measured on two EPYC (Zen 4) cores over a pass of SmolLM2-135M's projections (`python
-benchmarks/cpu_linear.py --int4`): at one row both kernels stream the 66 MB at the memory's
-speed (4.0 ms); at 8 / 32 / 128 / 512 rows this one takes 8.0 / 32 / 88 / 340 ms, torch's
-11.7 / 42 / 165 / 655, its unpack to bf16 and one GEMM (which `TorchInt4Linear` runs above 40
-rows) 199 / 412 from 128 rows; bf16 oneDNN-packed 13.4 / 25 / 77 / 274. So one kernel serves
-every call. `int4_vnni_ref` is its arithmetic in torch (float64 sums), the tests' reference.
+benchmarks/cpu_linear.py --int4`; a noisy machine, so compare within a run): at one row both
+kernels stream the 66 MB at the memory's speed (4.1 ms); at 8 / 32 / 128 rows this one takes
+8.2 / 24 / 82 ms, torch's 11.6 / 42 / 164, and the unpack to bf16 then one GEMM (which
+`TorchInt4Linear` runs above 40 rows) 108 from 128 rows; bf16 oneDNN-packed 13.2 / 24 / 72.
+From 512 rows (long prefill chunks) the unpack and GEMM is as fast (runs disagree: 299 against
+384 ms at 512 rows in one, 412 against 340 in another; 1,336 against 1,307 at 2,048), so one
+kernel serves every call here; an unpack of this layout for such calls is left for when a
+machine with AMX, whose bf16 GEMMs are far faster, says it pays. `int4_vnni_ref` is the
+kernel's arithmetic in torch (float64 sums), the tests' reference.
 """
 from __future__ import annotations
 
