@@ -12,11 +12,11 @@ The activations are quantized first, per row and group of 32, to a 16-bit code i
 parts: with xs = amax / 127, hi = round(x / xs) and lo = round(256 (x / xs - hi)), x = xs (hi
 + lo / 256) within xs / 512 (xs / 256 where lo saturates at 127). llama.cpp's one int8 part
 (x = xs * hi, within xs / 2) halves the products but moves a row's outputs by ~0.5% of the
-largest: measured on the embedded
-SmolLM2 (`python benchmarks/greedy_agreement.py --configs float32 int4`, 50 prompts x 64
-tokens), 4% of greedy sequences identical to fp32's over the same weights and 23% of tokens
-before the first difference, against 36% and 61% with two parts, which is what torch's
-kernel (and bf16) gives. A group's sum is then `scale * xs / 256 * sum_c code_c (256 hi_c +
+largest: measured on the embedded SmolLM2 (`python benchmarks/greedy_agreement.py --configs
+float32 int4`, 50 prompts x 64 tokens, with a one-part build of this kernel), 4% of greedy
+sequences identical to fp32's over the same weights and 23% of tokens before the first
+difference, against 36% and 61% with two parts, which is what torch's kernel (and bf16)
+gives. A group's sum is then `scale * xs / 256 * sum_c code_c (256 hi_c +
 lo_c) + min * sum_c x_c`, the last with the group's float32 sum of x itself.
 
 Measured on two EPYC (Zen 4) cores over a pass of SmolLM2-135M's projections (`python

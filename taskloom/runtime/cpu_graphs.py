@@ -49,6 +49,7 @@ CPU_GRAPH_MAX_SIZE = 32
 MAX_GRAPHS = 8                  # recordings kept, the most recently used...
 MAX_GRAPH_BYTES = 256 << 20     # ...while their tensors take at most this much (the newest
                                 # always kept)
+MAX_SLOTS_BYTES = 64 << 20      # the static context slots: fewer rows for very long contexts
 
 aten = torch.ops.aten
 _ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty}
@@ -99,6 +100,7 @@ class CpuDecodeGraphs:
 
     def __init__(self, model: nn.Module, kv_caches: list[torch.Tensor], block_size: int,
                  max_model_len: int, max_size: int = CPU_GRAPH_MAX_SIZE) -> None:
+        max_size = max(1, min(max_size, MAX_SLOTS_BYTES // (8 * max_model_len)))
         self.model = model
         self.kv_caches = kv_caches
         self.block_size = block_size
