@@ -20,7 +20,7 @@ from taskloom.models.weights import materialize
 from taskloom.ops import cpu_native
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.ops.int4_linear import (INT4_KERNEL_MAX_ROWS, INT4_KERNEL_MAX_ROWS_NATIVE,
-                                      Int4Scratch, Int4Weight, TorchInt4Linear,
+                                      Int4Linear, Int4Scratch, Int4Weight, TorchInt4Linear,
                                       int4_layout, int4_linear_type, int4_supported,
                                       native_unpack, swap_int4_linears, unpack_codes)
 
@@ -71,13 +71,14 @@ def test_unpack_gives_back_what_torch_packed(rows: int) -> None:
     assert torch.equal(unpack_codes(packed, 96, int4_layout()).int(), codes)
 
 
-def _int4_linear(out_f: int, in_f: int, bias: bool, fused: dict | None = None) -> nn.Module:
+def _int4_linear(out_f: int, in_f: int, bias: bool, fused: dict | None = None,
+                 kind: type[Int4Linear] = TorchInt4Linear) -> nn.Module:
     with torch.device("meta"):
         linear = nn.Linear(in_f, out_f, bias=bias)
         if fused is not None:
             linear.weight.shard_rows = fused
             linear.weight.shard_ids = tuple(fused)
-        layer = TorchInt4Linear(linear)
+        layer = kind(linear)
     materialize(layer, torch.bfloat16, torch.device("cpu"))
     if bias:
         with torch.no_grad():
@@ -122,17 +123,25 @@ def test_int4_linear_takes_a_strided_input() -> None:
     torch.testing.assert_close(layer(x), layer(x.contiguous()), rtol=0, atol=0)
 
 
-@needs_int4
-def test_fused_shards_pack_once_all_have_come_in_any_order() -> None:
+def fused_in_any_order(kind: type[Int4Linear]) -> tuple[nn.Module, Int4Weight]:
+    """A fused q/k/v 4-bit linear of `kind` loaded shard by shard, out of order (checked to
+    pack only once the last has come), and the whole weight it holds."""
     shards = {"q": (0, 64), "k": (64, 32), "v": (96, 32)}
-    layer = _int4_linear(128, 64, bias=False, fused=shards)
+    layer = _int4_linear(128, 64, bias=False, fused=shards, kind=kind)
     parts = {s: _weight(n, 64, seed=i) for i, (s, (_, n)) in enumerate(shards.items())}
     before = layer.weight.clone()
     for s in ("v", "q"):
         layer.weight.weight_loader(layer.weight, parts[s], s)
     assert torch.equal(layer.weight, before), "packed before the last shard came"
     layer.weight.weight_loader(layer.weight, parts["k"], "k")
-    whole = torch.cat([parts[s].dequantize() for s in ("q", "k", "v")])
+    return layer, Int4Weight(*(torch.cat([getattr(parts[s], f) for s in ("q", "k", "v")])
+                               for f in ("codes", "scales", "mins")))
+
+
+@needs_int4
+def test_fused_shards_pack_once_all_have_come_in_any_order() -> None:
+    layer, w = fused_in_any_order(TorchInt4Linear)
+    whole = w.dequantize()
     x = torch.randn(5, 64).bfloat16()
     ref = F.linear(x.float(), whole)
     torch.testing.assert_close(layer(x).float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())

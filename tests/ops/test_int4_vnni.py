@@ -12,12 +12,11 @@ from torch import nn
 
 from taskloom.lora.layers import LoRALinear, LoRAState
 from taskloom.lora.metadata import build_lora_metadata
-from taskloom.models.weights import materialize
 from taskloom.ops.backend import TORCH_OPS
 from taskloom.ops.int4_linear import Int4Weight, TorchInt4Linear, int4_linear_type
 from taskloom.ops.int4_vnni import (VnniInt4Linear, int4_vnni_ref, library, pack_tiles,
                                     quantize_activations, unpack_tiles, vnni_available)
-from tests.ops.test_int4_linear import _weight
+from tests.ops.test_int4_linear import _int4_linear, _weight, fused_in_any_order
 
 needs_vnni = pytest.mark.skipif(library() is None,
                                 reason="the q4_linear kernel needs a C compiler and a CPU "
@@ -26,16 +25,7 @@ needs_vnni = pytest.mark.skipif(library() is None,
 
 def _layer(out_f: int, in_f: int, bias: bool = False, fused: dict | None = None,
            w: Int4Weight | None = None) -> VnniInt4Linear:
-    with torch.device("meta"):
-        linear = nn.Linear(in_f, out_f, bias=bias)
-        if fused is not None:
-            linear.weight.shard_rows = fused
-            linear.weight.shard_ids = tuple(fused)
-        layer = VnniInt4Linear(linear)
-    materialize(layer, torch.bfloat16, torch.device("cpu"))
-    if bias:
-        with torch.no_grad():
-            layer.bias.copy_(0.1 * torch.randn(out_f, generator=torch.Generator().manual_seed(9)))
+    layer = _int4_linear(out_f, in_f, bias, fused, kind=VnniInt4Linear)
     if w is not None:
         layer.weight.weight_loader(layer.weight, w, None)
     return layer
@@ -134,16 +124,7 @@ def test_zero_rows_bias_strides_and_leading_dims() -> None:
 
 @needs_vnni
 def test_fused_shards_pack_once_all_have_come() -> None:
-    shards = {"q": (0, 64), "k": (64, 32), "v": (96, 32)}
-    layer = _layer(128, 64, fused=shards)
-    parts = {s: _weight(n, 64, seed=i) for i, (s, (_, n)) in enumerate(shards.items())}
-    before = layer.weight.clone()
-    for s in ("v", "q"):
-        layer.weight.weight_loader(layer.weight, parts[s], s)
-    assert torch.equal(layer.weight, before), "packed before the last shard came"
-    layer.weight.weight_loader(layer.weight, parts["k"], "k")
-    whole = Int4Weight(*(torch.cat([getattr(parts[s], f) for s in ("q", "k", "v")])
-                         for f in ("codes", "scales", "mins")))
+    layer, whole = fused_in_any_order(VnniInt4Linear)
     x = _x(3, 64)
     torch.testing.assert_close(layer(x).double(), int4_vnni_ref(x, whole), rtol=2 ** -8,
                                atol=1e-5)
