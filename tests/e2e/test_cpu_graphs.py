@@ -106,3 +106,24 @@ def test_recordings_do_not_nest() -> None:
         with pytest.raises(RuntimeError, match="already being recorded"):
             with record_kernel_calls():
                 pass
+
+
+def test_a_torch_path_failing_on_the_recordings_metadata_is_a_refusal() -> None:
+    class Decoder(torch.nn.Module):     # a torch path, then what a missing mask would raise
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(10, 4)
+
+        def forward_embedded(self, hidden, positions, kv_caches, meta):
+            hidden + 1
+            raise TypeError("mask is None")
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Decoder()
+
+    graphs = cpu_graphs.CpuDecodeGraphs(Model(), [], block_size=4, max_model_len=8)
+    assert graphs.run(torch.tensor([3]), [0], [0], [1], [[0]]) is None
+    assert graphs.refused == "TypeError in aten.add, aten.add"
+    assert not graphs.fits(1) and not graphs.recordings
