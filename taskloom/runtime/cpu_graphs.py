@@ -12,19 +12,20 @@ and from then on replays that list: one ctypes call per kernel, nothing else.
 A recording is kept only if the forward did nothing but C kernel calls, views and
 allocations: a `TorchDispatchMode` watches every aten operator of the capture, keeps the
 tensors allocated (the list's pointers point into them) and refuses the recording on any other
-operator (a oneDNN GEMM of a bf16 model, a LoRA term, a torch fallback), after which that size
-runs eagerly (that step too, again: its attention planned from metadata only the C kernel
-reads). A kept capture is itself the step's forward, on the step's inputs. The static inputs are the embeddings (looked up eagerly), positions and cache
-slots of the step's tokens, and the decode attention's plan (`taskloom.ops.attention.RefPlan`:
-each row's cache slots, padded to `max_model_len`, and its length), written in place before
-each replay. Sizes are exact (a padded row would cost a CPU its compute), up to
-`CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS` most recently used kept within `MAX_GRAPH_BYTES`
-of intermediate tensors. One refusal turns the
-recording off for the model (its layers are the same at every size).
+operator (a oneDNN GEMM of a bf16 model, a LoRA term, a torch fallback). One refusal turns
+the recording off for the model (its layers are the same at every size), and that step runs
+eagerly too, again: its attention was planned from metadata only the C kernel reads. A kept
+capture is itself the step's forward, on the step's inputs. The static inputs are the
+embeddings (looked up eagerly), positions and cache slots of the step's tokens, and the
+decode attention's plan (`taskloom.ops.attention.RefPlan`: each row's cache slots, padded to
+`max_model_len`, and its length), written in place before each replay. Sizes are exact (a
+padded row would cost a CPU its compute), up to `CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS`
+most recently used kept within `MAX_GRAPH_BYTES` of intermediate tensors.
 
 Only plain decode steps replay: every sequence one token, no sliding window, no SnapKV, no
 LoRA, no token trees, no shared-prefix groups (their attention is torch's); the model runner
-checks, and everything else runs eagerly as before.
+checks, and everything else runs eagerly as before. The recorded pointers hold because the
+runner never moves the weights or the KV cache once the engine is built.
 """
 from __future__ import annotations
 
