@@ -24,10 +24,10 @@ class ModelConfig:
     On a CUDA device, decode-only steps replay CUDA graphs captured at startup for the batch
     sizes `cuda_graph_sizes` (None: 1, 2, 4, 8, then multiples of 8 up to the first that holds
     `max_num_seqs`, or with speculative decoding `max_num_seqs x (1 + num_speculative_tokens)`
-    rows (a token tree's: 1 + its nodes), at most 256). On the CPU, decode steps of up to 32
-    sequences whose forward is C kernels alone (a 4-bit model's, `quantization="gguf"`)
-    replay those kernels' calls as recorded at their batch size (`taskloom.runtime.
-    cpu_graphs`). `enforce_eager` runs every step eagerly instead.
+    rows (a token tree's: 1 + its nodes), at most 256). On the CPU (bf16, where the C kernels
+    run), decode steps of up to 32 sequences replay their kernel calls and torch operators
+    as recorded at their batch size (`taskloom.runtime.cpu_graphs`). `enforce_eager` runs
+    every step eagerly instead.
 
     With `shared_prefix_attention`, decodes whose contexts start with the same cached blocks
     (a shared system prompt, few-shot examples, the n samples of a prompt) attend to those

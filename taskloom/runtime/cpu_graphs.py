@@ -1,26 +1,30 @@
-"""Decode steps on the CPU replayed from recorded C kernel calls: the CPU's CUDA graphs.
+"""Decode steps on the CPU replayed from their recorded calls: the CPU's CUDA graphs.
 
 With the C kernels (bf16 on a CPU: `taskloom.ops.cpu_kernels`, and 4-bit projections by
-`taskloom.ops.int4_vnni`), a decode step's arithmetic is a few C calls a layer, and at small
+`taskloom.ops.int4_vnni`), a decode step's arithmetic is a few calls a layer, and at small
 batches Python is what is left: dispatching modules, checking tensors, allocating outputs and
 converting ctypes arguments took ~4.5 ms of a 10 ms step of the embedded model in 4-bit at
 batch 1, against ~5.3 ms in the kernels. As a CUDA graph does on a GPU, a `CpuDecodeGraphs`
-runs the decoder once per batch size over static input buffers, records every C call it
-makes (`cpu_kernels.record_kernel_calls`: the function and its arguments, pointers included)
-and from then on replays that list: one ctypes call per kernel, nothing else.
+runs the decoder once per batch size over static input buffers, records every call it makes
+and from then on replays that list: every C kernel call with its arguments, pointers included
+(`cpu_kernels.record_kernel_calls`), and every other torch operator (a bf16 model's oneDNN
+GEMMs, a bias add) as an `_AtenCall` that repeats it on the tensors it was given and copies
+the result into the tensors it first made, which the later calls read.
 
-A recording is kept only if the forward did nothing but C kernel calls, views and
-allocations: a `TorchDispatchMode` watches every aten operator of the capture, keeps the
-tensors allocated (the list's pointers point into them) and refuses the recording on any other
-operator (a oneDNN GEMM of a bf16 model, a LoRA term, a torch fallback). One refusal turns
-the recording off for the model (its layers are the same at every size), and that step runs
-eagerly too, again: its attention was planned from metadata only the C kernel reads. A kept
-capture is itself the step's forward, on the step's inputs. The static inputs are the
-embeddings (looked up eagerly), positions and cache slots of the step's tokens, and the
-decode attention's plan (`taskloom.ops.attention.RefPlan`: each row's cache slots, padded to
-`max_model_len`, and its length), written in place before each replay. Sizes are exact (a
-padded row would cost a CPU its compute), up to `CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS`
-most recently used kept within `MAX_GRAPH_BYTES` of intermediate tensors.
+A `TorchDispatchMode` watches the recording: it keeps the tensors allocated (the pointers
+point into them), passes views, records the other operators, and refuses the recording for
+an operator a replay cannot repeat (one that reads a value to the host, takes one from Python,
+draws random numbers or sizes its output by the data), or where the decode attention is not
+the C kernel (torch's plans from metadata a recording does not hold). One refusal turns the
+recording off for the model (its layers are the same at every size), and that step runs
+eagerly too, again; so does any replay that fails (an operator giving another shape than it
+recorded), and every step after it. A kept recording is itself the step's forward, on the
+step's inputs. The static inputs are the embeddings (looked up eagerly), positions and cache
+slots of the step's tokens, and the decode attention's plan (`taskloom.ops.attention.RefPlan`:
+each row's cache slots, padded to `max_model_len`, and its length), written in place before
+each replay. Sizes are exact (a padded row would cost a CPU its compute), up to
+`CPU_GRAPH_MAX_SIZE` rows, the `MAX_GRAPHS` most recently used kept within `MAX_GRAPH_BYTES`
+of intermediate tensors.
 
 Only plain decode steps replay: every sequence one token, no sliding window, no SnapKV, no
 LoRA, no token trees, no shared-prefix groups (their attention is torch's); the model runner
@@ -57,30 +61,83 @@ _ALLOCATIONS = {aten.empty, aten.empty_like, aten.empty_strided, aten.new_empty}
 _VIEWS = {aten.view, aten._unsafe_view, aten.split, aten.split_with_sizes, aten.slice,
           aten.select, aten.as_strided, aten.t, aten.transpose, aten.unsqueeze, aten.squeeze,
           aten.alias, aten.detach, aten.expand, aten.permute, aten.unbind}
-# views where they can be, copies otherwise: allowed where the output is the input's storage
-_MAYBE_VIEWS = {aten.reshape, aten.contiguous, aten.flatten, aten.view_as, aten.reshape_as}
+# Operators a replay cannot repeat: they read values to the host, take them from Python
+# (which may be the step's), draw random numbers or size their output by the data.
+_UNREPEATABLE = {aten._local_scalar_dense, aten.lift_fresh, aten.lift_fresh_copy, aten.full,
+                 aten.scalar_tensor, aten.nonzero, aten.masked_select, aten._unique2,
+                 aten.unique_dim, aten.unique_consecutive, aten.multinomial, aten.bernoulli,
+                 aten.rand, aten.randn, aten.randint, aten.normal, aten.uniform,
+                 aten.exponential, aten.equal, aten.is_nonzero, aten.item, aten.allclose}
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of an operator's output (one, or a tuple or list of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [v for v in value if isinstance(v, torch.Tensor)]
+    return []
+
+
+class _AtenCall:
+    """A torch operator of a recording, repeated at replay into the tensors it first made
+    (or, in place, on the tensors it was given): the list's later calls read those."""
+
+    def __init__(self, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+        self.func, self.args, self.kwargs = func, args, kwargs
+        self.outs = [] if func._schema.is_mutable else _tensors(out)
+        self.__name__ = str(func)
+
+    def __call__(self) -> None:
+        result = _tensors(self.func(*self.args, **self.kwargs))
+        for dst, src in zip(self.outs, result):
+            if dst.shape != src.shape:
+                raise RuntimeError(f"{self.__name__} gave {tuple(src.shape)} where it was "
+                                   f"recorded with {tuple(dst.shape)}")
+            dst.copy_(src)
 
 
 class _Audit(TorchDispatchMode):
-    """Sees every aten operator of a capture: keeps what it allocates, names the rest."""
+    """Sees every aten operator of a recording: keeps what it allocates, passes views, adds
+    every other operator to the recorded calls (`calls`, the kernel calls' list) as an
+    `_AtenCall`, and names those a replay cannot repeat."""
 
-    def __init__(self) -> None:
+    def __init__(self, calls: list[tuple[Any, tuple]]) -> None:
         super().__init__()
+        self.calls = calls
         self.kept: list[torch.Tensor] = []
         self.foreign: list[str] = []
+        self.repeated: list[str] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
         op = func.overloadpacket
         if op in _ALLOCATIONS:
             self.kept.append(out)
-        elif op in _MAYBE_VIEWS:
-            if out.untyped_storage().data_ptr() != args[0].untyped_storage().data_ptr():
-                self.foreign.append(f"{op} (a copy)")
-        elif op not in _VIEWS:
+        elif op in _UNREPEATABLE:
             self.foreign.append(str(op))
+        elif op not in _VIEWS and (func._schema.is_mutable or not self._aliases(out, args)):
+            call = _AtenCall(func, args, kwargs, out)
+            self.kept.extend(call.outs)
+            self.calls.append((call, ()))
+            self.repeated.append(str(op))
         return out
+
+    @staticmethod
+    def _aliases(out: Any, args: tuple) -> bool:
+        """Whether the output is a view of an input (a replay need not remake it)."""
+        base = _storage(out)
+        return base is not None and any(_storage(a) == base for a in args)
+
+
+def _storage(t: Any) -> int | None:
+    """The address of a tensor's storage; None for anything else (oneDNN's opaque packed
+    weights have none)."""
+    if not isinstance(t, torch.Tensor) or t.layout != torch.strided or t.is_mkldnn:
+        return None
+    return t.untyped_storage().data_ptr()
 
 
 class _Recording:
@@ -115,8 +172,8 @@ class CpuDecodeGraphs:
         self.slots = torch.zeros(max_size, max_model_len, dtype=torch.int64)
         self.lens = torch.ones(max_size, dtype=torch.int64)
         self.recordings: OrderedDict[int, _Recording] = OrderedDict()
-        # why the model's decode steps run eagerly (what else than C calls its forward ran),
-        # once a recording was refused: its layers are the same at every size
+        # why the model's decode steps run eagerly, once a recording was refused (its layers
+        # are the same at every size) or a replay failed
         self.refused: str | None = None
         self.replays = 0
 
@@ -149,11 +206,16 @@ class CpuDecodeGraphs:
             return self._record(n)
         self.recordings.move_to_end(n)
         profiled = torch.autograd._profiler_enabled()
-        for fn, args in recording.calls:
-            status = call_kernel(fn, *args) if profiled else fn(*args)
-            if status:
-                raise RuntimeError(f"{fn.__name__} returned {status} replaying a decode step "
-                                   f"of {n} sequences")
+        try:
+            for fn, args in recording.calls:
+                status = call_kernel(fn, *args) if profiled else fn(*args)
+                if status:
+                    raise RuntimeError(f"{fn.__name__} returned {status}")
+        except Exception as e:      # the step again eagerly (a real error is raised there)
+            self.refused = f"{type(e).__name__} replaying: {e}"
+            self.recordings.clear()
+            logger.warning("decode steps run eagerly on the CPU from now on: %s", self.refused)
+            return None
         self.replays += 1
         return recording.output
 
@@ -195,26 +257,30 @@ class CpuDecodeGraphs:
         made nothing but those, views and allocations. Returns its hidden states then, else
         None."""
         meta = self._metadata(n)
-        audit = _Audit()
         try:
-            with record_kernel_calls() as calls, audit:
+            with record_kernel_calls() as calls, _Audit(calls) as audit:
                 output = self.model.model.forward_embedded(self.hidden[:n],
                                                            self.positions[:n], self.kv_caches,
                                                            meta)
         except Exception as e:  # a torch path that needs what the recording's metadata lacks
-            if not audit.foreign:
+            if not audit.repeated and not audit.foreign:
                 raise
-            audit.foreign.append(f"{type(e).__name__} in {audit.foreign[-1]}")
+            audit.foreign.append(f"{type(e).__name__} in "
+                                 f"{(audit.foreign or audit.repeated)[-1]}")
+        attends = sum(getattr(fn, "__name__", "") == "decode_attention_bf16" for fn, _ in calls)
+        if not audit.foreign and attends != len(self.kv_caches):
+            # torch's decode attention plans from metadata a recording does not hold
+            audit.foreign.append("decode attention not by the C kernel")
         if audit.foreign:
             self.refused = ", ".join(sorted(set(audit.foreign))[:5])
             self.recordings.clear()
-            logger.info("decode steps run eagerly on the CPU: the forward runs %s, not only "
-                        "C kernels", self.refused)
+            logger.info("decode steps run eagerly on the CPU: a replay could not repeat %s",
+                        self.refused)
             return None
         self.recordings[n] = _Recording(calls, audit.kept, meta, output)
         while len(self.recordings) > 1 and (len(self.recordings) > MAX_GRAPHS
                                             or self.nbytes > MAX_GRAPH_BYTES):
             self.recordings.popitem(last=False)
-        logger.debug("recorded a CPU decode step of %d sequences: %d kernel calls", n,
-                     len(calls))
+        logger.debug("recorded a CPU decode step of %d sequences: %d calls, %d of them torch "
+                     "operators", n, len(calls), len(audit.repeated))
         return output

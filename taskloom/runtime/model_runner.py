@@ -4,10 +4,10 @@ It owns the KV-cache tensors (one `[2, num_blocks, block_size, num_kv_heads, hea
 layer) and the per-request sampling state, which lives from a request's first step until the
 scheduler reports it finished (a preempted request keeps it). On CUDA,
 decode-only steps replay CUDA graphs captured at startup (`taskloom.runtime.cuda_graphs`); on
-the CPU, small decode-only steps whose forward is C kernel calls alone (a 4-bit model's)
-replay those calls as recorded at the step's batch size (`taskloom.runtime.cpu_graphs`);
-other steps run the model eagerly. With LoRA adapters
-(`taskloom.lora.manager`), the batch's adapters are put in device slots before each forward.
+the CPU with the C kernels, small decode-only steps replay their calls as recorded at the
+step's batch size (`taskloom.runtime.cpu_graphs`); other steps run the model eagerly. With
+LoRA adapters (`taskloom.lora.manager`), the batch's adapters are put in device slots before
+each forward.
 
 `submit` queues a step's work and returns at once with a `PendingStep`; its `result()` waits
 for the sampled tokens. Nothing in between waits for the device (host-to-device copies go
@@ -315,7 +315,7 @@ class ModelRunner:
 
     With `graph_sizes` (CUDA only), decode-only steps of up to the largest size replay CUDA
     graphs captured here, once the KV cache is allocated; with `cpu_graphs` (CPU only, not
-    with LoRA, a window or SnapKV), small decode-only steps replay their recorded C calls.
+    with LoRA, a window or SnapKV), small decode-only steps replay their recorded calls.
     `max_model_len` (the longest sequence) bounds their block tables and fixes their
     decode-attention splits. With
     `window`, every query attends within its sliding window and to the attention sinks
@@ -386,9 +386,9 @@ class ModelRunner:
                                        kv_starts=snapkv is not None,
                                        tree=draft_tree is not None)
             self.graphs.capture()
-        # CPU decode steps replayed from their recorded C kernel calls, where the model's
-        # forward is those alone (taskloom.runtime.cpu_graphs); not with the features whose
-        # decode steps it does not record
+        # CPU decode steps replayed from their recorded calls, with the C kernels (bf16:
+        # taskloom.runtime.cpu_graphs); not with the features whose decode steps it does not
+        # record
         self.cpu_graphs: CpuDecodeGraphs | None = None
         if (cpu_graphs and device.type == "cpu" and getattr(model, "ops", None) is not None
                 and model.ops.name == "cpu" and lora is None and window is None

@@ -1,7 +1,7 @@
-"""CPU decode graphs (`taskloom.runtime.cpu_graphs`): decode steps of the embedded model in
-4-bit replayed from their recorded C kernel calls give the tokens the eager forward gives, at
-every batch size a run passes through; a forward that runs anything but C kernels is not
-recorded; the recordings kept are the most recently used."""
+"""CPU decode graphs (`taskloom.runtime.cpu_graphs`): decode steps of the embedded model (4-bit
+and bf16) replayed from their recorded C kernel calls and torch operators give the tokens the
+eager forward gives, at every batch size a run passes through; a forward a replay cannot
+repeat is refused and runs eagerly; the recordings kept are the most recently used."""
 from __future__ import annotations
 
 import pytest
@@ -11,7 +11,7 @@ from taskloom import LLM, SamplingParams
 from taskloom.ops.cpu_kernels import record_kernel_calls
 from taskloom.ops.int4_vnni import library
 from taskloom.runtime import cpu_graphs
-from taskloom.runtime.cpu_graphs import _Audit
+from taskloom.runtime.cpu_graphs import _Audit, _AtenCall
 from tests.e2e.conftest import assert_pool_full
 
 needs_vnni = pytest.mark.skipif(library() is None,
@@ -75,29 +75,91 @@ def test_decodes_sharing_a_prefix_run_eagerly_and_agree() -> None:
     assert_pool_full(llm)
 
 
-def test_a_forward_of_torch_operators_is_not_recorded() -> None:
-    # bf16 projections are oneDNN GEMMs (or torch's): not C kernels, so no recording
+def test_bf16_steps_replay_their_onednn_gemms_and_give_the_eager_tokens() -> None:
+    # bf16 projections are oneDNN GEMMs (or torch's): recorded as torch operators, repeated
+    # into the tensors they first made
     _, want = _run(True)
     llm, got = _run(False)
     graphs = llm.engine.runner.cpu_graphs
     assert got == want
-    assert graphs is not None and graphs.refused and not graphs.recordings
-    assert not graphs.fits(1)
-    with pytest.raises(ValueError, match="does not replay here.*refused"):
-        graphs.run(torch.zeros(1, dtype=torch.int64), [0], [0], [1], [[0]])
+    assert graphs is not None and graphs.refused is None and graphs.replays > 0
+    calls = graphs.recordings[1].calls
+    assert any(isinstance(fn, _AtenCall) for fn, _ in calls)
+    assert sum(getattr(fn, "__name__", "") == "decode_attention_bf16" for fn, _ in calls) == \
+        llm.engine.runner.arch.num_hidden_layers
     assert_pool_full(llm)
 
 
 @torch.inference_mode()      # as the runner records (reshape then dispatches whole)
-def test_the_audit_keeps_allocations_and_names_other_operators() -> None:
-    audit = _Audit()
+def test_the_audit_keeps_allocations_repeats_operators_and_names_the_unrepeatable() -> None:
+    calls: list = []
+    audit = _Audit(calls)
     with audit:
         x = torch.empty(4, 6)
+        x.fill_(1.0)                          # in place: repeated on x itself
         x.view(6, 4).t().reshape(4, 6)        # views
-        x[:, :3].reshape(12)                  # not viewable: a copy
-        _ = x + 1
-    assert len(audit.kept) == 1 and audit.kept[0].data_ptr() == x.data_ptr()
-    assert audit.foreign == ["aten.reshape (a copy)", "aten.add"]
+        c = x[:, :3].reshape(12)              # not viewable: a copy, repeated into c
+        y = x + 1
+        y.sum().item()                        # to the host: a replay cannot repeat it
+    assert len(audit.kept) == 4 and audit.kept[0].data_ptr() == x.data_ptr()   # x, c, y, sum
+    assert audit.repeated == ["aten.fill_", "aten.reshape", "aten.add", "aten.sum"]
+    assert audit.foreign == ["aten.item"]
+    # a replay repeats each into what it first made
+    x.zero_()
+    for fn, args in calls:
+        fn(*args)
+    assert (x == 1).all() and (c == 1).all() and (y == 2).all()
+
+
+def test_a_replayed_operator_must_give_what_it_recorded() -> None:
+    a = torch.ones(3)
+    out = a + 1
+    call = _AtenCall(torch.ops.aten.add.Tensor, (a, 1), {}, out)
+    a.fill_(2)
+    call()
+    assert (out == 3).all()
+    bad = _AtenCall(torch.ops.aten.add.Tensor, (torch.ones(4), 1), {}, out)
+    with pytest.raises(RuntimeError, match=r"gave \(4,\) where it was recorded with \(3,\)"):
+        bad()
+
+
+class _Decoder(torch.nn.Module):
+    def __init__(self, forward) -> None:
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(10, 4)
+        self._forward = forward
+
+    def forward_embedded(self, hidden, positions, kv_caches, meta):
+        return self._forward(hidden)
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, forward) -> None:
+        super().__init__()
+        self.model = _Decoder(forward)
+
+
+def test_a_forward_that_reads_to_the_host_is_refused() -> None:
+    def forward(hidden):
+        if (hidden.sum() > 1e9).item():       # a decision on the step's values
+            return hidden
+        return hidden * 2
+    graphs = cpu_graphs.CpuDecodeGraphs(_Model(forward), [], block_size=4, max_model_len=8)
+    assert graphs.run(torch.tensor([3]), [0], [0], [1], [[0]]) is None
+    assert graphs.refused == "aten.item"
+    assert not graphs.fits(1) and not graphs.recordings
+    with pytest.raises(ValueError, match="does not replay here.*refused"):
+        graphs.run(torch.zeros(1, dtype=torch.int64), [0], [0], [1], [[0]])
+
+
+def test_a_torch_path_failing_on_the_recordings_metadata_is_a_refusal() -> None:
+    def forward(hidden):                      # a torch path, then what a missing mask raises
+        hidden + 1
+        raise TypeError("mask is None")
+    graphs = cpu_graphs.CpuDecodeGraphs(_Model(forward), [], block_size=4, max_model_len=8)
+    assert graphs.run(torch.tensor([3]), [0], [0], [1], [[0]]) is None
+    assert graphs.refused == "TypeError in aten.add"
+    assert not graphs.fits(1) and not graphs.recordings
 
 
 def test_recordings_do_not_nest() -> None:
@@ -106,24 +168,3 @@ def test_recordings_do_not_nest() -> None:
         with pytest.raises(RuntimeError, match="already being recorded"):
             with record_kernel_calls():
                 pass
-
-
-def test_a_torch_path_failing_on_the_recordings_metadata_is_a_refusal() -> None:
-    class Decoder(torch.nn.Module):     # a torch path, then what a missing mask would raise
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed_tokens = torch.nn.Embedding(10, 4)
-
-        def forward_embedded(self, hidden, positions, kv_caches, meta):
-            hidden + 1
-            raise TypeError("mask is None")
-
-    class Model(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = Decoder()
-
-    graphs = cpu_graphs.CpuDecodeGraphs(Model(), [], block_size=4, max_model_len=8)
-    assert graphs.run(torch.tensor([3]), [0], [0], [1], [[0]]) is None
-    assert graphs.refused == "TypeError in aten.add, aten.add"
-    assert not graphs.fits(1) and not graphs.recordings
