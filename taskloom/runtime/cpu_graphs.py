@@ -29,7 +29,10 @@ of intermediate tensors.
 Only plain decode steps replay: every sequence one token, no sliding window, no SnapKV, no
 LoRA, no token trees, no shared-prefix groups (their attention is torch's); the model runner
 checks, and everything else runs eagerly as before. The recorded pointers hold because the
-runner never moves the weights or the KV cache once the engine is built.
+runner never moves the weights or the KV cache once the engine is built. The audit sees
+aten operators only: a tensor made from host data without one (`torch.from_numpy`) inside
+the decoder's forward would be replayed as recorded (none is; the runner builds the step's
+inputs outside the forward).
 """
 from __future__ import annotations
 
