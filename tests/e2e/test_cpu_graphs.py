@@ -13,6 +13,7 @@ from taskloom.ops.int4_vnni import library
 from taskloom.runtime import cpu_graphs
 from taskloom.runtime.cpu_graphs import _Audit, _AtenCall
 from tests.e2e.conftest import assert_pool_full
+from tests.models.tiny_models import TINY_CASES, build_tiny_hf, random_prompts
 
 needs_vnni = pytest.mark.skipif(library() is None,
                                 reason="4-bit projections by C kernels need AVX-512 VNNI")
@@ -168,3 +169,25 @@ def test_recordings_do_not_nest() -> None:
         with pytest.raises(RuntimeError, match="already being recorded"):
             with record_kernel_calls():
                 pass
+
+
+@pytest.mark.parametrize("case", list(TINY_CASES))
+def test_every_architecture_replays_and_gives_the_eager_tokens(tmp_path, case: str) -> None:
+    # biases (in oneDNN's GEMMs) and Qwen3's q/k norms (torch's, over strided views) are
+    # torch operators in a recording, replayed
+    hf = build_tiny_hf(case)
+    hf.save_pretrained(tmp_path)
+    prompts = random_prompts(hf.config.vocab_size, seed=3)[:4]
+    params = [SamplingParams(temperature=0.0, max_tokens=4 + 2 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = []
+    for eager in (True, False):
+        llm = LLM(str(tmp_path), dtype="bfloat16", num_blocks=64, enforce_eager=eager,
+                  skip_tokenizer_init=True)
+        outs.append([o.outputs[0].token_ids for o in
+                     llm.generate(prompts, params,
+                                  use_tqdm=False)])
+        assert_pool_full(llm)
+    graphs = llm.engine.runner.cpu_graphs
+    assert outs[0] == outs[1]
+    assert graphs is not None and graphs.refused is None and graphs.replays > 0
