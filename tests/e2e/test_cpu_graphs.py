@@ -22,10 +22,11 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time th
            "Water boils at", "My favourite colour is", "In 1492, Columbus"]
 
 
-def _run(eager: bool, prompts: list[str] = PROMPTS, **kw) -> tuple[LLM, list[list[int]]]:
-    llm = LLM(dtype="bfloat16", num_blocks=256, enforce_eager=eager, **kw)
+def _run(eager: bool, prompts: list[str] = PROMPTS, num_blocks: int = 256, tokens: int = 6,
+         **kw) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(dtype="bfloat16", num_blocks=num_blocks, enforce_eager=eager, **kw)
     # different lengths: the batch shrinks one sequence at a time, each size a decode step
-    params = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True)
+    params = [SamplingParams(temperature=0.0, max_tokens=tokens + 3 * i, ignore_eos=True)
               for i in range(len(prompts))]
     outs = llm.generate(prompts, params, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outs]
@@ -191,3 +192,17 @@ def test_every_architecture_replays_and_gives_the_eager_tokens(tmp_path, case: s
     graphs = llm.engine.runner.cpu_graphs
     assert outs[0] == outs[1]
     assert graphs is not None and graphs.refused is None and graphs.replays > 0
+
+
+@needs_vnni
+def test_preempted_and_recomputed_sequences_replay_the_eager_tokens() -> None:
+    # a pool of 6 blocks of 16 tokens for six sequences growing to 25-48 tokens: the
+    # scheduler preempts, recomputes, and the decode batch changes size as it does (against
+    # eager steps preempted alike: a recomputed prompt's KV comes from a prefill, which in
+    # bf16 need not round as the decodes did)
+    eager, want = _run(True, quantization="gguf", num_blocks=6, tokens=20)
+    llm, got = _run(False, quantization="gguf", num_blocks=6, tokens=20)
+    assert eager.engine.scheduler.num_preemptions == llm.engine.scheduler.num_preemptions
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert got == want and llm.engine.runner.cpu_graphs.replays > 0
+    assert_pool_full(llm)
