@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -189,7 +190,7 @@ class Int4Scratch:
         return self._buffer[:numel]
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(nn.Module, ABC):
     """`F.linear(x, w, bias)` over a 4-bit weight w [out_features, in_features]: the loading
     every form shares; each subclass keeps the codes in the layout its kernel reads.
 
@@ -218,17 +219,17 @@ class Int4Linear(nn.Module):
         self._pending: set[Hashable] = set(self.shard_rows)
 
     @property
+    @abstractmethod
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the activations and outputs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def dequantize(self) -> torch.Tensor:
         """The weight [out, in] in the compute dtype (the values the kernel multiplies by)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _pack(self, w: Int4Weight) -> None:
         """Write the whole weight `w` into this module's Parameters, in its layout."""
-        raise NotImplementedError
 
     def _load_shard(self, param: nn.Parameter, loaded: Int4Weight,
                     shard_id: Hashable = None) -> None:

@@ -255,3 +255,8 @@ def test_without_the_c_unpack_the_torch_ops_unpack_at_64_rows(
     ref = F.linear(x.float(), w.dequantize(), layer.bias.float())
     out = layer(x)                                           # the unpacked route, by torch
     torch.testing.assert_close(out.float(), ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+def test_the_base_names_what_a_4bit_linear_must_say() -> None:
+    with pytest.raises(TypeError, match="abstract.*(_pack|compute_dtype|dequantize)"):
+        Int4Linear(nn.Linear(32, 16, device="meta"))
